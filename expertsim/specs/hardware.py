@@ -1,0 +1,125 @@
+"""HardwareSpec: the GPU, its host link, the host CPU and an optional storage tier."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from expertsim.errors import SpecError
+
+
+def _positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or value != value or value <= 0:
+            raise SpecError(
+                f"{owner}: {name} must be a positive number, got {value!r} "
+                f"(set it in the TOML or with --set {owner.split()[0]}.{name}=VALUE)"
+            )
+
+
+def _non_negative(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or value != value or value < 0:
+            raise SpecError(f"{owner}: {name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    memory_gib: float
+    hbm_bandwidth_gbps: float  # GB/s, 1e9 bytes/s
+    # Peak dense tensor-core throughput, TFLOP/s (1e12), per dtype; no sparsity.
+    tflops: dict = field(default_factory=dict)
+    # Achievable fraction of the peaks (roofline efficiency factors).
+    compute_efficiency: float = 0.7
+    memory_efficiency: float = 0.8
+    launch_overhead_us: float = 5.0  # per kernel group (one expert FFN, one dense layer)
+    workspace_gib: float = 1.0  # activations, CUDA context, allocator slack
+
+    def __post_init__(self) -> None:
+        _positive("gpu spec", memory_gib=self.memory_gib, hbm_bandwidth_gbps=self.hbm_bandwidth_gbps,
+                  compute_efficiency=self.compute_efficiency, memory_efficiency=self.memory_efficiency)
+        _non_negative("gpu spec", launch_overhead_us=self.launch_overhead_us,
+                      workspace_gib=self.workspace_gib)
+        if not self.tflops:
+            raise SpecError("gpu spec: tflops is empty; give at least bf16 = <peak TFLOP/s>")
+        for dtype, value in self.tflops.items():
+            _positive(f"gpu spec tflops", **{dtype: value})
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype``; low-bit dtypes without their own entry run at bf16 rate
+        (weights are dequantised to bf16 before the GEMM)."""
+        value = self.tflops.get(dtype) or self.tflops.get("bf16") or self.tflops.get("fp16")
+        if value is None:
+            raise SpecError(f"gpu spec: no tflops entry for {dtype!r} nor bf16")
+        return value * 1e12
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """Host-to-device link. bandwidth_gbps is the effective pinned-memory H2D rate that a large
+    (>= 16 MB) cudaMemcpyAsync achieves, not the raw PCIe line rate."""
+
+    kind: str
+    bandwidth_gbps: float
+    per_copy_overhead_us: float = 10.0
+    pageable_bandwidth_gbps: float = 0.0  # 0 = half of pinned
+    copy_engines: int = 1
+    pinned: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("link spec", bandwidth_gbps=self.bandwidth_gbps)
+        _non_negative("link spec", per_copy_overhead_us=self.per_copy_overhead_us,
+                      pageable_bandwidth_gbps=self.pageable_bandwidth_gbps)
+        if not isinstance(self.copy_engines, int) or self.copy_engines < 1:
+            raise SpecError(f"link spec: copy_engines must be an integer >= 1, got {self.copy_engines!r}")
+
+    @property
+    def effective_bandwidth_gbps(self) -> float:
+        if self.pinned:
+            return self.bandwidth_gbps
+        return self.pageable_bandwidth_gbps or self.bandwidth_gbps / 2
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    tflops: float  # sustained FP32/BF16 GEMM throughput of the host, TFLOP/s
+    memory_bandwidth_gbps: float
+    memory_gib: float = 512.0
+    efficiency: float = 0.6
+
+    def __post_init__(self) -> None:
+        _positive("cpu spec", tflops=self.tflops, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
+                  memory_gib=self.memory_gib, efficiency=self.efficiency)
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Optional tier below host memory (NVMe -> host)."""
+
+    bandwidth_gbps: float = 0.0  # 0 = no storage tier
+    latency_us: float = 100.0
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    gpu: GpuSpec
+    link: LinkSpec
+    cpu: CpuSpec
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    source: str = ""
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "gpu_memory_GiB": self.gpu.memory_gib,
+            "hbm_GBps": self.gpu.hbm_bandwidth_gbps,
+            "bf16_TFLOPs": self.gpu.tflops.get("bf16"),
+            "link": self.link.kind,
+            "link_GBps": self.link.bandwidth_gbps,
+            "copy_overhead_us": self.link.per_copy_overhead_us,
+            "cpu_TFLOPs": self.cpu.tflops,
+            "cpu_mem_GBps": self.cpu.memory_bandwidth_gbps,
+        }

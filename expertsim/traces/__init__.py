@@ -1,0 +1,8 @@
+"""Routing traces: the in-memory RoutingTrace, Parquet I/O and validation."""
+from expertsim.traces.io import frame_to_trace, read_metadata, read_trace, trace_to_frame, write_trace
+from expertsim.traces.trace import DECODE, PHASE_NAMES, PREFILL, RoutingTrace
+
+__all__ = [
+    "RoutingTrace", "PREFILL", "DECODE", "PHASE_NAMES", "read_trace", "write_trace",
+    "read_metadata", "frame_to_trace", "trace_to_frame",
+]

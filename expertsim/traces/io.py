@@ -1,0 +1,211 @@
+"""Read and write routing traces as long-format Parquet (one row per token and MoE layer).
+
+Columns: request, step, position, phase ('prefill'/'decode'), optional token_id, layer (MoE layer
+index, 0-based), expert_0..expert_{k-1} (router order, best first), optional
+weight_0..weight_{k-1}. Sorted by request, position, layer. File-level key/value metadata carries
+``expertsim.*`` keys (model, source, dataset, num_experts, format version).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from expertsim.errors import TraceError
+from expertsim.traces.trace import PHASE_NAMES, RoutingTrace, expert_dtype
+
+FORMAT_VERSION = "1"
+REQUIRED = ("request", "step", "position", "phase", "layer", "expert_0")
+_META_PREFIX = "expertsim."
+
+
+def _polars():
+    import polars as pl
+
+    return pl
+
+
+def _columns_k(names: list[str], prefix: str) -> list[str]:
+    found = sorted(
+        (int(m.group(1)), n) for n in names if (m := re.fullmatch(rf"{prefix}_(\d+)", n))
+    )
+    cols = [n for _, n in found]
+    expected = [f"{prefix}_{i}" for i in range(len(cols))]
+    if cols != expected:
+        raise TraceError(
+            f"{prefix} columns must be {prefix}_0..{prefix}_{len(cols) - 1} without gaps, found {cols}"
+        )
+    return cols
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    pl = _polars()
+    try:
+        raw = pl.read_parquet_metadata(str(path))
+    except Exception as exc:  # polars raises several types for corrupt files
+        raise TraceError(_not_parquet_message(path, exc)) from None
+    return {k[len(_META_PREFIX):]: v for k, v in raw.items() if k.startswith(_META_PREFIX)}
+
+
+def _not_parquet_message(path: str | Path, exc: Exception) -> str:
+    return (
+        f"cannot read {str(path)!r} as a Parquet routing trace ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the file is truncated or not "
+        f"Parquet. Convert other formats with `expertsim trace import`"
+    )
+
+
+def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None = None,
+                   source: str = "<frame>") -> RoutingTrace:
+    """Convert a long-format polars DataFrame to a RoutingTrace, with validation."""
+    pl = _polars()
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise TraceError(
+            f"{source}: missing column(s) {missing}; a routing trace needs {list(REQUIRED)} "
+            f"(plus expert_1.. for top-k > 1); found {df.columns}"
+        )
+    expert_cols = _columns_k(df.columns, "expert")
+    weight_cols = _columns_k(df.columns, "weight") if any(c.startswith("weight_") for c in df.columns) else []
+    if weight_cols and len(weight_cols) != len(expert_cols):
+        raise TraceError(
+            f"{source}: {len(expert_cols)} expert columns but {len(weight_cols)} weight columns"
+        )
+    if df.height == 0:
+        raise TraceError(f"{source}: the trace has no rows")
+    for col in expert_cols + ["request", "step", "position", "layer"]:
+        if df[col].null_count():
+            raise TraceError(f"{source}: column {col!r} has {df[col].null_count()} missing values")
+        if not df[col].dtype.is_integer():
+            raise TraceError(f"{source}: column {col!r} must be integer, got {df[col].dtype}")
+    phase = df["phase"].cast(pl.String)
+    bad_phase = phase.filter(~phase.is_in(list(PHASE_NAMES)))
+    if len(bad_phase):
+        raise TraceError(
+            f"{source}: phase must be 'prefill' or 'decode', found {bad_phase[0]!r}"
+        )
+    for col in expert_cols:
+        low = df[col].min()
+        if low is not None and low < 0:
+            raise TraceError(f"{source}: negative expert id {low} in column {col!r}")
+
+    layer = df["layer"].to_numpy()
+    num_layers = int(layer.max()) + 1
+    n_rows = df.height
+    expected_layer = np.arange(num_layers)
+    ok = n_rows % num_layers == 0 and bool((layer.reshape(-1, num_layers) == expected_layer).all())
+    if ok:
+        # Each block of num_layers rows must also be one token (same request and position).
+        for col in ("request", "position"):
+            block = df[col].to_numpy().reshape(-1, num_layers)
+            ok = ok and bool((block == block[:, :1]).all())
+    if not ok:
+        # Find the first token whose layer rows are not exactly 0..L-1, for the message.
+        keys = df.select("request", "position").to_numpy()
+        i = 0
+        while i < n_rows:
+            j = i
+            while j < n_rows and keys[j, 0] == keys[i, 0] and keys[j, 1] == keys[i, 1]:
+                j += 1
+            got = layer[i:j]
+            if not np.array_equal(got, expected_layer):
+                have = sorted(set(got.tolist()))
+                lacking = sorted(set(range(num_layers)) - set(have))
+                raise TraceError(
+                    f"{source}: token at request {keys[i, 0]}, position {keys[i, 1]} has layer rows "
+                    f"{have[:8]}{'...' if len(have) > 8 else ''} "
+                    f"(missing {lacking[:8]}); every token needs one row per MoE layer 0..{num_layers - 1} "
+                    f"in order. Sort by request, position, layer, or truncate the file at a token boundary"
+                )
+            i = j
+        raise TraceError(f"{source}: rows are not grouped one per (token, layer)")
+
+    tok = df.gather_every(num_layers)
+    experts = np.stack([df[c].to_numpy() for c in expert_cols], axis=1).reshape(
+        n_rows // num_layers, num_layers, len(expert_cols)
+    )
+    observed = int(experts.max()) + 1
+    declared = num_experts or int((metadata or {}).get("num_experts", 0) or 0) or observed
+    if observed > declared:
+        raise TraceError(
+            f"{source}: expert id {observed - 1} is out of range for {declared} experts per layer"
+        )
+    weights = None
+    if weight_cols:
+        weights = np.stack([df[c].cast(pl.Float32).fill_null(float("nan")).to_numpy() for c in weight_cols], axis=1)
+        weights = weights.reshape(experts.shape)
+    meta = dict(metadata or {})
+    meta.setdefault("num_experts", str(declared))
+    trace = RoutingTrace(
+        experts=experts.astype(expert_dtype(declared)),
+        request=tok["request"].to_numpy(),
+        step=tok["step"].to_numpy(),
+        position=tok["position"].to_numpy(),
+        phase=(tok["phase"].cast(pl.String) == "decode").to_numpy().astype(np.uint8),
+        num_experts=declared,
+        token_id=tok["token_id"].to_numpy() if "token_id" in tok.columns else None,
+        weights=weights,
+        metadata=meta,
+    )
+    trace.validate()
+    return trace
+
+
+def read_trace(path: str | Path, *, num_experts: int | None = None) -> RoutingTrace:
+    """Read a long-format Parquet routing trace (the format of ../shared/traces and of
+    ``write_trace``). Raises TraceError with the problem and its fix on bad input."""
+    pl = _polars()
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"trace file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise TraceError(f"trace path {str(path)!r} is a directory; give a .parquet file")
+    metadata = read_metadata(path)
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:
+        raise TraceError(_not_parquet_message(path, exc)) from None
+    metadata.setdefault("path", str(path))
+    metadata.setdefault("source", path.name)
+    return frame_to_trace(df, num_experts=num_experts, metadata=metadata, source=str(path))
+
+
+def trace_to_frame(trace: RoutingTrace):
+    """The long-format polars DataFrame of a trace (one row per token and layer)."""
+    pl = _polars()
+    n, num_layers, k = trace.experts.shape
+    rep = lambda a: np.repeat(a, num_layers)  # noqa: E731
+    cols = {
+        "request": pl.Series(rep(trace.request), dtype=pl.UInt32),
+        "step": pl.Series(rep(trace.step), dtype=pl.UInt32),
+        "position": pl.Series(rep(trace.position), dtype=pl.UInt32),
+        "phase": pl.Series(np.array(PHASE_NAMES)[rep(trace.phase)]).cast(pl.Categorical),
+    }
+    if trace.token_id is not None:
+        cols["token_id"] = pl.Series(rep(trace.token_id), dtype=pl.UInt32)
+    cols["layer"] = pl.Series(np.tile(np.arange(num_layers), n), dtype=pl.UInt16 if num_layers > 255 else pl.UInt8)
+    flat = trace.experts.reshape(n * num_layers, k)
+    edt = pl.UInt8 if trace.num_experts <= 256 else pl.UInt16
+    for j in range(k):
+        cols[f"expert_{j}"] = pl.Series(flat[:, j], dtype=edt)
+    if trace.weights is not None:
+        wflat = trace.weights.reshape(n * num_layers, k)
+        for j in range(k):
+            cols[f"weight_{j}"] = pl.Series(wflat[:, j], dtype=pl.Float32)
+    return pl.DataFrame(cols)
+
+
+def write_trace(trace: RoutingTrace, path: str | Path, **metadata: str) -> Path:
+    """Write ``trace`` as zstd Parquet with its metadata (plus any keyword metadata given)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**trace.metadata, **metadata, "num_experts": str(trace.num_experts),
+            "format_version": FORMAT_VERSION}
+    meta.pop("path", None)
+    kv = {f"{_META_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    trace_to_frame(trace).write_parquet(tmp, compression="zstd", metadata=kv)
+    tmp.replace(path)
+    return path
