@@ -23,7 +23,7 @@ def _non_negative(owner: str, **values: float) -> None:
 
 @dataclass(frozen=True)
 class GpuSpec:
-    memory_gib: float
+    memory_gb: float
     hbm_bandwidth_gbps: float  # GB/s, 1e9 bytes/s
     # Peak dense tensor-core throughput, TFLOP/s (1e12), per dtype; no sparsity.
     tflops: dict = field(default_factory=dict)
@@ -31,13 +31,13 @@ class GpuSpec:
     compute_efficiency: float = 0.7
     memory_efficiency: float = 0.8
     launch_overhead_us: float = 5.0  # per kernel group (one expert FFN, one dense layer)
-    workspace_gib: float = 1.0  # activations, CUDA context, allocator slack
+    workspace_gb: float = 1.0  # activations, CUDA context, allocator slack
 
     def __post_init__(self) -> None:
-        _positive("gpu spec", memory_gib=self.memory_gib, hbm_bandwidth_gbps=self.hbm_bandwidth_gbps,
+        _positive("gpu spec", memory_gb=self.memory_gb, hbm_bandwidth_gbps=self.hbm_bandwidth_gbps,
                   compute_efficiency=self.compute_efficiency, memory_efficiency=self.memory_efficiency)
         _non_negative("gpu spec", launch_overhead_us=self.launch_overhead_us,
-                      workspace_gib=self.workspace_gib)
+                      workspace_gb=self.workspace_gb)
         if not self.tflops:
             raise SpecError("gpu spec: tflops is empty; give at least bf16 = <peak TFLOP/s>")
         for dtype, value in self.tflops.items():
@@ -45,7 +45,7 @@ class GpuSpec:
 
     @property
     def memory_bytes(self) -> int:
-        return int(self.memory_gib * 2**30)
+        return int(self.memory_gb * 1e9)
 
     def peak_flops(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; low-bit dtypes without their own entry run at bf16 rate
@@ -86,12 +86,12 @@ class LinkSpec:
 class CpuSpec:
     tflops: float  # sustained FP32/BF16 GEMM throughput of the host, TFLOP/s
     memory_bandwidth_gbps: float
-    memory_gib: float = 512.0
+    memory_gb: float = 512.0
     efficiency: float = 0.6
 
     def __post_init__(self) -> None:
         _positive("cpu spec", tflops=self.tflops, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
-                  memory_gib=self.memory_gib, efficiency=self.efficiency)
+                  memory_gb=self.memory_gb, efficiency=self.efficiency)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class HardwareSpec:
     def summary(self) -> dict:
         return {
             "name": self.name,
-            "gpu_memory_GiB": self.gpu.memory_gib,
+            "gpu_memory_GB": self.gpu.memory_gb,
             "hbm_GBps": self.gpu.hbm_bandwidth_gbps,
             "bf16_TFLOPs": self.gpu.tflops.get("bf16"),
             "link": self.link.kind,
