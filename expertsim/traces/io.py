@@ -4,6 +4,16 @@ Columns: request, step, position, phase ('prefill'/'decode'), optional token_id,
 index, 0-based), expert_0..expert_{k-1} (router order, best first), optional
 weight_0..weight_{k-1}. Sorted by request, position, layer. File-level key/value metadata carries
 ``expertsim.*`` keys (model, source, dataset, num_experts, format version).
+
+``RoutingTrace.extras`` round-trip as further columns of the same rows (token t, layer l):
+
+- ``spec_d{d}`` ([tokens, layers, k], speculative routing: layer l+d's router on layer l's
+  hidden state) -> columns ``spec_d{d}_0..spec_d{d}_{k-1}`` (UInt8/UInt16; the sentinel for "layer
+  l+d does not exist" is the dtype's largest value, also in metadata ``spec_invalid``);
+- ``router_probs`` ([tokens, layers, experts] float16) -> columns ``prob_0..prob_{E-1}`` (Float32
+  on disk, float16 in memory);
+- any other ``[tokens, layers, n]`` array ``name`` -> columns ``x_{name}_0..``, and a ``[tokens]``
+  array -> column ``x_{name}`` (repeated on the token's layer rows). The dtype is kept.
 """
 from __future__ import annotations
 
@@ -148,9 +158,41 @@ def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None 
         token_id=tok["token_id"].to_numpy() if "token_id" in tok.columns else None,
         weights=weights,
         metadata=meta,
+        extras=_read_extras(df, n_rows // num_layers, num_layers, source),
     )
     trace.validate()
     return trace
+
+
+_SPEC_RE = re.compile(r"spec_d(\d+)_(\d+)")
+_EXTRA_RE = re.compile(r"x_(.+)_(\d+)")
+
+
+def _read_extras(df, num_tokens: int, num_layers: int, source: str) -> dict:
+    """Extras arrays from their columns (see the module docstring)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    singles = []
+    for name in df.columns:
+        if (m := _SPEC_RE.fullmatch(name)):
+            groups.setdefault(f"spec_d{m.group(1)}", []).append((int(m.group(2)), name))
+        elif (m := re.fullmatch(r"prob_(\d+)", name)):
+            groups.setdefault("router_probs", []).append((int(m.group(1)), name))
+        elif (m := _EXTRA_RE.fullmatch(name)):
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), name))
+        elif name.startswith("x_"):
+            singles.append(name)
+    extras = {}
+    for key, cols in groups.items():
+        cols.sort()
+        if [i for i, _ in cols] != list(range(len(cols))):
+            raise TraceError(f"{source}: extra {key!r} columns {[c for _, c in cols]} have gaps")
+        if any(df[c].null_count() for _, c in cols):
+            raise TraceError(f"{source}: extra {key!r} has missing values")
+        arr = np.stack([df[c].to_numpy() for _, c in cols], axis=1).reshape(num_tokens, num_layers, len(cols))
+        extras[key] = arr.astype(np.float16) if key == "router_probs" else arr
+    for name in singles:
+        extras[name[2:]] = df[name].to_numpy()[::num_layers]
+    return extras
 
 
 def read_trace(path: str | Path, *, num_experts: int | None = None) -> RoutingTrace:
@@ -194,6 +236,28 @@ def trace_to_frame(trace: RoutingTrace):
         wflat = trace.weights.reshape(n * num_layers, k)
         for j in range(k):
             cols[f"weight_{j}"] = pl.Series(wflat[:, j], dtype=pl.Float32)
+    for key, arr in trace.extras.items():
+        arr = np.asarray(arr)
+        if arr.shape[0] != n:
+            raise TraceError(f"extra {key!r} has {arr.shape[0]} rows but the trace has {n} tokens")
+        if arr.ndim == 1:
+            cols[f"x_{key}"] = pl.Series(rep(arr))
+            continue
+        if arr.ndim != 3 or arr.shape[1] != num_layers:
+            raise TraceError(
+                f"extra {key!r} has shape {arr.shape}; extras are [tokens] or [tokens, layers, n] "
+                f"arrays (layers = {num_layers})"
+            )
+        flat_x = arr.reshape(n * num_layers, arr.shape[2])
+        if re.fullmatch(r"spec_d\d+", key):
+            names = [f"{key}_{j}" for j in range(arr.shape[2])]
+        elif key == "router_probs":
+            names = [f"prob_{e}" for e in range(arr.shape[2])]
+            flat_x = flat_x.astype(np.float32)
+        else:
+            names = [f"x_{key}_{j}" for j in range(arr.shape[2])]
+        for j, name in enumerate(names):
+            cols[name] = pl.Series(flat_x[:, j])
     return pl.DataFrame(cols)
 
 
