@@ -1,0 +1,203 @@
+"""The policy contract every engine drives (DESIGN.md, "Engines and policies").
+
+An engine walks the workload iteration by iteration (a forward pass over one or more requests'
+tokens) and, inside it, layer by layer. At each MoE layer it builds a :class:`LayerObservation`
+(time, the tokens and the experts they need with gate weights, the cache) and asks the
+:class:`System` for a :class:`LayerDecision`: the order to serve the needed experts in, what to do
+for each missing one (:class:`MissAction`), and which copies to start ahead
+(:class:`PrefetchRequest`). Which resident expert leaves when room is needed is the
+:class:`EvictionPolicy`'s choice, called by the shared :class:`~expertsim.policies.cache.ExpertCache`.
+
+A policy sees only the past and the present (the current layer's routing, and for speculative
+prefetchers what the trace recorded as speculation at this point) unless it sets
+``oracle = True``; oracle results are labelled as bounds.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from expertsim.policies.cache import ExpertCache
+    from expertsim.specs import HardwareSpec, ModelSpec
+    from expertsim.traces import RoutingTrace
+
+
+class MissAction(enum.Enum):
+    COPY = "copy"  # stall on a host-to-device copy of the full-precision expert
+    CPU = "cpu"  # compute the expert on the host CPU (Fiddler); activations cross the link
+    LOW_PRECISION = "low_precision"  # copy a low-bit version instead (HOBBIT)
+    SKIP = "skip"  # drop the expert; its gate mass is reported as dropped
+
+
+@dataclass(frozen=True)
+class PrefetchRequest:
+    layer: int
+    expert: int
+    priority: int = 1  # lower runs first on the link; demand copies use 0
+    low_precision: bool = False
+
+
+@dataclass
+class LayerObservation:
+    """What a policy may see at one MoE layer of one iteration."""
+
+    now_ns: int
+    iteration: int
+    layer: int  # MoE layer index (0 .. num_moe_layers-1)
+    tokens: np.ndarray  # trace token indices in this iteration
+    experts: np.ndarray  # [n_tokens, k] chosen experts at this layer
+    weights: np.ndarray | None  # [n_tokens, k] gate weights, when the trace has them
+    needed: np.ndarray  # sorted unique experts this layer needs
+    tokens_per_expert: np.ndarray  # how many of the tokens route to each of `needed`
+    gate_mass: np.ndarray  # summed gate weight per needed expert (1/k per use without weights)
+    resident: np.ndarray  # bool per needed expert: resident or loading at the layer's start
+    phase: int  # 0 prefill, 1 decode (of the iteration's first token)
+    cache: "ExpertCache"
+    trace: "RoutingTrace"
+    position: int  # logical access position (for oracles), see AccessPlan
+
+
+@dataclass
+class LayerDecision:
+    order: Sequence[int] | None = None  # serve order of `needed`; None = hits first, then misses, ascending
+    miss_actions: dict[int, MissAction] = field(default_factory=dict)  # default COPY
+    prefetch: list[PrefetchRequest] = field(default_factory=list)
+
+
+@dataclass
+class LayerOutcome:
+    """What happened at a layer, told back to the policy for feedback (adaptive policies)."""
+
+    layer: int
+    hits: int
+    misses: int
+    stall_ns: int
+    start_ns: int
+    end_ns: int
+
+
+@dataclass
+class RunContext:
+    """Everything a policy may read before the run: specs, cost model, cache, workload."""
+
+    model: "ModelSpec"
+    hardware: "HardwareSpec"
+    cost: Any  # expertsim.sim.cost.CostModel (policies must not import sim)
+    cache: "ExpertCache"
+    trace: "RoutingTrace"
+    plan: "AccessPlan | None" = None
+
+
+@dataclass
+class AccessPlan:
+    """The order in which an engine looks experts up, known before the run when iterations do
+    not depend on timing. ``keys[p]`` is the p-th lookup (layer * num_experts + expert).
+    Oracles (Belady) use it; online policies must not."""
+
+    keys: np.ndarray
+    num_experts: int
+
+    def next_use(self) -> np.ndarray:
+        """next_use[p] = the next position > p that looks up keys[p] again (len(keys) if none)."""
+        n = len(self.keys)
+        nxt = np.full(n, n, dtype=np.int64)
+        order = np.lexsort((np.arange(n), self.keys))
+        same = self.keys[order[1:]] == self.keys[order[:-1]]
+        nxt[order[:-1][same]] = order[1:][same]
+        return nxt
+
+
+class EvictionPolicy:
+    """Chooses which unpinned cache entry leaves. One small interface, as in libCacheSim.
+
+    Subclasses keep their own state and override ``victim`` and the hooks they need. ``tick`` is
+    the cache's logical clock (one per lookup or admission), ``position`` the lookup's index in
+    the engine's AccessPlan.
+    """
+
+    name = "base"
+    oracle = False
+
+    def prepare(self, ctx: RunContext) -> None:
+        """Called once before the run (size arrays, read a profile, read the plan if oracle)."""
+
+    def reset(self) -> None:
+        """Called when the cache empties (request scope)."""
+
+    def on_access(self, key: int, tick: int, hit: bool, position: int) -> None:
+        pass
+
+    def on_insert(self, key: int, tick: int, position: int) -> None:
+        pass
+
+    def on_evict(self, key: int) -> None:
+        pass
+
+    def victim(self, candidates: np.ndarray, tick: int, position: int) -> int:
+        raise NotImplementedError  # abstract: every eviction policy defines its choice
+
+    def params(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class System:
+    """A complete offloading system: an eviction policy plus decisions at each MoE layer.
+
+    The base class serves needed experts hits-first, copies every miss, prefetches nothing and
+    schedules tokens first-come first-served. Named systems override ``on_layer`` (and
+    ``prepare``/``on_layer_end`` for state). ``cache_config`` may be fixed by the system
+    (no-cache, all-on-gpu) or left to the user (None).
+    """
+
+    name = "system"
+    description = ""
+    citation = ""
+    oracle = False
+
+    def __init__(self, eviction: EvictionPolicy | None = None):
+        self.eviction = eviction
+
+    # Fixed cache sizing, if the system dictates one (CacheConfig), else None.
+    def cache_config(self, model: "ModelSpec"):
+        return None
+
+    # Copies of low-precision experts (MissAction.LOW_PRECISION) are stored in this dtype.
+    low_precision_dtype = "int4"
+
+    def initial_residents(self, model: "ModelSpec") -> np.ndarray:
+        """Keys (layer * num_experts + expert) resident before the run starts, with no copy
+        (a warm or static cache). Default: none, the cache starts cold."""
+        return np.zeros(0, dtype=np.int64)
+
+    def prepare(self, ctx: RunContext) -> None:
+        if self.eviction is not None:
+            self.eviction.prepare(ctx)
+
+    def on_request_start(self, request: int) -> None:
+        pass
+
+    def on_layer(self, obs: LayerObservation) -> LayerDecision:
+        return LayerDecision()
+
+    def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
+        pass
+
+    def params(self) -> dict:
+        return {}
+
+    @property
+    def label(self) -> str:
+        """Name with parameters, for tables."""
+        p = self.params()
+        return self.name + (f"({', '.join(f'{k}={v}' for k, v in p.items())})" if p else "")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eviction={self.eviction!r}, {self.params()})"

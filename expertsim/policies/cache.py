@@ -1,0 +1,273 @@
+"""ExpertCache: the GPU expert cache's bookkeeping, shared by every engine.
+
+The cache holds (layer, expert) entries, keyed ``key = layer * num_experts + expert``. Capacity is
+in bytes per *partition*: one partition per MoE layer (``per_layer=K`` slots of a full-precision
+expert each) or one global pool (``global_slots=N`` or ``budget_bytes=B``). Entries may be
+smaller than a full expert (a low-precision copy), and are accounted by their bytes.
+
+Every state change happens at a *logical* point of the replay (a lookup, an admission, an
+eviction), never at a simulated time, so hits and misses do not depend on timing: the DES, the
+fast engine and the real runner see the same sequence. Engines only attach times to it.
+
+An entry is RESIDENT or LOADING (its copy was issued, logically it is there). Pinned entries (the
+experts the current layer still needs) are never chosen as victims. Which unpinned entry goes is
+the eviction policy's choice (`EvictionPolicy.victim`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from expertsim.errors import ConfigError
+
+ABSENT = 0
+RESIDENT = 1
+LOADING = 2
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How much GPU memory the expert cache has, and how it is partitioned.
+
+    Exactly one of: ``per_layer`` (slots per MoE layer), ``global_slots`` (slots in one pool over
+    all layers), ``budget_bytes`` (one pool of bytes), ``unlimited`` (every expert fits: the
+    all-on-GPU bound).
+    """
+
+    per_layer: int | None = None
+    global_slots: int | None = None
+    budget_bytes: int | None = None
+    unlimited: bool = False
+
+    def __post_init__(self) -> None:
+        given = [self.per_layer is not None, self.global_slots is not None,
+                 self.budget_bytes is not None, self.unlimited]
+        if sum(given) != 1:
+            raise ConfigError(
+                "give exactly one cache size: --per-layer K, --global-slots N or --cache-gb G"
+            )
+        for name in ("per_layer", "global_slots", "budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+                raise ConfigError(f"cache size {name}={value!r} must be a non-negative integer")
+
+    def describe(self) -> str:
+        if self.unlimited:
+            return "all experts resident"
+        if self.per_layer is not None:
+            return f"{self.per_layer} slots per layer"
+        if self.global_slots is not None:
+            return f"{self.global_slots} slots in one global pool"
+        return f"{self.budget_bytes / 1e9:.2f} GB global pool"
+
+    def capacity_bytes(self, num_layers: int, num_experts: int, expert_bytes: int) -> int:
+        if self.unlimited:
+            return num_layers * num_experts * expert_bytes
+        if self.per_layer is not None:
+            return self.per_layer * num_layers * expert_bytes
+        if self.global_slots is not None:
+            return self.global_slots * expert_bytes
+        return int(self.budget_bytes)
+
+
+class ExpertCache:
+    """Residency bookkeeping for the GPU expert cache (see the module docstring)."""
+
+    def __init__(self, num_layers: int, num_experts: int, expert_bytes: int, config: CacheConfig,
+                 eviction, *, top_k: int = 1):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.expert_bytes = int(expert_bytes)
+        self.config = config
+        self.eviction = eviction
+        n = num_layers * num_experts
+        if config.per_layer is not None:
+            if config.per_layer < top_k:
+                raise ConfigError(
+                    f"cache of {config.per_layer} slots per layer is smaller than top-k={top_k}: a "
+                    f"token's experts could not be resident together. Use --per-layer {top_k} or more"
+                )
+            self.num_partitions = num_layers
+            cap = config.per_layer * self.expert_bytes
+        else:
+            self.num_partitions = 1
+            cap = config.capacity_bytes(num_layers, num_experts, self.expert_bytes)
+            if not config.unlimited and cap < top_k * self.expert_bytes:
+                raise ConfigError(
+                    f"cache of {cap / 1e9:.3f} GB holds fewer than top-k={top_k} experts of "
+                    f"{self.expert_bytes / 1e6:.1f} MB; give at least {top_k} slots "
+                    f"({top_k * self.expert_bytes / 1e9:.3f} GB)"
+                )
+        self.capacity = np.full(self.num_partitions, cap, dtype=np.int64)
+        self.state = np.zeros(n, dtype=np.int8)
+        self.entry_bytes = np.zeros(n, dtype=np.int64)
+        self.entry_low_precision = np.zeros(n, dtype=bool)
+        self.pins = np.zeros(n, dtype=np.int32)
+        self.slot = np.full(n, -1, dtype=np.int64)
+        self.used = np.zeros(self.num_partitions, dtype=np.int64)
+        self._free_slots: list[list[int]] = [[] for _ in range(self.num_partitions)]
+        self._next_slot = np.zeros(self.num_partitions, dtype=np.int64)
+        self.peak_used_bytes = 0
+        self.evictions = 0
+        self.tick = 0  # logical clock: one tick per lookup/admission
+
+    # --- keys ----------------------------------------------------------------------------
+    def key(self, layer: int, expert: int) -> int:
+        return int(layer) * self.num_experts + int(expert)
+
+    def split_key(self, key: int) -> tuple[int, int]:
+        return divmod(int(key), self.num_experts)
+
+    def partition(self, layer: int) -> int:
+        return int(layer) if self.num_partitions > 1 else 0
+
+    # --- queries -------------------------------------------------------------------------
+    def contains(self, layer: int, expert: int) -> bool:
+        return self.state[self.key(layer, expert)] != ABSENT
+
+    def is_loading(self, layer: int, expert: int) -> bool:
+        return self.state[self.key(layer, expert)] == LOADING
+
+    def resident_experts(self, layer: int) -> np.ndarray:
+        base = layer * self.num_experts
+        return np.flatnonzero(self.state[base:base + self.num_experts] != ABSENT)
+
+    def occupancy_bytes(self) -> int:
+        return int(self.used.sum())
+
+    def occupancy_entries(self, layer: int | None = None) -> int:
+        if layer is None:
+            return int((self.state != ABSENT).sum())
+        return len(self.resident_experts(layer))
+
+    def free_bytes(self, layer: int) -> int:
+        p = self.partition(layer)
+        return int(self.capacity[p] - self.used[p])
+
+    def set_partition_capacity(self, layer: int, capacity_bytes: int) -> list[int]:
+        """Move capacity to or from one layer's partition (cross-layer allocation); evicts
+        unpinned victims when it shrinks. Returns the evicted keys."""
+        p = self.partition(layer)
+        self.capacity[p] = int(capacity_bytes)
+        return self._make_room(p, 0, layer)
+
+    # --- state changes -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty the cache (request scope, or a cold start)."""
+        for key in np.flatnonzero(self.state != ABSENT):
+            self._remove(int(key))
+        self.eviction.reset()
+
+    def lookup(self, layer: int, expert: int, position: int = -1) -> bool:
+        """Look an expert up; tells the eviction policy about the access. True on a hit
+        (resident or loading)."""
+        key = self.key(layer, expert)
+        self.tick += 1
+        hit = self.state[key] != ABSENT
+        self.eviction.on_access(key, self.tick, hit, position)
+        return hit
+
+    def pin(self, layer: int, expert: int) -> None:
+        self.pins[self.key(layer, expert)] += 1
+
+    def unpin(self, layer: int, expert: int) -> None:
+        key = self.key(layer, expert)
+        if self.pins[key] <= 0:
+            raise RuntimeError(f"unpin of unpinned expert {self.split_key(key)}")
+        self.pins[key] -= 1
+
+    def admit(self, layer: int, expert: int, nbytes: int | None = None, *, low_precision: bool = False,
+              position: int = -1, required: bool = True, tick: int | None = None) -> tuple[bool, list[int]]:
+        """Reserve room for an expert about to be copied (state LOADING) and return
+        ``(admitted, evicted_keys)``. When room cannot be made among unpinned entries: a
+        required (demand) admission raises ConfigError, an optional one (prefetch) returns
+        ``(False, [])`` and changes nothing. ``tick``: the logical time of the lookup that missed
+        (so a token's experts get recency in lookup order); default a new tick."""
+        key = self.key(layer, expert)
+        if self.state[key] != ABSENT:
+            return True, []
+        nbytes = self.expert_bytes if nbytes is None else int(nbytes)
+        p = self.partition(layer)
+        if nbytes > self.capacity[p]:
+            if required:
+                raise ConfigError(
+                    f"expert of {nbytes} bytes does not fit in a cache partition of {self.capacity[p]} bytes"
+                )
+            return False, []
+        if not required and self._evictable_bytes(p, key) + (self.capacity[p] - self.used[p]) < nbytes:
+            return False, []
+        evicted = self._make_room(p, nbytes, layer, exclude=key, position=position)
+        if tick is None:
+            self.tick += 1
+            tick = self.tick
+        self.state[key] = LOADING
+        self.entry_bytes[key] = nbytes
+        self.entry_low_precision[key] = low_precision
+        self.used[p] += nbytes
+        self.slot[key] = self._take_slot(p)
+        self.peak_used_bytes = max(self.peak_used_bytes, int(self.used.sum()))
+        self.eviction.on_insert(key, tick, position)
+        return True, evicted
+
+    def mark_resident(self, layer: int, expert: int) -> None:
+        key = self.key(layer, expert)
+        if self.state[key] == LOADING:
+            self.state[key] = RESIDENT
+
+    def evict(self, key: int) -> None:
+        if self.pins[key]:
+            raise RuntimeError(f"evicting pinned expert {self.split_key(key)}")
+        self._remove(key)
+        self.evictions += 1
+        self.eviction.on_evict(key)
+
+    # --- internals -----------------------------------------------------------------------
+    def _partition_keys(self, p: int) -> np.ndarray:
+        if self.num_partitions == 1:
+            return np.flatnonzero(self.state != ABSENT)
+        base = p * self.num_experts
+        return base + np.flatnonzero(self.state[base:base + self.num_experts] != ABSENT)
+
+    def _candidates(self, p: int, exclude: int = -1) -> np.ndarray:
+        keys = self._partition_keys(p)
+        keys = keys[self.pins[keys] == 0]
+        return keys[keys != exclude]
+
+    def _evictable_bytes(self, p: int, exclude: int) -> int:
+        return int(self.entry_bytes[self._candidates(p, exclude)].sum())
+
+    def _make_room(self, p: int, nbytes: int, layer: int, exclude: int = -1, position: int = -1) -> list[int]:
+        evicted: list[int] = []
+        while self.capacity[p] - self.used[p] < nbytes:
+            candidates = self._candidates(p, exclude)
+            if len(candidates) == 0:
+                raise ConfigError(
+                    f"the expert cache partition for layer {layer} is full of experts the current "
+                    f"layer still needs ({self.used[p]} of {self.capacity[p]} bytes pinned); "
+                    f"give the cache more room (at least top-k experts per layer)"
+                )
+            victim = int(self.eviction.victim(candidates, self.tick, position))
+            if victim not in set(candidates.tolist()):
+                raise RuntimeError(
+                    f"eviction policy {self.eviction!r} chose {victim}, not one of the candidates"
+                )
+            self.evict(victim)
+            evicted.append(victim)
+        return evicted
+
+    def _take_slot(self, p: int) -> int:
+        if self._free_slots[p]:
+            return self._free_slots[p].pop()
+        slot = int(self._next_slot[p])
+        self._next_slot[p] += 1
+        return slot
+
+    def _remove(self, key: int) -> None:
+        p = self.partition(key // self.num_experts)
+        self.used[p] -= self.entry_bytes[key]
+        self._free_slots[p].append(int(self.slot[key]))
+        self.state[key] = ABSENT
+        self.entry_bytes[key] = 0
+        self.entry_low_precision[key] = False
+        self.slot[key] = -1

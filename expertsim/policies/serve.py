@@ -1,0 +1,216 @@
+"""The logical step every engine takes at one MoE layer: look up, decide, admit, evict.
+
+``LayerServer.serve`` turns (iteration tokens, layer) into a :class:`LayerPlan`: which needed
+experts hit, what happens to each miss, which entries were evicted to make room, which prefetch
+copies were admitted, and the ordering constraints between copies and computes. Engines attach
+time to the plan (the SimPy DES, the fast engine, the real runner), so all of them see the same
+hits, misses and evictions for the same inputs.
+
+Semantics ("together"): the needed experts of a layer (the union over the iteration's tokens)
+are looked up in ascending id order; hits are pinned; misses are admitted in serve order, each
+evicting unpinned entries chosen by the eviction policy. When every entry is pinned (the union is
+larger than the cache), the earliest-served experts are released in serve order and the copy
+that reuses their room waits for their compute (``wait_compute``). After the layer every pin is
+released, so at batch 1 with K >= top_k slots, eviction happens among experts the token did not
+use until at most K remain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from expertsim.errors import ConfigError
+from expertsim.policies.base import (
+    LayerDecision,
+    LayerObservation,
+    LayerOutcome,
+    MissAction,
+    System,
+)
+from expertsim.policies.cache import ExpertCache
+
+
+@dataclass
+class ServeItem:
+    expert: int
+    tokens: int  # tokens of the iteration routed to this expert
+    gate_mass: float
+    hit: bool
+    action: MissAction | None  # None for a hit
+    low_precision: bool  # computed from a low-precision copy
+    copy_bytes: int  # bytes copied over the link for this item (0 for hits, CPU, skip)
+    slot: int  # cache slot of the expert (-1 when not in the cache)
+    wait_compute: int = -1  # index (in serve order) whose compute must end before the copy starts
+    loading_at_lookup: bool = False  # a hit on an entry whose copy was still in flight
+    released: bool = False  # unpinned mid-layer to make room for a later miss
+
+
+@dataclass
+class PrefetchItem:
+    layer: int
+    expert: int
+    copy_bytes: int
+    slot: int
+    priority: int
+    low_precision: bool
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    items: list[ServeItem]
+    prefetches: list[PrefetchItem]
+    evicted: list[int]  # keys evicted while serving this layer (demand and prefetch)
+    hits: int
+    misses: int
+    position: int  # AccessPlan position of the layer's first lookup
+    dropped_gate_mass: float = 0.0
+    degraded_gate_mass: float = 0.0
+    cpu_experts: int = 0
+    prefetch_issued: int = 0
+
+
+@dataclass
+class LayerServer:
+    """Applies a System's decisions to the shared ExpertCache (see the module docstring)."""
+
+    system: System
+    cache: ExpertCache
+    expert_bytes: int
+    low_precision_bytes: int
+    position: int = 0  # running AccessPlan position
+    totals: dict = field(default_factory=lambda: {"prefetch_issued": 0, "prefetch_used": 0})
+
+    def observe(self, *, now_ns: int, iteration: int, layer: int, tokens: np.ndarray,
+                experts: np.ndarray, weights: np.ndarray | None, phase: int, trace) -> LayerObservation:
+        needed, inverse = np.unique(experts, return_inverse=True)
+        inverse = inverse.reshape(experts.shape)
+        counts = np.bincount(inverse.ravel(), minlength=len(needed))
+        if weights is not None:
+            mass = np.bincount(inverse.ravel(), weights=weights.ravel().astype(np.float64), minlength=len(needed))
+        else:
+            mass = counts / experts.shape[1]
+        resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
+        return LayerObservation(
+            now_ns=now_ns, iteration=iteration, layer=layer, tokens=tokens, experts=experts,
+            weights=weights, needed=needed.astype(np.int64), tokens_per_expert=counts,
+            gate_mass=mass, resident=resident, phase=phase, cache=self.cache, trace=trace,
+            position=self.position,
+        )
+
+    def serve(self, obs: LayerObservation) -> tuple[LayerPlan, LayerDecision]:
+        cache, layer = self.cache, obs.layer
+        position0 = self.position
+        # 1. Lookups in ascending id order (the eviction policy sees every access).
+        hit = np.zeros(len(obs.needed), dtype=bool)
+        loading = np.zeros(len(obs.needed), dtype=bool)
+        ticks = np.zeros(len(obs.needed), dtype=np.int64)
+        for i, e in enumerate(obs.needed):
+            loading[i] = cache.is_loading(layer, e)
+            hit[i] = cache.lookup(layer, e, self.position)
+            ticks[i] = cache.tick
+            self.position += 1
+            if hit[i]:
+                cache.pin(layer, e)
+        # 2. The system decides (it sees which experts hit through obs.resident).
+        decision = self.system.on_layer(obs)
+        index = {int(e): i for i, e in enumerate(obs.needed)}
+        if decision.order is None:
+            order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
+        else:
+            order = [index[int(e)] for e in decision.order]
+            if sorted(order) != list(range(len(hit))):
+                raise ConfigError(
+                    f"system {self.system.name!r} returned a serve order {list(decision.order)} that is "
+                    f"not a permutation of the needed experts {obs.needed.tolist()}"
+                )
+        # 3. Misses: admit (evicting), or compute elsewhere, or skip.
+        items: list[ServeItem] = []
+        evicted: list[int] = []
+        released = 0  # how many earliest-served items have been unpinned for room
+        plan = LayerPlan(layer=layer, items=items, prefetches=[], evicted=evicted,
+                         hits=int(hit.sum()), misses=int((~hit).sum()), position=position0)
+        for i in order:
+            e = int(obs.needed[i])
+            key = cache.key(layer, e)
+            item = ServeItem(expert=e, tokens=int(obs.tokens_per_expert[i]),
+                             gate_mass=float(obs.gate_mass[i]), hit=bool(hit[i]), action=None,
+                             low_precision=bool(cache.entry_low_precision[key]) if hit[i] else False,
+                             copy_bytes=0, slot=int(cache.slot[key]),
+                             loading_at_lookup=bool(loading[i]))
+            if hit[i]:
+                if loading[i]:
+                    self.totals["prefetch_used"] += 1
+            else:
+                action = decision.miss_actions.get(e, MissAction.COPY)
+                item.action = action
+                if action in (MissAction.COPY, MissAction.LOW_PRECISION):
+                    low = action is MissAction.LOW_PRECISION
+                    nbytes = self.low_precision_bytes if low else self.expert_bytes
+                    while True:
+                        ok, out = cache.admit(layer, e, nbytes, low_precision=low,
+                                              position=position0 + i, required=False,
+                                              tick=int(ticks[i]))
+                        if ok:
+                            break
+                        # Everything left is pinned by this layer: release the earliest-served.
+                        while released < len(items) and (items[released].slot < 0 or items[released].released):
+                            released += 1
+                        if released >= len(items):
+                            raise ConfigError(
+                                f"layer {layer}: cannot make room for expert {e}: the cache partition "
+                                f"is smaller than one expert ({nbytes} bytes); give it more room"
+                            )
+                        cache.unpin(layer, items[released].expert)
+                        items[released].released = True
+                        released += 1
+                    # A copy into room freed by an expert of this layer waits for its compute.
+                    for j, other in enumerate(items):
+                        if other.released and cache.key(layer, other.expert) in out:
+                            item.wait_compute = max(item.wait_compute, j)
+                    evicted.extend(out)
+                    cache.pin(layer, e)
+                    item.copy_bytes = nbytes
+                    item.slot = int(cache.slot[key])
+                    item.low_precision = low
+                elif action is MissAction.CPU:
+                    plan.cpu_experts += 1
+                elif action is MissAction.SKIP:
+                    plan.dropped_gate_mass += item.gate_mass
+                else:  # pragma: no cover - enum is closed
+                    raise ConfigError(f"unknown miss action {action!r}")
+            if item.low_precision:
+                plan.degraded_gate_mass += item.gate_mass
+            items.append(item)
+        # 4. Prefetches (optional admissions: dropped when no unpinned room).
+        for req in decision.prefetch:
+            if not 0 <= req.layer < cache.num_layers or not 0 <= req.expert < cache.num_experts:
+                raise ConfigError(
+                    f"system {self.system.name!r} asked to prefetch (layer {req.layer}, expert "
+                    f"{req.expert}), outside {cache.num_layers} layers x {cache.num_experts} experts"
+                )
+            if cache.contains(req.layer, req.expert):
+                continue
+            nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
+            ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,
+                                  position=self.position, required=False)
+            if not ok:
+                continue
+            evicted.extend(out)
+            plan.prefetches.append(PrefetchItem(
+                layer=req.layer, expert=req.expert, copy_bytes=nbytes,
+                slot=int(cache.slot[cache.key(req.layer, req.expert)]), priority=max(int(req.priority), 1),
+                low_precision=req.low_precision))
+        plan.prefetch_issued = len(plan.prefetches)
+        self.totals["prefetch_issued"] += plan.prefetch_issued
+        return plan, decision
+
+    def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome) -> None:
+        """Release the layer's pins and give the system its feedback."""
+        for item in plan.items:
+            key = self.cache.key(obs.layer, item.expert)
+            if self.cache.pins[key] > 0:
+                self.cache.unpin(obs.layer, item.expert)
+        self.system.on_layer_end(obs, outcome)
+

@@ -1,0 +1,139 @@
+"""Cache-only replay: a trace's expert accesses through the expert cache, no timing.
+
+Uses the same LayerServer and ExpertCache as the timed engines, so its hit/miss sequence is the
+one they see. Two semantics:
+
+- ``together`` (default): per pass and MoE layer, the needed experts are looked up in ascending
+  id order and are resident together (see expertsim.policies.serve).
+- ``standard``: the trace flattened to one access stream (requests in order, then positions, then
+  layers, then expert ids ascending; key = layer x experts + expert) with classic
+  evict-on-insert semantics, as classic cache simulators (libCacheSim) replay it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from expertsim.errors import ConfigError
+from expertsim.policies import AccessPlan, CacheConfig, ExpertCache, RunContext, System
+from expertsim.policies.serve import LayerServer
+from expertsim.sim.cost import CostModel
+from expertsim.sim.workload import Iteration, build_access_plan, iterations_batch1
+from expertsim.specs import HardwareSpec, ModelSpec
+from expertsim.traces import RoutingTrace
+
+
+@dataclass
+class CacheReplayResult:
+    hits: int
+    misses: int
+    wall_s: float
+    per_layer_hits: np.ndarray
+    per_layer_misses: np.ndarray
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"hit_rate": self.hit_rate, "hits": self.hits, "misses": self.misses,
+                "accesses": self.accesses, "wall_s": self.wall_s}
+
+
+def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
+                 model: ModelSpec | None = None, hardware: HardwareSpec | None = None,
+                 phase: str = "decode", scope: str = "request", semantics: str = "together",
+                 per_token: bool = True) -> CacheReplayResult:
+    """Replay ``trace`` through the cache. ``phase`` keeps decode/prefill/all tokens; ``scope``
+    'request' empties the cache at each request's start, 'global' keeps it. With
+    ``per_token`` every token is its own pass (the cache replay's definition); otherwise the
+    trace's passes (a prefill pass needs the union of its tokens' experts)."""
+    if scope not in ("request", "global"):
+        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
+    if semantics not in ("together", "standard"):
+        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
+    t0 = time.perf_counter()
+    view = trace.only_phase(phase)
+    if view.num_tokens == 0:
+        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
+    num_layers, num_experts = view.num_layers, view.num_experts
+    if model is not None:
+        view.check_model(model)
+        num_experts = model.num_experts
+    expert_bytes = model.expert_bytes() if model is not None else 1
+    fixed = system.cache_config(model) if model is not None else None
+    cache_config = fixed or cache_config
+    if cache_config is None:
+        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
+    top_k = 1 if semantics == "standard" else view.top_k
+    cache = ExpertCache(num_layers, num_experts, expert_bytes, cache_config, system.eviction, top_k=top_k)
+    if semantics == "standard":
+        # Each access is its own needed set of one expert: classic evict-on-insert.
+        n, L, k = view.experts.shape
+        experts = np.sort(view.experts, axis=2).reshape(n * L * k, 1, 1)
+        flat = RoutingTrace(
+            experts=experts, request=np.repeat(view.request, L * k),
+            step=np.arange(n * L * k), position=np.repeat(view.position, L * k),
+            phase=np.repeat(view.phase, L * k), num_experts=num_experts, metadata=view.metadata)
+        layer_of = np.tile(np.repeat(np.arange(L), k), n)
+        iterations = [Iteration(i, i, i + 1, int(flat.request[i]), int(flat.phase[i]), 1)
+                      for i in range(n * L * k)]
+        keys = layer_of.astype(np.int64) * num_experts + experts.ravel().astype(np.int64)
+        plan = AccessPlan(keys=keys, num_experts=num_experts)
+        layer_index = layer_of
+        source = flat
+    else:
+        if per_token:
+            iterations = [Iteration(i, i, i + 1, int(view.request[i]), int(view.phase[i]),
+                                    int(view.position[i]) + 1) for i in range(view.num_tokens)]
+        else:
+            iterations = iterations_batch1(view)
+        plan = build_access_plan(view, iterations, num_experts)
+        layer_index = None
+        source = view
+    cost = CostModel(model, hardware) if (model is not None and hardware is not None) else None
+    system.prepare(RunContext(model=model, hardware=hardware, cost=cost, cache=cache, trace=source, plan=plan))
+    if model is not None:
+        for key in system.initial_residents(model):
+            layer, expert = divmod(int(key), num_experts)
+            cache.admit(layer, expert)
+            cache.mark_resident(layer, expert)
+    server = LayerServer(system, cache, expert_bytes,
+                         model.expert_bytes(system.low_precision_dtype) if model is not None else 1)
+    per_hits = np.zeros(num_layers, dtype=np.int64)
+    per_misses = np.zeros(num_layers, dtype=np.int64)
+    current = None
+    from expertsim.policies import LayerOutcome
+
+    for it in iterations:
+        if it.request != current:
+            current = it.request
+            if scope == "request":
+                cache.reset()
+            system.on_request_start(it.request)
+        tokens = np.arange(it.start, it.stop)
+        layers = (int(layer_index[it.start]),) if layer_index is not None else range(num_layers)
+        for layer in layers:
+            col = 0 if layer_index is not None else layer
+            weights = None if source.weights is None else source.weights[it.start:it.stop, col]
+            obs = server.observe(now_ns=0, iteration=it.index, layer=layer, tokens=tokens,
+                                 experts=source.experts[it.start:it.stop, col], weights=weights,
+                                 phase=it.phase, trace=source)
+            plan_l, _ = server.serve(obs)
+            for item in plan_l.items:
+                if item.copy_bytes:
+                    cache.mark_resident(layer, item.expert)
+            for pf in plan_l.prefetches:
+                cache.mark_resident(pf.layer, pf.expert)
+            per_hits[layer] += plan_l.hits
+            per_misses[layer] += plan_l.misses
+            server.finish(obs, plan_l, LayerOutcome(layer, plan_l.hits, plan_l.misses, 0, 0, 0))
+    return CacheReplayResult(hits=int(per_hits.sum()), misses=int(per_misses.sum()),
+                             wall_s=time.perf_counter() - t0, per_layer_hits=per_hits,
+                             per_layer_misses=per_misses)
