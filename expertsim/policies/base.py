@@ -184,6 +184,12 @@ class System:
     def on_request_start(self, request: int) -> None:
         pass
 
+    def select_batch(self, ready: Sequence[int], max_batch: int, now_ns: int) -> list[int]:
+        """Token scheduling: which ready requests run in the next iteration (at most
+        ``max_batch``). Default first-come first-served. ExpertFlow-style schedulers regroup by
+        predicted route. Engines without batching never call it."""
+        return list(ready)[:max_batch]
+
     def on_layer(self, obs: LayerObservation) -> LayerDecision:
         return LayerDecision()
 
