@@ -107,6 +107,8 @@ def tiny_config(family: str, *, num_layers: int = 3, num_experts: int = 8, top_k
             cfg = transformers.DeepseekV3Config(**common, **mla, n_group=groups,
                                                 topk_group=max(1, groups // 2), norm_topk_prob=True)
     elif family == "gpt_oss":
+        # GPT-OSS's YaRN rope expects its full context length (a shorter one triggers a warning).
+        common["max_position_embeddings"] = 131072
         cfg = transformers.GptOssConfig(**common, num_local_experts=num_experts, head_dim=hidden_size // heads,
                                         sliding_window=64)
     elif family == "phimoe":
