@@ -105,6 +105,180 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
         typer.echo(f"\n# --- preset file {name}.toml ---\n" + preset.read_text())
 
 
+
+# --- shared option helpers --------------------------------------------------------------------
+def _load_trace(path: str | None):
+    """The trace at ``path``, or the built-in synthetic default (labelled as such)."""
+    if path is None:
+        from expertsim.traces.synth import default_trace
+
+        return default_trace()
+    from expertsim.traces import read_trace
+
+    return read_trace(path)
+
+
+def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: float | None):
+    from expertsim.errors import ConfigError
+    from expertsim.policies import CacheConfig
+
+    given = [v is not None for v in (per_layer, global_slots, cache_gb)]
+    if sum(given) > 1:
+        raise ConfigError("give only one of --per-layer, --global-slots, --cache-gb")
+    if per_layer is not None:
+        return CacheConfig(per_layer=per_layer)
+    if global_slots is not None:
+        return CacheConfig(global_slots=global_slots)
+    if cache_gb is not None:
+        if cache_gb < 0:
+            raise ConfigError(f"--cache-gb {cache_gb} must be >= 0")
+        return CacheConfig(budget_bytes=int(cache_gb * 1e9))
+    return None
+
+
+def _policy(policy: str | None, system: str | None, plugins: list[str] | None):
+    from expertsim.errors import PolicyError
+    from expertsim.policies import load_plugin, make_policy, make_system
+
+    for plugin in plugins or []:
+        load_plugin(plugin)
+    if policy and system:
+        raise PolicyError("give --policy (an eviction policy) or --system (a named system), not both")
+    if system:
+        return make_system(system)
+    return make_policy(policy or "lru")
+
+
+PER_LAYER = typer.Option(None, "--per-layer", help="Expert cache slots per MoE layer.")
+GLOBAL_SLOTS = typer.Option(None, "--global-slots", help="Expert cache slots in one pool over all layers.")
+CACHE_GB = typer.Option(None, "--cache-gb", help="Expert cache as a byte budget in GB (1e9 bytes).")
+PLUGIN = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable).")
+TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace.")
+
+
+@app.command("cache")
+def cache_command(
+    trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: built-in synthetic."),
+    policy: str = typer.Option("lru", "--policy", "-p", help="Eviction policy or system name."),
+    system: str = typer.Option(None, "--system", help="A named system instead of --policy."),
+    per_layer: int = PER_LAYER,
+    global_slots: int = GLOBAL_SLOTS,
+    cache_gb: float = CACHE_GB,
+    model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model (needed for --cache-gb)."),
+    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: str = typer.Option("request", "--scope", help="request: empty the cache at each request; global: keep it."),
+    semantics: str = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
+    engine: str = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
+    plugin: list[str] = PLUGIN,
+    as_json: bool = typer.Option(False, "--json", help='Print {"hit_rate", "hits", "misses", ...} as JSON.'),
+) -> None:
+    """Replay a trace's expert accesses through the expert cache alone (no timing): hit rate."""
+    from expertsim.sim.cache_replay import replay_cache
+
+    tr = _load_trace(trace)
+    sys_obj = _policy(policy if not system else None, system, plugin)
+    m = None
+    if model:
+        from expertsim.specs import load_model
+
+        m = load_model(model)
+    result = replay_cache(tr, sys_obj, _cache_config(per_layer, global_slots, cache_gb), model=m,
+                          phase=phase, scope=scope, semantics=semantics, engine=engine)
+    out = result.to_dict()
+    if as_json:
+        echo_json(out)
+        return
+    typer.echo(f"trace: {tr.metadata.get('source', trace)}  policy: {sys_obj.label}  "
+               f"phase: {phase}  scope: {scope} (cache {'emptied at each request' if scope == 'request' else 'kept across requests'}, starts cold)  semantics: {semantics}")
+    print_table([{"hit_rate": out["hit_rate"], "hits": out["hits"], "misses": out["misses"],
+                  "accesses": out["accesses"], "wall_s": out["wall_s"]}])
+
+
+SUMMARY_COLUMNS = ["policy", "cache", "hit_rate", "tpot_ms", "tokens_per_s", "h2d_gb", "stall_fraction"]
+
+
+def _simulation(model, hardware, trace, policy, system, per_layer, global_slots, cache_gb, sets,
+                plugin, options):
+    from expertsim.sim import Simulation
+    from expertsim.specs import apply_overrides, load_hardware, load_model, parse_set_options
+
+    m, h = apply_overrides(load_model(model), load_hardware(hardware), parse_set_options(sets))
+    sys_obj = _policy(policy if not system else None, system, plugin)
+    return Simulation(m, h, sys_obj, _cache_config(per_layer, global_slots, cache_gb), options=options)
+
+
+@app.command("simulate")
+def simulate_command(
+    model: str = typer.Option("mixtral-8x7b", "--model", "-m", help="Model preset or TOML file."),
+    hardware: str = typer.Option("a40", "--hardware", "-H", help="Hardware preset or TOML file."),
+    trace: str = TRACE,
+    policy: str = typer.Option(None, "--policy", "-p", help="Eviction policy (lru, ...) with copy on miss, or a system name."),
+    system: str = typer.Option(None, "--system", help="A named system (expertsim policies list)."),
+    per_layer: int = PER_LAYER,
+    global_slots: int = GLOBAL_SLOTS,
+    cache_gb: float = CACHE_GB,
+    sets: list[str] = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens (cut at a pass boundary)."),
+    timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
+    plugin: list[str] = PLUGIN,
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Simulate one configuration (model x hardware x policy x cache) on a trace."""
+    from expertsim.sim import SimOptions
+
+    tr = _load_trace(trace)
+    if max_tokens:
+        tr = tr.max_tokens(max_tokens)
+    sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
+                      plugin, SimOptions(timeline=timeline is not None))
+    result = sim.run(tr)
+    if timeline:
+        from expertsim.sim.metrics import write_chrome_trace
+
+        write_chrome_trace(result.timeline, timeline)
+    if as_json:
+        echo_json({**result.metrics, "config": result.config, "assumptions": result.assumptions})
+        return
+    for line in result.assumptions:
+        typer.echo(f"# {line}")
+    print_table([result.row()], SUMMARY_COLUMNS + ["ttft_ms", "tpot_p99_ms", "hit_rate_decode",
+                                                  "hit_rate_prefill", "total_s"])
+    if timeline:
+        typer.echo(f"timeline: {timeline} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+@app.command("compare")
+def compare_command(
+    model: str = typer.Option(None, "--model", "-m", help="Model preset (default mixtral-8x7b)."),
+    hardware: str = typer.Option(None, "--hardware", "-H", help="Hardware preset (default a40)."),
+    trace: str = TRACE,
+    policies: list[str] = typer.Option(None, "--policy", "-p", help="POLICY[:K] to compare (repeatable); K = slots per layer."),
+    systems: str = typer.Option(None, "--systems", help="Comma-separated named systems, or 'all'."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens."),
+    out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html and results.parquet."),
+    plugin: list[str] = PLUGIN,
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Compare policies side by side and write an HTML report. With no arguments: the built-in
+    default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU)."""
+    from expertsim.analysis.compare import run_compare
+
+    for p in plugin or []:
+        from expertsim.policies import load_plugin
+
+        load_plugin(p)
+    report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
+                         systems=systems, max_tokens=max_tokens, out=out,
+                         progress=lambda msg: typer.echo(msg, err=True))
+    if as_json:
+        echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path)})
+        return
+    for line in report.assumptions:
+        typer.echo(f"# {line}")
+    print_table(report.table_rows())
+    typer.echo(f"\nreport: {report.html_path}\nresults: {report.parquet_path}")
+
+
 # Command groups that live beside their code (each module imports its heavy dependencies lazily).
 from expertsim.traces.commands import trace_app  # noqa: E402
 

@@ -49,11 +49,29 @@ class CacheReplayResult:
 def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
                  model: ModelSpec | None = None, hardware: HardwareSpec | None = None,
                  phase: str = "decode", scope: str = "request", semantics: str = "together",
-                 per_token: bool = True) -> CacheReplayResult:
+                 per_token: bool = True, engine: str = "auto") -> CacheReplayResult:
     """Replay ``trace`` through the cache. ``phase`` keeps decode/prefill/all tokens; ``scope``
     'request' empties the cache at each request's start, 'global' keeps it. With
     ``per_token`` every token is its own pass (the cache replay's definition); otherwise the
-    trace's passes (a prefill pass needs the union of its tokens' experts)."""
+    trace's passes (a prefill pass needs the union of its tokens' experts). ``engine``: "des"
+    walks the general LayerServer path; "fast" the vectorised replay of built-in policies
+    (expertsim.sim.fast), which gives the same counts; "auto" takes fast when it supports the
+    policy."""
+    if engine not in ("auto", "des", "fast"):
+        raise ConfigError(f"--engine must be auto, des or fast, got {engine!r}")
+    if engine != "des":
+        try:
+            from expertsim.sim import fast
+        except ImportError:
+            fast = None
+        if fast is not None and fast.supports_cache_replay(system, cache_config, semantics):
+            return fast.replay_cache_fast(trace, system, cache_config, model=model, phase=phase,
+                                          scope=scope, semantics=semantics)
+        if engine == "fast":
+            raise ConfigError(
+                f"the fast engine does not support policy {system.label!r} with {semantics} semantics; "
+                f"use --engine des"
+            )
     if scope not in ("request", "global"):
         raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
     if semantics not in ("together", "standard"):

@@ -35,6 +35,29 @@ class Timeline:
             "bytes": pl.Int64})
 
 
+def write_chrome_trace(timeline: "Timeline | None", path) -> None:
+    """Write a timeline as Chrome trace-event JSON (opens in Perfetto / chrome://tracing):
+    one track per resource, times in microseconds."""
+    import json
+    from pathlib import Path
+
+    if timeline is None:
+        raise ValueError("the run recorded no timeline; run with SimOptions(timeline=True)")
+    tids = {"gpu": 1, "link": 2, "cpu": 3}
+    events = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
+              for name, tid in tids.items()]
+    for resource, kind, it, req, layer, expert, start, end, nbytes in timeline.rows:
+        events.append({
+            "name": f"{kind} L{layer}" + (f" E{expert}" if expert >= 0 else ""),
+            "cat": kind, "ph": "X", "pid": 1, "tid": tids.get(resource, 9),
+            "ts": start / 1e3, "dur": (end - start) / 1e3,
+            "args": {"iteration": it, "request": req, "layer": layer, "expert": expert, "bytes": nbytes},
+        })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
 @dataclass
 class RunResult:
     """Metrics (flat dict, units in the key names), the per-iteration records, the timeline,
