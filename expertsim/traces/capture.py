@@ -285,7 +285,8 @@ class RoutingRecorder:
             b_, s = rec["input_ids"].shape
             valid = rec["valid"].copy()
             if p > 0 and sequences is not None and eos and prompt_width is not None:
-                gen = sequences[:, prompt_width: prompt_width + p - 1]
+                # Pass p feeds generated token p-1; drop it if it, or an earlier one, was EOS.
+                gen = sequences[:, prompt_width: prompt_width + p]
                 done = np.isin(gen, list(eos)).any(axis=1)
                 valid &= ~done[:, None]
             for b in range(b_):
