@@ -1,0 +1,211 @@
+"""Result tables: one row a run (run_id, status, error, config columns, metrics), via polars.
+
+``results_frame(DIR)`` reads ``DIR/runs/*.json``; ``write_results(DIR)`` rebuilds
+``DIR/results.parquet`` from them. ``apply_filter`` evaluates a polars expression typed on the
+command line with only ``pl`` in scope and no attribute access to private names.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+from expertsim.errors import ConfigError
+
+RESULTS_FILE = "results.parquet"
+LEAD_COLUMNS = ["run_id", "status", "label", "model", "hardware", "policy", "policy_params",
+                "cache_per_layer", "cache_slots", "cache_gb", "batch", "engine", "scope", "trace",
+                "trace_requests", "trace_phase", "trace_max_tokens", "seed"]
+# Bookkeeping config keys that are not table columns.
+_SKIP_CONFIG = {"trace_path", "timeline", "timeline_iterations"}
+
+
+def record_row(record: dict) -> dict:
+    """The flat table row of one run record."""
+    config = record.get("config", {})
+    row = {"run_id": record["run_id"], "status": record.get("status", "error"),
+           "error": record.get("error")}
+    for key, value in config.items():
+        if key in _SKIP_CONFIG or key == "run_id":
+            continue
+        if key == "policy_params":
+            value = json.dumps(value, sort_keys=True)
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True)
+        elif key in ("cache_per_layer", "cache_slots", "cache_gb"):
+            value = str(value)  # a number or "max": one string column
+        row[key] = value
+    row["policy_label"] = record.get("policy_label") or config.get("policy")
+    row["cache_label"] = record.get("cache_label")
+    for key, value in record.get("metrics", {}).items():
+        row[key] = value
+    row["wall_s"] = record.get("wall_s")
+    row["timeline_file"] = record.get("timeline_file")
+    prov = record.get("provenance") or {}
+    row["trace_sha256"] = prov.get("trace_sha256")
+    return row
+
+
+def results_frame(out_dir: str | Path):
+    """All runs of a sweep directory as a polars DataFrame (config columns first)."""
+    import polars as pl
+
+    from expertsim.analysis.sweep import iter_records
+
+    rows = [record_row(r) for r in iter_records(out_dir)]
+    if not rows:
+        return pl.DataFrame({"run_id": [], "status": []}, schema={"run_id": pl.String, "status": pl.String})
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    # Mixed int/float in one column (a bandwidth of 16 and 24.5) must become float, not fail.
+    for key in columns:
+        kinds = {type(r.get(key)) for r in rows if r.get(key) is not None}
+        if kinds <= {int, float} and float in kinds:
+            for r in rows:
+                if r.get(key) is not None:
+                    r[key] = float(r[key])
+        elif len(kinds) > 1:
+            for r in rows:
+                if r.get(key) is not None:
+                    r[key] = str(r[key])
+    frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows], infer_schema_length=None)
+    lead = [c for c in LEAD_COLUMNS if c in frame.columns]
+    overrides = sorted(c for c in frame.columns if "." in c)
+    rest = [c for c in frame.columns if c not in lead and c not in overrides]
+    return frame.select(lead + overrides + rest).sort("run_id")
+
+
+def write_results(out_dir: str | Path) -> Path:
+    """Rebuild DIR/results.parquet from the run files (atomically)."""
+    out = Path(out_dir)
+    frame = results_frame(out)
+    path = out / RESULTS_FILE
+    tmp = out / f".{RESULTS_FILE}.{os.getpid()}.tmp"
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(out_dir: str | Path):
+    """The results table, rebuilt when a run file is newer than results.parquet."""
+    import polars as pl
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
+    path = out / RESULTS_FILE
+    runs = out / "runs"
+    newest = max((p.stat().st_mtime for p in runs.glob("*.json")), default=0.0) if runs.is_dir() else 0.0
+    if not path.is_file() or path.stat().st_mtime < newest:
+        if not runs.is_dir():
+            raise ConfigError(f"{str(out)!r} has neither results.parquet nor runs/: not a sweep directory")
+        write_results(out)
+    return pl.read_parquet(path)
+
+
+# --- filters typed on the command line ------------------------------------------------------
+_ALLOWED_NODES = (
+    ast.Expression, ast.Call, ast.Attribute, ast.Name, ast.Load, ast.Constant, ast.Compare,
+    ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.List, ast.Tuple, ast.keyword,
+    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
+    ast.And, ast.Or, ast.Not, ast.Invert, ast.USub, ast.UAdd,
+    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr,
+    ast.BitXor,
+)
+
+
+def parse_expression(text: str):
+    """A polars expression from ``text`` with only ``pl`` in scope, e.g.
+    ``pl.col('policy') == 'lru'``. Rejects names other than ``pl``, private attributes
+    (``__class__``), lambdas, comprehensions and subscripts."""
+    import polars as pl
+
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"--filter {text!r} is not a Python expression: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise ConfigError(f"--filter {text!r}: {type(node).__name__} is not allowed; use polars "
+                              f"expressions such as pl.col('policy') == 'lru'")
+        if isinstance(node, ast.Name) and node.id != "pl":
+            raise ConfigError(f"--filter {text!r}: only `pl` is in scope, not {node.id!r}")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise ConfigError(f"--filter {text!r}: private attribute {node.attr!r} is not allowed")
+    try:
+        expr = eval(compile(tree, "<filter>", "eval"), {"__builtins__": {}}, {"pl": pl})  # noqa: S307
+    except Exception as exc:  # noqa: BLE001 - report any evaluation error as the user's
+        raise ConfigError(f"--filter {text!r}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(expr, pl.Expr):
+        raise ConfigError(f"--filter {text!r} is not a polars expression (got {type(expr).__name__})")
+    return expr
+
+
+def apply_filter(frame, text: str | None):
+    if not text:
+        return frame
+    expr = parse_expression(text)
+    try:
+        return frame.filter(expr)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--filter {text!r} failed on the results: {type(exc).__name__}: {exc}") from None
+
+
+def format_frame(frame, fmt: str) -> str:
+    """The table as text: table (aligned), csv, json (records) or markdown."""
+    import polars as pl
+
+    if fmt == "csv":
+        return frame.write_csv()
+    if fmt == "json":
+        return json.dumps(frame.to_dicts(), indent=1, default=str, allow_nan=True)
+    if fmt in ("markdown", "table"):
+        rows = frame.to_dicts()
+        cols = frame.columns
+        if not rows:
+            return "(no rows)"
+
+        def cell(v):
+            if v is None:
+                return "-"
+            if isinstance(v, float):
+                return "-" if v != v else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}")
+            return str(v)
+
+        cells = [[cell(r[c]) for c in cols] for r in rows]
+        if fmt == "table":  # keep lines readable: long messages are cut (csv/json keep them whole)
+            cells = [[v if len(v) <= 90 else v[:87] + "..." for v in row] for row in cells]
+        if fmt == "markdown":
+            out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+            return "\n".join(out)
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(out)
+    del pl
+    raise ConfigError(f"--format must be table, csv, json or markdown, got {fmt!r}")
+
+
+DEFAULT_COLUMNS = ["run_id", "status", "label", "hardware", "policy_label", "cache_label", "tpot_ms",
+                   "tokens_per_s", "hit_rate", "h2d_gb", "stall_fraction", "error"]
+
+
+def select_columns(frame, columns: str | None, *, all_columns: bool = False):
+    """``--columns a,b,c``; default a readable subset plus every swept override column."""
+    if all_columns:
+        return frame
+    if columns:
+        wanted = [c.strip() for c in columns.split(",") if c.strip()]
+        missing = [c for c in wanted if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"--columns: unknown column(s) {missing}; known: {', '.join(frame.columns)}")
+        return frame.select(wanted)
+    overrides = [c for c in frame.columns if "." in c]
+    chosen = [c for c in DEFAULT_COLUMNS[:3] if c in frame.columns] + overrides + \
+             [c for c in DEFAULT_COLUMNS[3:] if c in frame.columns]
+    return frame.select(chosen)

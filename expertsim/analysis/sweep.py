@@ -1,0 +1,427 @@
+"""Sweeps: run a study's configs in parallel (local processes or Ray), one result file a run.
+
+``run_one(config)`` is the single place that turns a run's config dict into specs, a policy and a
+cache and calls the simulator; every backend calls it. Each finished run is written atomically to
+``DIR/runs/<run_id>.json`` (a temporary file, then ``os.replace``), so an interrupted sweep resumes
+by skipping the run ids already on disk; a failing run is a result with ``status = "error"`` and
+its message, and the sweep goes on. ``DIR/results.parquet`` is rebuilt from the run files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+from expertsim.analysis.study import CACHE_KEYS, Study, is_override
+
+RUNS_DIR = "runs"
+
+
+# --- one run -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_full_trace(path: str, seed: int):
+    if path == "default":
+        from expertsim.traces.synth import default_trace
+
+        return default_trace(seed=seed)
+    from expertsim.traces.io import read_trace
+
+    return read_trace(path)
+
+
+@functools.lru_cache(maxsize=16)
+def load_trace(path: str, requests: int | None, phase: str, max_tokens: int | None, seed: int = 0):
+    """A trace sliced as a study asks (first requests, one phase, first tokens); cached per process."""
+    trace = _read_full_trace(path, seed)
+    if requests is not None:
+        trace = trace.head_requests(int(requests))
+    trace = trace.only_phase(phase)
+    if max_tokens is not None:
+        trace = trace.max_tokens(int(max_tokens))
+    if trace.num_tokens == 0:
+        from expertsim.errors import ConfigError
+
+        raise ConfigError(f"trace slice of {path} is empty (requests={requests}, phase={phase}, "
+                          f"max_tokens={max_tokens})")
+    return trace
+
+
+def _cache_config(config: dict, model, hardware, trace, system):
+    """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV."""
+    from expertsim.errors import ConfigError
+    from expertsim.policies import CacheConfig
+
+    if system.cache_config(model) is not None:
+        return None  # the system fixes its own
+    key = next((k for k in CACHE_KEYS if config.get(k) is not None), None)
+    if key is None:
+        raise ConfigError(f"policy {config['policy']!r} needs a cache size: give one of {', '.join(CACHE_KEYS)}")
+    value = config[key]
+    if value == "max":
+        context = int(trace.position.max()) + 1
+        free = (hardware.gpu.memory_bytes - model.dense_bytes - model.kv_bytes_per_token * context
+                - int(hardware.gpu.workspace_gb * 1e9))
+        if free <= 0:
+            raise ConfigError(f"no GPU memory left for an expert cache on {hardware.name} "
+                              f"({hardware.gpu.memory_gb} GB) after dense weights, KV and workspace")
+        slots = free // model.expert_bytes()
+        if key == "cache_per_layer":
+            return CacheConfig(per_layer=int(slots // model.num_moe_layers))
+        if key == "cache_slots":
+            return CacheConfig(global_slots=int(slots))
+        return CacheConfig(budget_bytes=int(free))
+    if key == "cache_per_layer":
+        return CacheConfig(per_layer=int(value))
+    if key == "cache_slots":
+        return CacheConfig(global_slots=int(value))
+    return CacheConfig(budget_bytes=int(round(float(value) * 1e9)))
+
+
+def _sim_options(config: dict):
+    """SimOptions for the run; batch/engine are passed when this simulator has those options."""
+    from expertsim.errors import ConfigError
+    from expertsim.sim import SimOptions
+
+    names = {f.name for f in dataclasses.fields(SimOptions)}
+    kwargs: dict = {"scope": config.get("scope", "global"), "timeline": bool(config.get("timeline"))}
+    if config.get("timeline_iterations") is not None:
+        a, b = config["timeline_iterations"]
+        kwargs["timeline_iterations"] = (int(a), int(b))
+    for key, default in (("batch", 1), ("engine", "des")):
+        value = config.get(key, default)
+        if key in names:
+            kwargs[key] = value
+        elif value != default:
+            raise ConfigError(f"{key} = {value!r}: this expertsim's simulator has no {key!r} option yet "
+                              f"(only {key} = {default!r})")
+    return SimOptions(**kwargs)
+
+
+def run_one(config: dict) -> dict:
+    """Simulate one config; never raises. Returns a JSON-friendly record: run_id, status
+    ("ok"/"error"), error, config, metrics, assumptions, provenance, wall_s, and the timeline
+    columns when the config asks for them."""
+    t0 = time.perf_counter()
+    record: dict = {"run_id": config.get("run_id"), "status": "ok", "error": None,
+                    "config": {k: v for k, v in config.items() if k != "run_id"},
+                    "metrics": {}, "assumptions": [], "provenance": {}}
+    try:
+        import expertsim
+        from expertsim.policies import make_policy
+        from expertsim.sim import Simulation
+        from expertsim.specs import apply_overrides, load_hardware, load_model
+
+        model = load_model(config["model"])
+        hardware = load_hardware(config["hardware"])
+        overrides = {k: v for k, v in config.items() if is_override(k)}
+        model, hardware = apply_overrides(model, hardware, overrides)
+        trace_path = config.get("trace_path", config.get("trace", "default"))
+        trace = load_trace(trace_path, config.get("trace_requests"), config.get("trace_phase", "all"),
+                           config.get("trace_max_tokens"), int(config.get("seed", 0)))
+        trace = dataclasses.replace(trace)  # check_model mutates; keep the cached one pristine
+        system = make_policy(config["policy"], **config.get("policy_params", {}))
+        cache = _cache_config(config, model, hardware, trace, system)
+        record["provenance"] = {
+            "expertsim_version": expertsim.__version__,
+            "trace_sha256": None if trace_path == "default" else file_sha256(trace_path),
+            "trace_tokens": trace.num_tokens,
+            "trace_requests": trace.num_requests,
+            "model_spec": dataclasses.asdict(model),
+            "hardware_spec": dataclasses.asdict(hardware),
+            "cache_config": None if cache is None else cache.describe(),
+            "python": sys.version.split()[0],
+        }
+        sim = Simulation(model, hardware, system, cache, _sim_options(config))
+        result = sim.run(trace)
+        metrics = dict(result.metrics)
+        m = model
+        metrics["cache_experts"] = int(round(metrics["expert_cache_gb"] * 1e9 / m.expert_bytes()))
+        metrics["cache_per_layer_equiv"] = metrics["cache_experts"] / m.num_moe_layers
+        record["metrics"] = metrics
+        record["policy_label"] = result.config.get("policy")
+        record["cache_label"] = result.config.get("cache")
+        record["assumptions"] = list(result.assumptions)
+        if result.timeline is not None:
+            record["timeline"] = result.timeline.to_dict()
+    except Exception as exc:  # noqa: BLE001 - a failing run is a result, the sweep goes on
+        record["status"] = "error"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        from expertsim.errors import ExpertSimError
+
+        if not isinstance(exc, ExpertSimError):
+            record["traceback"] = traceback.format_exc(limit=8)
+    record["wall_s"] = time.perf_counter() - t0
+    return record
+
+
+# --- result files --------------------------------------------------------------------------
+def _json_default(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_run(out_dir: Path, record: dict) -> Path:
+    """DIR/runs/<run_id>.json (and .timeline.parquet when the record has a timeline), atomically."""
+    runs = Path(out_dir) / RUNS_DIR
+    runs.mkdir(parents=True, exist_ok=True)
+    timeline = record.pop("timeline", None)
+    if timeline is not None:
+        import polars as pl
+
+        from expertsim.sim.metrics import Timeline
+
+        tl = Timeline()
+        tl.rows = list(zip(*(timeline[c] for c in Timeline.COLUMNS)))
+        path = runs / f"{record['run_id']}.timeline.parquet"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tl.to_frame().write_parquet(tmp)
+        os.replace(tmp, path)
+        record["timeline_file"] = path.name
+        del pl
+    path = runs / f"{record['run_id']}.json"
+    atomic_write_bytes(path, json.dumps(record, default=_json_default, allow_nan=True).encode())
+    return path
+
+
+def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
+    runs = Path(out_dir) / RUNS_DIR
+    if not runs.is_dir():
+        return set()
+    done = set()
+    for path in runs.glob("*.json"):
+        if path.name.startswith("."):
+            continue
+        if not include_errors:
+            try:
+                if json.loads(path.read_text()).get("status") != "ok":
+                    continue
+            except (OSError, json.JSONDecodeError):
+                continue
+        done.add(path.stem)
+    return done
+
+
+# --- progress ------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress report on stderr: done/total, errors, runs per minute, ETA."""
+
+    def __init__(self, total: int, already: int = 0, stream=None, min_interval_s: float = 1.0):
+        self.total, self.done, self.errors = total, already, 0
+        self.started_with = already
+        self.stream = stream or sys.stderr
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.min_interval_s = min_interval_s
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        new = self.done - self.started_with
+        rate = new / elapsed * 60 if elapsed > 0 and new else 0.0
+        left = self.total - self.done
+        eta = _fmt_s(left / (rate / 60)) if rate else "?"
+        width = 24
+        filled = int(width * self.done / self.total) if self.total else width
+        bar = "#" * filled + "." * (width - filled)
+        return (f"[{bar}] {self.done}/{self.total} runs, {self.errors} errors, "
+                f"{rate:.1f} runs/min, elapsed {_fmt_s(elapsed)}, ETA {eta}")
+
+    def update(self, status: str) -> None:
+        self.done += 1
+        if status != "ok":
+            self.errors += 1
+        now = time.monotonic()
+        if now - self.last >= self.min_interval_s or self.done == self.total:
+            self.last = now
+            self.stream.write(("\r" + self.line() + "\x1b[K") if self.tty else self.line() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    @property
+    def runs_per_minute(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return (self.done - self.started_with) / elapsed * 60 if elapsed > 0 else 0.0
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# --- backends ------------------------------------------------------------------------------
+def _local(configs: list[dict], jobs: int, on_result: Callable[[dict], None]) -> None:
+    if jobs <= 1:
+        for config in configs:
+            on_result(run_one(config))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # Spawn: no forked copies of the parent's threads or locks (polars, Ray); safe everywhere.
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(run_one, config): config for config in configs}
+        for future in as_completed(futures):
+            try:
+                record = future.result()
+            except BrokenProcessPool as exc:  # a worker died (out of memory, killed)
+                config = futures[future]
+                record = {"run_id": config["run_id"], "status": "error",
+                          "error": f"worker process died: {exc}", "config": config, "metrics": {}}
+            on_result(record)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _ray(configs: list[dict], jobs: int | None, address: str | None, on_result: Callable[[dict], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        from expertsim.errors import ConfigError
+
+        raise ConfigError("--backend ray needs Ray: pip install 'expertsim[ray]'") from None
+    started_here = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {"address": address} if address else {"num_cpus": jobs or os.cpu_count()}
+        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, **kwargs)
+        started_here = True
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(run_one)
+        pending = {remote.remote(config): config for config in configs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                config = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a lost worker is a failed run
+                    record = {"run_id": config["run_id"], "status": "error",
+                              "error": f"ray task failed: {type(exc).__name__}: {exc}",
+                              "config": config, "metrics": {}}
+                on_result(record)
+    finally:
+        if started_here and not address:
+            ray.shutdown()
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    total: int
+    skipped: int
+    ran: int
+    errors: int
+    wall_s: float
+    results_path: Path
+
+    @property
+    def runs_per_minute(self) -> float:
+        return self.ran / self.wall_s * 60 if self.wall_s > 0 else 0.0
+
+
+def plan(study: Study, out_dir: Path | None = None, *, retry_errors: bool = False) -> tuple[list[dict], int]:
+    """The configs still to run, and how many are already finished in ``out_dir``."""
+    done = finished_run_ids(out_dir, include_errors=not retry_errors) if out_dir else set()
+    todo = [c for c in study.runs if c["run_id"] not in done]
+    return todo, len(study.runs) - len(todo)
+
+
+def run_sweep(study: Study, out_dir: str | Path, *, backend: str = "local", jobs: int | None = None,
+              address: str | None = None, retry_errors: bool = False, progress: bool = True,
+              stream=None) -> SweepSummary:
+    """Run every config of ``study`` not yet finished in ``out_dir``, writing each as it finishes."""
+    from expertsim.analysis.results import write_results
+    from expertsim.errors import ConfigError
+
+    out = Path(out_dir)
+    (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    _write_study_files(study, out)
+    todo, skipped = plan(study, out, retry_errors=retry_errors)
+    jobs = jobs or os.cpu_count() or 1
+    bar = Progress(len(study.runs), already=skipped, stream=stream) if progress else None
+    errors = 0
+    t0 = time.monotonic()
+
+    def on_result(record: dict) -> None:
+        nonlocal errors
+        write_run(out, record)
+        if record["status"] != "ok":
+            errors += 1
+        if bar is not None:
+            bar.update(record["status"])
+
+    try:
+        if backend == "local":
+            _local(todo, jobs, on_result)
+        elif backend == "ray":
+            _ray(todo, jobs, address, on_result)
+        else:
+            raise ConfigError(f"--backend must be local or ray, got {backend!r}")
+    finally:
+        if bar is not None:
+            bar.close()
+        path = write_results(out)
+    return SweepSummary(total=len(study.runs), skipped=skipped, ran=len(todo), errors=errors,
+                        wall_s=time.monotonic() - t0, results_path=path)
+
+
+def _write_study_files(study: Study, out: Path) -> None:
+    """DIR/study.toml (the file as given) and DIR/plan.json (every run's config), for the report."""
+    if study.source_text:
+        atomic_write_bytes(out / "study.toml", study.source_text.encode())
+    meta = {"name": study.name, "description": study.description, "baseline": study.baseline,
+            "swept_keys": study.swept_keys, "output": study.output, "runs": study.runs}
+    atomic_write_bytes(out / "plan.json", json.dumps(meta, default=_json_default, indent=1).encode())
+
+
+def iter_records(out_dir: str | Path) -> Iterable[dict]:
+    runs = Path(out_dir) / RUNS_DIR
+    for path in sorted(runs.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            yield json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # a torn file cannot exist (atomic), but be safe
+            continue
