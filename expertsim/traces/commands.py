@@ -236,3 +236,27 @@ def trace_concat(
     from expertsim.traces.ops import concat
 
     _write(concat([read_trace(p) for p in paths], renumber=renumber), out)
+
+
+@trace_app.command("fit-report")
+def trace_fit_report(
+    fit: List[str] = typer.Option(..., "--fit", help="A fit JSON or shipped fit name (repeat, paired with --trace)."),
+    trace: List[str] = typer.Option(..., "--trace", help="The real trace the fit was made from (repeat)."),
+    out: str = typer.Option(..., "--out", help="Markdown output."),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write the curves as a plotly HTML figure."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Real vs synthetic LRU hit rates at every cache size (markdown table, optional figure)."""
+    from expertsim.errors import TraceError
+    from expertsim.traces.synth import fit_report, fit_report_figure
+
+    if len(fit) != len(trace):
+        raise TraceError(f"give one --trace per --fit (got {len(fit)} fits, {len(trace)} traces)")
+    md, curves = fit_report(list(zip(fit, trace)), seed=seed)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = path.read_text().split("<!-- generated -->")[0] if path.is_file() else ""
+    path.write_text((header + "<!-- generated -->\n\n" if header else "") + md)
+    typer.echo(f"wrote {out}")
+    if html:
+        typer.echo(f"wrote {fit_report_figure(curves, html)}")

@@ -414,27 +414,53 @@ def default_trace(num_requests: int = 8, decode_tokens: int = 64, prefill_tokens
     return trace
 
 
-def _fit_quality_rows(fit: dict, sample: RoutingTrace) -> list[dict]:
-    cmp = compare_to_fit(fit, sample)
-    return [{"K": k, "real": r, "synthetic": s, "abs_error": abs(r - s)}
-            for k, r, s in zip(cmp["cache_sizes"], cmp["real"], cmp["synthetic"])]
+def fit_report(pairs: list[tuple[str, str]], *, seed: int = 0) -> tuple[str, list]:
+    """For each (fit, real trace path): sample as many requests as the real trace has and compare
+    every cache size. Returns the markdown and [(title, fit, real curve, synthetic curve)]."""
+    from expertsim.traces.io import read_trace
+    from expertsim.traces.stats import lru_hit_curve, reuse_next_token
 
-
-def fit_report_markdown(entries: list[tuple[str, dict, RoutingTrace]]) -> str:
-    """Markdown tables of real vs synthetic LRU hit rates, one per (title, fit, sample)."""
-    lines = []
-    for title, fit, sample in entries:
-        cmp = compare_to_fit(fit, sample)
+    lines, curves = [], []
+    for fit_name, real_path in pairs:
+        fit = load_fit(fit_name)
+        real = read_trace(real_path)
+        phase = fit["targets"]["phase"]
+        sample = synth_from_fit(fit, real.num_requests, seed=seed)
+        sizes = list(range(1, fit["num_experts"] + 1))
+        r = lru_hit_curve(real, sizes, phase=phase)["hit_rate"]
+        s = lru_hit_curve(sample, sizes, phase=phase)["hit_rate"]
+        err = [abs(a - b) for a, b in zip(r, s)]
+        title = f"{fit.get('model')} (fit {fit.get('_path')})"
+        curves.append((title, sizes, r, s))
+        shown = [i for i, k in enumerate(sizes) if len(sizes) <= 16 or k in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)]
         lines += [f"### {title}", "",
-                  f"Fitted on `{fit.get('fitted_on')}` ({fit['targets']['phase']} tokens); sample: "
-                  f"{sample.num_requests} requests, {int((sample.phase == DECODE).sum())} decode tokens.", "",
+                  f"Real: `{Path(real_path).name}` ({real.only_phase(phase).num_tokens} {phase} tokens, "
+                  f"{real.num_requests} requests). Synthetic: {sample.num_requests} requests sampled with "
+                  f"seed {seed} ({sample.only_phase(phase).num_tokens} {phase} tokens). Worst error over all "
+                  f"{len(sizes)} cache sizes: {max(err):.4f} (at K={sizes[int(np.argmax(err))]}).", "",
                   "| K (slots per layer) | real hit rate | synthetic hit rate | abs error |",
                   "| ---: | ---: | ---: | ---: |"]
-        for row in _fit_quality_rows(fit, sample):
-            lines.append(f"| {row['K']} | {row['real']:.4f} | {row['synthetic']:.4f} | {row['abs_error']:.4f} |")
-        if "reuse_next_token" in cmp:
-            rn = cmp["reuse_next_token"]
-            lines += ["", f"reuse_next_token: real {rn['real']:.4f}, synthetic {rn['synthetic']:.4f} "
-                          f"(abs error {rn['abs_error']:.4f})."]
-        lines.append("")
-    return "\n".join(lines)
+        lines += [f"| {sizes[i]} | {r[i]:.4f} | {s[i]:.4f} | {err[i]:.4f} |" for i in shown]
+        rr, rs = reuse_next_token(real, phase=phase), reuse_next_token(sample, phase=phase)
+        lines += ["", f"reuse_next_token: real {rr:.4f}, synthetic {rs:.4f} (abs error {abs(rr - rs):.4f}).", ""]
+    return "\n".join(lines), curves
+
+
+def fit_report_figure(curves: list, path: str | Path) -> Path:
+    """Real vs synthetic LRU hit-rate curves as a self-contained plotly HTML file."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(curves), subplot_titles=[c[0] for c in curves])
+    for i, (_, sizes, real, synth) in enumerate(curves, 1):
+        fig.add_trace(go.Scatter(x=sizes, y=real, mode="lines+markers", name="real", legendgroup="real",
+                                 showlegend=i == 1, line={"color": "black"}), 1, i)
+        fig.add_trace(go.Scatter(x=sizes, y=synth, mode="lines", name="synthetic", legendgroup="synth",
+                                 showlegend=i == 1, line={"color": "crimson", "dash": "dash"}), 1, i)
+        fig.update_xaxes(title_text="cache slots per layer (K)", row=1, col=i)
+    fig.update_yaxes(title_text="LRU hit rate (decode)", row=1, col=1)
+    fig.update_layout(title="Per-layer LRU hit rate: real traces vs samples of their fits", height=450)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(out, include_plotlyjs="cdn", full_html=True)
+    return out
