@@ -186,9 +186,10 @@ class RoutingTrace:
         if self.num_experts > model.num_experts:
             high = int(self.experts.max()) if self.experts.size else -1
             if high >= model.num_experts:
-                t, l, _ = np.argwhere(self.experts >= model.num_experts)[0]
+                t, l, j = np.argwhere(self.experts >= model.num_experts)[0]
                 raise TraceError(
-                    f"expert id {high} (first at token {t}, layer {l}) is out of range for model "
+                    f"expert id {int(self.experts[t, l, j])} at token {t}, layer {l} (largest id {high}) "
+                    f"is out of range for model "
                     f"{model.name!r} with {model.num_experts} experts per layer (ids 0..{model.num_experts - 1})"
                 )
         self.num_experts = model.num_experts

@@ -1,0 +1,108 @@
+"""ExpertCache + LayerServer bookkeeping: exact counts on hand traces, invariants under hypothesis."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertsim.errors import ConfigError
+from expertsim.policies import CacheConfig, ExpertCache, make_policy
+from expertsim.policies.eviction import LRU
+from expertsim.sim.cache_replay import replay_cache
+from expertsim.traces import RoutingTrace
+
+
+def decode_trace(rows: list[list[list[int]]], num_experts: int, requests=None) -> RoutingTrace:
+    experts = np.array(rows)
+    n = len(rows)
+    request = np.zeros(n, dtype=int) if requests is None else np.array(requests)
+    return RoutingTrace(experts=experts, request=request, step=np.arange(n), position=np.arange(n),
+                        phase=np.ones(n, dtype=int), num_experts=num_experts)
+
+
+def test_lru_together_semantics_hand_trace():
+    # One layer, top-2 of 6, K=3. Tokens: {0,1} {1,2} {3,4} {0,1} {2,3}
+    # t0: miss 0,1                     cache {0,1}
+    # t1: hit 1, miss 2                cache {0,1,2}     recency 0<1<2
+    # t2: miss 3,4; evict among {0,1,2}: LRU 0 then 1   cache {2,3,4}
+    # t3: miss 0,1; evict 2 then 3      cache {4,0,1}
+    # t4: miss 2,3; evict 4 then 0      cache {1,2,3}
+    trace = decode_trace([[[0, 1]], [[1, 2]], [[3, 4]], [[0, 1]], [[2, 3]]], 6)
+    result = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=3), engine="des")
+    assert (result.hits, result.misses) == (1, 9)
+
+
+def test_lookups_in_ascending_order_set_recency():
+    # K=3, top-2. t0 {0,1}; t1 {1,2}: 1 hit; 1 and 2 recent, 0 oldest. t2 {3,4}: evicts 0 then 1,
+    # keeps 2. t3 {2,5}: 2 hits. A policy giving misses a later tick than hits would evict 2 earlier.
+    trace = decode_trace([[[0, 1]], [[2, 1]], [[3, 4]], [[5, 2]]], 6)
+    result = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=3), engine="des")
+    assert (result.hits, result.misses) == (2, 6)
+
+
+def test_request_scope_empties_cache():
+    rows = [[[0, 1]], [[0, 1]], [[0, 1]], [[0, 1]]]
+    trace = decode_trace(rows, 4, requests=[0, 0, 1, 1])
+    per_request = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=2), scope="request", engine="des")
+    global_ = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=2), scope="global", engine="des")
+    assert (per_request.hits, per_request.misses) == (4, 4)
+    assert (global_.hits, global_.misses) == (6, 2)
+
+
+def test_cache_smaller_than_topk_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"1 slots per layer is smaller than top-k=2.*--per-layer 2"):
+        ExpertCache(4, 8, 100, CacheConfig(per_layer=1), LRU(), top_k=2)
+    with pytest.raises(ConfigError, match="exactly one cache size"):
+        CacheConfig(per_layer=2, global_slots=3)
+
+
+@st.composite
+def random_case(draw):
+    layers = draw(st.integers(1, 3))
+    experts = draw(st.integers(2, 8))
+    k = draw(st.integers(1, min(3, experts)))
+    tokens = draw(st.integers(1, 25))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    rows = [[rng.choice(experts, size=k, replace=False).tolist() for _ in range(layers)] for _ in range(tokens)]
+    requests = np.sort(rng.integers(0, 3, size=tokens))
+    mode = draw(st.sampled_from(["per_layer", "global"]))
+    if mode == "per_layer":
+        config = CacheConfig(per_layer=draw(st.integers(k, experts)))
+    else:
+        config = CacheConfig(global_slots=draw(st.integers(k, experts * layers)))
+    return decode_trace(rows, experts, requests), config
+
+
+class CheckingLRU(LRU):
+    """LRU that checks the cache's invariants every time it is asked for a victim."""
+
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        self.cache = ctx.cache
+
+    def victim(self, candidates, tick, position):
+        assert (self.cache.used <= self.cache.capacity).all()
+        assert (self.cache.pins[candidates] == 0).all()
+        return super().victim(candidates, tick, position)
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_case(), st.sampled_from(["together", "standard"]), st.sampled_from(["request", "global"]))
+def test_hits_plus_misses_equal_accesses_and_capacity_holds(case, semantics, scope):
+    from expertsim.policies.base import System
+
+    trace, config = case
+    system = System(CheckingLRU())
+    result = replay_cache(trace, system, config, semantics=semantics, scope=scope, engine="des")
+    n, layers, k = trace.experts.shape
+    assert result.hits + result.misses == n * layers * k  # distinct experts per token and layer
+    cache = system.eviction.cache
+    assert (cache.used <= cache.capacity).all()
+    if config.per_layer is not None:
+        for layer in range(layers):
+            assert cache.occupancy_entries(layer) <= config.per_layer
+    else:
+        assert cache.occupancy_entries() <= config.global_slots
+    assert (cache.pins == 0).all()  # every pin released after each layer

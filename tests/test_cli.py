@@ -1,0 +1,112 @@
+"""The `expertsim` command end to end: main job, simulate, cache, errors."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from expertsim.cli import app, main
+
+runner = CliRunner()
+
+
+def invoke(args):
+    result = runner.invoke(app, args, catch_exceptions=True)
+    return result
+
+
+def run_main(monkeypatch, capsys, args):
+    """Run through main() so user errors become one line and exit 2."""
+    monkeypatch.setattr("sys.argv", ["expertsim", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_help_lists_the_commands():
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for command in ("compare", "simulate", "cache", "specs", "trace"):
+        assert command in result.output
+
+
+def test_compare_default_study_prints_table_and_writes_report(tmp_path):
+    result = invoke(["compare", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    policies = [(r["policy"], r["cache"]) for r in data["rows"]]
+    assert policies == [("no-cache", "2 slots per layer"), ("lru", "2 slots per layer"),
+                        ("lru", "3 slots per layer"), ("all-on-gpu", "all experts resident")]
+    tpot = [r["tpot_ms"] for r in data["rows"]]
+    assert tpot[0] > tpot[1] > tpot[2] > tpot[3]
+    assert data["rows"][0]["hit_rate"] == 0 and data["rows"][3]["hit_rate"] == 1
+    assert any("synthetic" in a for a in data["assumptions"])
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('class="plotly-graph-div"') == 3  # TPOT, breakdown, timeline
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # offline: plotly.js inlined, nothing fetched
+    assert "Plotly.newPlot" in html and len(html) > 3_000_000
+    assert (tmp_path / "results.parquet").stat().st_size > 0
+
+
+def test_compare_table_has_units_and_policies(tmp_path):
+    result = invoke(["compare", "--out", str(tmp_path), "--max-tokens", "200"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("policy"))
+    for column in ("hit_rate", "TPOT_ms", "tokens_per_s", "GB_over_link", "stall_share"):
+        assert column in header
+    assert "starts cold" in result.output
+
+
+def test_simulate_json_keys(tmp_path):
+    result = invoke(["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "150", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("hit_rate", "ttft_ms", "tpot_ms", "tokens_per_s", "h2d_gb", "stall_fraction", "wall_s"):
+        assert key in data
+    assert 0 < data["hit_rate"] < 1 and data["h2d_gb"] > 0
+
+
+def test_simulate_timeline_writes_chrome_trace(tmp_path):
+    out = tmp_path / "tl.json"
+    result = invoke(["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "40",
+                     "--timeline", str(out)])
+    assert result.exit_code == 0, result.output
+    events = json.loads(out.read_text())["traceEvents"]
+    kinds = {e.get("cat") for e in events}
+    assert {"dense", "expert", "copy"} <= kinds
+    assert all(e["dur"] >= 0 for e in events if e.get("ph") == "X")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "--hardware", "a4O"], "unknown hardware preset 'a4O'. Did you mean a40"),
+    (["simulate", "--model", "mixtral"], "unknown model preset 'mixtral'"),
+    (["simulate", "--policy", "lru", "--per-layer", "1"], "smaller than top-k=2"),
+    (["simulate", "--policy", "lru", "--per-layer", "2", "--set", "link.bandwidth_gbps=0"],
+     "bandwidth_gbps must be a positive number, got 0"),
+    (["simulate", "--policy", "lru", "--per-layer", "2", "--set", "link.bandwith_gbps=10"],
+     "no field 'bandwith_gbps'. Did you mean bandwidth_gbps"),
+    (["simulate", "--policy", "lru", "--per-layer", "7"], "does not fit"),
+    (["simulate", "--policy", "lur", "--per-layer", "2"], "unknown policy 'lur'. Did you mean lru"),
+    (["cache", "--per-layer", "2", "--phase", "decoding"], "phase must be prefill, decode or all"),
+])
+def test_bad_input_gives_one_clear_line(monkeypatch, capsys, args, message):
+    code, out, err = run_main(monkeypatch, capsys, args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.startswith("error: ")
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_lru_hit_rates_on_shared_mixtral_trace(mixtral_trace_path):
+    expected = {2: 0.3529, 4: 0.5970, 6: 0.8136}
+    for k, value in expected.items():
+        result = invoke(["cache", "--trace", str(mixtral_trace_path), "--policy", "lru", "--per-layer",
+                         str(k), "--phase", "decode", "--scope", "request", "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert round(data["hit_rate"], 4) == value
+        assert data["hits"] + data["misses"] == 13998 * 32 * 2
