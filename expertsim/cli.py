@@ -284,6 +284,10 @@ from expertsim.traces.commands import trace_app  # noqa: E402
 
 app.add_typer(trace_app, name="trace")
 
+from expertsim.analysis.commands import register as _register_analysis  # noqa: E402
+
+_register_analysis(app)  # sweep, results, report
+
 
 def main() -> None:
     try:
