@@ -294,3 +294,25 @@ def test_cli_specs_show_prints_the_preset_and_its_sources():
     assert "num_experts = 8" in result.output
     assert "'expert_MiB': 336.0" in result.output
     assert "# num_hidden_layers" in result.output  # the preset file's source comments
+
+
+def test_layout_and_missing_field_errors_name_the_field():
+    from expertsim.errors import SpecError
+    from expertsim.specs import hardware_from_dict, load_hardware, model_from_dict, load_model
+    import dataclasses
+
+    base = {f.name: getattr(load_model("mixtral-8x7b"), f.name)
+            for f in dataclasses.fields(load_model("mixtral-8x7b"))}
+    base.pop("moe_layers")
+    with pytest.raises(SpecError, match=r"moe_layer_step must be an integer >= 1, got 0"):
+        model_from_dict({**base, "moe_layer_step": 0})
+    with pytest.raises(SpecError, match=r"either an explicit moe_layers list or"):
+        model_from_dict({**base, "moe_layers": [0, 1], "first_dense_layers": 1})
+    hw = load_hardware("a40")
+    gpu = dataclasses.asdict(hw.gpu)
+    gpu.pop("memory_gb")
+    with pytest.raises(SpecError, match=r"\[gpu\].*memory_gb"):
+        hardware_from_dict({"name": "x", "gpu": gpu, "link": dataclasses.asdict(hw.link),
+                            "cpu": dataclasses.asdict(hw.cpu)})
+    with pytest.raises(SpecError, match=r"--set gpu.tflops.bf16=VALUE"):
+        dataclasses.replace(hw.gpu, tflops={"bf16": -1.0})

@@ -41,7 +41,11 @@ class GpuSpec:
         if not self.tflops:
             raise SpecError("gpu spec: tflops is empty; give at least bf16 = <peak TFLOP/s>")
         for dtype, value in self.tflops.items():
-            _positive(f"gpu spec tflops", **{dtype: value})
+            if not isinstance(value, (int, float)) or value != value or value <= 0:
+                raise SpecError(
+                    f"gpu spec: tflops.{dtype} must be a positive number, got {value!r} "
+                    f"(set it with --set gpu.tflops.{dtype}=VALUE)"
+                )
 
     @property
     def memory_bytes(self) -> int:
@@ -100,6 +104,9 @@ class StorageSpec:
 
     bandwidth_gbps: float = 0.0  # 0 = no storage tier
     latency_us: float = 100.0
+
+    def __post_init__(self) -> None:
+        _non_negative("storage spec", bandwidth_gbps=self.bandwidth_gbps, latency_us=self.latency_us)
 
 
 @dataclass(frozen=True)

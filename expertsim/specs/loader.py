@@ -62,11 +62,22 @@ def _read_toml(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
 
 def _moe_layers(data: dict, num_layers: int) -> tuple[int, ...]:
     spec = data.pop("moe_layers", "all")
-    first_dense = int(data.pop("first_dense_layers", 0))
-    step = int(data.pop("moe_layer_step", 1))
-    offset = int(data.pop("moe_layer_offset", 0))
+    layout = {}
+    for key, default, low in (("first_dense_layers", 0, 0), ("moe_layer_step", 1, 1), ("moe_layer_offset", 0, 0)):
+        value = data.pop(key, default)
+        if not isinstance(value, int) or value < low:
+            raise SpecError(f"model {data.get('name')!r}: {key} must be an integer >= {low}, got {value!r}")
+        layout[key] = value
+    first_dense, step, offset = layout["first_dense_layers"], layout["moe_layer_step"], layout["moe_layer_offset"]
     if isinstance(spec, list):
-        return tuple(int(x) for x in spec)
+        if (first_dense, step, offset) != (0, 1, 0):
+            raise SpecError(
+                f"model {data.get('name')!r}: give either an explicit moe_layers list or "
+                f"first_dense_layers/moe_layer_step/moe_layer_offset, not both"
+            )
+        if not all(isinstance(x, int) for x in spec):
+            raise SpecError(f"model {data.get('name')!r}: moe_layers must list integer layer indices, got {spec!r}")
+        return tuple(spec)
     if spec != "all":
         raise SpecError(f"moe_layers must be 'all' or a list of layer indices, got {spec!r}")
     return tuple(i for i in range(first_dense, num_layers) if (i - offset) % step == 0 and i >= offset)
@@ -102,7 +113,10 @@ def hardware_from_dict(data: dict, name: str = "custom") -> HardwareSpec:
         unknown = sorted(set(section) - fields)
         if unknown:
             raise SpecError(f"hardware [{key}]: unknown field(s) {unknown}; known: {sorted(fields)}")
-        parts[key] = cls(**section)
+        try:
+            parts[key] = cls(**section)
+        except TypeError as exc:
+            raise SpecError(f"hardware {data.get('name', name)!r} [{key}]: {exc}") from None
     data.setdefault("name", name)
     unknown = sorted(set(data) - {"name", "source"})
     if unknown:
