@@ -1,15 +1,27 @@
 """The SimPy discrete-event engine: the reference model of one GPU serving an MoE with offloading.
 
-Resources: the GPU compute stream (the main process: dense layers and expert FFNs run one after
-another), the host-to-device link (a priority resource with one server per copy engine: demand
-copies, priority 0, go before prefetches; a started copy runs to completion), and the host CPU
-(for experts computed there). A layer's expert computes wait for their copies, so copies of later
-experts overlap the compute of earlier ones; the time the compute stream waits is the stall.
+Resources:
 
-The engine walks the workload iteration by iteration (batch 1: one forward pass of one request)
-and model layer by layer. At each MoE layer the shared :class:`LayerServer` applies the system's
-decisions to the shared :class:`ExpertCache` logically; this module only attaches times. Time is
-integer nanoseconds; SimPy orders simultaneous events by insertion, so runs are deterministic.
+- the GPU compute stream (the main process: dense layers and expert FFNs run one after another);
+- the host-to-device link: ``copy_engines`` copy engines (a priority resource) and one wire (a
+  priority resource of capacity 1). A copy (or each chunk of it, with ``copy_chunk_bytes``) takes
+  an engine, spends its fixed overhead (``CostModel.copy_overhead_ns``), then takes the wire for
+  its bytes (``copy_wire_ns``), then frees both. With one engine this is a serial link; with
+  more, one copy's overhead overlaps another's bytes. Demand copies (priority 0) go before
+  prefetches; a started chunk runs to completion, and a prefetch evicted while in flight stops at
+  the next chunk boundary (ProMoE);
+- the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
+- the host CPU (for experts computed there).
+
+A layer's expert computes wait for their copies, so copies of later experts overlap the compute
+of earlier ones; the time the compute stream waits is the stall.
+
+The engine asks the :class:`~expertsim.sim.serving.ContinuousBatcher` for each iteration (batch
+1 by default: the trace's passes in order) and walks it model layer by layer. At each MoE layer
+the shared :class:`LayerServer` applies the system's decisions to the shared
+:class:`ExpertCache` logically; this module only attaches times, all of them from
+:class:`~expertsim.sim.cost.CostModel`. Time is integer nanoseconds; SimPy orders simultaneous
+events by insertion, so runs are deterministic.
 """
 from __future__ import annotations
 
@@ -22,9 +34,12 @@ import simpy
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, ExpertCache, LayerOutcome, MissAction, RunContext, System
 from expertsim.policies.serve import LayerServer
-from expertsim.sim.cost import CostModel
+from expertsim.sim import bounds
+from expertsim.sim.cost import CostModel, CostProfile, LinkCurve
+from expertsim.sim.memory import GpuMemory, storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, summarise
-from expertsim.sim.workload import Iteration, build_access_plan, iterations_batch1
+from expertsim.sim.serving import ARRIVAL_MODES, ContinuousBatcher, arrival_times_ns, plan_iterations
+from expertsim.sim.workload import Iteration, build_access_plan
 from expertsim.specs import HardwareSpec, ModelSpec
 from expertsim.traces import RoutingTrace
 
@@ -35,17 +50,44 @@ class _Copy:
 
     key: int
     done: simpy.Event
-    promote: simpy.Event
+    promote: simpy.Event  # fired when a queued prefetch is needed now, or dropped
+    prefetch: bool
+    priority: int
     started: bool = False
     cancelled: bool = False
 
 
 @dataclass
 class SimOptions:
-    scope: str = "global"  # "global": cache persists across requests; "request": emptied per request
+    scope: str = "global"  # "global": cache persists across requests; "request": emptied per request (batch 1)
     timeline: bool = False  # record every copy/compute/stall
     timeline_iterations: tuple[int, int] | None = None  # record only iterations in [a, b)
     check_memory: bool = True  # fail when dense + KV + cache exceed GPU memory
+    # Serving (expertsim.sim.serving): concurrent requests and how they arrive.
+    batch: int = 1  # maximum requests per iteration (continuous batching)
+    arrival: str = "closed"  # closed | offline | poisson (poisson needs rate_per_s)
+    rate_per_s: float | None = None
+    arrival_times_ns: tuple[int, ...] | None = None  # explicit arrivals, one per request
+    seed: int = 0  # for poisson arrivals
+    prefill_chunk_tokens: int | None = None  # chunked prefill: at most this many prompt tokens per request per iteration
+    # Link: split copies into chunks of this many bytes (None: whole expert per copy).
+    copy_chunk_bytes: int | None = None
+    # Cost sources: a calibrated profile (JSON, see cost.py) and a size-dependent link curve.
+    profile: str | None = None
+    link_curve: dict | None = None  # {"bytes": [...], "gbps": [...]}
+    bounds: bool = True  # compute the compute-only and link bounds after the run
+
+    def validate(self) -> None:
+        if self.scope not in ("global", "request"):
+            raise ConfigError(f"scope must be 'global' or 'request', got {self.scope!r}")
+        if not isinstance(self.batch, (int, np.integer)) or self.batch < 1:
+            raise ConfigError(f"--batch must be an integer >= 1, got {self.batch!r}")
+        if self.scope == "request" and self.batch > 1:
+            raise ConfigError("scope 'request' (cache emptied per request) needs batch 1; use scope 'global'")
+        if self.arrival not in ARRIVAL_MODES:
+            raise ConfigError(f"arrival must be one of {', '.join(ARRIVAL_MODES)}, got {self.arrival!r}")
+        if self.copy_chunk_bytes is not None and self.copy_chunk_bytes <= 0:
+            raise ConfigError(f"copy chunk must be > 0 bytes, got {self.copy_chunk_bytes!r}")
 
 
 @dataclass
@@ -67,90 +109,113 @@ class Simulation:
                 f"policy {self.system.name!r} needs a cache size: give --per-layer K, "
                 f"--global-slots N or --cache-gb G"
             )
-        if self.options.scope not in ("global", "request"):
-            raise ConfigError(f"scope must be 'global' or 'request', got {self.options.scope!r}")
-        self.cost = CostModel(self.model, self.hardware)
+        self.options.validate()
+        profile = CostProfile.load(self.options.profile, self.model) if self.options.profile else None
+        curve = LinkCurve.from_dict(self.options.link_curve) if self.options.link_curve else None
+        self.cost = CostModel(self.model, self.hardware, profile=profile, link_curve=curve)
 
     # --- memory ---------------------------------------------------------------------------
+    def gpu_memory(self) -> GpuMemory:
+        m = self.model
+        cache_bytes = self.cache_config.capacity_bytes(m.num_moe_layers, m.num_experts, m.expert_bytes())
+        return GpuMemory(m, self.hardware, cache_bytes,
+                         ignores_capacity=getattr(self.system, "ignores_capacity", False))
+
     def memory_check(self, max_context_tokens: int) -> dict:
         """GPU memory in bytes: dense weights + KV at the longest context + workspace + cache."""
-        m, gpu = self.model, self.hardware.gpu
-        cache_bytes = self.cache_config.capacity_bytes(m.num_moe_layers, m.num_experts, m.expert_bytes())
-        need = {
-            "dense_bytes": m.dense_bytes,
-            "kv_bytes": m.kv_bytes_per_token * max_context_tokens,
-            "workspace_bytes": int(gpu.workspace_gb * 1e9),
-            "expert_cache_bytes": cache_bytes,
-        }
-        base = need["dense_bytes"] + need["kv_bytes"] + need["workspace_bytes"]
-        if self.options.check_memory and base > gpu.memory_bytes:
-            raise ConfigError(
-                f"dense weights ({m.dense_bytes / 1e9:.2f} GB) + KV cache ({need['kv_bytes'] / 1e9:.2f} GB) "
-                f"+ workspace ({gpu.workspace_gb} GB) need {base / 1e9:.2f} GB but {self.hardware.name} has "
-                f"{gpu.memory_gb} GB: short by {(base - gpu.memory_bytes) / 1e9:.2f} GB"
-            )
-        if (self.options.check_memory and not getattr(self.system, "ignores_capacity", False)
-                and base + cache_bytes > gpu.memory_bytes):
-            free = gpu.memory_bytes - base
-            raise ConfigError(
-                f"expert cache of {cache_bytes / 1e9:.2f} GB ({self.cache_config.describe()}) does not "
-                f"fit: {self.hardware.name} has {free / 1e9:.2f} GB left after dense weights, KV cache "
-                f"and workspace (at most {int(free // m.expert_bytes())} experts of "
-                f"{m.expert_bytes() / 2**20:.0f} MiB)"
-            )
-        need["total_bytes"] = base + cache_bytes
-        return need
+        memory = self.gpu_memory()
+        if not self.options.check_memory:
+            need = {"dense_bytes": self.model.dense_bytes, "kv_bytes": memory.kv_bytes(max_context_tokens),
+                    "workspace_bytes": memory.workspace_bytes, "expert_cache_bytes": memory.expert_cache_bytes}
+            need["total_bytes"] = sum(need.values())
+            return need
+        return memory.check(max_context_tokens)
 
     # --- run ------------------------------------------------------------------------------
     def run(self, trace: RoutingTrace) -> RunResult:
         wall0 = time.perf_counter()
-        m = self.model
+        m, opts = self.model, self.options
         trace.check_model(m)
-        iterations = iterations_batch1(trace)
-        memory = self.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
+        longest = _longest_request_context(trace)
+        memory = self.memory_check(longest)
         cache = ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), self.cache_config,
                             self.system.eviction, top_k=m.top_k)
-        plan = build_access_plan(trace, iterations, m.num_experts)
+        num_requests = len(trace.request_starts()) - 1
+        arrivals = arrival_times_ns(num_requests, opts.arrival, rate_per_s=opts.rate_per_s, seed=opts.seed,
+                                    timestamps_ns=opts.arrival_times_ns)
+        custom_select = type(self.system).select_batch is not System.select_batch
+        planned = None
+        if not custom_select or getattr(self.system, "oracle", False):
+            planned = plan_iterations(trace, max_batch=opts.batch, prefill_chunk_tokens=opts.prefill_chunk_tokens,
+                                      select_batch=self.system.select_batch if custom_select else None,
+                                      arrivals_ns=arrivals)
+        plan = build_access_plan(trace, planned, m.num_experts) if planned is not None else None
         self.system.prepare(RunContext(model=m, hardware=self.hardware, cost=self.cost, cache=cache,
                                        trace=trace, plan=plan))
-        for key in self.system.initial_residents(m):
+        initial = np.asarray(self.system.initial_residents(m), dtype=np.int64)
+        for key in initial:
             layer, expert = divmod(int(key), m.num_experts)
             cache.admit(layer, expert)
             cache.mark_resident(layer, expert)
         server = LayerServer(self.system, cache, m.expert_bytes(),
                              m.expert_bytes(self.system.low_precision_dtype))
-        runner = _DesRun(self, trace, iterations, cache, server)
+        batcher = ContinuousBatcher(trace, max_batch=opts.batch, arrivals_ns=arrivals,
+                                    prefill_chunk_tokens=opts.prefill_chunk_tokens,
+                                    select_batch=self.system.select_batch)
+        runner = _DesRun(self, trace, batcher, cache, server)
         runner.execute()
+        memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * runner.max_kv_tokens)
+        extra = {}
+        if opts.bounds:
+            extra = bounds.run_bounds(self.cost, m, trace, runner.iterations, self.cache_config,
+                                      initial_residents=initial, copy_chunk_bytes=opts.copy_chunk_bytes)
         result = summarise(
             model=m, hardware=self.hardware, system=self.system, cache_config=self.cache_config,
-            trace=trace, iterations=iterations, records=runner.records, totals=runner.totals,
-            timeline=runner.timeline, memory=memory, cost=self.cost, scope=self.options.scope,
+            trace=trace, iterations=runner.iterations, records=runner.records, totals=runner.totals,
+            timeline=runner.timeline, memory=memory, cost=self.cost, scope=opts.scope,
             peak_cache_bytes=cache.peak_used_bytes, engine="des",
+            requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),
+            serving={"batch": opts.batch, "arrival": "timestamps" if opts.arrival_times_ns else opts.arrival,
+                     "rate_per_s": opts.rate_per_s, "prefill_chunk_tokens": opts.prefill_chunk_tokens,
+                     "copy_chunk_bytes": opts.copy_chunk_bytes},
+            extra=extra,
         )
         result.metrics["wall_s"] = time.perf_counter() - wall0
         return result
 
 
+def _longest_request_context(trace: RoutingTrace) -> int:
+    return int(trace.position.max()) + 1 if trace.num_tokens else 1
+
+
 class _DesRun:
     """The SimPy processes of one run."""
 
-    def __init__(self, sim: Simulation, trace: RoutingTrace, iterations: list[Iteration],
+    def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
                  cache: ExpertCache, server: LayerServer):
-        self.sim, self.trace, self.iterations = sim, trace, iterations
+        self.sim, self.trace, self.batcher = sim, trace, batcher
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
-        # One server: copies share the link bandwidth, so two concurrent copies take as long as two
-        # serial ones; serving them one at a time keeps demand-before-prefetch ordering exact.
-        self.link = simpy.PriorityResource(self.env, capacity=1)
+        link = sim.hardware.link
+        self.engines = simpy.PriorityResource(self.env, capacity=link.copy_engines)
+        self.wire = simpy.PriorityResource(self.env, capacity=1)  # the link's bytes are serial
+        self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
+        m = sim.model
+        self.on_storage = storage_resident_keys(m, sim.hardware)
+        self.chunk_bytes = sim.options.copy_chunk_bytes
+        self.memory = sim.gpu_memory()
         self.copies: dict[int, _Copy] = {}  # key -> its latest copy
         self.slot_copy: dict[tuple[int, int], _Copy] = {}  # (partition, slot) -> latest copy into it
         self.records: list[dict] = []
+        self.iterations: list[Iteration] = []
+        self.max_kv_tokens = 0
         self.totals = {"h2d_bytes": 0, "stall_ns": 0, "copies": 0, "prefetch_copies": 0,
                        "cancelled_prefetches": 0, "dropped_gate_mass": 0.0, "degraded_gate_mass": 0.0,
-                       "cpu_experts": 0, "expert_compute_ns": 0, "dense_compute_ns": 0, "cpu_ns": 0}
+                       "cpu_experts": 0, "expert_compute_ns": 0, "dense_compute_ns": 0, "cpu_ns": 0,
+                       "storage_bytes": 0, "idle_ns": 0}
         self.timeline = Timeline() if sim.options.timeline else None
-        self._moe_index = {layer: i for i, layer in enumerate(sim.model.moe_layers)}
+        self._moe_index = {layer: i for i, layer in enumerate(m.moe_layers)}
         self._record_iteration = True
 
     def execute(self) -> None:
@@ -160,58 +225,89 @@ class _DesRun:
     # --- timeline -------------------------------------------------------------------------
     def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
         if self.timeline is not None and self._record_iteration and end > start:
-            self.timeline.add(resource, kind, it.index, it.request, layer, expert, start, end, nbytes)
+            request = it.request if it.num_requests == 1 else -1
+            self.timeline.add(resource, kind, it.index, request, layer, expert, start, end, nbytes)
 
     # --- copies ---------------------------------------------------------------------------
     def _start_copy(self, it: Iteration, layer: int, expert: int, slot: int, nbytes: int,
                     priority: int, after: simpy.Event | None) -> None:
         key = self.cache.key(layer, expert)
-        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event())
+        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
+                     priority=priority)
         self.copies[key] = copy
         slot_id = (self.cache.partition(layer), slot)
         previous = self.slot_copy.get(slot_id)
         self.slot_copy[slot_id] = copy
-        self.env.process(self._copy(copy, it, layer, expert, nbytes, priority, after, previous))
+        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous))
 
-    def _copy(self, copy: _Copy, it, layer, expert, nbytes, priority, after, previous):
+    def _acquire(self, resource: simpy.PriorityResource, copy: _Copy):
+        """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
+        re-queues as demand. Returns the granted request, or None when the copy was dropped."""
+        if copy.priority > 0 and not copy.promote.triggered:
+            req = resource.request(priority=copy.priority)
+            yield req | copy.promote
+            if req.triggered:
+                return req
+            req.cancel()
+        if copy.cancelled:
+            return None
+        req = resource.request(priority=0)
+        yield req
+        return req
+
+    def _copy(self, copy: _Copy, it, layer, expert, nbytes, after, previous):
+        env, cost = self.env, self.cost
         if after is not None and not after.triggered:
             yield after
         if previous is not None and not previous.done.triggered:
             yield previous.done  # the slot's previous copy must land before this one overwrites it
-        req = self.link.request(priority=priority)
-        if priority > 0:
-            result = yield req | copy.promote
-            if req not in result:
-                req.cancel()
-                req = self.link.request(priority=0)
+        if not copy.cancelled and self.on_storage[copy.key]:
+            with self.storage.request() as req:  # NVMe -> host bounce buffer first
                 yield req
-        else:
-            yield req
-        if copy.cancelled:  # evicted before it started: dropped, costs nothing
-            self.link.release(req)
-            self.totals["cancelled_prefetches"] += 1
-            copy.done.succeed()
-            return
-        copy.started = True
-        start = self.env.now
-        yield self.env.timeout(self.cost.transfer_time_ns(nbytes))
-        self.link.release(req)
-        self.totals["h2d_bytes"] += nbytes
-        self.totals["copies"] += 1
-        if priority > 0:
-            self.totals["prefetch_copies"] += 1
-        self._row("link", "prefetch" if priority > 0 else "copy", it, layer, expert, start, self.env.now, nbytes)
-        if self.copies.get(copy.key) is copy:
+                start = env.now
+                yield env.timeout(cost.storage_read_ns(nbytes))
+                self.totals["storage_bytes"] += nbytes
+                self._row("storage", "read", it, layer, expert, start, env.now, nbytes)
+        kind = "prefetch" if copy.prefetch else "copy"
+        copied = 0
+        for chunk in cost.chunk_sizes(nbytes, self.chunk_bytes):
+            engine = None if copy.cancelled else (yield from self._acquire(self.engines, copy))
+            if engine is not None and copy.cancelled:
+                self.engines.release(engine)
+                engine = None
+            if engine is None:  # evicted before this chunk started: dropped, the rest costs nothing
+                self.totals["cancelled_prefetches"] += 1
+                break
+            copy.started = True
+            start = env.now
+            yield env.timeout(cost.copy_overhead_ns(chunk))
+            wire = yield from self._take(self.wire, copy.priority)
+            yield env.timeout(cost.copy_wire_ns(chunk))
+            self.wire.release(wire)
+            self.engines.release(engine)
+            copied += chunk
+            self._row("link", kind, it, layer, expert, start, env.now, chunk)
+        if copied:
+            self.totals["h2d_bytes"] += copied
+            self.totals["copies"] += 1
+            if copy.prefetch:
+                self.totals["prefetch_copies"] += 1
+        if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
         copy.done.succeed()
+
+    def _take(self, resource, priority: int = 0):
+        req = resource.request(priority=priority)
+        yield req
+        return req
 
     def _cancel_evicted(self, keys: list[int]) -> None:
         for key in keys:
             copy = self.copies.get(key)
-            if copy is not None and not copy.started and not copy.done.triggered:
-                copy.cancelled = True
-                if not copy.promote.triggered:
-                    copy.promote.succeed()  # wake it so it releases the link request at once
+            if copy is not None and not copy.done.triggered:
+                copy.cancelled = True  # not started: dropped; started: stops after its current chunk
+                if not copy.started and not copy.promote.triggered:
+                    copy.promote.succeed()  # wake it so it leaves the link queue at once
             if copy is not None:
                 del self.copies[key]
 
@@ -226,26 +322,47 @@ class _DesRun:
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
         done.succeed()
 
+    # --- memory ---------------------------------------------------------------------------
+    def _check_kv(self, it: Iteration) -> None:
+        """KV held during the iteration: every running request's context, the iteration's
+        requests at their context after the pass."""
+        batcher = self.batcher
+        chosen = set(it.requests)
+        kv = sum(c for c in it.request_contexts) + sum(
+            batcher.by_id[r].context_tokens for r in batcher._running if r not in chosen)
+        if kv > self.max_kv_tokens:
+            self.max_kv_tokens = kv
+            if self.sim.options.check_memory:
+                self.memory.check(kv, where=f" at iteration {it.index} with {len(batcher._running)} "
+                                            f"requests in flight (--batch {batcher.max_batch})")
+
     # --- main process: the GPU compute stream ---------------------------------------------
     def _main(self):
-        env, trace, m = self.env, self.trace, self.sim.model
+        env, m, batcher = self.env, self.sim.model, self.batcher
         opts = self.sim.options
-        current_request = None
-        for it in self.iterations:
-            if it.request != current_request:
-                current_request = it.request
+        system = self.sim.system
+        while not batcher.done:
+            it, started = batcher.next_iteration(env.now)
+            if it is None:  # nothing ready: idle until the next arrival
+                t_next = batcher.next_arrival_ns()
+                self.totals["idle_ns"] += t_next - env.now
+                yield env.timeout(t_next - env.now)
+                continue
+            for request in started:
                 if opts.scope == "request":
                     self._cancel_evicted(list(self.copies))
                     self.cache.reset()
-                self.sim.system.on_request_start(it.request)
+                system.on_request_start(request)
+            self.iterations.append(it)
+            self._check_kv(it)
             window = opts.timeline_iterations
             self._record_iteration = window is None or window[0] <= it.index < window[1]
             start_iter = env.now
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
-            tokens = np.arange(it.start, it.stop)
+            tokens = it.tokens
+            t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
                 t0 = env.now
-                t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens)
                 yield env.timeout(t_dense)
                 self.totals["dense_compute_ns"] += t_dense
                 self._row("gpu", "dense", it, layer, -1, t0, env.now)
@@ -253,15 +370,20 @@ class _DesRun:
                 if moe is not None:
                     yield from self._moe_layer(it, moe, tokens, stats)
             self.records.append({
-                "iteration": it.index, "request": it.request, "phase": it.phase,
-                "tokens": it.num_tokens, "start_ns": start_iter, "end_ns": env.now, **stats,
+                "iteration": it.index, "request": it.request, "requests": it.num_requests,
+                "phase": it.phase, "tokens": it.num_tokens,
+                "decode_tokens": int((self.trace.phase[it.rows] == 1).sum()),
+                "start_ns": start_iter, "end_ns": env.now,
+                **stats,
             })
+            batcher.complete(it, start_iter, env.now)
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
         env, trace, cache = self.env, self.trace, self.cache
-        weights = None if trace.weights is None else trace.weights[it.start:it.stop, layer]
+        rows = it.rows
+        weights = None if trace.weights is None else trace.weights[rows, layer]
         obs = self.server.observe(now_ns=env.now, iteration=it.index, layer=layer, tokens=tokens,
-                                  experts=trace.experts[it.start:it.stop, layer], weights=weights,
+                                  experts=trace.experts[rows, layer], weights=weights,
                                   phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
         layer_start = env.now
@@ -272,8 +394,10 @@ class _DesRun:
             key = cache.key(layer, item.expert)
             if item.hit and item.loading_at_lookup:
                 copy = self.copies.get(key)
-                if copy is not None and not copy.started and not copy.promote.triggered:
-                    copy.promote.succeed()  # needed now: a queued prefetch becomes a demand copy
+                if copy is not None and not copy.done.triggered and copy.priority > 0:
+                    copy.priority = 0  # needed now: a queued or in-flight prefetch becomes a demand copy
+                    if not copy.promote.triggered:
+                        copy.promote.succeed()
             if item.copy_bytes:
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after)

@@ -74,13 +74,35 @@ class RunResult:
         return {**self.config, **self.metrics}
 
 
+def _serving_line(serving: dict) -> str:
+    batch, arrival = serving.get("batch", 1), serving.get("arrival", "closed")
+    if batch == 1 and arrival == "closed" and not serving.get("prefill_chunk_tokens"):
+        return "batch 1: each request's passes in trace order (prefill pass, then one pass per decode token)"
+    how = {"closed": f"closed loop ({batch} clients: a request arrives when one ends)",
+           "offline": "offline (every request queued at t=0)",
+           "poisson": f"Poisson arrivals at {serving.get('rate_per_s')} requests/s",
+           "timestamps": "arrivals at given timestamps"}.get(arrival, arrival)
+    chunk = serving.get("prefill_chunk_tokens")
+    return (f"continuous batching, up to {batch} requests per iteration, {how}"
+            + (f", prefill chunks of {chunk} tokens" if chunk else "")
+            + "; at each MoE layer an iteration needs the union of its tokens' experts; "
+              "TPOT = per decode token, the duration of the iteration that produced it")
+
+
 def _ms(ns) -> float:
     return float(ns) / 1e6
 
 
 def summarise(*, model, hardware, system, cache_config, trace, iterations, records, totals, timeline,
-              memory, cost, scope, peak_cache_bytes, engine) -> RunResult:
-    """Per-run metrics from the per-iteration records of an engine."""
+              memory, cost, scope, peak_cache_bytes, engine, requests=None, decode_latencies_ns=None,
+              serving=None, extra=None) -> RunResult:
+    """Per-run metrics from the per-iteration records of an engine.
+
+    ``requests`` (the batcher's per-request records: arrival, first token, finish) and
+    ``decode_latencies_ns`` (per decode token, the duration of the iteration that produced it)
+    come from :class:`expertsim.sim.serving.ContinuousBatcher`; without them (an engine without
+    serving) TTFT counts from each request's first pass and TPOT from decode-pass durations,
+    which is the same at batch 1. ``extra`` (bounds) is merged into the metrics."""
     rec_phase = np.array([r["phase"] for r in records], dtype=np.int64)
     start = np.array([r["start_ns"] for r in records], dtype=np.int64)
     end = np.array([r["end_ns"] for r in records], dtype=np.int64)
@@ -97,21 +119,34 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         h, m = int(hits[mask].sum()), int(misses[mask].sum())
         return h / (h + m) if h + m else float("nan")
 
-    # TTFT: per request, end of its first pass minus its start (batch 1: the previous request's end).
-    ttft = []
-    seen = set()
-    req_start = {}
-    for r in records:
-        req_start.setdefault(r["request"], r["start_ns"])
-        if r["request"] not in seen:
-            seen.add(r["request"])
-            ttft.append(r["end_ns"] - req_start[r["request"]])
-    tpot = dur[decode]
-    decode_ns = int(tpot.sum())
+    serving = serving or {"batch": 1, "arrival": "closed"}
+    if requests is not None:
+        # TTFT: end of the request's first pass minus its arrival; e2e: finish minus arrival.
+        done = [r for r in requests if r["finish_ns"] is not None]
+        ttft = [r["first_token_ns"] - r["arrival_ns"] for r in done]
+        e2e = [r["finish_ns"] - r["arrival_ns"] for r in done]
+        queue = [r["start_ns"] - r["arrival_ns"] for r in done]
+        seen = {r["request"] for r in done}
+        tpot = np.asarray(decode_latencies_ns, dtype=np.int64)
+    else:
+        # TTFT: per request, end of its first pass minus its start (batch 1: the previous request's end).
+        ttft, e2e, queue = [], [], []
+        seen = set()
+        req_start = {}
+        for r in records:
+            req_start.setdefault(r["request"], r["start_ns"])
+            if r["request"] not in seen:
+                seen.add(r["request"])
+                ttft.append(r["end_ns"] - req_start[r["request"]])
+        tpot = dur[decode]
+    # Decode time: the iterations that produced decode tokens (batch 1: the decode passes).
+    dtok = np.array([r.get("decode_tokens", r["tokens"] if r["phase"] == 1 else 0) for r in records], dtype=np.int64)
+    decode_ns = int(dur[dtok > 0].sum())
+    nreq = np.array([r.get("requests", 1) for r in records], dtype=np.int64)
     metrics = {
         "tokens": int(ntok.sum()),
         "prefill_tokens": int(ntok[prefill].sum()),
-        "decode_tokens": int(ntok[decode].sum()),
+        "decode_tokens": int(dtok.sum()),
         "requests": len(seen),
         "iterations": len(records),
         "total_s": total_ns / 1e9,
@@ -119,7 +154,14 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         "tpot_ms": _ms(tpot.mean()) if len(tpot) else float("nan"),
         "tpot_p50_ms": _ms(np.percentile(tpot, 50)) if len(tpot) else float("nan"),
         "tpot_p99_ms": _ms(np.percentile(tpot, 99)) if len(tpot) else float("nan"),
-        "tokens_per_s": int(ntok[decode].sum()) / (decode_ns / 1e9) if decode_ns else float("nan"),
+        "tokens_per_s": int(dtok.sum()) / (decode_ns / 1e9) if decode_ns else float("nan"),
+        "throughput_tokens_per_s": int(dtok.sum()) / (total_ns / 1e9) if total_ns else float("nan"),
+        "e2e_ms": _ms(np.mean(e2e)) if e2e else float("nan"),
+        "e2e_p99_ms": _ms(np.percentile(e2e, 99)) if e2e else float("nan"),
+        "ttft_p99_ms": _ms(np.percentile(ttft, 99)) if ttft else float("nan"),
+        "queue_ms": _ms(np.mean(queue)) if queue else float("nan"),
+        "batch": int(serving.get("batch", 1)),
+        "mean_batch": float(nreq.mean()) if len(nreq) else float("nan"),
         "hit_rate": rate(np.ones(len(records), dtype=bool)),
         "hit_rate_decode": rate(decode),
         "hit_rate_prefill": rate(prefill),
@@ -139,6 +181,11 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         "experts_per_layer_iteration": float(experts.sum() / (len(records) * model.num_moe_layers)) if len(records) else float("nan"),
         "peak_gpu_gb": (memory["dense_bytes"] + memory["kv_bytes"] + memory["workspace_bytes"] + peak_cache_bytes) / 1e9,
         "expert_cache_gb": memory["expert_cache_bytes"] / 1e9,
+        "kv_peak_gb": memory["kv_bytes"] / 1e9,
+        "storage_gb": totals.get("storage_bytes", 0) / 1e9,
+        "cancelled_prefetches": totals.get("cancelled_prefetches", 0),
+        "idle_s": totals.get("idle_ns", 0) / 1e9,
+        **(extra or {}),
     }
     config = {
         "model": model.name,
@@ -156,12 +203,18 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         f"{hardware.link.per_copy_overhead_us} us per copy: one expert copy = {terms['expert_copy_ms']:.2f} ms; "
         f"expert compute (1 token) = {terms['expert_compute_ms_1tok']:.3f} ms; dense layer (1 token) = "
         f"{terms['dense_layer_ms_1tok']:.3f} ms",
-        f"batch 1: each request's passes in trace order (prefill pass, then one pass per decode token)",
+        _serving_line(serving),
         f"expert cache: {cache_config.describe()}; starts cold; "
         + ("emptied at each request's start" if scope == "request" else "kept warm across requests"),
         "TPOT = mean decode-pass latency; tokens_per_s = decode tokens / decode time; "
         "TTFT = first pass of each request; hit rates count resident or in-flight experts as hits",
     ]
+    if extra and "compute_bound_s" in extra:
+        assumptions.append(
+            f"bounds: compute-only {extra['compute_bound_s']:.4g} s (every expert resident), link "
+            f"{extra['link_bound_s']:.4g} s ({extra['belady_misses']} copies that Belady's optimal eviction "
+            f"needs, bytes over link bandwidth); simulated {total_ns / 1e9:.4g} s"
+        )
     if getattr(system, "ignores_capacity", False):
         assumptions.append(f"{system.name} ignores GPU capacity: a bound, not a feasible system")
     if getattr(system, "oracle", False) or getattr(system.eviction, "oracle", False):
