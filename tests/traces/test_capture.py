@@ -195,10 +195,13 @@ def test_cli_capture_tiny(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello there"}\n{"text": "a second prompt"}\n')
     out = tmp_path / "c.parquet"
-    r = subprocess.run([sys.executable, "-m", "expertsim.cli", "trace", "capture", "--prompts", str(prompts),
-                        "--tiny", "mixtral-8x7b", "--max-new-tokens", "3", "--spec-depth", "1", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    from typer.testing import CliRunner
+
+    from expertsim.cli import app
+
+    r = CliRunner().invoke(app, ["trace", "capture", "--prompts", str(prompts), "--tiny", "mixtral-8x7b",
+                                 "--max-new-tokens", "3", "--spec-depth", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
     from expertsim.traces import read_trace
 
     tr = read_trace(out)

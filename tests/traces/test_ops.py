@@ -66,24 +66,33 @@ def test_lazy_info_and_request_reads(trace, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "expertsim.cli", "trace", *args],
-                          capture_output=True, text=True, timeout=120)
+    from typer.testing import CliRunner
+
+    from expertsim.cli import app
+
+    return CliRunner().invoke(app, ["trace", *args])
 
 
-def test_cli_stats_json_synth_and_errors(tmp_path):
+def test_cli_stats_json_synth_split(tmp_path):
+    from expertsim.traces.stats import reuse_next_token
+
     out = tmp_path / "s.parquet"
     r = run_cli("synth", "--fit", "mixtral-8x7b", "--requests", "3", "--seed", "4", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     r = run_cli("stats", str(out), "--json", "--html", str(tmp_path / "s.html"))
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
     assert st["layers"] == 32 and len(st["lru_hit_curve"]["hit_rate"]) == 8
-    assert st["reuse_next_token"] == pytest.approx(
-        __import__("expertsim.traces.stats", fromlist=["x"]).reuse_next_token(read_trace(out)))
-    assert (tmp_path / "s.html").read_text().count("plotly") > 0
-    r = run_cli("import", "--format", "vllm", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.parquet"))
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("synth", "--uniform", "--out", str(tmp_path / "u.parquet"))
-    assert r.returncode == 2 and "--model" in r.stderr
+    assert st["reuse_next_token"] == pytest.approx(reuse_next_token(read_trace(out)))
+    assert "plotly" in (tmp_path / "s.html").read_text()
     r = run_cli("split", str(out), "--train", str(tmp_path / "a.parquet"), "--held-out", str(tmp_path / "b.parquet"))
-    assert r.returncode == 0 and read_trace(tmp_path / "a.parquet").num_requests == 2
+    assert r.exit_code == 0 and read_trace(tmp_path / "a.parquet").num_requests == 2
+    r = run_cli("synth", "--uniform", "--out", str(tmp_path / "u.parquet"))
+    assert isinstance(r.exception, TraceError) and "--model" in str(r.exception)
+
+
+def test_cli_user_error_exits_2_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "expertsim.cli", "trace", "import", "--format", "vllm",
+                        str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.parquet")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
