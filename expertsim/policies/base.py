@@ -128,6 +128,9 @@ class EvictionPolicy:
     def reset(self) -> None:
         """Called when the cache empties (request scope)."""
 
+    def on_request_start(self, request: int) -> None:
+        """Called (through the system) when a request's first pass starts."""
+
     def on_access(self, key: int, tick: int, hit: bool, position: int) -> None:
         pass
 
@@ -136,6 +139,10 @@ class EvictionPolicy:
 
     def on_evict(self, key: int) -> None:
         pass
+
+    def on_layer(self, obs: LayerObservation) -> None:
+        """Called by the system at each MoE layer after the layer's lookups and before its
+        admissions: score-aware policies (fMoE, HybriMoE, MoE-Infinity) read the routing here."""
 
     def victim(self, candidates: np.ndarray, tick: int, position: int) -> int:
         raise NotImplementedError  # abstract: every eviction policy defines its choice
@@ -169,6 +176,15 @@ class System:
     def cache_config(self, model: "ModelSpec"):
         return None
 
+    def default_cache_config(self, model: "ModelSpec", hardware: "HardwareSpec",
+                             max_context_tokens: int = 0):
+        """The cache size to use when the user gives none: by default one global pool of the GPU
+        memory left after dense weights, the KV cache at ``max_context_tokens`` and the workspace
+        (see :func:`free_expert_memory_bytes`). Systems with per-layer caches override it."""
+        from expertsim.policies.cache import CacheConfig
+
+        return CacheConfig(budget_bytes=free_expert_memory_bytes(model, hardware, max_context_tokens))
+
     # Copies of low-precision experts (MissAction.LOW_PRECISION) are stored in this dtype.
     low_precision_dtype = "int4"
 
@@ -182,7 +198,8 @@ class System:
             self.eviction.prepare(ctx)
 
     def on_request_start(self, request: int) -> None:
-        pass
+        if self.eviction is not None and hasattr(self.eviction, "on_request_start"):
+            self.eviction.on_request_start(request)
 
     def select_batch(self, ready: Sequence[int], max_batch: int, now_ns: int) -> list[int]:
         """Token scheduling: which ready requests run in the next iteration (at most
@@ -191,6 +208,8 @@ class System:
         return list(ready)[:max_batch]
 
     def on_layer(self, obs: LayerObservation) -> LayerDecision:
+        if self.eviction is not None and hasattr(self.eviction, "on_layer"):
+            self.eviction.on_layer(obs)
         return LayerDecision()
 
     def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
@@ -207,3 +226,23 @@ class System:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eviction={self.eviction!r}, {self.params()})"
+
+
+def free_expert_memory_bytes(model: "ModelSpec", hardware: "HardwareSpec", max_context_tokens: int = 0) -> int:
+    """GPU bytes left for the expert cache after dense weights, the KV cache of
+    ``max_context_tokens`` tokens and the workspace (the engines' memory check, same terms).
+    Raises ConfigError when fewer than top-k experts fit."""
+    from expertsim.errors import ConfigError
+
+    gpu = hardware.gpu
+    base = model.dense_bytes + model.kv_bytes_per_token * int(max_context_tokens) + int(gpu.workspace_gb * 1e9)
+    free = gpu.memory_bytes - base
+    need = model.top_k * model.expert_bytes()
+    if free < need:
+        raise ConfigError(
+            f"{hardware.name} ({gpu.memory_gb} GB) has {free / 1e9:.2f} GB left after dense weights "
+            f"({model.dense_bytes / 1e9:.2f} GB), KV cache of {max_context_tokens} tokens and workspace "
+            f"({gpu.workspace_gb} GB); the expert cache needs at least top-k={model.top_k} experts "
+            f"({need / 1e9:.2f} GB). Use a larger GPU or a shorter context"
+        )
+    return int(free)
