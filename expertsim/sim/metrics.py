@@ -206,8 +206,12 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         _serving_line(serving),
         f"expert cache: {cache_config.describe()}; starts cold; "
         + ("emptied at each request's start" if scope == "request" else "kept warm across requests"),
-        "TPOT = mean decode-pass latency; tokens_per_s = decode tokens / decode time; "
-        "TTFT = first pass of each request; hit rates count resident or in-flight experts as hits",
+        ("TPOT = mean decode-pass latency; tokens_per_s = decode tokens / decode time; "
+         "TTFT = first pass of each request; hit rates count resident or in-flight experts as hits")
+        if serving.get("batch", 1) == 1 and serving.get("arrival", "closed") == "closed" else
+        ("TPOT = mean over decode tokens of their iteration's duration; tokens_per_s = decode tokens / "
+         "time of iterations with decode tokens; TTFT = arrival to the end of the request's first pass; "
+         "e2e = arrival to finish; hit rates count resident or in-flight experts as hits"),
     ]
     if extra and "compute_bound_s" in extra:
         assumptions.append(

@@ -1,0 +1,149 @@
+"""The DES against limits with known answers: infinite link, zero compute, copy engines, chunked
+prefetches, the storage tier, determinism."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from simhelpers import synthetic_trace, tiny_hardware, tiny_model
+
+from expertsim.errors import ConfigError
+from expertsim.policies import CacheConfig, LayerDecision, PrefetchRequest, System, make_policy
+from expertsim.sim import SimOptions, Simulation
+
+INF = float("inf")
+COPY_NS = 1_010_000  # tiny expert: 10 us + 12e6 B / 12 GB/s
+
+
+def zero_compute(**link):
+    return tiny_hardware(gpu={"hbm_bandwidth_gbps": INF, "tflops": {"bf16": INF}, "launch_overhead_us": 0.0},
+                         link=link)
+
+
+def run(hw, policy="lru", cache=CacheConfig(per_layer=2), trace=None, **options):
+    trace = trace if trace is not None else synthetic_trace()
+    sim = Simulation(tiny_model(), hw, make_policy(policy) if isinstance(policy, str) else policy, cache,
+                     options=SimOptions(**options))
+    return sim.run(trace)
+
+
+def test_infinite_link_gives_the_compute_only_bound_exactly():
+    hw = tiny_hardware(link={"bandwidth_gbps": INF, "per_copy_overhead_us": 0.0})
+    for policy, cache in [("lru", CacheConfig(per_layer=2)), ("no-cache", None), ("lru", CacheConfig(global_slots=3))]:
+        r = run(hw, policy, cache)
+        assert r.metrics["misses"] > 0
+        assert r.metrics["total_s"] == r.metrics["compute_bound_s"]
+        assert r.metrics["stall_s"] == 0
+
+
+def test_compute_bound_equals_the_all_on_gpu_run():
+    r = run(tiny_hardware(), "all-on-gpu", None)
+    assert r.metrics["misses"] == 0
+    assert r.metrics["total_s"] == r.metrics["compute_bound_s"]
+    assert r.metrics["link_bound_s"] == 0
+
+
+def test_zero_compute_gives_the_copy_time_of_the_misses():
+    trace = synthetic_trace(num_requests=3, prompt=3, decode=6, seed=1)
+    for policy, cache in [("lru", CacheConfig(per_layer=2)), ("no-cache", None), ("lru", CacheConfig(per_layer=3))]:
+        r = run(zero_compute(), policy, cache, trace=trace)
+        m = r.metrics
+        assert m["compute_bound_s"] == 0
+        assert m["h2d_copies"] == m["misses"] > 0
+        assert round(m["total_s"] * 1e9) == m["misses"] * COPY_NS
+        # Belady needs no more copies than the policy made; the link bound is their wire time.
+        assert m["belady_misses"] <= m["misses"]
+        assert round(m["link_bound_s"] * 1e9) == m["belady_misses"] * 1_000_000
+
+
+def test_two_copy_engines_overlap_one_copys_overhead_with_anothers_bytes():
+    # Every pass needs 2 experts per layer (1-token prompts), no cache: 2 copies per layer.
+    trace = synthetic_trace(num_requests=2, prompt=1, decode=4, seed=2)
+    passes = 2 * 5
+    one = run(zero_compute(), "no-cache", None, trace=trace)
+    two = run(zero_compute(copy_engines=2), "no-cache", None, trace=trace)
+    assert round(one.metrics["total_s"] * 1e9) == passes * 2 * 2 * COPY_NS
+    # per layer: both overheads at once (10 us), then the two copies' bytes back to back
+    assert round(two.metrics["total_s"] * 1e9) == passes * 2 * (10_000 + 2 * 1_000_000)
+
+
+class WrongPrefetcher(System):
+    """Copy on miss, and at each layer prefetch for the next layer an expert it will not use."""
+
+    name = "wrong-prefetch"
+
+    def __init__(self):
+        super().__init__(make_policy("lru").eviction)
+
+    def on_layer(self, obs):
+        trace, layer = obs.trace, obs.layer
+        if layer + 1 >= trace.num_layers:
+            return LayerDecision()
+        needed_next = set(np.unique(trace.experts[obs.tokens, layer + 1]).tolist())
+        wrong = [e for e in range(trace.num_experts) if e not in needed_next and not obs.cache.contains(layer + 1, e)]
+        return LayerDecision(prefetch=[PrefetchRequest(layer + 1, wrong[0])] if wrong else [])
+
+
+def test_chunked_copies_let_demand_overtake_and_drop_a_wrong_prefetch():
+    trace = synthetic_trace(num_requests=1, prompt=1, decode=8, seed=3)
+    whole = run(zero_compute(), WrongPrefetcher(), trace=trace, timeline=True)
+    chunked = run(zero_compute(), WrongPrefetcher(), trace=trace, timeline=True, copy_chunk_bytes=3_000_000)
+    assert whole.metrics["prefetch_copies"] > 0
+    assert chunked.metrics["cancelled_prefetches"] > 0
+    assert chunked.metrics["total_s"] < whole.metrics["total_s"]
+    assert chunked.metrics["h2d_gb"] < whole.metrics["h2d_gb"]
+    # some prefetch stopped between chunks (1 to 3 of its 4 chunks copied), and the demand copy
+    # that follows started right after that chunk, not after the whole expert
+    from collections import Counter
+
+    chunks = Counter((r[2], r[4], r[5]) for r in chunked.timeline.rows if r[1] == "prefetch")
+    assert any(1 <= n < 4 for n in chunks.values())
+    assert set(Counter((r[2], r[4], r[5]) for r in whole.timeline.rows if r[1] == "prefetch").values()) == {1}
+    # the bound still holds
+    for r in (whole, chunked):
+        assert r.metrics["total_s"] >= r.metrics["link_bound_s"]
+
+
+def test_storage_tier_reads_experts_that_do_not_fit_in_host_memory():
+    trace = synthetic_trace(num_requests=1, prompt=1, decode=4, seed=4)
+    # host holds 2 experts of 12 MB (keys 0 and 1); the other 6 live on NVMe
+    hw = zero_compute()
+    hw_small = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, memory_gb=0.03),
+                                   storage=dataclasses.replace(hw.storage, bandwidth_gbps=6.0, latency_us=100.0))
+    base = run(hw, "no-cache", None, trace=trace, timeline=True)
+    tiered = run(hw_small, "no-cache", None, trace=trace, timeline=True)
+    reads = [r for r in tiered.timeline.rows if r[0] == "storage"]
+    on_storage = sum(1 for r in base.timeline.rows if r[0] == "link" and r[4] * 4 + r[5] >= 2)
+    assert len(reads) == on_storage > 0
+    assert all(r[7] - r[6] == 100_000 + 2_000_000 for r in reads)
+    assert tiered.metrics["storage_gb"] == pytest.approx(on_storage * 0.012)
+    assert tiered.metrics["total_s"] > base.metrics["total_s"]
+    no_storage = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, memory_gb=0.03))
+    with pytest.raises(ConfigError, match="storage.bandwidth_gbps"):
+        run(no_storage, "no-cache", None, trace=trace)
+
+
+def test_runs_are_deterministic_bit_for_bit():
+    trace = synthetic_trace(num_requests=4, prompt=3, decode=5, seed=5)
+    a = run(tiny_hardware(), trace=trace, timeline=True, batch=3, arrival="poisson", rate_per_s=500.0)
+    b = run(tiny_hardware(), trace=trace, timeline=True, batch=3, arrival="poisson", rate_per_s=500.0)
+    assert a.timeline.rows == b.timeline.rows
+    drop = {"wall_s"}
+    assert {k: v for k, v in a.metrics.items() if k not in drop} == {k: v for k, v in b.metrics.items() if k not in drop}
+    assert all(isinstance(r[6], int) and isinstance(r[7], int) for r in a.timeline.rows)
+
+
+def test_timeline_rows_cover_copies_computes_and_stalls(tmp_path):
+    import json
+
+    from expertsim.sim.metrics import write_chrome_trace
+
+    r = run(tiny_hardware(), timeline=True)
+    kinds = {(row[0], row[1]) for row in r.timeline.rows}
+    assert {("gpu", "dense"), ("gpu", "expert"), ("gpu", "stall"), ("link", "copy")} <= kinds
+    copies = [row for row in r.timeline.rows if row[1] == "copy"]
+    assert len(copies) == r.metrics["h2d_copies"] and all(row[8] == 12_000_000 for row in copies)
+    path = tmp_path / "t.json"
+    write_chrome_trace(r.timeline, path)
+    assert len(json.loads(path.read_text())["traceEvents"]) == len(r.timeline) + 3
