@@ -220,17 +220,37 @@ def simulate_command(
     sets: list[str] = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens (cut at a pass boundary)."),
     timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
+    requests: int = typer.Option(None, "--requests", help="Simulate only the first N requests of the trace."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent requests: continuous batching with at most N requests per iteration."),
+    rate: float = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends)."),
+    offline: bool = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning)."),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Chunked prefill: at most N prompt tokens per request per iteration."),
+    copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
+    profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
     plugin: list[str] = PLUGIN,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Simulate one configuration (model x hardware x policy x cache) on a trace."""
+    from expertsim.errors import ConfigError
     from expertsim.sim import SimOptions
 
     tr = _load_trace(trace)
+    if requests:
+        tr = tr.head_requests(requests)
     if max_tokens:
         tr = tr.max_tokens(max_tokens)
+    if offline and rate is not None:
+        raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
+    if copy_chunk_mb is not None and not copy_chunk_mb > 0:
+        raise ConfigError(f"--copy-chunk-mb must be > 0, got {copy_chunk_mb}")
+    options = SimOptions(timeline=timeline is not None, batch=batch,
+                         arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
+                         rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
+                         copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
+                         profile=profile)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
-                      plugin, SimOptions(timeline=timeline is not None))
+                      plugin, options)
     result = sim.run(tr)
     if timeline:
         from expertsim.sim.metrics import write_chrome_trace
@@ -242,7 +262,9 @@ def simulate_command(
     for line in result.assumptions:
         typer.echo(f"# {line}")
     print_table([result.row()], SUMMARY_COLUMNS + ["ttft_ms", "tpot_p99_ms", "hit_rate_decode",
-                                                  "hit_rate_prefill", "total_s"])
+                                                  "hit_rate_prefill"])
+    print_table([result.row()], ["batch", "mean_batch", "experts_per_layer_iteration", "e2e_ms",
+                                 "peak_gpu_gb", "total_s", "compute_bound_s", "link_bound_s", "wall_s"])
     if timeline:
         typer.echo(f"timeline: {timeline} (open in https://ui.perfetto.dev or chrome://tracing)")
 
