@@ -1,0 +1,359 @@
+"""Replay a routing trace on a device with real tensors, under the simulator's own policy objects.
+
+The walk is the simulator's (``expertsim.sim.engine``): batch 1, the trace's passes in order
+(:func:`iterations`), and in each pass every model layer: the dense stand-in, then at an MoE
+layer the shared :class:`~expertsim.policies.serve.LayerServer` applies the System's decisions to
+the shared :class:`~expertsim.policies.cache.ExpertCache` (so hits, misses, evictions and
+prefetches are the simulator's, decided by the same code), and this module executes the plan:
+
+1. once the layer's attention is done (a stamp on the compute stream, the point where a real
+   router has decided), the demand copies of the missed experts start on the copy stream in
+   serve order, then the admitted prefetches;
+2. the experts compute in serve order on the compute stream, each first waiting for the copy
+   of its expert (demand or an earlier prefetch still in flight): the wait is the stall;
+3. a copy into room freed by an expert of the same layer (``wait_compute``) is issued right
+   after that expert's compute, and waits for it.
+
+One copy stream serves copies first-in first-out (one DMA engine); the simulator's link also
+serialises copies, but lets a demand copy overtake a queued prefetch, which a CUDA stream cannot.
+Cancelling an evicted prefetch that has not started is not possible either: it still runs.
+Low-precision copies (MissAction.LOW_PRECISION) are not executed (no quantised kernels here);
+experts computed on the CPU (MissAction.CPU) run synchronously on the host.
+
+The timeline has the simulator's rows (resource, kind, iteration, request, layer, expert,
+start_ns, end_ns, bytes): ``gpu dense`` (model layer), ``gpu expert``, ``gpu stall``, ``link
+copy``/``link prefetch``, ``cpu cpu_expert`` (MoE layer). A pass's latency runs from the end of
+the previous pass to the end of its last compute, as in the simulator, whose compute stream has
+no gaps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from expertsim.errors import ConfigError
+from expertsim.policies import AccessPlan, CacheConfig, ExpertCache, LayerOutcome, MissAction, RunContext, System
+from expertsim.policies.serve import LayerServer
+from expertsim.real_runner.device import torch_dtype
+from expertsim.real_runner.weights import (
+    DenseStandIn,
+    ExpertStore,
+    SlotPool,
+    apply_cpu_expert,
+    apply_expert,
+    ffn,
+    token_groups,
+)
+from expertsim.specs.model import ModelSpec
+from expertsim.traces.trace import RoutingTrace
+
+TIMELINE_COLUMNS = ("resource", "kind", "iteration", "request", "layer", "expert", "start_ns", "end_ns", "bytes")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass over tokens ``start:stop`` (the simulator's ``Iteration``)."""
+
+    index: int
+    start: int
+    stop: int
+    request: int
+    phase: int
+    context_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.stop - self.start
+
+
+def iterations(trace: RoutingTrace) -> list[Pass]:
+    """Batch 1: the trace's passes in order, as ``expertsim.sim.workload.iterations_batch1``."""
+    starts = trace.pass_starts()
+    return [Pass(index=i, start=a, stop=b, request=int(trace.request[a]), phase=int(trace.phase[a]),
+                 context_tokens=int(trace.position[b - 1]) + 1)
+            for i, (a, b) in enumerate(zip(starts[:-1].tolist(), starts[1:].tolist()))]
+
+
+def access_plan(trace: RoutingTrace, passes: list[Pass], num_experts: int) -> AccessPlan:
+    """The LayerServer's lookup order (for oracle policies), as the simulator builds it."""
+    keys = []
+    for it in passes:
+        block = trace.experts[it.start:it.stop]
+        for layer in range(trace.num_layers):
+            keys.append(layer * num_experts + np.unique(block[:, layer]).astype(np.int64))
+    flat = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    return AccessPlan(keys=flat, num_experts=num_experts)
+
+
+@dataclass
+class ReplayResult:
+    """What a replay measured: per-pass records, totals, the timeline, the layer log."""
+
+    records: list[dict]
+    totals: dict
+    timeline: dict  # column -> list, TIMELINE_COLUMNS
+    layer_log: list[tuple]  # (iteration, moe layer, hit flags in serve order, copied experts, prefetched keys)
+    outputs_finite: bool
+    config: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        return summarise_records(self.records, self.totals)
+
+
+def summarise_records(records: list[dict], totals: dict) -> dict:
+    """Headline metrics with the simulator's names and definitions (``expertsim.sim.metrics``)."""
+    end = np.array([r["end_ns"] for r in records], dtype=np.int64)
+    start = np.array([r["start_ns"] for r in records], dtype=np.int64)
+    phase = np.array([r["phase"] for r in records], dtype=np.int64)
+    hits = sum(r["hits"] for r in records)
+    misses = sum(r["misses"] for r in records)
+    tpot = (end - start)[phase == 1]
+    return {
+        "iterations": len(records),
+        "total_s": float(end.max() - start.min()) / 1e9 if len(end) else 0.0,
+        "tpot_ms": float(tpot.mean()) / 1e6 if len(tpot) else float("nan"),
+        "tpot_p50_ms": float(np.percentile(tpot, 50)) / 1e6 if len(tpot) else float("nan"),
+        "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
+        "hits": int(hits), "misses": int(misses),
+        "h2d_gb": totals.get("h2d_bytes", 0) / 1e9,
+        "h2d_copies": totals.get("copies", 0),
+        "prefetch_copies": totals.get("prefetch_copies", 0),
+        "stall_s": totals.get("stall_ns", 0) / 1e9,
+    }
+
+
+class Replayer:
+    """Real tensors for ``spec`` on ``device``, driven by ``system`` over a cache of
+    ``cache_config`` (or the system's own). ``run(trace)`` returns a :class:`ReplayResult`."""
+
+    def __init__(self, spec: ModelSpec, system: System, device, cache_config: CacheConfig | None = None,
+                 *, scope: str = "global", hardware=None, seed: int = 0, timeline: bool = True,
+                 store: ExpertStore | None = None):
+        self.spec, self.system, self.device = spec, system, device
+        fixed = system.cache_config(spec)
+        self.cache_config = fixed if fixed is not None else cache_config
+        if self.cache_config is None:
+            raise ConfigError(f"policy {system.name!r} needs a cache size: give per_layer, global_slots "
+                              f"or budget_bytes")
+        if scope not in ("global", "request"):
+            raise ConfigError(f"scope must be 'global' or 'request', got {scope!r}")
+        self.scope, self.hardware, self.seed, self.keep_timeline = scope, hardware, seed, timeline
+        self.dtype = torch_dtype(spec.dtype)
+        self.store = store if store is not None else ExpertStore(spec, device, self.dtype, seed=seed)
+
+    # --- setup ----------------------------------------------------------------------------
+    def _slots_per_partition(self, cache: ExpertCache) -> int:
+        return int(cache.capacity[0] // cache.expert_bytes)
+
+    def _row(self, cache: ExpertCache, layer: int, slot: int) -> int:
+        if not 0 <= slot < self.slots_pp:
+            raise ConfigError(f"cache slot {slot} outside the {self.slots_pp} rows of the device pool "
+                              f"(entries smaller than an expert are not supported by the real runner)")
+        return cache.partition(layer) * self.slots_pp + slot
+
+    def run(self, trace: RoutingTrace, *, unsafe_skip_copy_wait: bool = False) -> ReplayResult:
+        """Replay ``trace``. ``unsafe_skip_copy_wait`` computes without waiting for copies (for
+        the test that shows the NaN-poisoned slots catch a missing dependency)."""
+        spec, dev = self.spec, self.device
+        trace.check_model(spec)
+        passes = iterations(trace)
+        cache = ExpertCache(spec.num_moe_layers, spec.num_experts, spec.expert_bytes(), self.cache_config,
+                            self.system.eviction, top_k=spec.top_k)
+        self.slots_pp = self._slots_per_partition(cache)
+        pool = SlotPool(spec, dev, self.dtype, cache.num_partitions * self.slots_pp + 1)
+        scratch = pool.rows - 1
+        self.system.prepare(RunContext(model=spec, hardware=self.hardware, cost=None, cache=cache,
+                                       trace=trace, plan=access_plan(trace, passes, spec.num_experts)))
+        with dev.compute_context():
+            for key in self.system.initial_residents(spec):
+                layer, expert = divmod(int(key), spec.num_experts)
+                cache.admit(layer, expert)
+                cache.mark_resident(layer, expert)
+                pool.data[self._row(cache, layer, int(cache.slot[key]))].copy_(self.store.row(int(key)))
+            max_tokens = max((p.num_tokens for p in passes), default=1)
+            max_context = int(trace.position.max()) + 1 if trace.num_tokens else 1
+            dense = DenseStandIn(spec, dev, self.dtype, max_context, seed=self.seed + 1)
+            gen = torch.Generator().manual_seed(self.seed + 2)
+            inputs = torch.randn(max_tokens, spec.d_model, generator=gen).to(self.dtype).to(dev.torch_device)
+            self._warm_up(dense, pool, scratch, inputs)
+        server = LayerServer(self.system, cache, spec.expert_bytes(),
+                             spec.expert_bytes(self.system.low_precision_dtype))
+        run = _Run(self, trace, cache, server, pool, dense, inputs, unsafe_skip_copy_wait)
+        with dev.compute_context():
+            dev.start_clock()
+            run.execute(passes)
+            dev.synchronize()
+        return run.result(passes)
+
+    def _warm_up(self, dense: DenseStandIn, pool: SlotPool, scratch: int, inputs: torch.Tensor) -> None:
+        """Run every kind of operation once (kernels, allocator, copy path) before the clock."""
+        dev, spec = self.device, self.spec
+        for n in sorted({1, inputs.shape[0]}):
+            x, h = dense(0, inputs[:n].clone(), slice(0, n), n)
+            apply_expert(x, h, np.arange(n), np.ones(n, dtype=np.float32), self.store.row(0).to(dev.torch_device), spec)
+        op = dev.copy(pool.data[scratch], self.store.row(0), dev.stamp())
+        dev.wait(op)
+        ffn(inputs[:1], pool.data[scratch], spec)
+        dev.synchronize()
+        pool.data[scratch].fill_(float("nan"))
+        dev.synchronize()
+
+
+class _Run:
+    """The state of one replay (the simulator's ``_DesRun`` with real work instead of timeouts)."""
+
+    def __init__(self, rep: Replayer, trace, cache, server, pool, dense, inputs, skip_wait):
+        self.rep, self.trace, self.cache, self.server = rep, trace, cache, server
+        self.pool, self.dense, self.inputs, self.skip_wait = pool, dense, inputs, skip_wait
+        self.dev, self.spec = rep.device, rep.spec
+        self.inflight: dict[int, object] = {}  # key -> its latest copy op
+        self.rows: list[tuple] = []  # timeline rows with unresolved stamps
+        self.copy_rows: list[tuple] = []  # (kind, iteration, request, layer, expert, op)
+        self.pass_stamps: list[tuple] = []  # (start stamp, end stamp) per pass
+        self.pass_stats: list[dict] = []
+        self.layer_log: list[tuple] = []
+        self.finite: list[torch.Tensor] = []
+        self.totals = {"h2d_bytes": 0, "copies": 0, "prefetch_copies": 0, "cpu_experts": 0,
+                       "dropped_gate_mass": 0.0, "low_precision_copies": 0}
+        self.moe_index = {layer: i for i, layer in enumerate(self.spec.moe_layers)}
+        self.host_origin = time.perf_counter_ns()
+
+    def execute(self, passes: list[Pass]) -> None:
+        system, current = self.rep.system, None
+        for it in passes:
+            if it.request != current:
+                current = it.request
+                if self.rep.scope == "request":
+                    self.cache.reset()
+                    self.inflight.clear()
+                system.on_request_start(it.request)
+            stats = {"hits": 0, "misses": 0, "experts": 0}
+            start = self.dev.stamp()
+            x = self.inputs[: it.num_tokens].clone()
+            positions = slice(int(self.trace.position[it.start]), int(self.trace.position[it.stop - 1]) + 1)
+            for layer in range(self.spec.num_layers):
+                t0 = self.dev.stamp()
+                x, h = self.dense(layer, x, positions, it.context_tokens)
+                t1 = self.dev.stamp()
+                self.rows.append(("gpu", "dense", it.index, it.request, layer, -1, t0, t1, 0))
+                moe = self.moe_index.get(layer)
+                if moe is not None:
+                    self._moe_layer(it, moe, x, h, t1, stats)
+            self.finite.append(torch.isfinite(x).all())
+            self.pass_stamps.append((start, self.dev.stamp()))
+            self.pass_stats.append(stats)
+
+    def _copy(self, it: Pass, layer: int, expert: int, slot: int, nbytes: int, after, prefetch: bool):
+        key = self.cache.key(layer, expert)
+        row = self.rep._row(self.cache, layer, slot)
+        op = self.dev.copy(self.pool.data[row], self.rep.store.row(key), after)
+        self.inflight[key] = op
+        self.copy_rows.append(("prefetch" if prefetch else "copy", it.index, it.request, layer, expert, op))
+        self.totals["h2d_bytes"] += nbytes
+        self.totals["copies"] += 1
+        self.totals["prefetch_copies"] += int(prefetch)
+
+    def _moe_layer(self, it: Pass, layer: int, x: torch.Tensor, h: torch.Tensor, attention_done, stats: dict) -> None:
+        """Serve one MoE layer; the experts' gated outputs are added to the residual ``x`` in place."""
+        trace, cache, dev, spec = self.trace, self.cache, self.dev, self.spec
+        experts = trace.experts[it.start:it.stop, layer]
+        weights = None if trace.weights is None else trace.weights[it.start:it.stop, layer]
+        obs = self.server.observe(now_ns=time.perf_counter_ns() - self.host_origin, iteration=it.index,
+                                  layer=layer, tokens=np.arange(it.start, it.stop), experts=experts,
+                                  weights=weights, phase=it.phase, trace=trace)
+        plan, _ = self.server.serve(obs)
+        for key in plan.evicted:  # an evicted entry's copy (if any) no longer serves its key
+            self.inflight.pop(key, None)
+        deferred: dict[int, list[int]] = {}
+        for idx, item in enumerate(plan.items):
+            if item.action is MissAction.LOW_PRECISION:
+                raise ConfigError(f"system {self.rep.system.name!r} asked for a low-precision copy; "
+                                  f"the real runner executes full-precision copies only")
+            if item.copy_bytes:
+                if item.wait_compute >= 0:
+                    deferred.setdefault(item.wait_compute, []).append(idx)
+                else:
+                    self._copy(it, layer, item.expert, item.slot, item.copy_bytes, attention_done, False)
+        # A prefetch may take the room of an expert this layer released mid-layer (its compute
+        # still to come): then the prefetches wait for the layer's computes.
+        late_prefetch = any(item.released for item in plan.items)
+        if not late_prefetch:
+            for pf in plan.prefetches:
+                self._copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, attention_done, True)
+        groups = token_groups(experts, weights, spec.top_k)
+        for idx, item in enumerate(plan.items):
+            key = cache.key(layer, item.expert)
+            rows, gate = groups[item.expert]
+            if item.action is MissAction.SKIP:
+                self.totals["dropped_gate_mass"] += item.gate_mass
+            elif item.action is MissAction.CPU:
+                c0 = dev.stamp()
+                apply_cpu_expert(x, h, rows, gate, self.rep.store.row(key), spec)
+                self.rows.append(("cpu", "cpu_expert", it.index, it.request, layer, item.expert, c0, dev.stamp(), 0))
+                self.totals["cpu_experts"] += 1
+            else:
+                op = self.inflight.get(key)
+                if op is not None and not self.skip_wait:
+                    if dev.is_done(op):
+                        del self.inflight[key]
+                    else:
+                        s0 = dev.stamp()
+                        dev.wait(op)
+                        self.rows.append(("gpu", "stall", it.index, it.request, layer, item.expert, s0, dev.stamp(), 0))
+                c0 = dev.stamp()
+                apply_expert(x, h, rows, gate, self.pool.data[self.rep._row(cache, layer, item.slot)], spec)
+                self.rows.append(("gpu", "expert", it.index, it.request, layer, item.expert, c0, dev.stamp(), 0))
+            for j in deferred.get(idx, ()):
+                other = plan.items[j]
+                self._copy(it, layer, other.expert, other.slot, other.copy_bytes, dev.stamp(), False)
+        if late_prefetch:
+            done = dev.stamp()
+            for pf in plan.prefetches:
+                self._copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, done, True)
+        stats["hits"] += plan.hits
+        stats["misses"] += plan.misses
+        stats["experts"] += len(plan.items)
+        self.layer_log.append((it.index, layer, tuple(bool(i.hit) for i in plan.items),
+                               tuple(i.expert for i in plan.items if i.copy_bytes),
+                               tuple(cache.key(p.layer, p.expert) for p in plan.prefetches)))
+        # Timing feedback is not known until the end on an asynchronous device: none is given.
+        self.server.finish(obs, plan, LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses,
+                                                   stall_ns=0, start_ns=-1, end_ns=-1))
+
+    def result(self, passes: list[Pass]) -> ReplayResult:
+        dev = self.dev
+        cols: dict[str, list] = {c: [] for c in TIMELINE_COLUMNS}
+
+        def add(row):
+            for c, v in zip(TIMELINE_COLUMNS, row):
+                cols[c].append(v)
+
+        stall_by_pass = np.zeros(len(passes), dtype=np.int64)
+        for resource, kind, i, req, layer, expert, a, b, nbytes in self.rows:
+            start, end = dev.ns(a), dev.ns(b)
+            if kind == "stall":
+                stall_by_pass[i] += max(end - start, 0)
+            if self.rep.keep_timeline and end > start:
+                add((resource, kind, i, req, layer, expert, start, end, nbytes))
+        for kind, i, req, layer, expert, op in self.copy_rows:
+            start, end = dev.copy_ns(op)
+            if self.rep.keep_timeline:
+                add(("link", kind, i, req, layer, expert, start, end, op.nbytes))
+        records = []
+        prev_end = None
+        for it, (a, b), stats, stall in zip(passes, self.pass_stamps, self.pass_stats, stall_by_pass):
+            start, end = dev.ns(a), dev.ns(b)
+            start = start if prev_end is None else prev_end  # contiguous, as in the simulator
+            prev_end = end
+            records.append({"iteration": it.index, "request": it.request, "phase": it.phase,
+                            "tokens": it.num_tokens, "start_ns": start, "end_ns": end,
+                            "stall_ns": int(stall), **stats})
+        self.totals["stall_ns"] = int(stall_by_pass.sum())
+        finite = bool(torch.stack(self.finite).all().item()) if self.finite else True
+        config = {"model": self.spec.name, "policy": self.rep.system.label,
+                  "cache": self.rep.cache_config.describe(), "device": dev.name, "scope": self.rep.scope}
+        return ReplayResult(records=records, totals=dict(self.totals), timeline=cols,
+                            layer_log=self.layer_log, outputs_finite=finite, config=config)
