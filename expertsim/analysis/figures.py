@@ -12,7 +12,9 @@ import math
 
 # Config columns that can distinguish scenarios (besides spec overrides, which contain a dot).
 SCENARIO_COLUMNS = ["label", "model", "hardware", "batch", "engine", "scope", "trace",
-                    "trace_requests", "trace_phase", "trace_max_tokens", "seed"]
+                    "trace_requests", "trace_phase", "trace_max_tokens", "seed",
+                    "cache_per_layer", "cache_slots", "cache_gb"]
+CACHE_COLUMNS = {"cache_per_layer", "cache_slots", "cache_gb"}
 # Effective pinned host-to-device bandwidth of common links, GB/s (the presets' figures).
 LINKS_GBPS = {"PCIe 3 x16": 12.0, "PCIe 4 x16": 24.0, "PCIe 5 x16": 50.0, "NVLink-C2C": 400.0}
 BREAKDOWN = [("dense_compute_s", "dense compute"), ("expert_compute_s", "expert compute"),
@@ -52,7 +54,7 @@ def _series_names(frame, exclude=()) -> list[str]:
     names = []
     for row in frame.iter_rows(named=True):
         parts = [str(row.get("policy_label") or row.get("policy"))]
-        parts += [f"{c}={_short(row[c])}" for c in extra]
+        parts += [f"{c}={_short(row[c])}" for c in extra if row[c] is not None]
         names.append(", ".join(parts))
     return names
 
@@ -102,6 +104,7 @@ def miss_ratio_curve(frame):
     if frame.is_empty() or "cache_experts" not in frame.columns:
         return None
     timing = {c for c in frame.columns if c.startswith(("link.", "gpu.", "cpu.", "storage."))} | {"hardware"}
+    timing |= CACHE_COLUMNS
     frame = frame.filter(~pl.col("policy").is_in(["all-on-gpu"]))
     if frame.get_column("cache_experts").n_unique() < 2:
         return None
@@ -132,7 +135,7 @@ def tpot_throughput_vs_cache(frame):
     frame = frame.filter(~pl.col("policy").is_in(["all-on-gpu"]))
     if frame.get_column("expert_cache_gb").n_unique() < 2:
         return None
-    frame = _with_series(frame)
+    frame = _with_series(frame, exclude=CACHE_COLUMNS)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("TPOT (ms, lower is better)",
                                                         "decode throughput (tokens/s)"))
     _lines(fig, frame, "expert_cache_gb", "tpot_ms", row=1, col=1, hover="cache_label")
@@ -152,10 +155,13 @@ def tpot_vs_bandwidth(frame, column: str = "link.bandwidth_gbps"):
     fig = go.Figure()
     _lines(fig, frame, column, "tpot_ms", hover="cache_label")
     lo, hi = frame.get_column(column).min(), frame.get_column(column).max()
+    y_lo, y_hi = frame.get_column("tpot_ms").min(), frame.get_column("tpot_ms").max()
     for name, gbps in LINKS_GBPS.items():
         if lo / 1.5 <= gbps <= hi * 1.5:
-            fig.add_vline(x=gbps, line_dash="dot", line_color="gray",
-                          annotation_text=name, annotation_position="top")
+            # A trace, not a shape: shapes and annotations disagree about log-axis coordinates.
+            fig.add_trace(go.Scatter(x=[gbps, gbps], y=[y_lo, y_hi * 1.05], mode="lines+text",
+                                     text=["", name], textposition="top center", showlegend=False,
+                                     hoverinfo="skip", line={"dash": "dot", "color": "gray", "width": 1}))
     fig.update_layout(template=_TEMPLATE, title="TPOT vs host-to-device link bandwidth",
                       xaxis_title="effective H2D bandwidth (GB/s, log)", yaxis_title="TPOT (ms)",
                       xaxis_type="log", legend_title="series")
@@ -196,7 +202,7 @@ def latency_breakdown(frame, max_bars: int = 40):
     frame = ok_runs(frame)
     if frame.is_empty() or "tokens" not in frame.columns:
         return None
-    frame = _with_series(frame).with_columns(
+    frame = _with_series(frame, exclude=CACHE_COLUMNS).with_columns(
         pl.concat_str([pl.col("series"), pl.col("cache_label").fill_null("")], separator=" | ").alias("bar"))
     frame = frame.sort("tpot_ms").head(max_bars)
     go = _go()

@@ -123,7 +123,9 @@ def collect_figures(out_dir: Path, frame, plan: dict) -> list[tuple[str, object,
         "Time per token by activity, fastest runs first.")
     ok = F.ok_runs(frame)
     if "timeline_file" in ok.columns:
-        with_tl = ok.filter(pl.col("timeline_file").is_not_null()).sort("tpot_ms")
+        with_tl = ok.filter(pl.col("timeline_file").is_not_null()
+                            & ~pl.col("policy_label").map_elements(F.is_bound, return_dtype=pl.Boolean)
+                            ).sort("tpot_ms")
         shown = with_tl.head(1)
         if len(with_tl) > 1:
             shown = pl.concat([shown, with_tl.tail(1)])

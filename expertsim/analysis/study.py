@@ -48,6 +48,8 @@ Run keys (in ``[fixed]``, ``[grid]`` or a variant):
   (the built-in synthetic Mixtral trace). Slices: ``trace_requests`` (first N requests),
   ``trace_phase`` (``"all"``, ``"decode"``, ``"prefill"``), ``trace_max_tokens`` (first N tokens,
   cut at a pass boundary); applied in that order.
+- any other simulator option (a field of ``expertsim.sim.SimOptions``, e.g. ``arrival``,
+  ``rate_per_s``, ``prefill_chunk_tokens``, ``copy_chunk_bytes``, ``profile``), passed through.
 - ``label``: a free-form scenario name (variants set it).
 
 A run's id is a stable hash of its config (:func:`run_id`), so a resumed sweep recognises the
@@ -143,12 +145,25 @@ def _normalise_policy(value: Any) -> tuple[str, dict]:
     raise ConfigError(f"policy must be a name or a table {{ name = ..., param = ... }}, got {value!r}")
 
 
+def sim_option_keys() -> set[str]:
+    """The simulator's options (SimOptions fields) a study may set per run, e.g. arrival."""
+    import dataclasses
+
+    from expertsim.sim import SimOptions
+
+    return {f.name for f in dataclasses.fields(SimOptions)} - {"timeline", "timeline_iterations"}
+
+
 def _check_keys(where: str, table: dict) -> None:
     for key in table:
         if key not in RUN_KEYS and key != "policy_params" and not is_override(key):
+            options = sim_option_keys()
+            if key in options:
+                continue
             raise ConfigError(
-                f"{where}: unknown key {key!r}; run keys are {', '.join(sorted(RUN_KEYS))} or a spec "
-                f"override starting with {', '.join(OVERRIDE_PREFIXES)} (e.g. \"link.bandwidth_gbps\")"
+                f"{where}: unknown key {key!r}; run keys are {', '.join(sorted(RUN_KEYS))}, a simulator "
+                f"option ({', '.join(sorted(options))}) or a spec override starting with "
+                f"{', '.join(OVERRIDE_PREFIXES)} (e.g. \"link.bandwidth_gbps\")"
             )
 
 

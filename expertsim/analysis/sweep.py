@@ -103,6 +103,10 @@ def _sim_options(config: dict):
     if config.get("timeline_iterations") is not None:
         a, b = config["timeline_iterations"]
         kwargs["timeline_iterations"] = (int(a), int(b))
+    for key in names - {"scope", "timeline", "timeline_iterations", "batch", "engine"}:
+        if config.get(key) is not None:
+            value = config[key]
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
     for key, default in (("batch", 1), ("engine", "des")):
         value = config.get(key, default)
         if key in names:
