@@ -1,0 +1,137 @@
+"""`expertsim calibrate` and `expertsim validate` (registered on the main app by ``cli.py``).
+
+This module imports typer only; torch, the simulator, polars and plotly load inside the commands.
+"""
+from __future__ import annotations
+
+import json
+
+import typer
+
+# Per-device defaults: the CPU emulation shrinks the model hard and stores fp32 (bf16 GEMMs are
+# slow on most CPUs) behind an emulated 1 GB/s link, so that copies cost several expert
+# computes, as over PCIe; a GPU keeps Mixtral's full expert width in its own dtype.
+DEVICE_DEFAULTS = {
+    "cpu": {"layers": 4, "experts_scale": 0.0625, "dtype": "fp32", "link_gbps": 1.0, "max_tokens": 1000},
+    "cuda": {"layers": 4, "experts_scale": 1.0, "dtype": None, "link_gbps": None, "max_tokens": 1200},
+}
+
+
+def _defaults(device: str, **given):
+    from expertsim.errors import ConfigError
+
+    if device not in DEVICE_DEFAULTS:
+        raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
+    return {k: (given[k] if given.get(k) is not None else v) for k, v in DEVICE_DEFAULTS[device].items()}
+
+
+def _echo_json(obj) -> None:
+    def default(value):
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        return str(value)
+
+    typer.echo(json.dumps(obj, indent=2, default=default))
+
+
+def calibrate_command(
+    device: str = typer.Option("cuda", "--device", "-d", help="cuda (a GPU) or cpu (the emulated device)."),
+    model: str = typer.Option("mixtral-8x7b", "--model", "-m", help="Model preset or TOML file."),
+    out: str = typer.Option("profile.json", "--out", "-o", help="Where to write the profile (JSON)."),
+    layers: int = typer.Option(None, "--layers", help="Keep the first N MoE layers (default: per device)."),
+    experts_scale: float = typer.Option(None, "--experts-scale", help="Scale d_model/d_ff by S (default: per device)."),
+    dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: the model's; fp32 on cpu)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Largest pass (tokens) to time."),
+    max_context: int = typer.Option(2048, "--max-context", help="Longest KV length to time."),
+    link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth (GB/s)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer points and repetitions (seconds, for CI)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+) -> None:
+    """Measure a device (copy bandwidth vs size, pinned and pageable, per-copy overhead, expert
+    FFN vs tokens, dense layer vs tokens and KV length, CPU expert) into a profile for
+    `expertsim simulate --profile`."""
+    from expertsim.real_runner.calibrate import calibrate
+    from expertsim.real_runner.device import make_device
+    from expertsim.real_runner.profile import save_profile
+    from expertsim.real_runner.shrink import shrink_model
+    from expertsim.specs import load_model
+
+    d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps)
+    spec = shrink_model(load_model(model), layers=d["layers"], experts_scale=d["experts_scale"], dtype=d["dtype"])
+    dev = make_device(device, link_gbps=d["link_gbps"])
+    try:
+        profile = calibrate(spec, dev, max_tokens=max_tokens, max_context=max_context, quick=quick,
+                            progress=lambda msg: typer.echo(msg, err=True))
+    finally:
+        dev.close()
+    path = save_profile(profile, out)
+    if as_json:
+        _echo_json(profile)
+        return
+    typer.echo(f"profile: {path} ({profile['device']}, {spec.name})")
+    typer.echo(f"copy: {profile['copy_bandwidth_gbps']:.2f} GB/s + {profile['copy_overhead_ns'] / 1e3:.1f} us per copy; "
+               f"one expert ({profile['expert_bytes'] / 2**20:.1f} MiB) {profile['copy']['ns'][-1] / 1e6:.3f} ms")
+    typer.echo(f"expert FFN (1 token): {profile['expert']['ns'][0] / 1e6:.3f} ms; dense layer (1 token): "
+               f"{profile['dense']['ns'][0][0] / 1e6:.3f} ms; CPU expert (1 token): {profile['cpu_expert']['ns'][0] / 1e6:.3f} ms")
+
+
+def validate_command(
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu (emulated device) or cuda (a GPU)."),
+    model: str = typer.Option("mixtral-8x7b", "--model", "-m", help="Model preset or TOML file."),
+    trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: the built-in synthetic trace."),
+    layers: int = typer.Option(None, "--layers", help="Keep the first N MoE layers (default: 4)."),
+    experts_scale: float = typer.Option(None, "--experts-scale", help="Scale d_model/d_ff by S (default: 1/16 on cpu, 1 on cuda)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Replay the first M tokens of the trace (default: 1000 on cpu, 1200 on cuda)."),
+    out: str = typer.Option("expertsim-validate", "--out", "-o", help="Folder for the measurements, Parquet results and the HTML scatter."),
+    policies: str = typer.Option(None, "--policies", help="Comma-separated NAME[:K] (K slots per layer). Default: no-cache, lru:2, lru:4, a prefetching system when registered, all-on-gpu."),
+    dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: fp32 on cpu, the model's on cuda)."),
+    link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
+    measured: str = typer.Option(None, "--measured", help="A folder written by benchmarks/gpu_validate.sh: predict and compare only."),
+    export: str = typer.Option(None, "--export", help="Only write the trace slice and shrunk spec to this .npz (for benchmarks/gpu_validate.sh --bundle)."),
+    quick: bool = typer.Option(False, "--quick", help="Quick calibration (CI)."),
+    as_json: bool = typer.Option(False, "--json", help="Print median_abs_error, p95_abs_error, total_time_error, kendall_tau and the per-policy list as JSON."),
+) -> None:
+    """Replay a trace slice on a device under several policies, simulate the same slice with the
+    calibrated profile, and report the simulator's error (per-token latency, total time, hit
+    rate) and whether it ranks the policies as measured (Kendall tau)."""
+    from expertsim.validate import prepare_slice, validate
+
+    d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps,
+                  max_tokens=max_tokens)
+    if export:
+        from expertsim.real_runner.shrink import write_bundle
+
+        spec, tr = prepare_slice(model, trace, layers=d["layers"], experts_scale=d["experts_scale"],
+                                 max_tokens=d["max_tokens"], dtype=d["dtype"])
+        path = write_bundle(export, tr, spec, {"trace": str(trace or "synthetic default"), "layers": d["layers"],
+                                               "experts_scale": d["experts_scale"], "max_tokens": d["max_tokens"]})
+        typer.echo(f"bundle: {path} ({spec.name}, {tr.num_tokens} tokens); run "
+                   f"benchmarks/gpu_validate.sh --bundle {path} --out DIR, then "
+                   f"expertsim validate --measured DIR")
+        return
+    policy_list = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+    report, paths = validate(
+        device=device, model=model, trace_path=trace, layers=d["layers"], experts_scale=d["experts_scale"],
+        max_tokens=d["max_tokens"], out=out, policies=policy_list, dtype=d["dtype"],
+        link_gbps=d["link_gbps"] if device == "cpu" else None, quick=quick, measured=measured,
+        progress=lambda msg: typer.echo(msg, err=True))
+    keys = ("median_abs_error", "p95_abs_error", "total_time_error", "kendall_tau")
+    if as_json:
+        _echo_json({**{k: report[k] for k in keys}, "median_abs_error_ms": report["median_abs_error_ms"],
+                    "device": report["device"], "model": report["model"],
+                    "decode_tokens": report["decode_tokens"], "policies": report["policies"],
+                    "outputs": {k: str(v) for k, v in paths.items()}})
+        return
+    typer.echo(f"# {report['device']}, {report['model']}, {report['trace_tokens']} tokens "
+               f"({report['decode_tokens']} decode); errors are |predicted - measured| / measured per decode pass")
+    cols = ["policy", "cache", "measured_tpot_ms", "predicted_tpot_ms", "median_abs_error", "p95_abs_error",
+            "total_time_error", "measured_hit_rate", "predicted_hit_rate"]
+    rows = [[str(p["policy"]), str(p["cache"])] + [f"{p[c]:.4g}" for c in cols[2:]] for p in report["policies"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    typer.echo("overall: " + ", ".join(f"{k} {report[k]:.4g}" for k in keys))
+    typer.echo(f"results: {paths['policies']}  per token: {paths['per_token']}  scatter: {paths['html']}")
