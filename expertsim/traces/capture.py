@@ -442,7 +442,7 @@ def capture_from_files(*, prompts_path: str | Path, model_path: str | Path | Non
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = [tok(t, add_special_tokens=True)["input_ids"][:max_prompt_tokens] for t in texts]
-    meta = {"model": getattr(model.config, "_name_or_path", path.name) or path.name,
+    meta = {"model": path.name, "model_path": str(path),
             "source": f"capture: {path.name} on {Path(prompts_path).name}, greedy decode {max_new_tokens} tokens"}
     return capture(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    pad_token_id=pad, eos_token_id=tok.eos_token_id, spec_depth=spec_depth,

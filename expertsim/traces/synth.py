@@ -230,18 +230,23 @@ class FittedGenerator:
         """Routing of len(num_tokens) independent requests (fresh state each), one array
         [num_tokens[r], layers, k] per request."""
         R, L, E, k = len(num_tokens), self.num_layers, self.num_experts, self.top_k
-        out = [np.empty((int(t), L, k), dtype=np.int64) for t in num_tokens]
-        last = np.full((R, L, E), -1, dtype=np.int64)
+        num_tokens = np.asarray(num_tokens, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(num_tokens)])
+        flat = np.empty((int(offsets[-1]), L, k), dtype=np.int64)
+        # Requests longest first, so the active ones at each column are a prefix (views, no copies).
+        by_len = np.argsort(-num_tokens, kind="stable")
+        sorted_len = num_tokens[by_len]
+        last = np.full((R, L, E), -1, dtype=np.int32)
         lidx = np.arange(L)
         pos_range = np.arange(E)
         for c in range(int(max(num_tokens, default=0))):
-            act = np.flatnonzero(num_tokens > c)
-            if len(act) == 0:
+            a = int(np.searchsorted(-sorted_len, -c, side="left"))
+            if a == 0:
                 break
-            la = last[act]  # [a, L, E]
+            act = by_len[:a]
+            la = last[:a]  # [a, L, E], a view
             seen = la >= 0
             m = seen.sum(axis=2)  # [a, L]
-            a = len(act)
             b = _bucket(m, self.edges)
             n_new = _categorical(rng, self.new_count[lidx[None, :], b])  # [a, L]
             n_new = np.clip(n_new, k - np.minimum(m, k), np.minimum(k, E - m))
@@ -270,38 +275,50 @@ class FittedGenerator:
             if (n_new > 0).any():
                 self._new_experts(rng, chosen, n_reuse, n_new, seen)
             ids = chosen
-            for r_local, r in enumerate(act):
-                out[r][c] = ids[r_local]
+            flat[offsets[act] + c] = ids
             # Update recency: the token's experts in ascending id order (higher id more recent).
             srt = np.sort(ids, axis=2)
             stamp = (c + 1) * k + np.arange(k)
             ar = np.arange(a)[:, None, None]
             la[ar, lidx[None, :, None], srt] = stamp
-            last[act] = la
-        return out
+        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def _new_experts(self, rng, chosen, n_reuse, n_new, seen) -> None:
-        a, L, k = chosen.shape
-        taken = seen.copy()
-        for l in range(L):
-            rows = np.flatnonzero(n_new[:, l] > 0)
-            if len(rows) == 0:
-                continue
-            base = np.broadcast_to(self.pop[l], (len(rows), self.num_experts)).copy()
-            if l > 0 and self.transition is not None:
-                anchor = chosen[rows, l - 1, 0]
-                trans = self.transition[l - 1][anchor]
-                base = np.where(trans.sum(axis=1, keepdims=True) > 0, trans + 0.05 * base, base)
-            for j in range(k):
-                slot = n_reuse[rows, l] + j
-                want = n_new[rows, l] > j
-                if not want.any():
-                    break
-                w = np.where(taken[rows, l], 0.0, base + 1e-12)
-                e = _categorical(rng, w)
-                sel = rows[want]
-                chosen[sel, l, slot[want]] = e[want]
-                taken[sel, l, e[want]] = True
+        """Fill the new-expert slots. A (request, layer) whose previous layer's first expert is
+        already known (reused, or layer 0) is done in one vectorised batch; the rest (the
+        previous layer's first expert is itself new) go layer by layer, in order."""
+        L = chosen.shape[1]
+        need = n_new > 0
+        known = np.ones_like(need)
+        known[:, 1:] = n_reuse[:, :-1] > 0
+        r, l = np.nonzero(need & known)
+        self._fill(rng, chosen, n_reuse, n_new, seen, r, l)
+        late = need & ~known
+        for layer in range(1, L):
+            rows = np.flatnonzero(late[:, layer])
+            if len(rows):
+                self._fill(rng, chosen, n_reuse, n_new, seen, rows, np.full(len(rows), layer))
+
+    def _fill(self, rng, chosen, n_reuse, n_new, seen, r, l) -> None:
+        if len(r) == 0:
+            return
+        base = self.pop[l]
+        if self.transition is not None:
+            has = l > 0
+            anchor = chosen[r, np.maximum(l - 1, 0), 0]
+            trans = self.transition[np.maximum(l - 1, 0), np.maximum(anchor, 0)]
+            use = has & (anchor >= 0) & (trans.sum(axis=1) > 0)
+            base = np.where(use[:, None], trans + 0.05 * base, base)
+        taken = seen[r, l].copy()
+        idx = np.arange(len(r))
+        for j in range(chosen.shape[2]):
+            want = n_new[r, l] > j
+            if not want.any():
+                break
+            e = _categorical(rng, np.where(taken, 0.0, base + 1e-12))
+            w = np.flatnonzero(want)
+            chosen[r[w], l[w], n_reuse[r[w], l[w]] + j] = e[w]
+            taken[idx[w], e[w]] = True
 
     def sample(self, num_requests: int, *, seed: int = 0, lengths=None, metadata: dict | None = None) -> RoutingTrace:
         """A trace of ``num_requests`` requests: (prefill, decode) lengths drawn from the fit's

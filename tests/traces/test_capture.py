@@ -208,3 +208,34 @@ def test_cli_capture_tiny(tmp_path):
     assert tr.metadata["untrained"] == "true" and "spec_d1" in tr.extras
     assert tr.num_requests == 2 and (tr.phase == 1).sum() == 4
     assert (tr.phase == 0).sum() == len("hello there") + 1 + len("a second prompt") + 1
+
+
+def test_capture_from_a_local_checkpoint_offline(tmp_path):
+    """--model-path: a saved checkpoint with its tokenizer, loaded with local_files_only."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from expertsim.traces.capture import capture_from_files
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "hello", "world", "the", "cat"] + [f"w{i}" for i in range(40)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+    cfg = tiny_config("qwen3_moe", num_layers=2, num_experts=8, top_k=2)
+    cfg.vocab_size = len(words)
+    ckpt = tmp_path / "ckpt"
+    build_tiny_model(cfg).save_pretrained(ckpt)
+    fast.save_pretrained(ckpt)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello world the cat\n\nthe cat\n")
+    tr = capture_from_files(prompts_path=prompts, model_path=ckpt, max_new_tokens=3, batch_size=2)
+    assert tr.num_requests == 2 and tr.metadata["model"] == "ckpt"
+    assert tr.token_id[tr.phase == 0].tolist() == [4, 5, 6, 7, 6, 7]
+    with pytest.raises(TraceError, match="exactly one of --model-path"):
+        capture_from_files(prompts_path=prompts, model_path=ckpt, tiny="mixtral-8x7b")
+    with pytest.raises(TraceError, match="not a directory"):
+        capture_from_files(prompts_path=prompts, model_path=tmp_path / "none")
+
+
+def test_spec_sentinel_is_never_a_valid_id():
+    assert spec_invalid(8) == 255 and spec_invalid(255) == 255
+    assert spec_invalid(256) == 65535  # DeepSeek-V3: ids 0..255 fill uint8, so uint16
