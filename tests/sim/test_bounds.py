@@ -2,6 +2,7 @@
 max(compute-only bound, link bound) over many random small configurations."""
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 
 import numpy as np
@@ -15,35 +16,43 @@ from expertsim.sim import SimOptions, Simulation
 from expertsim.sim.bounds import belady_misses
 
 
-def brute_force_min_misses(seq: tuple[int, ...], slots: int) -> int:
+def brute_force_min_copies(sets: tuple[frozenset, ...], slots: int) -> int:
+    """The model of bounds.py by exhaustive search: at each step the set S is needed, |S - C| are
+    copied, and the next cache is any ``slots`` of C + S."""
     @lru_cache(maxsize=None)
     def best(i: int, cache: frozenset) -> int:
-        if i == len(seq):
+        if i == len(sets):
             return 0
-        key = seq[i]
-        if key in cache:
-            return best(i + 1, cache)
-        if len(cache) < slots:
-            return 1 + best(i + 1, cache | {key})
-        return 1 + min(best(i + 1, (cache - {v}) | {key}) for v in cache)
+        union = cache | sets[i]
+        cost = len(sets[i] - cache)
+        keep = min(slots, len(union))
+        return cost + min(best(i + 1, frozenset(c)) for c in itertools.combinations(sorted(union), keep))
 
     return best(0, frozenset())
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 5), min_size=1, max_size=14), st.integers(1, 4))
-def test_belady_matches_brute_force(seq, slots):
-    plan = AccessPlan(keys=np.asarray(seq, dtype=np.int64), num_experts=6)
-    assert belady_misses(plan, partitions=1, slots=slots) == brute_force_min_misses(tuple(seq), slots)
+@given(st.lists(st.sets(st.integers(0, 5), min_size=1, max_size=3), min_size=1, max_size=9), st.integers(1, 4))
+def test_belady_matches_brute_force(sets, slots):
+    keys = np.concatenate([sorted(x) for x in sets]).astype(np.int64)
+    steps = np.concatenate([[i] * len(x) for i, x in enumerate(sets)]).astype(np.int64)
+    plan = AccessPlan(keys=keys, num_experts=6)
+    expected = brute_force_min_copies(tuple(frozenset(x) for x in sets), slots)
+    assert belady_misses(plan, partitions=1, slots=slots, steps=steps) == expected
 
 
 def test_belady_per_layer_partitions_and_initial_residents():
-    # keys of layer 0 (0..3) and layer 1 (4..7), 1 slot per layer: each layer alone
+    # keys of layer 0 (0..3) and layer 1 (4..7), one access per step
     plan = AccessPlan(keys=np.array([0, 4, 1, 5, 0, 4], dtype=np.int64), num_experts=4)
-    assert belady_misses(plan, partitions=2, slots=1) == 6
-    assert belady_misses(plan, partitions=2, slots=2) == 4
-    assert belady_misses(plan, partitions=1, slots=2) == 5  # one pool: 0, 4, 1 (evicts 4), 5 (evicts 1), 4
-    assert belady_misses(plan, partitions=2, slots=2, initial_residents=[0, 4]) == 2
+    # 1 slot per layer: 0 copied, 1 copied and dropped at once (never used again), 0 hits
+    assert belady_misses(plan, partitions=2, slots=1) == 4
+    assert belady_misses(plan, partitions=2, slots=1, initial_residents=[0, 4]) == 2
+    # one pool of 1 slot: keep 0 (needed again soonest); 4, 1, 5 copied and dropped; 0 hits; 4 copied
+    assert belady_misses(plan, partitions=1, slots=1) == 5
+    # sets: layer 0 needs {0, 1} then {0, 1} with 1 slot: 2 copies, then 1 (keep one of them)
+    sets = AccessPlan(keys=np.array([0, 1, 0, 1], dtype=np.int64), num_experts=4)
+    assert belady_misses(sets, partitions=2, slots=1, steps=np.array([0, 0, 1, 1])) == 3
+    assert belady_misses(sets, partitions=2, slots=2, steps=np.array([0, 0, 1, 1])) == 2
 
 
 def test_belady_lower_bounds_the_belady_eviction_policy_on_a_real_run():
@@ -57,8 +66,8 @@ def test_belady_lower_bounds_the_belady_eviction_policy_on_a_real_run():
         r = Simulation(model, tiny_hardware(), policy, CacheConfig(per_layer=3)).run(trace)
         assert r.metrics["belady_misses"] <= r.metrics["misses"]
         if name == "belady":
-            # under "together" semantics the policy may need a few more, never fewer
-            assert r.metrics["misses"] <= 1.25 * r.metrics["belady_misses"]
+            # the engine cannot drop a needed expert without using a slot: a few more, never fewer
+            assert r.metrics["misses"] <= 1.5 * r.metrics["belady_misses"]
 
 
 @st.composite
