@@ -197,18 +197,19 @@ def reuse_distance_histogram(trace: RoutingTrace, *, phase: str = "decode") -> d
             "cold": float(cold.sum() / total)}
 
 
-def default_cache_sizes(num_experts: int) -> list[int]:
+def default_cache_sizes(num_experts: int, top_k: int = 1) -> list[int]:
+    """Every size up to 16 experts; above, powers of two, quarters of the layer and k, 2k, 4k."""
     if num_experts <= 16:
         return list(range(1, num_experts + 1))
     sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, num_experts // 4, num_experts // 2,
-                    3 * num_experts // 4, num_experts})
+                    3 * num_experts // 4, num_experts, top_k, 2 * top_k, 4 * top_k})
     return [s for s in sizes if 1 <= s <= num_experts]
 
 
 def trace_stats(trace: RoutingTrace, *, phase: str = "decode", cache_sizes=None) -> dict:
     """Every statistic above in one JSON-friendly dict (per-layer lists, overall summaries)."""
     sub = _phase_trace(trace, phase)
-    sizes = default_cache_sizes(sub.num_experts) if cache_sizes is None else list(cache_sizes)
+    sizes = default_cache_sizes(sub.num_experts, sub.top_k) if cache_sizes is None else list(cache_sizes)
     pop = popularity(sub, phase="all")
     ent = _entropy_bits(pop, axis=1)
     dist = stack_distances(sub.experts, sub.request, sub.num_experts)
