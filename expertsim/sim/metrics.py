@@ -43,7 +43,7 @@ def write_chrome_trace(timeline: "Timeline | None", path) -> None:
 
     if timeline is None:
         raise ValueError("the run recorded no timeline; run with SimOptions(timeline=True)")
-    tids = {"gpu": 1, "link": 2, "cpu": 3}
+    tids = {"gpu": 1, "link": 2, "cpu": 3, "storage": 4}
     events = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
               for name, tid in tids.items()]
     for resource, kind, it, req, layer, expert, start, end, nbytes in timeline.rows:
