@@ -19,6 +19,8 @@ variants (a list of scenarios, each crossed with the grid)::
     "link.bandwidth_gbps" = [16, 32, 64] # any spec override (model.*, gpu.*, link.*, cpu.*, storage.*)
     policy = ["lru", { name = "lfu", decay = 0.9 }]   # a name, or a table: name + parameters
     cache_per_layer = [2, 4, 6]
+    # An axis of tables sets several keys at once (its name is free):
+    # cache = [{ cache_per_layer = "max" }, { cache_slots = "max" }]
 
     [[variants]]                         # optional named scenarios; a list, not a product
     label = "PCIe 5"
@@ -240,11 +242,17 @@ def expand(data: dict, *, base_dir: Path | None = None, name: str = "study") -> 
     grid = dict(data.get("grid", {}))
     variants = list(data.get("variants", [])) or [{}]
     _check_keys("[fixed]", fixed)
-    _check_keys("[grid]", grid)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"[grid] {key} must be a non-empty list, got {values!r}; "
                               f"put single values in [fixed]")
+    # An axis of tables (other than policy) sets several run keys at once, e.g.
+    # cache = [{ cache_per_layer = "max" }, { cache_slots = "max" }]; its name is free.
+    table_axes = {k for k, v in grid.items() if k != "policy" and all(isinstance(x, dict) for x in v)}
+    _check_keys("[grid]", {k: v for k, v in grid.items() if k not in table_axes})
+    for key in table_axes:
+        for table in grid[key]:
+            _check_keys(f"[grid] {key}", table)
     for i, variant in enumerate(variants):
         if not isinstance(variant, dict):
             raise ConfigError(f"[[variants]] #{i + 1} must be a table")
@@ -259,7 +267,13 @@ def expand(data: dict, *, base_dir: Path | None = None, name: str = "study") -> 
     seen: set[str] = set()
     for variant in variants:
         for combo in itertools.product(*(grid[k] for k in keys)):
-            raw = {**fixed, **dict(zip(keys, combo)), **variant}
+            raw = dict(fixed)
+            for key, value in zip(keys, combo):
+                if key in table_axes:
+                    raw.update(value)
+                else:
+                    raw[key] = value
+            raw.update(variant)
             configs.append(normalise_config(raw, base_dir))
     fixed_cache = _fixed_cache_policies(configs)
     runs = []
@@ -277,7 +291,8 @@ def expand(data: dict, *, base_dir: Path | None = None, name: str = "study") -> 
             continue
         seen.add(rid)
         runs.append({"run_id": rid, **config})
-    swept = sorted({k for k in keys} | {k for v in variants for k in v})
+    swept = sorted({k for k in keys if k not in table_axes} | {k for a in table_axes for t in grid[a] for k in t}
+                   | {k for v in variants for k in v})
     policies = [c["policy"] for c in runs]
     baseline = data.get("baseline") or ("no-cache" if "no-cache" in policies else (policies[0] if policies else None))
     return Study(name=str(data.get("name", name)), runs=runs, description=str(data.get("description", "")),

@@ -94,3 +94,13 @@ def test_format_frame_handles_nan_and_none():
     frame = pl.DataFrame({"a": [1.0, float("nan")], "b": ["x", None]})
     assert "-" in format_frame(frame, "table")
     assert format_frame(frame, "markdown").count("\n") == 3
+
+
+def test_report_cli_writes_html(sweep_dir, tmp_path):
+    out, _ = sweep_dir
+    target = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["report", str(out), "--path", str(target)])
+    assert res.exit_code == 0, res.output
+    text = target.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "best policy per scenario" in text
+    assert "16 runs finished of 16 planned: 8 ok, 8 failed" in text

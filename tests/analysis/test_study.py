@@ -72,3 +72,14 @@ def test_trace_relative_to_study_file(tmp_path):
     (config,) = study.runs
     assert config["trace"] == "t.parquet"
     assert config["trace_path"] == str((tmp_path / "t.parquet").resolve())
+
+
+def test_table_axis_sets_several_keys(tmp_path):
+    text = ('[grid]\npolicy = ["lru"]\ncache = [{ cache_per_layer = "max" }, { cache_slots = 100 }]\n'
+            '"link.bandwidth_gbps" = [16, 32]\n')
+    study = load_study(write_study(tmp_path, text))
+    assert len(study) == 4
+    assert sorted(str(c.get("cache_per_layer", c.get("cache_slots"))) for c in study.runs) == ["100", "100", "max", "max"]
+    assert "cache" not in study.runs[0] and "cache_slots" in study.swept_keys
+    with pytest.raises(ConfigError, match="unknown key 'cache_size'"):
+        expand({"grid": {"cache": [{"cache_size": 1}]}})

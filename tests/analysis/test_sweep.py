@@ -147,3 +147,35 @@ def test_ray_backend_matches_local(tmp_path):
     assert a.columns == b.columns
     assert a.equals(b), "ray and local results differ"
     assert a.height == len(study)
+
+
+@pytest.mark.shared
+def test_shared_mixtral_trace_run_records_its_hash():
+    from .conftest import shared_trace_path
+
+    path = shared_trace_path("mixtral-8x7b-mtbench.dev.parquet")
+    from expertsim.analysis.sweep import file_sha256
+
+    config = normalise_config({"trace": str(path), "trace_requests": 1, "trace_phase": "decode",
+                               "trace_max_tokens": 16, "policy": "lru", "cache_per_layer": 4,
+                               "model.dtype": "int4"})
+    assert config["trace"] == path.name
+    rec = run_one(config)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["provenance"]["trace_sha256"] == file_sha256(str(path)) and len(file_sha256(str(path))) == 64
+    assert rec["metrics"]["decode_tokens"] == 16 and 0 < rec["metrics"]["hit_rate"] < 1
+
+
+def test_progress_line_reports_rate_and_eta():
+    import io
+
+    from expertsim.analysis.sweep import Progress
+
+    stream = io.StringIO()
+    bar = Progress(10, already=2, stream=stream, min_interval_s=0)
+    time.sleep(0.05)
+    bar.update("ok")
+    bar.update("error")
+    lines = stream.getvalue().strip().splitlines()
+    assert lines[-1].startswith("[") and "4/10 runs, 1 errors" in lines[-1]
+    assert "runs/min" in lines[-1] and "ETA" in lines[-1] and "ETA ?" not in lines[-1]
