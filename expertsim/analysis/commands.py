@@ -32,8 +32,15 @@ def sweep(
         return
     typer.echo(f"{len(st)} runs: {done} already finished, {len(todo)} to run "
                f"({backend}, {jobs or 'all'} jobs) -> {out}", err=True)
-    summary = run_sweep(st, out, backend=backend, jobs=jobs or None, address=address,
-                        retry_errors=retry_errors)
+    try:
+        summary = run_sweep(st, out, backend=backend, jobs=jobs or None, address=address,
+                            retry_errors=retry_errors)
+    except KeyboardInterrupt:
+        from expertsim.analysis.sweep import finished_run_ids
+
+        typer.echo(f"\ninterrupted: {len(finished_run_ids(out) & set(st.run_ids))} of {len(st)} runs "
+                   f"finished in {out}; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"done: {summary.ran} ran ({summary.errors} failed), {summary.skipped} skipped, "
                f"{summary.wall_s:.1f} s, {summary.runs_per_minute:.1f} runs/min; "
                f"results: {summary.results_path}", err=True)
