@@ -1,0 +1,674 @@
+"""The fast replay engine: the built-in policies' exact hit/miss sequence and timing, without SimPy.
+
+The reference engines (the SimPy DES and the general cache replay) drive any policy through the
+shared :class:`~expertsim.policies.serve.LayerServer`, one Python call per lookup. For the systems
+whose decisions are fixed (the base :class:`~expertsim.policies.System` with :class:`LRU`
+eviction, ``no-cache`` and ``all-on-gpu``) the same sequence follows from a few arrays:
+
+- *Access groups*: for every (pass, MoE layer), the needed experts in ascending id order (the
+  LayerServer's lookup order) and how many of the pass's tokens route to each. Built with numpy.
+- *The cache* (:func:`_lru_kernel`): one LRU recency list per cache partition (per layer or one
+  global pool) as an intrusive doubly linked list over the keys. A group's needed experts move to
+  the most-recent end in ascending id order (their lookup ticks), then the least-recent unpinned
+  entries leave until the misses fit. When every entry is pinned (the union of a prefill pass is
+  larger than the cache), the earliest-served items are released in serve order, exactly as
+  :meth:`LayerServer.serve` does, and the kernel records which item each such copy waits for.
+- *Timing* (:func:`_timing_kernel`): at batch 1 with no prefetch, every copy of a layer is
+  requested at the layer's start (in serve order), or when the compute of the item whose room it
+  reuses ends; the single link serves them first come, first served, which is serve order. The
+  compute stream serves hits first, then each miss once its copy has landed. All durations are
+  integer nanoseconds from the same :class:`~expertsim.sim.cost.CostModel`, so totals are equal
+  to the DES's, not just close.
+
+The kernels are plain Python over numpy arrays, compiled by numba when it is installed (the
+``fast`` extra); without numba they run as Python, with the same results, slower.
+``supports_cache_replay`` and ``supports_simulation`` refuse anything these kernels do not
+reproduce exactly (other policies, subclasses, prefetch, timelines, batching), so callers fall back
+to the reference engines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from expertsim.errors import ConfigError
+
+try:  # numba is optional: the `fast` extra
+    import numba
+
+    HAVE_NUMBA = True
+    _njit = numba.njit(cache=True, nogil=True)
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    HAVE_NUMBA = False
+
+    def _njit(func):
+        return func
+
+
+# --- kernels ----------------------------------------------------------------------------
+@_njit
+def _lru_kernel(keys, gstart, gpart, greset, clear_after, capacity, num_keys, initial):
+    """Replay access groups through per-partition LRU lists with the LayerServer's "together"
+    semantics. Returns (hit[access], release[access], peak_entries): ``release[i]`` is, for a
+    miss whose admission had to release an item of its own group, that item's index in the
+    group's serve order (hits ascending, then misses ascending), else -1."""
+    num_parts = capacity.shape[0]
+    n_nodes = num_keys + num_parts  # one sentinel node per partition
+    nxt = np.empty(n_nodes, dtype=np.int64)
+    prv = np.empty(n_nodes, dtype=np.int64)
+    for p in range(num_parts):
+        s = num_keys + p
+        nxt[s] = s
+        prv[s] = s
+    present = np.zeros(num_keys, dtype=np.bool_)
+    count = np.zeros(num_parts, dtype=np.int64)
+    total = 0
+    for key in initial:  # admitted in order before the run (one global partition)
+        p = 0
+        s = num_keys + p
+        last = prv[s]
+        nxt[last] = key
+        prv[key] = last
+        nxt[key] = s
+        prv[s] = key
+        present[key] = True
+        count[p] += 1
+        total += 1
+    peak = total
+    n_groups = gpart.shape[0]
+    hit = np.zeros(keys.shape[0], dtype=np.bool_)
+    release = np.full(keys.shape[0], -1, dtype=np.int64)
+    for g in range(n_groups):
+        if greset[g]:
+            for p in range(num_parts):
+                s = num_keys + p
+                node = nxt[s]
+                while node != s:
+                    present[node] = False
+                    node = nxt[node]
+                nxt[s] = s
+                prv[s] = s
+                count[p] = 0
+            total = 0
+        p = gpart[g]
+        s = num_keys + p
+        a = gstart[g]
+        b = gstart[g + 1]
+        n = b - a
+        h = 0
+        # Lookups in ascending id order: each needed expert becomes the most recent.
+        for i in range(a, b):
+            key = keys[i]
+            if present[key]:
+                hit[i] = True
+                h += 1
+                nxt[prv[key]] = nxt[key]  # unlink
+                prv[nxt[key]] = prv[key]
+            else:
+                present[key] = True
+            last = prv[s]
+            nxt[last] = key
+            prv[key] = last
+            nxt[key] = s
+            prv[s] = key
+        m = n - h
+        non_needed = count[p] - h
+        excess = count[p] + m - capacity[p]
+        # The least recent unpinned entries leave first (never the group's own: they are last).
+        evict = excess if excess < non_needed else non_needed
+        for _ in range(max(evict, 0)):
+            node = nxt[s]
+            nxt[s] = nxt[node]
+            prv[nxt[node]] = s
+            present[node] = False
+        count[p] += m - max(evict, 0)
+        total += m - max(evict, 0)
+        if excess > non_needed:
+            # Every entry is pinned: the earliest-served items are released, one per later miss.
+            free_for_misses = capacity[p] - h
+            q = 0
+            for i in range(a, b):
+                if not hit[i]:
+                    if q >= free_for_misses:
+                        release[i] = q - free_for_misses
+                    q += 1
+            released = n - capacity[p]
+            r = 0
+            for i in range(a, b):  # serve order: hits first
+                if r < released and hit[i]:
+                    _unlink(nxt, prv, present, keys[i])
+                    r += 1
+            for i in range(a, b):  # then misses
+                if r < released and not hit[i]:
+                    _unlink(nxt, prv, present, keys[i])
+                    r += 1
+            count[p] -= released
+            total -= released
+        if total > peak:
+            peak = total
+        if clear_after:
+            node = nxt[s]
+            while node != s:
+                present[node] = False
+                node = nxt[node]
+            nxt[s] = s
+            prv[s] = s
+            total -= count[p]
+            count[p] = 0
+    return hit, release, peak
+
+
+@_njit
+def _unlink(nxt, prv, present, key):
+    nxt[prv[key]] = nxt[key]
+    prv[nxt[key]] = prv[key]
+    present[key] = False
+
+
+@_njit
+def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
+    """Per group (one MoE layer of one pass): (duration_ns, stall_ns, expert_compute_ns), with
+    the DES's ordering (see the module docstring)."""
+    n_groups = gstart.shape[0] - 1
+    dur = np.zeros(n_groups, dtype=np.int64)
+    stall = np.zeros(n_groups, dtype=np.int64)
+    compute = np.zeros(n_groups, dtype=np.int64)
+    width = 1
+    for g in range(n_groups):
+        if gstart[g + 1] - gstart[g] > width:
+            width = gstart[g + 1] - gstart[g]
+    comp_end = np.zeros(width, dtype=np.int64)
+    for g in range(n_groups):
+        a = gstart[g]
+        b = gstart[g + 1]
+        cur = 0  # relative to the end of the layer's dense part
+        link_free = 0
+        waited = 0
+        work = 0
+        j = 0  # serve index
+        for i in range(a, b):  # hits, ascending
+            if hit[i]:
+                t = expert_ns[tokens[i]]
+                cur += t
+                work += t
+                comp_end[j] = cur
+                j += 1
+        for i in range(a, b):  # misses, ascending; link order = serve order
+            if not hit[i]:
+                request = 0 if release[i] < 0 else comp_end[release[i]]
+                start = link_free if link_free > request else request
+                link_free = start + copy_ns
+                if link_free > cur:
+                    waited += link_free - cur
+                    cur = link_free
+                t = expert_ns[tokens[i]]
+                cur += t
+                work += t
+                comp_end[j] = cur
+                j += 1
+        dur[g] = cur
+        stall[g] = waited
+        compute[g] = work
+    return dur, stall, compute
+
+
+@_njit
+def _stream_kernel(keys, capacity, policy, next_use):
+    """Classic evict-on-insert replay of one key stream through one cache of ``capacity``
+    entries. policy 0 = LRU, 1 = FIFO, 2 = Belady (needs ``next_use``). Returns hit[access]."""
+    n = keys.shape[0]
+    hit = np.zeros(n, dtype=np.bool_)
+    if n == 0:
+        return hit
+    num_keys = 0
+    for i in range(n):
+        if keys[i] + 1 > num_keys:
+            num_keys = keys[i] + 1
+    if policy == 2:
+        # Belady: a binary max-heap of (next use, key) with lazy deletion.
+        cur_next = np.full(num_keys, -1, dtype=np.int64)  # -1: absent
+        heap_t = np.empty(n + 1, dtype=np.int64)
+        heap_k = np.empty(n + 1, dtype=np.int64)
+        size = 0
+        count = 0
+        for i in range(n):
+            key = keys[i]
+            if cur_next[key] >= 0:
+                hit[i] = True
+            else:
+                if count >= capacity:
+                    while True:  # pop until a live entry
+                        t = heap_t[0]
+                        k = heap_k[0]
+                        size -= 1
+                        heap_t[0] = heap_t[size]
+                        heap_k[0] = heap_k[size]
+                        _sift_down(heap_t, heap_k, size, 0)
+                        if cur_next[k] == t:
+                            cur_next[k] = -1
+                            count -= 1
+                            break
+                count += 1
+            cur_next[key] = next_use[i]
+            heap_t[size] = next_use[i]
+            heap_k[size] = key
+            size += 1
+            _sift_up(heap_t, heap_k, size - 1)
+        return hit
+    nxt = np.empty(num_keys + 1, dtype=np.int64)
+    prv = np.empty(num_keys + 1, dtype=np.int64)
+    present = np.zeros(num_keys, dtype=np.bool_)
+    s = num_keys
+    nxt[s] = s
+    prv[s] = s
+    count = 0
+    for i in range(n):
+        key = keys[i]
+        if present[key]:
+            hit[i] = True
+            if policy == 0:  # LRU: move to the most recent end
+                nxt[prv[key]] = nxt[key]
+                prv[nxt[key]] = prv[key]
+            else:
+                continue
+        else:
+            if count >= capacity:
+                old = nxt[s]
+                nxt[s] = nxt[old]
+                prv[nxt[old]] = s
+                present[old] = False
+                count -= 1
+            present[key] = True
+            count += 1
+        last = prv[s]
+        nxt[last] = key
+        prv[key] = last
+        nxt[key] = s
+        prv[s] = key
+    return hit
+
+
+@_njit
+def _sift_up(ht, hk, i):
+    while i > 0:
+        parent = (i - 1) // 2
+        if ht[parent] >= ht[i]:
+            break
+        ht[parent], ht[i] = ht[i], ht[parent]
+        hk[parent], hk[i] = hk[i], hk[parent]
+        i = parent
+
+
+@_njit
+def _sift_down(ht, hk, size, i):
+    while True:
+        left = 2 * i + 1
+        big = i
+        if left < size and ht[left] > ht[big]:
+            big = left
+        if left + 1 < size and ht[left + 1] > ht[big]:
+            big = left + 1
+        if big == i:
+            return
+        ht[big], ht[i] = ht[i], ht[big]
+        hk[big], hk[i] = hk[i], hk[big]
+        i = big
+
+
+# --- access groups ----------------------------------------------------------------------
+@dataclasses.dataclass
+class AccessGroups:
+    """The LayerServer's lookups, grouped: group g is one MoE layer of one pass; its needed keys
+    (layer * num_experts + expert, ascending) are ``keys[start[g]:start[g+1]]``, ``tokens`` the
+    pass's tokens routed to each."""
+
+    keys: np.ndarray  # int64 [accesses]
+    tokens: np.ndarray  # int64 [accesses]
+    start: np.ndarray  # int64 [groups + 1]
+    layer: np.ndarray  # int64 [groups]
+    pass_index: np.ndarray  # int64 [groups]
+
+
+def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts: int) -> AccessGroups:
+    """Groups for passes ``pass_starts`` (token offsets, with the end) over ``experts``
+    [tokens, layers, k], in the engines' order: passes, then layers, then experts ascending."""
+    n, num_layers, k = experts.shape
+    num_passes = len(pass_starts) - 1
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return AccessGroups(empty, empty, np.zeros(1, dtype=np.int64), empty, empty)
+    pass_of = np.repeat(np.arange(num_passes, dtype=np.int64), np.diff(pass_starts))
+    if num_passes == n:  # one token per pass: sort each top-k, drop repeats
+        srt = np.sort(experts, axis=2).astype(np.int64)
+        keep = np.ones(srt.shape, dtype=bool)
+        keep[:, :, 1:] = srt[:, :, 1:] != srt[:, :, :-1]
+        tokens = np.ones(srt.shape, dtype=np.int64)
+        if not keep.all():  # a repeated expert in a top-k counts its uses, as np.bincount does
+            for j in range(k - 1, 0, -1):
+                dup = ~keep[:, :, j]
+                run = np.zeros(srt.shape[:2], dtype=np.int64)
+                run[dup] = tokens[:, :, j][dup]
+                tokens[:, :, j - 1] += run
+        layer_of = np.broadcast_to(np.arange(num_layers, dtype=np.int64)[None, :, None], srt.shape)
+        keys = (layer_of * num_experts + srt)[keep]
+        tokens = tokens[keep]
+        counts = keep.sum(axis=2).ravel()
+    else:
+        code = ((pass_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts
+                + experts.astype(np.int64)).ravel()
+        uniq, tok = np.unique(code, return_counts=True)
+        group = uniq // num_experts
+        keys = (group % num_layers) * num_experts + uniq % num_experts
+        tokens = tok.astype(np.int64)
+        counts = np.bincount(group, minlength=num_passes * num_layers)
+    start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=start[1:])
+    layer = np.tile(np.arange(num_layers, dtype=np.int64), num_passes)
+    pass_index = np.repeat(np.arange(num_passes, dtype=np.int64), num_layers)
+    return AccessGroups(keys.astype(np.int64), tokens, start, layer, pass_index)
+
+
+# --- support checks ---------------------------------------------------------------------
+def _builtin_kind(system) -> str | None:
+    """'lru' (base System + LRU), 'no-cache', 'all-on-gpu', or None when the fast engine does
+    not reproduce the system (any other class, subclasses included)."""
+    from expertsim.policies.base import System
+    from expertsim.policies.eviction import LRU
+    from expertsim.policies.systems import AllOnGpu, NoCache
+
+    if type(getattr(system, "eviction", None)) is not LRU:
+        return None
+    if type(system) is System:
+        return "lru"
+    if type(system) is NoCache:
+        return "no-cache"
+    if type(system) is AllOnGpu:
+        return "all-on-gpu"
+    return None
+
+
+def supports_cache_replay(system, cache_config, semantics: str = "together") -> bool:
+    """True when :func:`replay_cache_fast` reproduces the general replay exactly."""
+    if semantics not in ("together", "standard"):
+        return False
+    kind = _builtin_kind(system)
+    if kind is None:
+        return False
+    if cache_config is None:
+        return kind in ("no-cache", "all-on-gpu")  # they fix their own size when a model is given
+    return True
+
+
+def _capacity_slots(cache_config, num_layers: int, num_experts: int, expert_bytes: int) -> tuple[np.ndarray, bool]:
+    """Entries per partition (every entry is one full-precision expert) and whether the cache is
+    partitioned per layer."""
+    if cache_config.per_layer is not None:
+        return np.full(num_layers, int(cache_config.per_layer), dtype=np.int64), True
+    cap = cache_config.capacity_bytes(num_layers, num_experts, expert_bytes)
+    return np.array([cap // expert_bytes], dtype=np.int64), False
+
+
+def _resets(groups_request: np.ndarray, scope: str) -> np.ndarray:
+    """True at each group that starts a new request when the cache is emptied per request."""
+    reset = np.zeros(len(groups_request), dtype=bool)
+    if scope == "request" and len(reset):
+        reset[0] = True
+        reset[1:] = groups_request[1:] != groups_request[:-1]
+    return reset
+
+
+def _partition_of(groups: AccessGroups, per_layer: bool) -> np.ndarray:
+    return groups.layer if per_layer else np.zeros(len(groups.layer), dtype=np.int64)
+
+
+def run_lru(groups: AccessGroups, *, capacity: np.ndarray, per_layer: bool, reset: np.ndarray,
+            clear_after: bool, num_keys: int, initial: np.ndarray | None = None):
+    """The LRU kernel on access groups: (hit, release, peak_entries)."""
+    init = np.zeros(0, dtype=np.int64) if initial is None else np.asarray(initial, dtype=np.int64)
+    if len(init) and per_layer:
+        raise ConfigError("initial residents with per-layer partitions are not supported by the fast engine")
+    if len(init) > int(capacity.sum()):
+        raise ConfigError("more initial residents than cache entries")
+    return _lru_kernel(groups.keys, groups.start, _partition_of(groups, per_layer), reset,
+                       clear_after, capacity, num_keys, init)
+
+
+# --- cache replay -----------------------------------------------------------------------
+def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "decode",
+                      scope: str = "request", semantics: str = "together"):
+    """The fast path of :func:`expertsim.sim.cache_replay.replay_cache` (per-token passes):
+    the same hits and misses, per layer and in total."""
+    from expertsim.sim.cache_replay import CacheReplayResult
+
+    if scope not in ("request", "global"):
+        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
+    if semantics not in ("together", "standard"):
+        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
+    kind = _builtin_kind(system)
+    if kind is None:
+        raise ConfigError(f"the fast engine does not support policy {system.label!r}; use --engine des")
+    t0 = time.perf_counter()
+    view = trace.only_phase(phase)
+    if view.num_tokens == 0:
+        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
+    num_layers, num_experts = view.num_layers, view.num_experts
+    if model is not None:
+        view.check_model(model)
+        num_experts = model.num_experts
+    expert_bytes = model.expert_bytes() if model is not None else 1
+    fixed = system.cache_config(model) if model is not None else None
+    cache_config = fixed or cache_config
+    if cache_config is None:
+        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
+    # The ExpertCache's own size checks, with the same messages.
+    from expertsim.policies.cache import ExpertCache
+
+    top_k = 1 if semantics == "standard" else view.top_k
+    ExpertCache(num_layers, num_experts, expert_bytes, cache_config, system.eviction, top_k=top_k)
+    capacity, per_layer = _capacity_slots(cache_config, num_layers, num_experts, expert_bytes)
+    n, L, k = view.experts.shape
+    if semantics == "standard":
+        # The flattened stream: each access is a group of one, in (token, layer, sorted expert) order.
+        srt = np.sort(view.experts, axis=2).astype(np.int64)
+        layer_of = np.broadcast_to(np.arange(L, dtype=np.int64)[None, :, None], srt.shape)
+        keys = (layer_of * num_experts + srt).ravel()
+        groups = AccessGroups(keys=keys, tokens=np.ones(len(keys), dtype=np.int64),
+                              start=np.arange(len(keys) + 1, dtype=np.int64),
+                              layer=np.ascontiguousarray(layer_of).ravel(),
+                              pass_index=np.repeat(np.arange(n, dtype=np.int64), L * k))
+    else:
+        groups = groups_from_passes(view.experts, np.arange(n + 1, dtype=np.int64), num_experts)
+    reset = _resets(view.request[groups.pass_index], scope)
+    initial = None
+    if model is not None:
+        initial = np.asarray(system.initial_residents(model), dtype=np.int64)
+    if initial is not None and len(initial) and per_layer:
+        raise ConfigError("initial residents with per-layer partitions are not supported by the fast engine")
+    hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
+                        clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
+                        initial=initial)
+    layer_of_access = groups.keys // num_experts
+    per_hits = np.bincount(layer_of_access[hit], minlength=num_layers).astype(np.int64)
+    per_all = np.bincount(layer_of_access, minlength=num_layers).astype(np.int64)
+    per_misses = per_all - per_hits
+    return CacheReplayResult(hits=int(per_hits.sum()), misses=int(per_misses.sum()),
+                             wall_s=time.perf_counter() - t0, per_layer_hits=per_hits,
+                             per_layer_misses=per_misses)
+
+
+# --- classic stream replay (benchmarks against libCacheSim) --------------------------------
+STREAM_POLICIES = {"lru": 0, "fifo": 1, "belady": 2}
+
+
+def next_use_positions(keys: np.ndarray) -> np.ndarray:
+    """next_use[p] = the next position > p with the same key (len(keys) if none)."""
+    n = len(keys)
+    nxt = np.full(n, n, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
+
+
+def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.ndarray:
+    """Hit mask of a classic (evict-on-insert, one cache) replay of ``keys``: LRU, FIFO or Belady
+    (evict the entry whose next use is farthest). The stream the ``standard`` semantics replay."""
+    if policy not in STREAM_POLICIES:
+        raise ConfigError(f"stream policy must be one of {sorted(STREAM_POLICIES)}, got {policy!r}")
+    if capacity < 1:
+        raise ConfigError(f"capacity must be at least 1, got {capacity}")
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    nu = next_use_positions(keys) if policy == "belady" else np.zeros(1, dtype=np.int64)
+    return _stream_kernel(keys, int(capacity), STREAM_POLICIES[policy], nu)
+
+
+# --- timed simulation ---------------------------------------------------------------------
+# SimOptions fields the fast engine reproduces at any value, and the values it reproduces for
+# the others; a field not listed here (a new option) must be at its default.
+_ANY_VALUE = {"scope", "check_memory", "engine", "bounds", "profile", "link_curve", "prefill_chunk_tokens",
+              "timeline_iterations", "seed", "rate_per_s"}
+_ALLOWED = {"batch": (1,), "arrival": ("closed", "offline"), "timeline": (False,),
+            "arrival_times_ns": (None,), "copy_chunk_bytes": (None,)}
+
+
+def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
+    """True when :func:`simulate_fast` reproduces the SimPy engine exactly: the base System with
+    LRU, no-cache or all-on-gpu; batch 1 with closed or offline arrivals (chunked prefill
+    allowed); whole-expert copies; no timeline; any cost profile or link curve. With
+    ``hardware`` (and ``model``) also checks the link (one copy engine) and that every expert
+    lives in host memory (no storage tier reads)."""
+    if _builtin_kind(system) is None:
+        return False
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in _ANY_VALUE:
+            continue
+        if f.name in _ALLOWED:
+            if value not in _ALLOWED[f.name]:
+                return False
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            return False
+        if value != default:
+            return False
+    if hardware is not None:
+        if hardware.link.copy_engines != 1:
+            return False
+        if model is not None:
+            from expertsim.sim.memory import storage_resident_keys
+
+            try:
+                if storage_resident_keys(model, hardware).any():
+                    return False
+            except ConfigError:
+                return False
+    return True
+
+
+def simulate_fast(model, hardware, system, cache_config, trace, options):
+    """The fast engine's :class:`~expertsim.sim.metrics.RunResult`: the same metrics as
+    ``Simulation(model, hardware, system, cache_config, options).run(trace)`` (engine "fast")."""
+    from expertsim.sim import bounds
+    from expertsim.sim.engine import Simulation
+    from expertsim.sim.metrics import summarise
+    from expertsim.sim.serving import ContinuousBatcher, arrival_times_ns, plan_iterations
+
+    if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
+        raise ConfigError(
+            f"the fast engine does not support policy {system.label!r} with these options (it runs "
+            f"the base system with LRU, no-cache and all-on-gpu at batch 1, closed or offline "
+            f"arrivals, whole-expert copies on one copy engine, no timeline); use --engine des"
+        )
+    wall0 = time.perf_counter()
+    sim = Simulation(model, hardware, system, cache_config, options=options)
+    m, opts, cost = model, options, sim.cost
+    trace.check_model(m)
+    memory = sim.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
+    from expertsim.policies.cache import ExpertCache
+
+    ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), sim.cache_config, system.eviction,
+                top_k=m.top_k)  # the same size checks and messages as the DES
+    num_requests = len(trace.request_starts()) - 1
+    arrivals = arrival_times_ns(num_requests, opts.arrival, rate_per_s=opts.rate_per_s, seed=opts.seed,
+                                timestamps_ns=opts.arrival_times_ns)
+    iterations = plan_iterations(trace, max_batch=1, prefill_chunk_tokens=opts.prefill_chunk_tokens,
+                                 arrivals_ns=arrivals)
+    num_iters = len(iterations)
+    bounds_it = np.array([it.start for it in iterations] + [trace.num_tokens], dtype=np.int64)
+    if num_iters and (np.any(bounds_it[1:] != np.array([it.stop for it in iterations])) or bounds_it[0] != 0):
+        raise ConfigError("the fast engine needs batch-1 iterations that cover the trace in order; use --engine des")
+    # The cache: which lookups hit, and which copies wait for a released item's compute.
+    kind = _builtin_kind(system)
+    num_layers, num_experts, expert_bytes = m.num_moe_layers, m.num_experts, m.expert_bytes()
+    capacity, per_layer = _capacity_slots(sim.cache_config, num_layers, num_experts, expert_bytes)
+    groups = groups_from_passes(trace.experts, bounds_it, num_experts)
+    it_request = np.array([it.request for it in iterations], dtype=np.int64)
+    reset = np.zeros(len(groups.layer), dtype=bool)
+    if opts.scope == "request" and num_iters:
+        first = np.ones(num_iters, dtype=bool)
+        first[1:] = it_request[1:] != it_request[:-1]
+        reset = first[groups.pass_index] & (groups.layer == 0)
+    initial = np.asarray(system.initial_residents(m), dtype=np.int64)
+    hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
+                                 clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
+                                 initial=initial)
+    # Timing: cost tables from the same CostModel, then the kernel.
+    expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
+    for t in np.unique(groups.tokens).tolist():
+        expert_ns[t] = cost.expert_time_ns(t)
+    copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
+    dur, stall, compute = _timing_kernel(groups.start, hit, release, groups.tokens, expert_ns, copy_ns)
+    dense = np.array([cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
+                      for it in iterations], dtype=np.int64)
+    moe_ns = dur.reshape(num_iters, num_layers).sum(axis=1)  # groups: iterations x MoE layers
+    iter_ns = dense * m.num_layers + moe_ns
+    end = np.cumsum(iter_ns)
+    begin = end - iter_ns
+    access_iter = np.repeat(groups.pass_index, np.diff(groups.start))
+    hits_it = np.bincount(access_iter[hit], minlength=num_iters)
+    all_it = np.bincount(access_iter, minlength=num_iters)
+    stall_it = stall.reshape(num_iters, num_layers).sum(axis=1)
+    decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
+    decode_it = decode_cum[bounds_it[1:]] - decode_cum[bounds_it[:-1]]
+    # The batcher again, now with the run's times: request records and per-token latencies.
+    batcher = ContinuousBatcher(trace, max_batch=1, arrivals_ns=arrivals,
+                                prefill_chunk_tokens=opts.prefill_chunk_tokens, select_batch=system.select_batch)
+    records = []
+    for it, b, e, h, a, s, d in zip(iterations, begin.tolist(), end.tolist(), hits_it.tolist(),
+                                    all_it.tolist(), stall_it.tolist(), decode_it.tolist()):
+        batcher.next_iteration(b)
+        batcher.complete(it, b, e)
+        records.append({"iteration": it.index, "request": it.request, "requests": it.num_requests,
+                        "phase": it.phase, "tokens": it.num_tokens, "decode_tokens": int(d),
+                        "start_ns": b, "end_ns": e, "hits": h, "misses": a - h, "stall_ns": s,
+                        "experts": a})
+    max_kv = max((it.context_tokens for it in iterations), default=0)
+    memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * max_kv)
+    copies = int(len(hit) - hit.sum())
+    totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall.sum()), "copies": copies,
+              "prefetch_copies": 0, "cancelled_prefetches": 0, "dropped_gate_mass": 0.0,
+              "degraded_gate_mass": 0.0, "cpu_experts": 0, "expert_compute_ns": int(compute.sum()),
+              "dense_compute_ns": int(dense.sum()) * m.num_layers, "cpu_ns": 0, "storage_bytes": 0,
+              "idle_ns": 0}
+    extra = {}
+    if opts.bounds:
+        extra = bounds.run_bounds(cost, m, trace, iterations, sim.cache_config, initial_residents=initial,
+                                  copy_chunk_bytes=opts.copy_chunk_bytes)
+    result = summarise(
+        model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
+        iterations=iterations, records=records, totals=totals, timeline=None, memory=memory,
+        cost=cost, scope=opts.scope, peak_cache_bytes=int(peak) * expert_bytes, engine="fast",
+        requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),
+        serving={"batch": opts.batch, "arrival": "timestamps" if opts.arrival_times_ns else opts.arrival,
+                 "rate_per_s": opts.rate_per_s, "prefill_chunk_tokens": opts.prefill_chunk_tokens,
+                 "copy_chunk_bytes": opts.copy_chunk_bytes},
+        extra=extra,
+    )
+    result.metrics["wall_s"] = time.perf_counter() - wall0
+    return result
