@@ -356,6 +356,7 @@ def capture_batch(model, prompts: list[list[int]], *, max_new_tokens: int = 16, 
     for b, p in enumerate(prompts):
         ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[b, width - len(p):] = 1
+    model.eval()  # routers add jitter noise (Mixtral, Phi-MoE) or sample (sparsemixer) in training mode
     rec = RoutingRecorder(model, spec_depth=spec_depth, router_probs=router_probs)
     sequences = None
     with rec, torch.no_grad():
