@@ -94,6 +94,43 @@ def _numeric(frame, column: str) -> bool:
 
 
 # --- results figures --------------------------------------------------------------------------
+def scenario_bars(frame, column: str = "label", order: list | None = None):
+    """Best feasible TPOT (bounds excluded) per scenario (``label``), one panel per combination
+    of the other varying columns that the scenario does not determine (e.g. expert dtype)."""
+    import polars as pl
+    from plotly.subplots import make_subplots
+
+    frame = ok_runs(frame)
+    if frame.is_empty() or column not in frame.columns or frame.get_column(column).n_unique() < 2:
+        return None
+    frame = frame.filter(~pl.col("policy_label").map_elements(is_bound, return_dtype=pl.Boolean))
+    present = list(dict.fromkeys(frame.get_column(column).to_list()))
+    order = [x for x in (order or []) if x in present] + [x for x in present if x not in (order or [])]
+    # Columns a scenario fixes (its overrides) are not panels.
+    panels = [c for c in varying(frame, exclude={column} | CACHE_COLUMNS)
+              if frame.group_by(column).agg(pl.col(c).n_unique()).get_column(c).max() > 1]
+    best = (frame.sort("tpot_ms", "policy_label").group_by([column, *panels], maintain_order=True)
+            .agg(pl.col("tpot_ms").first(), pl.col("policy_label").first(), pl.col("cache_label").first()))
+    keys = sorted(best.select(panels).unique().rows(), key=str) if panels else [()]
+    titles = [", ".join(f"{c}={_short(v)}" for c, v in zip(panels, key)) or "best TPOT" for key in keys]
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=titles)
+    go = _go()
+    for i, key in enumerate(keys, start=1):
+        part = best
+        for c, v in zip(panels, key):
+            part = part.filter(pl.col(c) == v)
+        rows = {r[column]: r for r in part.iter_rows(named=True)}
+        xs = [x for x in order if x in rows]
+        ys = [rows[x]["tpot_ms"] for x in xs]
+        fig.add_trace(go.Bar(x=xs, y=ys, text=[f"{y:.1f} ms" for y in ys], textposition="outside",
+                             hovertext=[f"{rows[x]['policy_label']}, {rows[x]['cache_label']}" for x in xs],
+                             showlegend=False, marker_color="#4c78a8"), row=1, col=i)
+        fig.update_yaxes(range=[0, max(ys) * 1.18] if ys else None, row=1, col=i)
+    fig.update_yaxes(title_text="best TPOT (ms)", row=1, col=1)
+    fig.update_layout(template=_TEMPLATE, title="Best TPOT per scenario (lower is better)", height=450)
+    return fig
+
+
 def miss_ratio_curve(frame):
     """Hit rate vs cache size (experts resident), one line per policy, bounds dashed. Timing-only
     columns (hardware, link, GPU, CPU) do not change hits, so runs that differ only in them are

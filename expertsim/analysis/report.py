@@ -77,7 +77,8 @@ def summary_rows(frame, baseline: str | None) -> list[dict]:
     groups = frame.group_by(scen, maintain_order=True) if scen else [((), frame)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
-        feasible = part.filter(~pl.col("_bound")).sort("tpot_ms")
+        feasible = part.filter(~pl.col("_bound")).sort("tpot_ms", "policy_label", "cache_label",
+                                                         nulls_last=True)
         if feasible.is_empty():
             continue
         best = feasible.row(0, named=True)
@@ -111,6 +112,9 @@ def collect_figures(out_dir: Path, frame, plan: dict) -> list[tuple[str, object,
         if fig is not None:
             figs.append((title, fig, caption))
 
+    labels = [c.get("label") for c in plan.get("runs", []) if c.get("label") is not None]
+    add("Scenarios", F.scenario_bars(frame, order=list(dict.fromkeys(labels))),
+        "Lowest TPOT over the feasible policies and cache layouts of each scenario (hover: which).")
     add("Miss-ratio curve", F.miss_ratio_curve(frame),
         "Hit rate vs expert cache size per policy; dashed lines are bounds (oracles).")
     add("TPOT and throughput vs cache size", F.tpot_throughput_vs_cache(frame),
