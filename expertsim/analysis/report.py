@@ -82,8 +82,11 @@ def summary_rows(frame, baseline: str | None) -> list[dict]:
         if feasible.is_empty():
             continue
         best = feasible.row(0, named=True)
+        # Policies that tie with the best (e.g. every policy at k slots per layer for top-k).
+        tied = feasible.filter((pl.col("tpot_ms") - best["tpot_ms"]).abs() <= 1e-9 * abs(best["tpot_ms"]))
         row = {c: v for c, v in zip(scen, key)}
-        row.update({"best policy": best["policy_label"], "cache": best.get("cache_label"),
+        row.update({"best policy": " = ".join(dict.fromkeys(tied.get_column("policy_label").to_list())),
+                    "cache": best.get("cache_label"),
                     "TPOT ms": best["tpot_ms"], "tokens/s": best.get("tokens_per_s"),
                     "hit rate": best.get("hit_rate")})
         base = part.filter(pl.col("policy") == baseline) if baseline else part.head(0)

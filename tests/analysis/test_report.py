@@ -80,7 +80,8 @@ def test_summary_best_policy_and_gain(report_dir):
     rows = summary_rows(frame, "no-cache")
     assert len(rows) == 4  # memory x bandwidth scenarios
     for row in rows:
-        assert row["best policy"] == "lru"  # belady is a bound, no-cache is slower
+        # belady is a bound, no-cache is slower; at 2 slots per layer (top-2) lru has no choice
+        assert row["best policy"] == "lru"
         assert row["speed-up vs baseline"] == pytest.approx(row["baseline (no-cache) TPOT ms"] / row["TPOT ms"])
         assert row["speed-up vs baseline"] > 1
         assert row["bound TPOT ms"] <= row["TPOT ms"]
@@ -98,6 +99,27 @@ def test_summary_on_a_crafted_frame():
     rows = summary_rows(frame, "no-cache")
     assert [(r["hardware"], r["best policy"], r["speed-up vs baseline"]) for r in rows] == [
         ("x", "lfu", 2.5), ("y", "lru", 2.0)]
+
+
+def test_summary_lists_ties():
+    frame = pl.DataFrame({"run_id": list("abc"), "status": ["ok"] * 3, "policy": ["lru", "lfu", "no-cache"],
+                          "policy_label": ["lru", "lfu", "no-cache"], "cache_label": ["2", "2", None],
+                          "tpot_ms": [5.0, 5.0, 9.0]})
+    (row,) = summary_rows(frame, "no-cache")
+    assert row["best policy"] == "lfu = lru" and row["speed-up vs baseline"] == pytest.approx(1.8)
+
+
+def test_scenario_bars_one_panel_per_undetermined_column():
+    frame = pl.DataFrame({
+        "run_id": list("abcdefgh"), "status": ["ok"] * 8,
+        "label": ["base", "base", "fast", "fast"] * 2, "link.bandwidth_gbps": [24, 24, 50, 50] * 2,
+        "model.dtype": ["bf16"] * 4 + ["int4"] * 4, "policy": ["lru", "belady"] * 4,
+        "policy_label": ["lru", "belady"] * 4, "cache_label": ["x"] * 8,
+        "tpot_ms": [100.0, 50.0, 60.0, 30.0, 10.0, 5.0, 8.0, 4.0]})
+    fig = F.scenario_bars(frame, order=["fast", "base"])
+    assert len(fig.data) == 2  # bf16 and int4 panels; bandwidth is determined by the label
+    assert list(fig.data[0].x) == ["fast", "base"] and list(fig.data[0].y) == [60.0, 100.0]
+    assert list(fig.data[1].y) == [8.0, 10.0]  # the bound (belady) is not a candidate
 
 
 def test_figures_need_their_data():
