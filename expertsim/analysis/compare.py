@@ -119,7 +119,9 @@ def run_compare(*, model=None, hardware=None, trace_path=None, policies=None, sy
                        f"{trace.num_requests} requests)")
     for r in results:
         for a in r.assumptions:
-            if ("bound" in a) and a not in assumptions:
+            if a.startswith("bounds:"):
+                assumptions.append(f"{r.config['policy']} [{r.config['cache']}] {a}")
+            elif "bound" in a and a not in assumptions:
                 assumptions.append(a)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
