@@ -49,8 +49,30 @@ def varying(frame, exclude=()) -> list[str]:
     return [c for c in cols if c not in exclude and frame.get_column(c).n_unique() > 1]
 
 
-def _series_names(frame, exclude=()) -> list[str]:
+def determined_by(frame, column: str, candidates: list[str]) -> set[str]:
+    """The candidates that take one value per value of ``column`` (a variant's overrides)."""
+    import polars as pl
+
+    if column not in frame.columns or not candidates:
+        return set()
+    counts = frame.group_by(column).agg(pl.col(c).n_unique() for c in candidates if c != column)
+    return {c for c in candidates if c != column and counts.get_column(c).max() == 1}
+
+
+def scenario_columns(frame, exclude=(), x: str | None = None) -> list[str]:
+    """Varying scenario columns, less those the scenario ``label`` already names; when the
+    label also fixes the x axis column, the label goes instead (its other columns stay)."""
     extra = varying(frame, exclude)
+    if "label" in extra:
+        fixed = determined_by(frame, "label", varying(frame))
+        if x is not None and x in fixed:
+            return [c for c in extra if c != "label"]
+        extra = [c for c in extra if c not in fixed]
+    return extra
+
+
+def _series_names(frame, exclude=(), x: str | None = None) -> list[str]:
+    extra = scenario_columns(frame, exclude, x)
     names = []
     for row in frame.iter_rows(named=True):
         parts = [str(row.get("policy_label") or row.get("policy"))]
@@ -65,10 +87,10 @@ def _short(value) -> str:
     return str(value)
 
 
-def _with_series(frame, exclude=()):
+def _with_series(frame, exclude=(), x: str | None = None):
     import polars as pl
 
-    return frame.with_columns(pl.Series("series", _series_names(frame, exclude)))
+    return frame.with_columns(pl.Series("series", _series_names(frame, exclude, x)))
 
 
 def _lines(fig, frame, x: str, y: str, *, row=None, col=None, showlegend=True, hover=None):
@@ -187,7 +209,7 @@ def tpot_vs_bandwidth(frame, column: str = "link.bandwidth_gbps"):
     frame = ok_runs(frame)
     if frame.is_empty() or not _numeric(frame, column) or frame.get_column(column).n_unique() < 2:
         return None
-    frame = _with_series(frame, exclude={column})
+    frame = _with_series(frame, exclude={column}, x=column)
     go = _go()
     fig = go.Figure()
     _lines(fig, frame, column, "tpot_ms", hover="cache_label")
@@ -214,20 +236,33 @@ def memory_bandwidth_heatmap(frame, x: str = "link.bandwidth_gbps", y: str = "gp
         return None
     if frame.get_column(x).n_unique() < 2 or frame.get_column(y).n_unique() < 2:
         return None
+    from plotly.subplots import make_subplots
+
     frame = frame.filter(~pl.col("policy_label").map_elements(is_bound, return_dtype=pl.Boolean))
-    cells = frame.group_by(x, y).agg(pl.col("tpot_ms").min().alias("tpot_ms"))
-    xs = sorted(cells.get_column(x).unique().to_list())
-    ys = sorted(cells.get_column(y).unique().to_list())
-    lookup = {(r[x], r[y]): r["tpot_ms"] for r in cells.iter_rows(named=True)}
-    z = [[lookup.get((a, b)) for a in xs] for b in ys]
-    text = [[("" if v is None else f"{v:.0f}") for v in row] for row in z]
+    # Other varying columns (e.g. expert dtype) get their own panel, at most four.
+    panels = [c for c in varying(frame, exclude={x, y, "label"} | CACHE_COLUMNS)
+              if c not in determined_by(frame, x, varying(frame)) | determined_by(frame, y, varying(frame))]
+    keys = sorted(frame.select(panels).unique().rows(), key=str)[:4] if panels else [()]
+    xs = sorted(frame.get_column(x).unique().to_list())
+    ys = sorted(frame.get_column(y).unique().to_list())
+    titles = [", ".join(f"{c}={_short(v)}" for c, v in zip(panels, key)) for key in keys]
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=titles if panels else None,
+                        horizontal_spacing=0.12)
     go = _go()
-    fig = go.Figure(go.Heatmap(x=[_short(v) for v in xs], y=[_short(v) for v in ys], z=z, text=text,
-                               texttemplate="%{text}", colorscale="Viridis_r",
-                               colorbar={"title": "TPOT ms"}))
-    fig.update_layout(template=_TEMPLATE, title="Best TPOT (ms): GPU memory x link bandwidth",
-                      xaxis_title="H2D bandwidth (GB/s)", yaxis_title="GPU memory (GB)",
-                      xaxis_type="category", yaxis_type="category")
+    for i, key in enumerate(keys, start=1):
+        part = frame
+        for c, v in zip(panels, key):
+            part = part.filter(pl.col(c) == v)
+        cells = part.group_by(x, y).agg(pl.col("tpot_ms").min().alias("tpot_ms"))
+        lookup = {(r[x], r[y]): r["tpot_ms"] for r in cells.iter_rows(named=True)}
+        z = [[lookup.get((a, b)) for a in xs] for b in ys]
+        text = [[("" if v is None else f"{v:.4g}") for v in row] for row in z]
+        fig.add_trace(go.Heatmap(x=[_short(v) for v in xs], y=[_short(v) for v in ys], z=z, text=text,
+                                 texttemplate="%{text}", colorscale="Viridis_r", showscale=False),
+                      row=1, col=i)
+        fig.update_xaxes(title_text="H2D bandwidth (GB/s)", type="category", row=1, col=i)
+        fig.update_yaxes(title_text="GPU memory (GB)" if i == 1 else None, type="category", row=1, col=i)
+    fig.update_layout(template=_TEMPLATE, title="Best TPOT (ms): GPU memory x link bandwidth")
     return fig
 
 

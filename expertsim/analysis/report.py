@@ -61,7 +61,7 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 # --- summary ----------------------------------------------------------------------------------
-def summary_rows(frame, baseline: str | None) -> list[dict]:
+def summary_rows(frame, baseline: str | None, order: list | None = None) -> list[dict]:
     """Per scenario (the varying config columns other than policy and cache size): the best
     non-bound configuration by TPOT, the baseline policy's TPOT there, and the speed-up."""
     import polars as pl
@@ -101,6 +101,12 @@ def summary_rows(frame, baseline: str | None) -> list[dict]:
         bounds = part.filter(pl.col("_bound")).sort("tpot_ms")
         row["bound TPOT ms"] = bounds.row(0, named=True)["tpot_ms"] if not bounds.is_empty() else None
         rows.append(row)
+    # Order: the columns a scenario label does not fix (e.g. dtype), then the labels as the study lists them.
+    rank = {label: i for i, label in enumerate(order or [])}
+    fixed = F.determined_by(frame, "label", scen) if "label" in scen else set()
+    keys = [c for c in scen if c not in fixed and c != "label"] + (["label"] if "label" in scen else [])
+    rows.sort(key=lambda r: tuple((0, rank[r[c]], "") if c == "label" and r[c] in rank else (1, 0, str(r[c]))
+                                  for c in keys))
     return rows
 
 
@@ -259,7 +265,8 @@ def write_report(out_dir: str | Path, path: str | Path | None = None) -> Path:
     body.append("<h2>Summary: best policy per scenario</h2>")
     body.append("<p class='note'>Best = lowest TPOT among feasible policies (bounds excluded); "
                 f"speed-up = baseline ({_esc(baseline)}) TPOT / best TPOT.</p>")
-    body.append(html_table(summary_rows(frame, baseline)))
+    labels = list(dict.fromkeys(c.get("label") for c in plan.get("runs", []) if c.get("label") is not None))
+    body.append(html_table(summary_rows(frame, baseline, order=labels)))
     figs = collect_figures(out, frame, plan)
     body.append("<h2>Figures</h2>")
     for i, (title, fig, caption) in enumerate(figs):

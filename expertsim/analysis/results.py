@@ -157,8 +157,6 @@ def apply_filter(frame, text: str | None):
 
 def format_frame(frame, fmt: str) -> str:
     """The table as text: table (aligned), csv, json (records) or markdown."""
-    import polars as pl
-
     if fmt == "csv":
         return frame.write_csv()
     if fmt == "json":
@@ -187,7 +185,6 @@ def format_frame(frame, fmt: str) -> str:
         out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
         out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
         return "\n".join(out)
-    del pl
     raise ConfigError(f"--format must be table, csv, json or markdown, got {fmt!r}")
 
 

@@ -203,8 +203,6 @@ def write_run(out_dir: Path, record: dict) -> Path:
     runs.mkdir(parents=True, exist_ok=True)
     timeline = record.pop("timeline", None)
     if timeline is not None:
-        import polars as pl
-
         from expertsim.sim.metrics import Timeline
 
         tl = Timeline()
@@ -214,7 +212,6 @@ def write_run(out_dir: Path, record: dict) -> Path:
         tl.to_frame().write_parquet(tmp)
         os.replace(tmp, path)
         record["timeline_file"] = path.name
-        del pl
     path = runs / f"{record['run_id']}.json"
     atomic_write_bytes(path, json.dumps(record, default=_json_default, allow_nan=True).encode())
     return path
@@ -347,7 +344,7 @@ def _ray(configs: list[dict], jobs: int | None, address: str | None, on_result: 
                               "config": config, "metrics": {}}
                 on_result(record)
     finally:
-        if started_here and not address:
+        if started_here:  # on a cluster this only disconnects the driver
             ray.shutdown()
 
 
