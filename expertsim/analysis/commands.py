@@ -78,11 +78,12 @@ def results(
 def report(
     out: Path = typer.Argument(..., help="A sweep output directory."),
     path: Path = typer.Option(None, "--path", help="Where to write the HTML (default DIR/report.html)."),
+    validation: Path = typer.Option(None, "--validation", help="validation.parquet (or the folder) from `expertsim validate` (default: DIR/validation.parquet if present)."),
 ) -> None:
     """Write one self-contained HTML report (works offline) of a sweep directory."""
     from expertsim.analysis.report import write_report
 
-    typer.echo(str(write_report(out, path)))
+    typer.echo(str(write_report(out, path, validation)))
 
 
 def register(app: typer.Typer) -> None:

@@ -316,13 +316,15 @@ def timeline_figure(timeline, title: str = "Copy/compute timeline", max_rows: in
 
 def predicted_vs_measured(frame, metric: str = "tpot_ms"):
     """Simulator prediction vs real-runner measurement, with the y = x line. ``frame`` has
-    ``predicted_<metric>`` and ``measured_<metric>`` (and optionally ``label``)."""
+    ``predicted_<metric>`` and ``measured_<metric>`` (and optionally ``label`` or ``policy``), as
+    ``expertsim validate`` writes to its ``validation.parquet``."""
     p, m = f"predicted_{metric}", f"measured_{metric}"
     if frame is None or p not in frame.columns or m not in frame.columns or frame.is_empty():
         return None
     go = _go()
     xs, ys = frame.get_column(m).to_list(), frame.get_column(p).to_list()
-    labels = frame.get_column("label").to_list() if "label" in frame.columns else None
+    label = next((c for c in ("label", "policy") if c in frame.columns), None)
+    labels = [str(v) for v in frame.get_column(label).to_list()] if label else None
     hi = max(v for v in xs + ys if v is not None and not math.isnan(v)) * 1.05
     fig = go.Figure([
         go.Scatter(x=xs, y=ys, mode="markers", name="runs", text=labels),

@@ -6,8 +6,9 @@ latency breakdown, copy/compute timelines, predicted vs measured when ``DIR/vali
 or ``.csv`` exists, trace locality), failed runs, and the configuration and provenance
 (expertsim version, trace file hashes, spec values, the study file).
 
-``DIR/validation.parquet`` (or ``.csv``), when present, holds ``predicted_tpot_ms`` and
-``measured_tpot_ms`` columns (one row a validated configuration; optional ``label``).
+``DIR/validation.parquet`` (or ``.csv``, or ``--validation PATH``) holds ``predicted_tpot_ms`` and
+``measured_tpot_ms`` columns, one row a validated configuration (optional ``label`` or ``policy``):
+the ``validation.parquet`` that ``expertsim validate --out DIR`` writes.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def summary_rows(frame, baseline: str | None, order: list | None = None) -> list
 
 
 # --- figures ----------------------------------------------------------------------------------
-def collect_figures(out_dir: Path, frame, plan: dict) -> list[tuple[str, object, str]]:
+def collect_figures(out_dir: Path, frame, plan: dict, validation: Path | None = None) -> list[tuple[str, object, str]]:
     """(title, figure, caption) for every figure the data supports."""
     import polars as pl
 
@@ -149,12 +150,14 @@ def collect_figures(out_dir: Path, frame, plan: dict) -> list[tuple[str, object,
                                             f"({row['policy_label']}, {row.get('cache_label')}, "
                                             f"TPOT {row['tpot_ms']:.1f} ms)"),
                 "GPU compute stream, host-to-device link and CPU over the recorded iterations.")
-    for name in ("validation.parquet", "validation.csv"):
-        path = out_dir / name
+    candidates = [validation] if validation else [out_dir / "validation.parquet", out_dir / "validation.csv"]
+    for path in candidates:
+        if path.is_dir():
+            path = path / "validation.parquet"
         if path.is_file():
-            val = pl.read_parquet(path) if name.endswith(".parquet") else pl.read_csv(path)
+            val = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
             add("Predicted vs measured", F.predicted_vs_measured(val),
-                f"Simulator vs real runner ({name}).")
+                f"Simulator vs real runner ({path.name}, from `expertsim validate`).")
             break
     for trace_key, trace in _distinct_traces(plan):
         add(f"Trace locality: popularity ({trace_key})", F.popularity_figure(trace, f"Expert popularity per layer — {trace_key}"),
@@ -238,8 +241,10 @@ def _spec_table(specs: list[dict], limit: int = 12) -> str:
 
 
 # --- the page ---------------------------------------------------------------------------------
-def write_report(out_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Write DIR/report.html (or ``path``) and return its path."""
+def write_report(out_dir: str | Path, path: str | Path | None = None, validation: str | Path | None = None) -> Path:
+    """Write DIR/report.html (or ``path``) and return its path. ``validation``: a
+    validation.parquet/.csv (or the `expertsim validate --out` folder) for the predicted vs
+    measured figure; default DIR/validation.parquet or .csv when present."""
     import plotly.io as pio
 
     from expertsim.analysis.results import load_results
@@ -267,7 +272,11 @@ def write_report(out_dir: str | Path, path: str | Path | None = None) -> Path:
                 f"speed-up = baseline ({_esc(baseline)}) TPOT / best TPOT.</p>")
     labels = list(dict.fromkeys(c.get("label") for c in plan.get("runs", []) if c.get("label") is not None))
     body.append(html_table(summary_rows(frame, baseline, order=labels)))
-    figs = collect_figures(out, frame, plan)
+    if validation is not None and not Path(validation).exists():
+        from expertsim.errors import ConfigError
+
+        raise ConfigError(f"--validation {str(validation)!r} does not exist")
+    figs = collect_figures(out, frame, plan, Path(validation) if validation else None)
     body.append("<h2>Figures</h2>")
     for i, (title, fig, caption) in enumerate(figs):
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}",

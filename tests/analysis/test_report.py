@@ -169,3 +169,18 @@ def test_report_renders_in_headless_chromium(report_dir):
     for i, part in enumerate(figures):
         assert 'class="plot-container plotly"' in part, f"figure {i} has no plotly container"
         assert len(re.findall(r'<svg class="main-svg"', part)) >= 2, f"figure {i} did not render"
+
+
+def test_report_takes_validation_from_expertsim_validate(report_dir, tmp_path):
+    from expertsim.errors import ConfigError
+
+    out, _, _ = report_dir
+    folder = tmp_path / "validate-out"
+    folder.mkdir()
+    pl.DataFrame({"policy": ["lru", "no-cache"], "predicted_tpot_ms": [5.0, 9.0],
+                  "measured_tpot_ms": [4.0, 10.0]}).write_parquet(folder / "validation.parquet")
+    text = write_report(out, tmp_path / "r.html", validation=folder).read_text()
+    assert "validation.parquet, from `expertsim validate`" in text
+    assert "mean abs. error 17.5%" in text  # (1/4 + 1/10) / 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_report(out, tmp_path / "r2.html", validation=tmp_path / "missing")
