@@ -6,7 +6,6 @@ import itertools
 from functools import lru_cache
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simhelpers import synthetic_trace, tiny_hardware, tiny_model

@@ -146,4 +146,28 @@ def test_timeline_rows_cover_copies_computes_and_stalls(tmp_path):
     assert len(copies) == r.metrics["h2d_copies"] and all(row[8] == 12_000_000 for row in copies)
     path = tmp_path / "t.json"
     write_chrome_trace(r.timeline, path)
-    assert len(json.loads(path.read_text())["traceEvents"]) == len(r.timeline) + 3
+    assert len(json.loads(path.read_text())["traceEvents"]) == len(r.timeline) + 4  # one name per track
+
+
+def test_a_calibrated_profile_and_a_link_curve_drive_the_engine(tmp_path):
+    import json
+
+    profile = {
+        "format": "expertsim-profile", "version": 1, "device": "test", "model": "tiny",
+        "copy": {"bytes": [1_000_000, 12_000_000], "ns": [200_000, 2_000_000]},
+        "expert": {"tokens": [1, 100], "ns": [30_000, 60_000]},
+        "dense": {"tokens": [1, 100], "context": [1, 100], "ns": [[7_000, 7_000], [9_000, 9_000]]},
+        "cpu_expert": {"tokens": [1, 2], "ns": [500_000, 900_000]},
+    }
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    trace = synthetic_trace(num_requests=1, prompt=1, decode=3, seed=6)
+    r = run(tiny_hardware(), "no-cache", None, trace=trace, timeline=True, profile=str(path))
+    rows = r.timeline.rows
+    assert {row[7] - row[6] for row in rows if row[1] == "copy"} == {2_000_000}
+    assert {row[7] - row[6] for row in rows if row[1] == "expert"} == {30_000}
+    assert {row[7] - row[6] for row in rows if row[1] == "dense"} == {7_000}
+    # a link curve: 12 MB copies at 6 GB/s -> 10 us + 2 ms
+    r = run(tiny_hardware(), "no-cache", None, trace=trace, timeline=True,
+            link_curve={"bytes": [1e6, 1e8], "gbps": [6.0, 6.0]})
+    assert {row[7] - row[6] for row in r.timeline.rows if row[1] == "copy"} == {2_010_000}
