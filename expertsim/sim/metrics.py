@@ -219,6 +219,12 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
             f"{extra['link_bound_s']:.4g} s ({extra['belady_misses']} copies that Belady's optimal eviction "
             f"needs, bytes over link bandwidth); simulated {total_ns / 1e9:.4g} s"
         )
+        if totals["cpu_experts"] or totals["dropped_gate_mass"] or totals["degraded_gate_mass"]:
+            assumptions.append(
+                "the bounds assume every expert is computed on the GPU from a full-precision copy; this "
+                "system computed experts on the CPU, skipped them or used low-precision copies, so it may "
+                "run below them"
+            )
     if getattr(system, "ignores_capacity", False):
         assumptions.append(f"{system.name} ignores GPU capacity: a bound, not a feasible system")
     if getattr(system, "oracle", False) or getattr(system.eviction, "oracle", False):
