@@ -192,7 +192,7 @@ def prepare_slice(model: str, trace_path: str | None, *, layers: int, experts_sc
 def validate(*, device: str, model: str, trace_path: str | None, layers: int, experts_scale: float,
              max_tokens: int | None, out: str | Path, policies: list[str] | None = None,
              dtype: str | None = None, link_gbps: float | None = None, quick: bool = False,
-             measured: str | Path | None = None, progress=None) -> tuple[dict, dict]:
+             measured: str | Path | None = None, repeats: int = 1, progress=None) -> tuple[dict, dict]:
     """Measure (unless ``measured`` names a folder already written), predict, compare, write.
     Returns (report, paths)."""
     from expertsim.real_runner.measure import measure
@@ -202,7 +202,7 @@ def validate(*, device: str, model: str, trace_path: str | None, layers: int, ex
         spec, trace = prepare_slice(model, trace_path, layers=layers, experts_scale=experts_scale,
                                     max_tokens=max_tokens, dtype=dtype)
         measure(trace, spec, device, out / "measured", policies=policies, link_gbps=link_gbps,
-                quick=quick, settings={"trace": str(trace_path or "synthetic default"),
+                quick=quick, repeats=repeats, settings={"trace": str(trace_path or "synthetic default"),
                                        "layers": layers, "experts_scale": experts_scale,
                                        "max_tokens": max_tokens}, progress=progress)
         measured = out / "measured"

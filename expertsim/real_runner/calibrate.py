@@ -15,7 +15,7 @@ import torch
 
 from expertsim.real_runner.device import torch_dtype
 from expertsim.real_runner.profile import PROFILE_FORMAT, PROFILE_VERSION, fit_copy_line, now_iso
-from expertsim.real_runner.weights import DenseStandIn, ExpertStore, apply_cpu_expert, apply_expert
+from expertsim.real_runner.weights import DenseStandIn, ExpertStore, apply_cpu_expert, apply_expert, token_groups
 from expertsim.specs.model import ModelSpec
 
 
@@ -29,13 +29,15 @@ def _grid(limit: int, start: int = 1) -> list[int]:
 
 
 def _median_ns(dev, fn, reps: int, warmup: int = 2) -> int:
-    """Median over ``reps`` of the compute-stream time of ``fn()`` (stamps around it)."""
+    """Median over ``reps`` of the compute-stream time of ``fn()`` (stamps around it), each run
+    from cold caches: in a replay, the experts and layers in between evict a layer's weights."""
     for _ in range(warmup):
         fn()
     dev.synchronize()
     dev.start_clock()
     stamps = []
     for _ in range(reps):
+        dev.flush_caches()
         a = dev.stamp()
         fn()
         stamps.append((a, dev.stamp()))
@@ -57,6 +59,39 @@ def _copy_table(dev, src_flat: torch.Tensor, dst_flat: torch.Tensor, sizes: list
             dev.synchronize()  # isolated copies: each one's own time, no queueing
         out.append(int(np.median([b - a for a, b in (dev.copy_ns(op) for op in ops)])))
     return out
+
+
+class _Decision:
+    """The replay's host work at one MoE layer, for the dense table: the LayerServer's observe,
+    serve and finish under LRU (a cache of top-k slots, so misses evict) and the token grouping,
+    on random routings of a given number of tokens."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 0):
+        from expertsim.policies import CacheConfig, ExpertCache, RunContext, make_policy
+        from expertsim.policies.serve import LayerServer
+
+        self.spec = spec
+        self.system = make_policy("lru")
+        eb = spec.expert_bytes()
+        self.cache = ExpertCache(1, spec.num_experts, eb, CacheConfig(per_layer=spec.top_k), self.system.eviction,
+                                 top_k=spec.top_k)
+        self.system.prepare(RunContext(model=spec, hardware=None, cost=None, cache=self.cache, trace=None))
+        self.server = LayerServer(self.system, self.cache, eb, eb)
+        self.rng = np.random.default_rng(seed)
+
+    def routing(self, tokens: int) -> np.ndarray:
+        scores = self.rng.random((tokens, self.spec.num_experts))
+        return np.argsort(scores, axis=1)[:, : self.spec.top_k].astype(np.uint8)
+
+    def __call__(self, experts: np.ndarray) -> None:
+        from expertsim.policies import LayerOutcome
+
+        obs = self.server.observe(now_ns=0, iteration=0, layer=0, tokens=np.arange(len(experts)),
+                                  experts=experts, weights=None, phase=1, trace=None)
+        plan, _ = self.server.serve(obs)
+        token_groups(experts, None, self.spec.top_k)
+        self.server.finish(obs, plan, LayerOutcome(layer=0, hits=plan.hits, misses=plan.misses, stall_ns=0,
+                                                   start_ns=-1, end_ns=-1))
 
 
 def calibrate(spec: ModelSpec, dev, *, max_tokens: int = 256, max_context: int = 2048, reps: int = 7,
@@ -90,7 +125,7 @@ def calibrate(spec: ModelSpec, dev, *, max_tokens: int = 256, max_context: int =
         profile["copy"] = {"bytes": sizes, "ns": copy_ns}
         overhead, bandwidth = fit_copy_line(sizes, copy_ns)
         profile["copy_overhead_ns"], profile["copy_bandwidth_gbps"] = round(overhead), round(bandwidth, 3)
-        pageable = torch.empty(store.host.shape[1], dtype=dtype).copy_(store.host[0])  # never pinned
+        pageable = dev.host_empty(store.host.shape[1], dtype, pinned=False).copy_(store.host[0])
         pageable_sizes = [s for s in sizes if s >= expert_bytes // 64] or [expert_bytes]
         profile["copy_pageable"] = {"bytes": pageable_sizes,
                                     "ns": _copy_table(dev, pageable.view(torch.uint8), dst_flat, pageable_sizes, reps)}
@@ -133,18 +168,35 @@ def calibrate(spec: ModelSpec, dev, *, max_tokens: int = 256, max_context: int =
         if quick:
             context_grid = sorted({64, max_context})
         dense = DenseStandIn(spec, dev, dtype, max(max_context, max_tokens), seed=1)
+        decide = _Decision(spec)
         dense_tokens = token_grid if not quick else sorted({1, max_tokens})
-        table = []
+        table, decision_ns = [], []
         for t in dense_tokens:
+            routings = [decide.routing(t) for _ in range(16)]
+            state = {"i": 0}
+
+            def decision_once():
+                state["i"] = (state["i"] + 1) % len(routings)
+                decide(routings[state["i"]])
+
+            decision_ns.append(_median_ns(dev, decision_once, reps))
             row = []
             for c in context_grid:
                 ctx = max(c, t)
                 x = base[:t].clone()
-                row.append(_median_ns(dev, lambda: dense(0, x, slice(ctx - t, ctx), ctx), reps))
+
+                def layer_once():
+                    dense(0, x, slice(ctx - t, ctx), ctx)
+                    decision_once()
+
+                row.append(_median_ns(dev, layer_once, reps))
             table.append(row)
         profile["dense"] = {"tokens": dense_tokens, "context": context_grid, "ns": table}
-    profile["notes"] = (f"medians of {reps} runs after warm-up; expert and dense tables time the real "
-                        f"runner's own operations; dense points with tokens > context are measured at "
-                        f"context = tokens")
+        profile["decision"] = {"tokens": dense_tokens, "ns": decision_ns}
+    profile["notes"] = (f"medians of {reps} runs after warm-up, each from cold caches; expert and dense "
+                        f"tables time the real runner's own operations; dense = the dense stand-in plus "
+                        f"the runner's per-layer decision (LayerServer observe/serve/finish under LRU, "
+                        f"token grouping; alone in 'decision'); dense points with tokens > context are "
+                        f"measured at context = tokens")
     dev.synchronize()
     return profile

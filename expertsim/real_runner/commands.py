@@ -12,8 +12,10 @@ import typer
 # slow on most CPUs) behind an emulated 1 GB/s link, so that copies cost several expert
 # computes, as over PCIe; a GPU keeps Mixtral's full expert width in its own dtype.
 DEVICE_DEFAULTS = {
-    "cpu": {"layers": 4, "experts_scale": 0.0625, "dtype": "fp32", "link_gbps": 1.0, "max_tokens": 1000},
-    "cuda": {"layers": 4, "experts_scale": 1.0, "dtype": None, "link_gbps": None, "max_tokens": 1200},
+    "cpu": {"layers": 4, "experts_scale": 0.0625, "dtype": "fp32", "link_gbps": 1.0, "max_tokens": 1000,
+            "repeats": 3},
+    "cuda": {"layers": 4, "experts_scale": 1.0, "dtype": None, "link_gbps": None, "max_tokens": 1200,
+             "repeats": 1},
 }
 
 
@@ -90,6 +92,7 @@ def validate_command(
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
     measured: str = typer.Option(None, "--measured", help="A folder written by benchmarks/gpu_validate.sh: predict and compare only."),
     export: str = typer.Option(None, "--export", help="Only write the trace slice and shrunk spec to this .npz (for benchmarks/gpu_validate.sh --bundle)."),
+    repeats: int = typer.Option(None, "--repeats", help="Replay each policy R times; per-pass medians (default: 3 on cpu, 1 on cuda)."),
     quick: bool = typer.Option(False, "--quick", help="Quick calibration (CI)."),
     as_json: bool = typer.Option(False, "--json", help="Print median_abs_error, p95_abs_error, total_time_error, kendall_tau and the per-policy list as JSON."),
 ) -> None:
@@ -99,7 +102,7 @@ def validate_command(
     from expertsim.validate import prepare_slice, validate
 
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps,
-                  max_tokens=max_tokens)
+                  max_tokens=max_tokens, repeats=repeats)
     if export:
         from expertsim.real_runner.shrink import write_bundle
 
@@ -116,6 +119,7 @@ def validate_command(
         device=device, model=model, trace_path=trace, layers=d["layers"], experts_scale=d["experts_scale"],
         max_tokens=d["max_tokens"], out=out, policies=policy_list, dtype=d["dtype"],
         link_gbps=d["link_gbps"] if device == "cpu" else None, quick=quick, measured=measured,
+        repeats=d["repeats"],
         progress=lambda msg: typer.echo(msg, err=True))
     keys = ("median_abs_error", "p95_abs_error", "total_time_error", "kendall_tau")
     if as_json:

@@ -13,16 +13,18 @@ Both offer the same small interface, so the replay and the calibration are writt
 CUDA: copies are ``non_blocking=True`` from pinned memory on a separate copy stream; dependencies
 are CUDA events; times come from CUDA events only (no host clock around asynchronous work).
 
-CPU emulation: "device memory" is a separate set of CPU tensors; copies run on one copy thread
-(``Tensor.copy_`` releases the GIL), computes on the main thread, timed with
-``time.perf_counter_ns`` (on the CPU every operation is synchronous, so the clock is exact).
-``link_gbps`` optionally makes the emulated link slower than memcpy: the copy thread first
+CPU emulation: "device memory" is a separate set of CPU tensors; copies run in order in one copy
+*process* (a thread would share the GIL: every hand-over to a thread the OS has not scheduled yet
+stalls the compute thread for a scheduler tick on a busy machine), computes on the calling
+thread; host and device tensors live in shared memory so both processes see them. Times are
+``time.perf_counter_ns`` (CLOCK_MONOTONIC, the same clock in both processes; on the CPU every
+operation is synchronous, so the clock is exact).
+``link_gbps`` optionally makes the emulated link slower than memcpy: the copy process first
 sleeps ``bytes / link_gbps`` (the transfer), then writes the data (it lands at the end, as
 over a real link), so the emulation keeps the GPU's ratio of copy time to compute time.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +72,7 @@ class CudaDevice:
         self.copy_stream = torch.cuda.Stream(self.torch_device)
         self.name = f"cuda:{torch.cuda.get_device_name(self.torch_device)}"
         self._origin = None
+        self._flush = None
 
     # Host memory: pinned, so non_blocking copies are truly asynchronous DMA.
     def host_empty(self, shape, dtype, pinned: bool = True) -> torch.Tensor:
@@ -108,6 +111,12 @@ class CudaDevice:
     def wait(self, op: CopyOp) -> None:
         self.compute_stream.wait_event(op.end)
 
+    def flush_caches(self) -> None:
+        """Evict the L2 cache (a write larger than it) so a timed operation starts cold."""
+        if self._flush is None:
+            self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=self.torch_device)
+        self._flush.zero_()
+
     def is_done(self, op: CopyOp) -> bool:
         return op.end.query()  # a host-side poll; no synchronisation
 
@@ -124,28 +133,90 @@ class CudaDevice:
         self.synchronize()
 
 
+def _copy_process(commands, replies, link_gbps: float | None) -> None:
+    """The emulated link: a process of its own (no GIL shared with the compute thread) that
+    copies between shared-memory buffers, in order, and replies (op, start_ns, end_ns).
+    Uses no torch (it may be forked from a process whose thread pools are running)."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    import numpy as np
+
+    segments, views = [], {}
+    while True:
+        msg = commands.recv()
+        if msg[0] == "register":
+            _, buf_id, name, nbytes = msg
+            shm = shared_memory.SharedMemory(name=name)
+            try:  # attached, not owned: the creating process unlinks it
+                resource_tracker.unregister(shm._name, "shared_memory")
+            except Exception:
+                pass
+            segments.append(shm)
+            views[buf_id] = np.frombuffer(shm.buf, dtype=np.uint8, count=nbytes)
+        elif msg[0] == "copy":
+            _, op_id, dst, dst_off, src, src_off, n = msg
+            start = time.perf_counter_ns()
+            if link_gbps:  # the bytes cross the link; they land at the end
+                time.sleep(n / (link_gbps * 1e9))
+            np.copyto(views[dst][dst_off:dst_off + n], views[src][src_off:src_off + n])
+            replies.send((op_id, start, time.perf_counter_ns()))
+        else:
+            break
+    views.clear()
+    for shm in segments:
+        shm.close()
+
+
 class CpuEmulatedDevice:
-    """The CPU playing a GPU: separate CPU tensors as device memory, a copy thread as the link."""
+    """The CPU playing a GPU: separate CPU tensors (shared memory) as device memory, a copy
+    process as the link, the calling thread as the compute stream."""
 
     kind = "cpu"
     emulated = True
 
     def __init__(self, link_gbps: float | None = None, threads: int = 1):
+        import multiprocessing as mp
+
         self.torch_device = torch.device("cpu")
         self.link_gbps = link_gbps
         self.name = "cpu-emulated" + (f" (link {link_gbps:g} GB/s)" if link_gbps else "")
-        # One compute thread, so that the copy thread has a core of its own on a 2-core machine.
+        # One compute thread, so that the copy process has a core of its own on a 2-core machine.
         torch.set_num_threads(threads)
         self._origin = time.perf_counter_ns()
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._copy_loop, name="expertsim-copy", daemon=True)
-        self._thread.start()
+        self._flush = None
+        self._segments = []  # SharedMemory blocks we own
+        self._buffers: list[tuple[int, int, int]] = []  # (base pointer, bytes, id)
+        self._ops: dict[int, CopyOp] = {}
+        self._next_op = 0
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        cmd_recv, self._commands = ctx.Pipe(duplex=False)
+        self._replies, reply_send = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_copy_process, args=(cmd_recv, reply_send, link_gbps),
+                                    name="expertsim-copy", daemon=True)
+        self._process.start()
+        cmd_recv.close()
+        reply_send.close()
+
+    def _shared(self, shape, dtype) -> torch.Tensor:
+        from multiprocessing import shared_memory
+
+        numel = 1
+        for n in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+            numel *= int(n)
+        nbytes = max(numel * torch.empty(0, dtype=dtype).element_size(), 1)
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        self._segments.append(shm)
+        t = torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes)
+        buf_id = len(self._buffers)
+        self._buffers.append((t.data_ptr(), nbytes, buf_id))
+        self._commands.send(("register", buf_id, shm.name, nbytes))
+        return t[: numel * torch.empty(0, dtype=dtype).element_size()].view(dtype).view(shape)
 
     def host_empty(self, shape, dtype, pinned: bool = True) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype)
+        return self._shared(shape, dtype)
 
     def empty(self, shape, dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype)
+        return self._shared(shape, dtype)
 
     def compute_context(self):
         import contextlib
@@ -159,42 +230,50 @@ class CpuEmulatedDevice:
     def stamp(self) -> int:
         return time.perf_counter_ns()
 
-    def _copy_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            op, dst, src = item
-            try:
-                op.start = time.perf_counter_ns()
-                if self.link_gbps:
-                    time.sleep(op.nbytes / (self.link_gbps * 1e9))
-                dst.copy_(src)
-                op.end = time.perf_counter_ns()
-            except BaseException as exc:  # surfaced to the main thread by wait()
-                op.error = exc
-                op.end = time.perf_counter_ns()
-            finally:
-                op.done.set()
+    def _locate(self, t: torch.Tensor) -> tuple[int, int]:
+        if not t.is_contiguous():
+            raise ValueError("the emulated link copies contiguous tensors only")
+        ptr = t.data_ptr()
+        for base, nbytes, buf_id in self._buffers:
+            if base <= ptr and ptr + t.numel() * t.element_size() <= base + nbytes:
+                return buf_id, ptr - base
+        raise ValueError("copy between tensors the emulated device did not allocate (host_empty/empty)")
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> CopyOp:
-        # ``after`` is a stamp of work the main thread has already finished: nothing to wait for.
+        # ``after`` is a stamp of work this thread has already finished: nothing to wait for.
         op = CopyOp(nbytes=src.numel() * src.element_size())
-        self._queue.put((op, dst, src))
+        dst_id, dst_off = self._locate(dst)
+        src_id, src_off = self._locate(src)
+        op_id = self._next_op
+        self._next_op += 1
+        self._ops[op_id] = op
+        self._commands.send(("copy", op_id, dst_id, dst_off, src_id, src_off, op.nbytes))
         return op
 
+    def _receive(self) -> None:
+        op_id, start, end = self._replies.recv()
+        op = self._ops.pop(op_id)
+        op.start, op.end = start, end
+        op.done.set()
+
     def is_done(self, op: CopyOp) -> bool:
-        return op.done.is_set() and op.error is None
+        while not op.done.is_set() and self._replies.poll():
+            self._receive()
+        return op.done.is_set()
 
     def wait(self, op: CopyOp) -> None:
-        op.done.wait()
-        if op.error is not None:
-            raise op.error
+        while not op.done.is_set():
+            self._receive()  # copies complete in order: earlier ones arrive first
+
+    def flush_caches(self) -> None:
+        """Evict the CPU caches (a write of 64 MiB, twice a large L3) so a timed operation starts cold."""
+        if self._flush is None:
+            self._flush = torch.empty(16 * 2**20, dtype=torch.float32)
+        self._flush.fill_(1.0)
 
     def synchronize(self) -> None:
-        marker = CopyOp(nbytes=0)
-        self._queue.put((marker, torch.empty(0), torch.empty(0)))
-        marker.done.wait()
+        while self._ops:
+            self._receive()
 
     def ns(self, stamp: int) -> int:
         return int(stamp - self._origin)
@@ -203,9 +282,21 @@ class CpuEmulatedDevice:
         return self.ns(op.start), self.ns(op.end)
 
     def close(self) -> None:
+        if self._process is None:
+            return
         self.synchronize()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._commands.send(("stop",))
+        self._process.join(timeout=10)
+        self._process = None
+        self._commands.close()
+        self._replies.close()
+        for shm in self._segments:
+            try:
+                shm.close()
+            except BufferError:  # a tensor still views it; the block is unlinked all the same
+                pass
+            shm.unlink()
+        self._segments = []
 
 
 def make_device(kind: str, *, link_gbps: float | None = None):

@@ -51,10 +51,25 @@ def parse_policy(text: str):
     return system, CacheConfig(per_layer=int(k)) if k else None
 
 
+def median_records(runs: list[list[dict]]) -> list[dict]:
+    """One replay's per-pass records with every pass's latency (and stall) the median over
+    repeated replays, passes laid end to end from the first replay's start: a pass that a busy
+    machine's scheduler delayed in one repeat does not count as the device's time."""
+    first = runs[0]
+    dur = np.median([[r["end_ns"] - r["start_ns"] for r in run] for run in runs], axis=0)
+    stall = np.median([[r["stall_ns"] for r in run] for run in runs], axis=0)
+    out, t = [], int(first[0]["start_ns"]) if first else 0
+    for r, d, st in zip(first, dur, stall):
+        out.append({**r, "start_ns": t, "end_ns": t + int(round(d)), "stall_ns": int(round(st))})
+        t += int(round(d))
+    return out
+
+
 def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str] | None = None,
             link_gbps: float | None = None, quick: bool = False, settings: dict | None = None,
-            progress=None) -> Path:
-    """Calibrate ``device`` for ``spec`` and replay ``trace`` under each policy; write ``out_dir``."""
+            repeats: int = 1, progress=None) -> Path:
+    """Calibrate ``device`` for ``spec`` and replay ``trace`` under each policy (``repeats``
+    times, per-pass medians: see :func:`median_records`); write ``out_dir``."""
     from expertsim.real_runner.calibrate import calibrate
     from expertsim.real_runner.device import make_device, torch_dtype
     from expertsim.real_runner.profile import save_profile
@@ -71,7 +86,7 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
         if config is None and system.cache_config(spec) is None:
             raise ConfigError(f"policy {text!r} needs a cache size: write {text}:K (K slots per layer)")
     settings = {**(settings or {}), "device": device, "link_gbps": link_gbps, "quick": quick,
-                "policies": policies}
+                "policies": policies, "repeats": repeats}
     write_bundle(out / "bundle.npz", trace, spec, settings)
     wall0 = time.perf_counter()
     dev = make_device(device, link_gbps=link_gbps)
@@ -90,11 +105,20 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
         runs = []
         for i, (text, system, config) in enumerate(parsed):
             t0 = time.perf_counter()
-            result = Replayer(spec, system, dev, config, store=store).run(trace)
+            results = []
+            for rep in range(max(1, repeats)):
+                system, config = parse_policy(text) if rep else (system, config)  # fresh state
+                result = Replayer(spec, system, dev, config, store=store, timeline=rep == 0).run(trace)
+                if not result.outputs_finite:
+                    raise RuntimeError(f"policy {text}: non-finite outputs: an expert computed before its "
+                                       f"copy landed (a missing dependency in the real runner)")
+                results.append(result)
             wall = time.perf_counter() - t0
-            if not result.outputs_finite:
-                raise RuntimeError(f"policy {text}: non-finite outputs: an expert computed before its "
-                                   f"copy landed (a missing dependency in the real runner)")
+            result = results[0]
+            repeat_tpot = [r.metrics()["tpot_ms"] for r in results]
+            if len(results) > 1:
+                result.records = median_records([r.records for r in results])
+                result.totals["stall_ns"] = sum(r["stall_ns"] for r in result.records)
             metrics = result.metrics()
             say(f"replayed {text}: TPOT {metrics['tpot_ms']:.3f} ms, hit rate {metrics['hit_rate']:.3f}, "
                 f"{wall:.1f} s")
@@ -102,7 +126,7 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
                                 **{k: np.asarray(v) for k, v in result.timeline.items()})
             runs.append({"policy": text, "label": system.label, "cache": result.config["cache"],
                          "metrics": metrics, "records": result.records, "totals": result.totals,
-                         "wall_s": wall})
+                         "repeats": len(results), "repeat_tpot_ms": repeat_tpot, "wall_s": wall})
         doc = {"format": "expertsim-measured", "version": 1, "device": dev.name, "model": spec.name,
                "settings": settings, "calibrate_s": calibrate_s,
                "wall_s": time.perf_counter() - wall0, "runs": runs}

@@ -15,8 +15,10 @@ reads it through :func:`load_profile` and :func:`interp_ns`. Format (version 1):
       "copy_overhead_ns": 9500,                         # intercept of ns = overhead + bytes/bw
       "copy_bandwidth_gbps": 51.2,                      # slope of that fit (1e9 bytes/s)
       "expert": {"tokens": [...], "ns": [...]},         # one routed expert's FFN on the device
-      "dense": {"tokens": [...], "context": [...],      # one layer's dense stand-in (attention +
-                "ns": [[...], ...]},                    #   projections): ns[i][j] at tokens[i], context[j]
+      "dense": {"tokens": [...], "context": [...],      # one layer's dense stand-in (attention,
+                "ns": [[...], ...]},                    #   projections, router) and the runner's
+                                                        #   routing decision: ns[i][j] at tokens[i], context[j]
+      "decision": {"tokens": [...], "ns": [...]},       # that decision alone (included in "dense")
       "cpu_expert": {"tokens": [...], "ns": [...]},     # one expert's FFN on the host CPU
       "notes": "..."
     }

@@ -184,6 +184,7 @@ class Replayer:
         run = _Run(self, trace, cache, server, pool, dense, inputs, unsafe_skip_copy_wait)
         with dev.compute_context():
             dev.start_clock()
+            run.last = dev.stamp()
             run.execute(passes)
             dev.synchronize()
         return run.result(passes)
@@ -220,6 +221,7 @@ class _Run:
                        "dropped_gate_mass": 0.0, "low_precision_copies": 0}
         self.moe_index = {layer: i for i, layer in enumerate(self.spec.moe_layers)}
         self.host_origin = time.perf_counter_ns()
+        self.last = None  # the compute stream's latest stamp (set when the clock starts)
 
     def execute(self, passes: list[Pass]) -> None:
         system, current = self.rep.system, None
@@ -231,20 +233,28 @@ class _Run:
                     self.inflight.clear()
                 system.on_request_start(it.request)
             stats = {"hits": 0, "misses": 0, "experts": 0}
-            start = self.dev.stamp()
+            start = self.last
             x = self.inputs[: it.num_tokens].clone()
             positions = slice(int(self.trace.position[it.start]), int(self.trace.position[it.stop - 1]) + 1)
             for layer in range(self.spec.num_layers):
-                t0 = self.dev.stamp()
                 x, h = self.dense(layer, x, positions, it.context_tokens)
-                t1 = self.dev.stamp()
-                self.rows.append(("gpu", "dense", it.index, it.request, layer, -1, t0, t1, 0))
+                attention_done = self.dev.stamp()
                 moe = self.moe_index.get(layer)
-                if moe is not None:
-                    self._moe_layer(it, moe, x, h, t1, stats)
+                if moe is None:
+                    self._row("gpu", "dense", it, layer, -1, attention_done)
+                else:
+                    self._moe_layer(it, moe, layer, x, h, attention_done, stats)
             self.finite.append(torch.isfinite(x).all())
-            self.pass_stamps.append((start, self.dev.stamp()))
+            self.pass_stamps.append((start, self.last))
             self.pass_stats.append(stats)
+
+    def _row(self, resource: str, kind: str, it: Pass, layer: int, expert: int, end=None) -> None:
+        """A compute-stream row from the end of the previous one to ``end`` (default: now), so the
+        rows tile the stream: host work between operations (the policy's decision, bookkeeping)
+        is charged to the row it precedes, as the calibration charges it."""
+        end = self.dev.stamp() if end is None else end
+        self.rows.append((resource, kind, it.index, it.request, layer, expert, self.last, end, 0))
+        self.last = end
 
     def _copy(self, it: Pass, layer: int, expert: int, slot: int, nbytes: int, after, prefetch: bool):
         key = self.cache.key(layer, expert)
@@ -256,8 +266,11 @@ class _Run:
         self.totals["copies"] += 1
         self.totals["prefetch_copies"] += int(prefetch)
 
-    def _moe_layer(self, it: Pass, layer: int, x: torch.Tensor, h: torch.Tensor, attention_done, stats: dict) -> None:
-        """Serve one MoE layer; the experts' gated outputs are added to the residual ``x`` in place."""
+    def _moe_layer(self, it: Pass, layer: int, model_layer: int, x: torch.Tensor, h: torch.Tensor, attention_done,
+                   stats: dict) -> None:
+        """Serve one MoE layer; the experts' gated outputs are added to the residual ``x`` in place.
+        The dense row of the layer ends once the decision is taken and its copies issued (a real
+        router decides after attention; the calibration times the same span)."""
         trace, cache, dev, spec = self.trace, self.cache, self.dev, self.spec
         experts = trace.experts[it.start:it.stop, layer]
         weights = None if trace.weights is None else trace.weights[it.start:it.stop, layer]
@@ -284,15 +297,15 @@ class _Run:
             for pf in plan.prefetches:
                 self._copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, attention_done, True)
         groups = token_groups(experts, weights, spec.top_k)
+        self._row("gpu", "dense", it, model_layer, -1)
         for idx, item in enumerate(plan.items):
             key = cache.key(layer, item.expert)
             rows, gate = groups[item.expert]
             if item.action is MissAction.SKIP:
                 self.totals["dropped_gate_mass"] += item.gate_mass
             elif item.action is MissAction.CPU:
-                c0 = dev.stamp()
                 apply_cpu_expert(x, h, rows, gate, self.rep.store.row(key), spec)
-                self.rows.append(("cpu", "cpu_expert", it.index, it.request, layer, item.expert, c0, dev.stamp(), 0))
+                self._row("cpu", "cpu_expert", it, layer, item.expert)
                 self.totals["cpu_experts"] += 1
             else:
                 op = self.inflight.get(key)
@@ -300,19 +313,16 @@ class _Run:
                     if dev.is_done(op):
                         del self.inflight[key]
                     else:
-                        s0 = dev.stamp()
                         dev.wait(op)
-                        self.rows.append(("gpu", "stall", it.index, it.request, layer, item.expert, s0, dev.stamp(), 0))
-                c0 = dev.stamp()
+                        self._row("gpu", "stall", it, layer, item.expert)
                 apply_expert(x, h, rows, gate, self.pool.data[self.rep._row(cache, layer, item.slot)], spec)
-                self.rows.append(("gpu", "expert", it.index, it.request, layer, item.expert, c0, dev.stamp(), 0))
+                self._row("gpu", "expert", it, layer, item.expert)
             for j in deferred.get(idx, ()):
                 other = plan.items[j]
-                self._copy(it, layer, other.expert, other.slot, other.copy_bytes, dev.stamp(), False)
+                self._copy(it, layer, other.expert, other.slot, other.copy_bytes, self.last, False)
         if late_prefetch:
-            done = dev.stamp()
             for pf in plan.prefetches:
-                self._copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, done, True)
+                self._copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, self.last, True)
         stats["hits"] += plan.hits
         stats["misses"] += plan.misses
         stats["experts"] += len(plan.items)

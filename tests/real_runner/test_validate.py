@@ -123,3 +123,19 @@ def test_validate_shared_mixtral_trace_slice(tmp_path, mixtral_trace_path):
                          layers=1, experts_scale=1 / 16, dtype="fp32", max_tokens=120)
     assert all(p["hits_equal"] for p in report["policies"])
     assert report["decode_tokens"] > 20
+
+
+def test_median_records_takes_per_pass_medians():
+    from expertsim.real_runner.measure import median_records
+
+    def run(durs):
+        t, out = 100, []
+        for i, d in enumerate(durs):
+            out.append({"iteration": i, "phase": 1, "start_ns": t, "end_ns": t + d, "stall_ns": d // 2, "hits": 1})
+            t += d
+        return out
+
+    merged = median_records([run([10, 50, 30]), run([12, 20, 90]), run([11, 40, 31])])
+    assert [r["end_ns"] - r["start_ns"] for r in merged] == [11, 40, 31]
+    assert merged[0]["start_ns"] == 100 and merged[1]["start_ns"] == merged[0]["end_ns"]
+    assert [r["stall_ns"] for r in merged] == [5, 20, 15]
