@@ -291,6 +291,65 @@ def _stream_kernel(keys, capacity, policy, next_use):
 
 
 @_njit
+def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, first_use):
+    """Copies of the optimal policy for the sequence of needed *sets* (expertsim.sim.bounds: after
+    each step keep the ``slots`` entries with the nearest next use, ties to the lower key;
+    a needed expert may be dropped right after use). Partition p's groups are
+    ``gorder[pstart[p]:pstart[p+1]]``, in order."""
+    num_parts = pstart.shape[0] - 1
+    n = keys.shape[0]
+    nxt_use = np.full(n, n, dtype=np.int64)
+    last = np.full(num_keys, -1, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        if last[keys[i]] >= 0:
+            nxt_use[i] = last[keys[i]]
+        last[keys[i]] = i
+    misses = 0
+    cur = np.full(num_keys, -1, dtype=np.int64)  # next use of each cached key, -1: absent
+    heap = np.empty(n + initial.shape[0] + 1, dtype=np.int64)  # max-heap of next_use * num_keys + key
+    dummy = np.empty(heap.shape[0], dtype=np.int64)
+    for p in range(num_parts):
+        size = 0
+        count = 0
+        for j in range(initial.shape[0]):
+            key = initial[j]
+            if (key * num_parts // num_keys if num_parts > 1 else 0) == p and count < slots and cur[key] < 0:
+                cur[key] = first_use[key]
+                count += 1
+                heap[size] = cur[key] * num_keys + key
+                size += 1
+                _sift_up(heap, dummy, size - 1)
+        for gi in range(pstart[p], pstart[p + 1]):
+            g = gorder[gi]
+            for i in range(gstart[g], gstart[g + 1]):
+                key = keys[i]
+                if cur[key] < 0:
+                    misses += 1
+                    count += 1
+                cur[key] = nxt_use[i]
+                heap[size] = nxt_use[i] * num_keys + key
+                size += 1
+                _sift_up(heap, dummy, size - 1)
+            while count > slots:  # drop the farthest next uses (lazily deleted stale entries skipped)
+                top = heap[0]
+                size -= 1
+                heap[0] = heap[size]
+                dummy[0] = dummy[size]
+                _sift_down(heap, dummy, size, 0)
+                key = top % num_keys
+                if cur[key] == top // num_keys:
+                    cur[key] = -1
+                    count -= 1
+        for gi in range(pstart[p], pstart[p + 1]):  # empty the partition for the next one
+            g = gorder[gi]
+            for i in range(gstart[g], gstart[g + 1]):
+                cur[keys[i]] = -1
+        for j in range(initial.shape[0]):
+            cur[initial[j]] = -1
+    return misses
+
+
+@_njit
 def _sift_up(ht, hk, i):
     while i > 0:
         parent = (i - 1) // 2
@@ -331,43 +390,84 @@ class AccessGroups:
     pass_index: np.ndarray  # int64 [groups]
 
 
+def _single_token_groups(experts: np.ndarray, num_experts: int):
+    """Groups of one-token passes: each top-k sorted, repeats merged (a repeated expert counts
+    its uses, as the LayerServer's bincount does). Returns (keys, tokens, counts per group)."""
+    n, num_layers, k = experts.shape
+    srt = np.sort(experts, axis=2).astype(np.int64)
+    keep = np.ones(srt.shape, dtype=bool)
+    keep[:, :, 1:] = srt[:, :, 1:] != srt[:, :, :-1]
+    tokens = np.ones(srt.shape, dtype=np.int64)
+    if not keep.all():
+        for j in range(k - 1, 0, -1):
+            dup = ~keep[:, :, j]
+            run = np.zeros(srt.shape[:2], dtype=np.int64)
+            run[dup] = tokens[:, :, j][dup]
+            tokens[:, :, j - 1] += run
+    srt += (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
+    return srt[keep], tokens[keep], keep.sum(axis=2).ravel()
+
+
+def _multi_token_groups(experts: np.ndarray, pass_of: np.ndarray, num_passes: int, num_experts: int):
+    """Groups of passes over several tokens: the union of their experts with use counts."""
+    n, num_layers, k = experts.shape
+    code = ((pass_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts
+            + experts.astype(np.int64)).ravel()
+    if num_passes * num_layers * num_experts <= 4 * code.size + 1024:  # dense counts are cheaper
+        used = np.bincount(code, minlength=num_passes * num_layers * num_experts)
+        uniq = np.flatnonzero(used)
+        tok = used[uniq]
+    else:
+        uniq, tok = np.unique(code, return_counts=True)
+    group = uniq // num_experts
+    keys = (group % num_layers) * num_experts + uniq % num_experts
+    counts = np.bincount(group, minlength=num_passes * num_layers)
+    return keys, tok.astype(np.int64), counts
+
+
 def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts: int) -> AccessGroups:
     """Groups for passes ``pass_starts`` (token offsets, with the end) over ``experts``
     [tokens, layers, k], in the engines' order: passes, then layers, then experts ascending."""
     n, num_layers, k = experts.shape
+    pass_starts = np.asarray(pass_starts, dtype=np.int64)
     num_passes = len(pass_starts) - 1
-    if n == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return AccessGroups(empty, empty, np.zeros(1, dtype=np.int64), empty, empty)
-    pass_of = np.repeat(np.arange(num_passes, dtype=np.int64), np.diff(pass_starts))
-    if num_passes == n:  # one token per pass: sort each top-k, drop repeats
-        srt = np.sort(experts, axis=2).astype(np.int64)
-        keep = np.ones(srt.shape, dtype=bool)
-        keep[:, :, 1:] = srt[:, :, 1:] != srt[:, :, :-1]
-        tokens = np.ones(srt.shape, dtype=np.int64)
-        if not keep.all():  # a repeated expert in a top-k counts its uses, as np.bincount does
-            for j in range(k - 1, 0, -1):
-                dup = ~keep[:, :, j]
-                run = np.zeros(srt.shape[:2], dtype=np.int64)
-                run[dup] = tokens[:, :, j][dup]
-                tokens[:, :, j - 1] += run
-        layer_of = np.broadcast_to(np.arange(num_layers, dtype=np.int64)[None, :, None], srt.shape)
-        keys = (layer_of * num_experts + srt)[keep]
-        tokens = tokens[keep]
-        counts = keep.sum(axis=2).ravel()
-    else:
-        code = ((pass_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts
-                + experts.astype(np.int64)).ravel()
-        uniq, tok = np.unique(code, return_counts=True)
-        group = uniq // num_experts
-        keys = (group % num_layers) * num_experts + uniq % num_experts
-        tokens = tok.astype(np.int64)
-        counts = np.bincount(group, minlength=num_passes * num_layers)
-    start = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=start[1:])
     layer = np.tile(np.arange(num_layers, dtype=np.int64), num_passes)
     pass_index = np.repeat(np.arange(num_passes, dtype=np.int64), num_layers)
-    return AccessGroups(keys.astype(np.int64), tokens, start, layer, pass_index)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return AccessGroups(empty, empty, np.zeros(1, dtype=np.int64), layer, pass_index)
+    lengths = np.diff(pass_starts)
+    single = lengths == 1
+    if single.all():
+        keys, tokens, counts = _single_token_groups(experts, num_experts)
+        start = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=start[1:])
+        return AccessGroups(keys, tokens, start, layer, pass_index)
+    # One-token passes (decode) sorted per row; longer passes (prefill) by counting.
+    parts = []
+    single_passes = np.flatnonzero(single)
+    if len(single_passes):
+        parts.append((single_passes, *_single_token_groups(experts[pass_starts[single_passes]], num_experts)))
+    multi_passes = np.flatnonzero(~single)
+    rows = np.repeat(np.arange(len(multi_passes), dtype=np.int64), lengths[multi_passes])
+    token_rows = np.concatenate([np.arange(pass_starts[p], pass_starts[p + 1]) for p in multi_passes])
+    parts.append((multi_passes, *_multi_token_groups(experts[token_rows], rows, len(multi_passes), num_experts)))
+    counts = np.zeros(num_passes * num_layers, dtype=np.int64)
+    gids = []
+    for passes, _, _, c in parts:
+        g = (passes[:, None] * num_layers + np.arange(num_layers)[None, :]).ravel()
+        counts[g] = c
+        gids.append(g)
+    start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=start[1:])
+    keys = np.empty(int(start[-1]), dtype=np.int64)
+    tokens = np.empty(int(start[-1]), dtype=np.int64)
+    for g, (_, k_part, t_part, c) in zip(gids, parts):
+        first = np.repeat(start[g], c)
+        local = np.arange(len(k_part)) - np.repeat(np.cumsum(c) - c, c)
+        keys[first + local] = k_part
+        tokens[first + local] = t_part
+    return AccessGroups(keys, tokens, start, layer, pass_index)
 
 
 # --- support checks ---------------------------------------------------------------------
@@ -571,13 +671,101 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
     return True
 
 
+@dataclasses.dataclass
+class _Schedule:
+    """Batch-1 iterations as arrays (the ContinuousBatcher's order: requests in trace order, each
+    request's passes in order, prefill passes cut into chunks)."""
+
+    start: np.ndarray  # first trace row of each iteration
+    stop: np.ndarray
+    request: np.ndarray
+    phase: np.ndarray  # phase of the iteration's first row
+    context: np.ndarray  # KV length after the iteration
+    decode_pass: np.ndarray  # the iteration belongs to a decode pass (its tokens' TPOT counts)
+    ends_pass: np.ndarray  # last chunk of its pass
+
+
+def _batch1_schedule(trace, chunk: int | None) -> _Schedule:
+    starts = trace.pass_starts()
+    a, b = starts[:-1], starts[1:]
+    pieces = np.ones(len(a), dtype=np.int64)
+    if chunk is not None:
+        prefill = trace.phase[a] == 0
+        pieces[prefill] = -(-(b[prefill] - a[prefill]) // int(chunk))
+    first = np.repeat(a, pieces)
+    piece = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    start = first + piece * (int(chunk) if chunk is not None else 0)
+    stop = np.repeat(b, pieces)
+    if chunk is not None:  # only prefill passes are chunked
+        stop = np.where(trace.phase[start] == 0, np.minimum(stop, start + int(chunk)), stop)
+    return _Schedule(start=start, stop=stop, request=trace.request[start], phase=trace.phase[start].astype(np.int64),
+                     context=trace.position[stop - 1] + 1, decode_pass=np.repeat(trace.phase[a] == 1, pieces),
+                     ends_pass=piece == np.repeat(pieces, pieces) - 1)
+
+
+def _request_records(sched: _Schedule, begin: np.ndarray, end: np.ndarray, arrival: str):
+    """The batcher's per-request records and per-token decode latencies at batch 1."""
+    change = np.ones(len(sched.request), dtype=bool)
+    change[1:] = sched.request[1:] != sched.request[:-1]
+    first_it = np.flatnonzero(change)
+    last_it = np.append(first_it[1:], len(change)) - 1
+    finish = end[last_it]
+    if arrival == "closed":
+        arrivals = np.concatenate([[0], finish[:-1]])
+    else:  # offline: everything queued at 0
+        arrivals = np.zeros(len(first_it), dtype=np.int64)
+    req_of_it = np.cumsum(change) - 1
+    # First token: the end of the request's first pass (its last chunk).
+    pass_end_its = np.flatnonzero(sched.ends_pass)
+    first_pass_end = np.full(len(first_it), -1, dtype=np.int64)
+    first_pass_end[req_of_it[pass_end_its][::-1]] = pass_end_its[::-1]
+    dur = end - begin
+    ntok = sched.stop - sched.start
+    lat_it = np.flatnonzero(sched.decode_pass)
+    latencies = np.repeat(dur[lat_it], ntok[lat_it])
+    lat_req = np.repeat(req_of_it[lat_it], ntok[lat_it])
+    bounds = np.searchsorted(lat_req, np.arange(len(first_it) + 1))
+    records = []
+    for i in range(len(first_it)):
+        mine = latencies[bounds[i]:bounds[i + 1]]
+        records.append({"request": int(sched.request[first_it[i]]), "arrival_ns": int(arrivals[i]),
+                        "start_ns": int(begin[first_it[i]]), "first_token_ns": int(end[first_pass_end[i]]),
+                        "finish_ns": int(finish[i]), "decode_tokens": len(mine),
+                        "tpot_ns": float(np.mean(mine)) if len(mine) else float("nan")})
+    return records, latencies
+
+
+def _fast_bounds(cost, model, groups: AccessGroups, cache_config, initial, *, dense_total_ns: int,
+                 expert_total_ns: int, copy_chunk_bytes) -> dict:
+    """:func:`expertsim.sim.bounds.run_bounds` from the access groups: the compute-only bound is
+    the run's dense plus expert compute (every needed expert computed once per layer and pass,
+    which the base systems do), the link bound Belady's copies for the needed sets."""
+    L, E = model.num_moe_layers, model.num_experts
+    if cache_config.per_layer is not None:
+        parts, slots = L, int(cache_config.per_layer)
+    else:
+        parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
+    num_keys = L * E
+    first_use = np.full(num_keys, len(groups.keys), dtype=np.int64)
+    order = np.arange(len(groups.keys) - 1, -1, -1)
+    first_use[groups.keys[order]] = order
+    gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
+    gorder = np.argsort(gpart, kind="stable")
+    pstart = np.searchsorted(gpart[gorder], np.arange(parts + 1))
+    misses = int(_set_belady_kernel(groups.keys, groups.start, gorder, pstart, slots, num_keys,
+                                    np.asarray(initial, dtype=np.int64), first_use))
+    compute_ns = int(dense_total_ns + expert_total_ns)
+    link_ns = misses * cost.chunked_wire_ns(model.expert_bytes(), copy_chunk_bytes)
+    return {"compute_bound_s": compute_ns / 1e9, "link_bound_s": link_ns / 1e9,
+            "bound_s": max(compute_ns, link_ns) / 1e9, "belady_misses": misses,
+            "compute_bound_ns": compute_ns, "link_bound_ns": int(link_ns)}
+
+
 def simulate_fast(model, hardware, system, cache_config, trace, options):
     """The fast engine's :class:`~expertsim.sim.metrics.RunResult`: the same metrics as
     ``Simulation(model, hardware, system, cache_config, options).run(trace)`` (engine "fast")."""
-    from expertsim.sim import bounds
     from expertsim.sim.engine import Simulation
     from expertsim.sim.metrics import summarise
-    from expertsim.sim.serving import ContinuousBatcher, arrival_times_ns, plan_iterations
 
     if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
         raise ConfigError(
@@ -594,25 +782,17 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
 
     ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), sim.cache_config, system.eviction,
                 top_k=m.top_k)  # the same size checks and messages as the DES
-    num_requests = len(trace.request_starts()) - 1
-    arrivals = arrival_times_ns(num_requests, opts.arrival, rate_per_s=opts.rate_per_s, seed=opts.seed,
-                                timestamps_ns=opts.arrival_times_ns)
-    iterations = plan_iterations(trace, max_batch=1, prefill_chunk_tokens=opts.prefill_chunk_tokens,
-                                 arrivals_ns=arrivals)
-    num_iters = len(iterations)
-    bounds_it = np.array([it.start for it in iterations] + [trace.num_tokens], dtype=np.int64)
-    if num_iters and (np.any(bounds_it[1:] != np.array([it.stop for it in iterations])) or bounds_it[0] != 0):
-        raise ConfigError("the fast engine needs batch-1 iterations that cover the trace in order; use --engine des")
+    sched = _batch1_schedule(trace, opts.prefill_chunk_tokens)
+    num_iters = len(sched.start)
     # The cache: which lookups hit, and which copies wait for a released item's compute.
     kind = _builtin_kind(system)
     num_layers, num_experts, expert_bytes = m.num_moe_layers, m.num_experts, m.expert_bytes()
     capacity, per_layer = _capacity_slots(sim.cache_config, num_layers, num_experts, expert_bytes)
-    groups = groups_from_passes(trace.experts, bounds_it, num_experts)
-    it_request = np.array([it.request for it in iterations], dtype=np.int64)
+    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), num_experts)
     reset = np.zeros(len(groups.layer), dtype=bool)
     if opts.scope == "request" and num_iters:
         first = np.ones(num_iters, dtype=bool)
-        first[1:] = it_request[1:] != it_request[:-1]
+        first[1:] = sched.request[1:] != sched.request[:-1]
         reset = first[groups.pass_index] & (groups.layer == 0)
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
     hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
@@ -624,10 +804,12 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
         expert_ns[t] = cost.expert_time_ns(t)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
     dur, stall, compute = _timing_kernel(groups.start, hit, release, groups.tokens, expert_ns, copy_ns)
-    dense = np.array([cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
-                      for it in iterations], dtype=np.int64)
-    moe_ns = dur.reshape(num_iters, num_layers).sum(axis=1)  # groups: iterations x MoE layers
-    iter_ns = dense * m.num_layers + moe_ns
+    ntok = sched.stop - sched.start
+    span = int(sched.context.max()) + 1 if num_iters else 1
+    pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs
+    dense = np.array([cost.dense_layer_time_ns(int(p // span), int(p % span)) for p in pairs.tolist()],
+                     dtype=np.int64)[inverse.ravel()]
+    iter_ns = dense * m.num_layers + dur.reshape(num_iters, num_layers).sum(axis=1)
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
     access_iter = np.repeat(groups.pass_index, np.diff(groups.start))
@@ -635,20 +817,14 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     all_it = np.bincount(access_iter, minlength=num_iters)
     stall_it = stall.reshape(num_iters, num_layers).sum(axis=1)
     decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
-    decode_it = decode_cum[bounds_it[1:]] - decode_cum[bounds_it[:-1]]
-    # The batcher again, now with the run's times: request records and per-token latencies.
-    batcher = ContinuousBatcher(trace, max_batch=1, arrivals_ns=arrivals,
-                                prefill_chunk_tokens=opts.prefill_chunk_tokens, select_batch=system.select_batch)
-    records = []
-    for it, b, e, h, a, s, d in zip(iterations, begin.tolist(), end.tolist(), hits_it.tolist(),
-                                    all_it.tolist(), stall_it.tolist(), decode_it.tolist()):
-        batcher.next_iteration(b)
-        batcher.complete(it, b, e)
-        records.append({"iteration": it.index, "request": it.request, "requests": it.num_requests,
-                        "phase": it.phase, "tokens": it.num_tokens, "decode_tokens": int(d),
-                        "start_ns": b, "end_ns": e, "hits": h, "misses": a - h, "stall_ns": s,
-                        "experts": a})
-    max_kv = max((it.context_tokens for it in iterations), default=0)
+    decode_it = decode_cum[sched.stop] - decode_cum[sched.start]
+    columns = (range(num_iters), sched.request.tolist(), sched.phase.tolist(), ntok.tolist(), decode_it.tolist(),
+               begin.tolist(), end.tolist(), hits_it.tolist(), all_it.tolist(), stall_it.tolist())
+    records = [{"iteration": i, "request": r, "requests": 1, "phase": ph, "tokens": n, "decode_tokens": d,
+                "start_ns": b, "end_ns": e, "hits": h, "misses": a - h, "stall_ns": st, "experts": a}
+               for i, r, ph, n, d, b, e, h, a, st in zip(*columns)]
+    requests, latencies = _request_records(sched, begin, end, opts.arrival)
+    max_kv = int(sched.context.max()) if num_iters else 0
     memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * max_kv)
     copies = int(len(hit) - hit.sum())
     totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall.sum()), "copies": copies,
@@ -658,13 +834,14 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
               "idle_ns": 0}
     extra = {}
     if opts.bounds:
-        extra = bounds.run_bounds(cost, m, trace, iterations, sim.cache_config, initial_residents=initial,
-                                  copy_chunk_bytes=opts.copy_chunk_bytes)
+        extra = _fast_bounds(cost, m, groups, sim.cache_config, initial,
+                             dense_total_ns=totals["dense_compute_ns"], expert_total_ns=totals["expert_compute_ns"],
+                             copy_chunk_bytes=opts.copy_chunk_bytes)
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
-        iterations=iterations, records=records, totals=totals, timeline=None, memory=memory,
+        iterations=None, records=records, totals=totals, timeline=None, memory=memory,
         cost=cost, scope=opts.scope, peak_cache_bytes=int(peak) * expert_bytes, engine="fast",
-        requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),
+        requests=requests, decode_latencies_ns=latencies,
         serving={"batch": opts.batch, "arrival": "timestamps" if opts.arrival_times_ns else opts.arrival,
                  "rate_per_s": opts.rate_per_s, "prefill_chunk_tokens": opts.prefill_chunk_tokens,
                  "copy_chunk_bytes": opts.copy_chunk_bytes},
