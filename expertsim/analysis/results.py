@@ -37,6 +37,7 @@ def record_row(record: dict) -> dict:
             value = str(value)  # a number or "max": one string column
         row[key] = value
     row["policy_label"] = record.get("policy_label") or config.get("policy")
+    row["engine_used"] = record.get("engine_used")
     row["cache_label"] = record.get("cache_label") or (record.get("provenance") or {}).get("cache_config")
     for key, value in record.get("metrics", {}).items():
         row[key] = value

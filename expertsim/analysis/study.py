@@ -43,7 +43,10 @@ Run keys (in ``[fixed]``, ``[grid]`` or a variant):
   global pool of expert slots), ``cache_gb`` (one global pool of GB); each may be ``"max"``: the
   most that fits in GPU memory after dense weights, the KV cache and the workspace. Systems that
   fix their own cache (no-cache, all-on-gpu) ignore it and run once per scenario.
-- ``batch`` (default 1), ``engine`` (default ``"des"``), ``scope`` (``"global"``: the cache stays
+- ``engine``: ``"auto"`` (default: the fast replay engine when it supports the run, which gives
+  the same metrics, else the SimPy DES), ``"des"`` or ``"fast"``; the engine that ran is the
+  ``engine_used`` column.
+- ``batch`` (default 1), ``scope`` (``"global"``: the cache stays
   warm across requests, the default; ``"request"``: emptied per request), ``seed`` (default 0).
 - ``trace``: a Parquet path (absolute, relative to the study file, or a file name in the shared
   traces folder: ``$EXPERTSIM_SHARED_TRACES`` or ``<repo>/../shared/traces``), or ``"default"``
@@ -81,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "policy": "lru",
     "policy_params": {},
     "batch": 1,
-    "engine": "des",
+    "engine": "auto",
     "scope": "global",
     "seed": 0,
     "trace": "default",
@@ -187,6 +190,8 @@ def normalise_config(raw: dict, base_dir: Path | None = None) -> dict:
             raise ConfigError(f"{key} = {value!r}: give a non-negative number or \"max\"")
     if not isinstance(config["batch"], int) or config["batch"] < 1:
         raise ConfigError(f"batch = {config['batch']!r}: give an integer >= 1")
+    if config["engine"] not in ("auto", "des", "fast"):
+        raise ConfigError(f"engine = {config['engine']!r}: give auto, des or fast")
     if config["trace_phase"] not in ("all", "decode", "prefill"):
         raise ConfigError(f"trace_phase = {config['trace_phase']!r}: give all, decode or prefill")
     config["trace_path"] = resolve_trace(str(config["trace"]), base_dir)

@@ -107,14 +107,35 @@ def _sim_options(config: dict):
         if config.get(key) is not None:
             value = config[key]
             kwargs[key] = tuple(value) if isinstance(value, list) else value
-    for key, default in (("batch", 1), ("engine", "des")):
-        value = config.get(key, default)
-        if key in names:
-            kwargs[key] = value
-        elif value != default:
-            raise ConfigError(f"{key} = {value!r}: this expertsim's simulator has no {key!r} option yet "
-                              f"(only {key} = {default!r})")
+    value = config.get("batch", 1)
+    if "batch" in names:
+        kwargs["batch"] = value
+    elif value != 1:
+        raise ConfigError(f"batch = {value!r}: this expertsim's simulator has no batching yet (only batch = 1)")
+    if "engine" in names:
+        kwargs["engine"] = config.get("engine", "auto")
     return SimOptions(**kwargs)
+
+
+def _simulate(config: dict, model, hardware, system, cache, options, trace):
+    """Run the config's engine: "des" (SimPy, any policy, timelines), "fast" (the replay engine,
+    built-in policies; exact same metrics), or "auto" (fast when it supports the run, else des)."""
+    from expertsim.errors import ConfigError
+    from expertsim.sim import Simulation
+
+    engine = config.get("engine", "auto")
+    if engine == "des" or hasattr(options, "engine"):  # a simulator that dispatches by itself
+        return Simulation(model, hardware, system, cache, options).run(trace)
+    try:
+        from expertsim.sim.fast import simulate_fast, supports_simulation
+    except ImportError:
+        if engine == "fast":
+            raise ConfigError("engine = \"fast\": this expertsim has no fast engine; use \"des\"") from None
+        return Simulation(model, hardware, system, cache, options).run(trace)
+    if engine == "fast" or supports_simulation(system, cache or system.cache_config(model), options,
+                                               model=model, hardware=hardware):
+        return simulate_fast(model, hardware, system, cache or system.cache_config(model), trace, options)
+    return Simulation(model, hardware, system, cache, options).run(trace)
 
 
 def run_one(config: dict) -> dict:
@@ -128,7 +149,6 @@ def run_one(config: dict) -> dict:
     try:
         import expertsim
         from expertsim.policies import make_policy
-        from expertsim.sim import Simulation
         from expertsim.specs import apply_overrides, load_hardware, load_model
 
         model = load_model(config["model"])
@@ -151,8 +171,7 @@ def run_one(config: dict) -> dict:
             "cache_config": None if cache is None else cache.describe(),
             "python": sys.version.split()[0],
         }
-        sim = Simulation(model, hardware, system, cache, _sim_options(config))
-        result = sim.run(trace)
+        result = _simulate(config, model, hardware, system, cache, _sim_options(config), trace)
         metrics = dict(result.metrics)
         m = model
         metrics["cache_experts"] = int(round(metrics["expert_cache_gb"] * 1e9 / m.expert_bytes()))
@@ -160,6 +179,7 @@ def run_one(config: dict) -> dict:
         record["metrics"] = metrics
         record["policy_label"] = result.config.get("policy")
         record["cache_label"] = result.config.get("cache")
+        record["engine_used"] = result.config.get("engine")
         record["assumptions"] = list(result.assumptions)
         if result.timeline is not None:
             record["timeline"] = result.timeline.to_dict()

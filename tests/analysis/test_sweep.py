@@ -48,6 +48,22 @@ def test_run_one_applies_overrides_and_max_cache():
     assert run_one(_config(policy="lru", cache_per_layer=k + 1))["status"] == "error"
 
 
+def test_auto_engine_matches_the_des():
+    auto = run_one(_config(policy="lru", cache_per_layer=3))
+    des = run_one(_config(policy="lru", cache_per_layer=3, engine="des"))
+    assert des["engine_used"] == "des" and auto["engine_used"] in ("fast", "des")
+    drop = {"wall_s"}
+    same = [json.dumps({k: v for k, v in r["metrics"].items() if k not in drop}, sort_keys=True)
+            for r in (auto, des)]  # (NaN-safe comparison)
+    assert same[0] == same[1]
+    # Policies the fast engine does not run fall back to the DES.
+    assert run_one(_config(policy="belady", cache_per_layer=3))["engine_used"] == "des"
+    from expertsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine"):
+        _config(policy="lru", cache_per_layer=3, engine="warp")
+
+
 def test_run_one_records_errors_instead_of_raising():
     rec = run_one(_config(policy="lru", cache_per_layer=4, **{"gpu.memory_gb": 8}))
     assert rec["status"] == "error"
@@ -92,7 +108,8 @@ def test_batch_option_passes_through_or_fails_clearly():
         assert rec["status"] == "error" and "no 'batch' option" in rec["error"]
 
 
-KILL_STUDY = SMALL_STUDY.replace("trace_max_tokens = 8", "trace_max_tokens = 24").replace(
+# The DES (not the fast engine) so that runs take long enough to kill the sweep between them.
+KILL_STUDY = SMALL_STUDY.replace("trace_max_tokens = 8", 'trace_max_tokens = 24\nengine = "des"').replace(
     '"link.bandwidth_gbps" = [16, 64]', '"link.bandwidth_gbps" = [8, 16, 32, 64]')
 
 
