@@ -144,11 +144,18 @@ class Simulation:
         arrivals = arrival_times_ns(num_requests, opts.arrival, rate_per_s=opts.rate_per_s, seed=opts.seed,
                                     timestamps_ns=opts.arrival_times_ns)
         custom_select = type(self.system).select_batch is not System.select_batch
+        oracle = getattr(self.system, "oracle", False) or getattr(self.system.eviction, "oracle", False)
         planned = None
-        if not custom_select or getattr(self.system, "oracle", False):
+        if not custom_select or oracle:
+            # The access plan for oracles: the iterations, when they do not depend on timing.
             planned = plan_iterations(trace, max_batch=opts.batch, prefill_chunk_tokens=opts.prefill_chunk_tokens,
                                       select_batch=self.system.select_batch if custom_select else None,
                                       arrivals_ns=arrivals)
+        if oracle and planned is None:
+            raise ConfigError(
+                f"{self.system.label} uses future knowledge (oracle), which needs iterations that do not "
+                f"depend on timing: use the closed loop or --offline, not --rate or timestamps"
+            )
         plan = build_access_plan(trace, planned, m.num_experts) if planned is not None else None
         self.system.prepare(RunContext(model=m, hardware=self.hardware, cost=self.cost, cache=cache,
                                        trace=trace, plan=plan))

@@ -8,7 +8,11 @@ import numpy as np
 
 class Timeline:
     """Every copy, compute and stall of a run as rows
-    (resource, kind, iteration, request, layer, expert, start_ns, end_ns, bytes)."""
+    (resource, kind, iteration, request, layer, expert, start_ns, end_ns, bytes).
+
+    resource: gpu (kinds dense, expert, stall), link (copy, prefetch; one row per chunk),
+    storage (read), cpu (cpu_expert). request is -1 for an iteration that batches several
+    requests; expert is -1 for dense rows and for stalls on CPU experts."""
 
     COLUMNS = ("resource", "kind", "iteration", "request", "layer", "expert", "start_ns", "end_ns", "bytes")
 

@@ -115,3 +115,15 @@ def test_request_scope_needs_batch1():
         _sim(synthetic_trace(), batch=2, scope="request")
     with pytest.raises(ConfigError, match="--batch"):
         _sim(synthetic_trace(), batch=0)
+
+
+def test_oracles_need_timing_independent_iterations():
+    from expertsim.policies import eviction_names
+
+    if "belady" not in eviction_names():
+        pytest.skip("no Belady eviction policy registered")
+    trace = synthetic_trace(num_requests=3)
+    with pytest.raises(ConfigError, match="oracle"):
+        _sim(trace, policy="belady", batch=2, arrival="poisson", rate_per_s=10.0)
+    r = _sim(trace, policy="belady", batch=2, arrival="offline")
+    assert r.metrics["misses"] >= r.metrics["belady_misses"]
