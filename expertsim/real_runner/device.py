@@ -76,7 +76,13 @@ class CudaDevice:
 
     # Host memory: pinned, so non_blocking copies are truly asynchronous DMA.
     def host_empty(self, shape, dtype, pinned: bool = True) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        if pinned:
+            try:
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            except RuntimeError:  # pinned memory limited (containers): say so in the device name
+                if "pageable" not in self.name:
+                    self.name += " (pageable host memory: pinning failed)"
+        return torch.empty(shape, dtype=dtype)
 
     def empty(self, shape, dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.torch_device)

@@ -19,7 +19,7 @@ reads it through :func:`load_profile` and :func:`interp_ns`. Format (version 1):
                 "ns": [[...], ...]},                    #   projections, router) and the runner's
                                                         #   routing decision: ns[i][j] at tokens[i], context[j]
       "decision": {"tokens": [...], "ns": [...]},       # that decision alone (included in "dense")
-      "cpu_expert": {"tokens": [...], "ns": [...]},     # one expert's FFN on the host CPU
+      "cpu_expert": {"tokens": [...], "ns": [...]},     # one expert's FFN on the host CPU (<= 32 tokens)
       "notes": "..."
     }
 
