@@ -7,7 +7,7 @@ eviction, ``no-cache`` and ``all-on-gpu``) the same sequence follows from a few 
 
 - *Access groups*: for every (pass, MoE layer), the needed experts in ascending id order (the
   LayerServer's lookup order) and how many of the pass's tokens route to each. Built with numpy.
-- *The cache* (:func:`_lru_kernel`): one LRU recency list per cache partition (per layer or one
+- *The cache* (:func:`_lru_steps`): one LRU recency list per cache partition (per layer or one
   global pool) as an intrusive doubly linked list over the keys. A group's needed experts move to
   the most-recent end in ascending id order (their lookup ticks), then the least-recent unpinned
   entries leave until the misses fit. When every entry is pinned (the union of a prefill pass is
@@ -48,35 +48,55 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 
 # --- kernels ----------------------------------------------------------------------------
-@_njit
-def _lru_kernel(keys, gstart, gpart, greset, clear_after, capacity, num_keys, initial):
-    """Replay access groups through per-partition LRU lists with the LayerServer's "together"
-    semantics. Returns (hit[access], release[access], peak_entries): ``release[i]`` is, for a
-    miss whose admission had to release an item of its own group, that item's index in the
-    group's serve order (hits ascending, then misses ascending), else -1."""
-    num_parts = capacity.shape[0]
-    n_nodes = num_keys + num_parts  # one sentinel node per partition
-    nxt = np.empty(n_nodes, dtype=np.int64)
-    prv = np.empty(n_nodes, dtype=np.int64)
-    for p in range(num_parts):
-        s = num_keys + p
-        nxt[s] = s
-        prv[s] = s
-    present = np.zeros(num_keys, dtype=np.bool_)
+def new_lru_state(capacity: np.ndarray, num_keys: int, initial: np.ndarray | None = None) -> tuple:
+    """The LRU kernel's state: per-partition recency lists (an intrusive doubly linked list over
+    the keys, one sentinel node per partition), residency, entries per partition, and
+    [total entries, peak entries]. ``initial`` keys are admitted in order (one global partition)."""
+    num_parts = len(capacity)
+    nodes = np.arange(num_keys + num_parts, dtype=np.int64)
+    nxt, prv = nodes.copy(), nodes.copy()
+    present = np.zeros(num_keys, dtype=bool)
     count = np.zeros(num_parts, dtype=np.int64)
-    total = 0
-    for key in initial:  # admitted in order before the run (one global partition)
-        p = 0
-        s = num_keys + p
+    totals = np.zeros(2, dtype=np.int64)
+    state = (nxt, prv, present, count, totals)
+    if initial is not None and len(initial):
+        _lru_admit_initial(np.asarray(initial, dtype=np.int64), num_keys, *state)
+    return state
+
+
+@_njit
+def _lru_admit_initial(initial, num_keys, nxt, prv, present, count, totals):
+    s = num_keys  # partition 0's sentinel
+    for key in initial:
         last = prv[s]
         nxt[last] = key
         prv[key] = last
         nxt[key] = s
         prv[s] = key
         present[key] = True
-        count[p] += 1
-        total += 1
-    peak = total
+        count[0] += 1
+        totals[0] += 1
+    totals[1] = max(totals[1], totals[0])
+
+
+def _lru_kernel(keys, gstart, gpart, greset, clear_after, capacity, num_keys, initial):
+    """Replay access groups from an empty cache holding ``initial``: see :func:`_lru_steps`.
+    Returns (hit, release, peak_entries)."""
+    state = new_lru_state(capacity, num_keys, initial)
+    hit, release = _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, *state)
+    return hit, release, int(state[4][1])
+
+
+@_njit
+def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt, prv, present, count, totals):
+    """Replay access groups through per-partition LRU lists with the LayerServer's "together"
+    semantics, continuing from (and updating) the given state. Returns (hit[access],
+    release[access]): ``release[i]`` is, for a miss whose admission had to release an item of
+    its own group, that item's index in the group's serve order (hits ascending, then misses
+    ascending), else -1."""
+    num_parts = capacity.shape[0]
+    total = totals[0]
+    peak = totals[1]
     n_groups = gpart.shape[0]
     hit = np.zeros(keys.shape[0], dtype=np.bool_)
     release = np.full(keys.shape[0], -1, dtype=np.int64)
@@ -157,7 +177,9 @@ def _lru_kernel(keys, gstart, gpart, greset, clear_after, capacity, num_keys, in
             prv[s] = s
             total -= count[p]
             count[p] = 0
-    return hit, release, peak
+    totals[0] = total
+    totals[1] = peak
+    return hit, release
 
 
 @_njit
@@ -849,3 +871,72 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     )
     result.metrics["wall_s"] = time.perf_counter() - wall0
     return result
+
+
+# --- streamed replay of large traces ------------------------------------------------------
+def replay_parquet_fast(path, cache_config, *, phase: str = "decode", scope: str = "request",
+                        num_experts: int | None = None, chunk_tokens: int = 10_000):
+    """Per-token LRU replay ("together" semantics, the base System) of a long-format Parquet
+    trace (one row per token and MoE layer, sorted by request, position, layer), streamed
+    ``chunk_tokens`` tokens at a time so that memory stays bounded: the same counts as
+    ``replay_cache(read_trace(path), make_policy("lru"), cache_config, phase=..., scope=...)``
+    without holding the trace."""
+    import polars as pl
+
+    from expertsim.sim.cache_replay import CacheReplayResult
+
+    if phase not in ("decode", "prefill", "all"):
+        raise ConfigError(f"phase must be prefill, decode or all, got {phase!r}")
+    if scope not in ("request", "global"):
+        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
+    t0 = time.perf_counter()
+    lf = pl.scan_parquet(path)
+    names = lf.collect_schema().names()
+    expert_cols = sorted((c for c in names if c.startswith("expert_")), key=lambda c: int(c.split("_")[1]))
+    stats = lf.select(pl.len().alias("rows"), pl.col("layer").max().alias("layer"),
+                      pl.max_horizontal([pl.col(c).max() for c in expert_cols]).alias("expert")).collect()
+    rows, num_layers = int(stats["rows"][0]), int(stats["layer"][0]) + 1
+    E = int(num_experts or int(stats["expert"][0]) + 1)
+    k = len(expert_cols)
+    capacity, per_layer = _capacity_slots(cache_config, num_layers, E, 1)
+    if (capacity < k).any():
+        raise ConfigError(f"the cache must hold at least top-k={k} experts per partition")
+    state = new_lru_state(capacity, num_layers * E)
+    per_hits = np.zeros(num_layers, dtype=np.int64)
+    per_all = np.zeros(num_layers, dtype=np.int64)
+    last_request = None
+    want = None if phase == "all" else phase
+    for offset in range(0, rows, chunk_tokens * num_layers):
+        df = lf.slice(offset, chunk_tokens * num_layers).select(
+            ["request", pl.col("phase").cast(pl.String), "layer", *expert_cols]).collect()
+        n = df.height // num_layers
+        if n * num_layers != df.height or not (df["layer"].to_numpy().reshape(n, num_layers)
+                                               == np.arange(num_layers)).all():
+            raise ConfigError(f"{path}: rows are not one per token and MoE layer in layer order")
+        experts = np.stack([df[c].to_numpy() for c in expert_cols], axis=1).reshape(n, num_layers, k)
+        request = df["request"].to_numpy()[::num_layers].astype(np.int64)
+        if want is not None:
+            keep = df["phase"].to_numpy()[::num_layers] == want
+            experts, request = experts[keep], request[keep]
+        if len(request) == 0:
+            continue
+        keys, tokens, counts = _single_token_groups(experts, E)
+        del tokens, experts
+        start = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=start[1:])
+        layer = np.tile(np.arange(num_layers, dtype=np.int64), len(request))
+        reset = np.zeros(len(counts), dtype=bool)
+        if scope == "request":
+            new = np.ones(len(request), dtype=bool)
+            new[1:] = request[1:] != request[:-1]
+            new[0] = request[0] != last_request
+            reset[::num_layers] = new
+        last_request = request[-1]
+        gpart = layer if per_layer else np.zeros(len(layer), dtype=np.int64)
+        hit, _ = _lru_steps(keys, start, gpart, reset, False, capacity, num_layers * E, *state)
+        layer_of = keys // E
+        per_hits += np.bincount(layer_of[hit], minlength=num_layers)
+        per_all += np.bincount(layer_of, minlength=num_layers)
+    return CacheReplayResult(hits=int(per_hits.sum()), misses=int((per_all - per_hits).sum()),
+                             wall_s=time.perf_counter() - t0, per_layer_hits=per_hits,
+                             per_layer_misses=per_all - per_hits)

@@ -106,6 +106,23 @@ def test_pure_python_kernels_agree(monkeypatch):
     trace = make_trace([[(0, 5), (1, 1), (1, 1), (0, 3), (1, 1)], [(1, 1)] * 6], 3, 6, 2, 7)
     cfg = CacheConfig(per_layer=3)
     want = replay_cache(trace, make_policy("lru"), cfg, engine="fast", phase="all")
-    monkeypatch.setattr(fast, "_lru_kernel", fast._lru_kernel.py_func)
+    monkeypatch.setattr(fast, "_lru_steps", fast._lru_steps.py_func)
     got = replay_cache(trace, make_policy("lru"), cfg, engine="fast", phase="all")
     assert (got.hits, got.misses) == (want.hits, want.misses)
+
+
+@pytest.mark.parametrize("cfg", [CacheConfig(per_layer=3), CacheConfig(global_slots=7)])
+@pytest.mark.parametrize("phase,scope", [("decode", "request"), ("all", "global"), ("prefill", "request")])
+def test_streamed_parquet_replay_equals_in_memory(tmp_path, cfg, phase, scope):
+    from perfhelpers import make_trace
+
+    from expertsim.traces import write_trace
+
+    passes = [[(0, 4), (1, 1), (1, 1), (1, 1), (0, 3), (1, 1)], [(0, 2)] + [(1, 1)] * 9, [(1, 1)] * 5]
+    trace = make_trace(passes, 3, 6, 2, 11)
+    path = write_trace(trace, tmp_path / "t.parquet")
+    want = replay_cache(trace, make_policy("lru"), cfg, phase=phase, scope=scope, engine="des")
+    for chunk in (1, 4, 1000):  # chunk boundaries inside requests
+        got = fast.replay_parquet_fast(path, cfg, phase=phase, scope=scope, num_experts=6, chunk_tokens=chunk)
+        assert (got.hits, got.misses) == (want.hits, want.misses)
+        assert (got.per_layer_hits == want.per_layer_hits).all()
