@@ -259,8 +259,9 @@ def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
 class Progress:
     """A one-line progress report on stderr: done/total, errors, runs per minute, ETA."""
 
-    def __init__(self, total: int, already: int = 0, stream=None, min_interval_s: float = 1.0):
-        self.total, self.done, self.errors = total, already, 0
+    def __init__(self, total: int, already: int = 0, stream=None, min_interval_s: float = 1.0,
+                 errors: int = 0):
+        self.total, self.done, self.errors = total, already, errors
         self.started_with = already
         self.stream = stream or sys.stderr
         self.t0 = time.monotonic()
@@ -401,7 +402,9 @@ def run_sweep(study: Study, out_dir: str | Path, *, backend: str = "local", jobs
     _write_study_files(study, out)
     todo, skipped = plan(study, out, retry_errors=retry_errors)
     jobs = jobs or os.cpu_count() or 1
-    bar = Progress(len(study.runs), already=skipped, stream=stream) if progress else None
+    prior_errors = len((finished_run_ids(out) - finished_run_ids(out, include_errors=False))
+                       & (set(study.run_ids) - {c["run_id"] for c in todo})) if skipped else 0
+    bar = Progress(len(study.runs), already=skipped, stream=stream, errors=prior_errors) if progress else None
     errors = 0
     t0 = time.monotonic()
 

@@ -92,8 +92,17 @@ def test_sweep_writes_every_run_and_resumes_without_rerunning(tmp_path):
     assert all(a > b for a, b in zip(tpot[16], tpot[64]))
     again = run_sweep(study, out, jobs=2, progress=False)
     assert again.ran == 0 and again.skipped == 16
-    retry = run_sweep(study, out, jobs=1, progress=False, retry_errors=True)
-    assert retry.ran == 8
+    import io
+
+    stream = io.StringIO()
+    retry = run_sweep(study, out, jobs=1, retry_errors=True, stream=stream)
+    assert retry.ran == 8 and retry.errors == 8
+    assert "16/16 runs, 8 errors" in stream.getvalue().strip().splitlines()[-1]
+    # Resuming with the errors skipped counts them as done and failed from the start.
+    (out / "runs" / f"{lru['run_id'][0]}.json").unlink()
+    stream = io.StringIO()
+    assert run_sweep(study, out, jobs=1, stream=stream).ran == 1
+    assert "16/16 runs, 8 errors" in stream.getvalue().strip().splitlines()[-1]
 
 
 def test_batch_option_passes_through_or_fails_clearly():
