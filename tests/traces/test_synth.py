@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -69,12 +68,9 @@ def test_shipped_fit_samples_match_its_targets():
     assert sample.metadata["source"].startswith("synthetic: sampled from the mixtral-8x7b fit")
 
 
-def test_default_trace_is_small_fast_deterministic_and_labelled():
-    t0 = time.perf_counter()
+def test_default_trace_is_small_deterministic_and_labelled():
     a = default_trace()
-    elapsed = time.perf_counter() - t0
     b = default_trace()
-    assert elapsed < 1.0
     assert np.array_equal(a.experts, b.experts)
     assert a.num_requests == 8 and int((a.phase == 1).sum()) == 8 * 64
     assert a.metadata["source"] == DEFAULT_TRACE_SOURCE
