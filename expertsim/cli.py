@@ -86,7 +86,7 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     """Show one preset: every field, with its TOML source (and the comments that cite it)."""
     import dataclasses
 
-    from expertsim.specs import list_hardware, list_models, load_hardware, load_model
+    from expertsim.specs import list_hardware, load_hardware, load_model
     from expertsim.specs.loader import _PRESETS
 
     if name in list_hardware():
