@@ -25,6 +25,7 @@ over a real link), so the emulation keeps the GPU's ratio of copy time to comput
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class CudaDevice:
         self.synchronize()
 
 
-def _copy_process(commands, replies, link_gbps: float | None) -> None:
+def _copy_process(commands, replies, link_gbps: float | None, cpus: set[int] | None) -> None:
     """The emulated link: a process of its own (no GIL shared with the compute thread) that
     copies between shared-memory buffers, in order, and replies (op, start_ns, end_ns).
     Uses no torch (it may be forked from a process whose thread pools are running)."""
@@ -147,6 +148,8 @@ def _copy_process(commands, replies, link_gbps: float | None) -> None:
 
     import numpy as np
 
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     segments, views = [], {}
     while True:
         msg = commands.recv()
@@ -194,10 +197,19 @@ class CpuEmulatedDevice:
         self._buffers: list[tuple[int, int, int]] = []  # (base pointer, bytes, id)
         self._ops: dict[int, CopyOp] = {}
         self._next_op = 0
+        # The link and the compute stream on cores of their own (when there are two): waking the
+        # copy process must not preempt the compute thread on its core.
+        self._affinity = None
+        copy_cpus = None
+        if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+            self._affinity = os.sched_getaffinity(0)
+            cpus = sorted(self._affinity)
+            copy_cpus = {cpus[-1]}
+            os.sched_setaffinity(0, set(cpus[:-1]))
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         cmd_recv, self._commands = ctx.Pipe(duplex=False)
         self._replies, reply_send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_copy_process, args=(cmd_recv, reply_send, link_gbps),
+        self._process = ctx.Process(target=_copy_process, args=(cmd_recv, reply_send, link_gbps, copy_cpus),
                                     name="expertsim-copy", daemon=True)
         self._process.start()
         cmd_recv.close()
@@ -294,6 +306,8 @@ class CpuEmulatedDevice:
         self._commands.send(("stop",))
         self._process.join(timeout=10)
         self._process = None
+        if self._affinity is not None:
+            os.sched_setaffinity(0, self._affinity)
         self._commands.close()
         self._replies.close()
         for shm in self._segments:
