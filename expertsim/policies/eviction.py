@@ -97,6 +97,8 @@ class LRU(_KeyedPolicy):
     """Least recently used (Cache-MoE, mixtral-offloading's per-layer cache, Eliseev & Mazur
     2023, arXiv 2312.17238)."""
 
+    description = "least recently used"
+
     def on_access(self, key, tick, hit, position):
         self.score[key] = tick
 
@@ -109,6 +111,8 @@ class FIFO(_KeyedPolicy):
     """First in, first out: the entry admitted longest ago leaves; hits do not refresh it
     (the classic baseline; libCacheSim's FIFO)."""
 
+    description = "first in, first out (hits do not refresh)"
+
     def on_insert(self, key, tick, position):
         self.score[key] = tick
 
@@ -119,6 +123,8 @@ class LIFO(_KeyedPolicy):
     "Towards MoE Deployment: Mitigating Inefficiencies in Mixture-of-Expert (MoE) Inference",
     arXiv 2303.06182). The most recently admitted expert that the current layer's tokens do not
     use leaves; only when every candidate is active does the most recent active one go."""
+
+    description = "last in, first out, inactive experts first (Expert Buffering)"
 
     def __init__(self, inactive_first: bool = True):
         self.inactive_first = bool(inactive_first)
@@ -148,6 +154,8 @@ class LFU(EvictionPolicy):
     tick (one tick per lookup), so 1.0 is plain LFU and 0.999 forgets with a half-life of ~700
     lookups. ``in_cache_only`` forgets an expert's count when it leaves (libCacheSim's LFU);
     otherwise counts persist (perfect LFU). Ties: least recently used, then lowest key."""
+
+    description = "least frequently used, optionally decayed"
 
     def __init__(self, decay: float = 1.0, in_cache_only: bool = True):
         if not 0 < decay <= 1:
@@ -194,6 +202,8 @@ class LFU(EvictionPolicy):
 class RandomEviction(EvictionPolicy):
     """A uniformly random unpinned expert leaves (seeded: same seed, same run)."""
 
+    description = "uniformly random victim (seeded)"
+
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
@@ -216,6 +226,8 @@ class StaticHotSet(EvictionPolicy):
     colder one. ``profile``: a ``.npy``/``.json`` file of counts ``[layers, experts]``; without
     it, counts over the first ``profile_fraction`` of the run's requests (those requests are
     in-sample)."""
+
+    description = "static hot set from a profile (Fiddler, kTransformers)"
 
     def __init__(self, profile: str | None = None, profile_fraction: float = 0.25):
         self.profile = profile
@@ -255,6 +267,8 @@ class Belady(EvictionPolicy):
     """Belady's MIN (1966): the expert whose next use is farthest in the future leaves. An
     oracle: it reads the engine's AccessPlan, so its hit rate is an upper bound for any
     demand-paging policy with the same cache."""
+
+    description = "farthest next use leaves (oracle bound)"
 
     oracle = True
 
@@ -301,6 +315,8 @@ class FrequencyProbability(EvictionPolicy):
     for the expert at its layer (full router probabilities when the trace has them, else gate
     weights); the frequency decays by ``decay`` per tick. Lowest priority leaves."""
 
+    description = "frequency x router probability (fMoE)"
+
     def __init__(self, alpha: float = 0.3, decay: float = 1.0):
         if not 0 < alpha <= 1 or not 0 < decay <= 1:
             raise PolicyError(f"fmoe needs 0 < alpha <= 1 and 0 < decay <= 1, got {alpha!r}, {decay!r}")
@@ -343,6 +359,8 @@ class ScoreMovingAverage(EvictionPolicy):
     exponential moving average of its routing score (weight ``alpha`` on the newest pass); the
     lowest average leaves (ties: least recently used)."""
 
+    description = "moving average of routing scores (HybriMoE)"
+
     def __init__(self, alpha: float = 0.3):
         if not 0 < alpha <= 1:
             raise PolicyError(f"hybrimoe alpha must be in (0, 1], got {alpha!r}")
@@ -383,6 +401,8 @@ class ActivationPriority(EvictionPolicy):
     (row-normalised) x the activation frequency over all requests so far. Proximity is 1 for
     layers at or before the executing one and decays linearly with depth (1 - l/L) after it:
     early layers rank higher, since prefetching hides less of their load. Lowest leaves."""
+
+    description = "activation matrix x frequency x layer proximity (MoE-Infinity)"
 
     def params(self) -> dict:
         return {}

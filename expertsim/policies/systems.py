@@ -1,12 +1,41 @@
-"""Named systems: compositions of eviction, prefetch, scheduling and miss handling."""
+"""Named systems: compositions of eviction, prefetch, scheduling and miss handling.
+
+:class:`ComposedSystem` wires the parts together; each named system is a small subclass with
+explicit parameters and the paper it follows. Unless told otherwise (``--per-layer``,
+``--global-slots``, ``--cache-gb``), a system's expert cache takes the GPU memory left after dense
+weights, KV cache and workspace (``default_cache_config``); per-layer systems split it evenly over
+layers, falling back to one pool when that leaves fewer than top-k slots per layer.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from expertsim.policies.base import LayerObservation, LayerOutcome, System
+from expertsim.errors import PolicyError
+from expertsim.policies.allocation import CrossLayerAllocator
+from expertsim.policies.base import (
+    LayerDecision,
+    LayerObservation,
+    LayerOutcome,
+    PrefetchRequest,
+    RunContext,
+    System,
+    free_expert_memory_bytes,
+)
 from expertsim.policies.cache import CacheConfig
-from expertsim.policies.eviction import LRU
+from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
+from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
+from expertsim.policies.prefetch import (
+    ActivationMatrixPrefetch,
+    AdaptiveDistance,
+    LayerRingPrefetch,
+    LearnedPrefetch,
+    PathPrefetch,
+    Prefetcher,
+    PregatedPrefetch,
+    SpeculativePrefetch,
+)
 from expertsim.policies.registry import register_system
+from expertsim.policies.scheduling import FifoScheduler, RouteGroupScheduler, RouteTracker, cache_aware_order
 
 
 @register_system("no-cache")
@@ -44,3 +73,340 @@ class AllOnGpu(System):
 
     def initial_residents(self, model) -> np.ndarray:
         return np.arange(model.num_moe_layers * model.num_experts)
+
+
+def per_layer_default(model, hardware, max_context_tokens: int = 0) -> CacheConfig:
+    """The free GPU memory split evenly over MoE layers; one pool when that leaves fewer than
+    top-k slots per layer (every system must run where the dense part fits)."""
+    free = free_expert_memory_bytes(model, hardware, max_context_tokens)
+    per_layer = min(free // (model.expert_bytes() * model.num_moe_layers), model.num_experts)
+    if per_layer >= model.top_k:
+        return CacheConfig(per_layer=int(per_layer))
+    return CacheConfig(budget_bytes=int(free))
+
+
+class ComposedSystem(System):
+    """A system from parts: an eviction policy, a prefetcher, a miss handler, a batch scheduler,
+    an expert serve order (``"hits-first"`` or ``"cache-aware"``) and an optional cross-layer
+    slot allocator. Oracle when any part is."""
+
+    description = "eviction + prefetch + miss handling + token scheduling"
+
+    def __init__(self, eviction=None, prefetcher: Prefetcher | None = None, miss: MissHandler | None = None,
+                 scheduler: FifoScheduler | None = None, expert_order: str = "hits-first",
+                 allocator: CrossLayerAllocator | None = None):
+        super().__init__(eviction if eviction is not None else LRU())
+        if expert_order not in ("hits-first", "cache-aware"):
+            raise PolicyError(f"expert_order must be 'hits-first' or 'cache-aware', got {expert_order!r}")
+        self.prefetcher = prefetcher or Prefetcher()
+        self.miss = miss or MissHandler()
+        self.scheduler = scheduler or FifoScheduler()
+        self.expert_order = expert_order
+        self.allocator = allocator
+        self.tracker: RouteTracker | None = None
+        self._cache = None
+
+    @property
+    def oracle(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.eviction, "oracle", False) or getattr(self.prefetcher, "oracle", False))
+
+    def parts(self) -> dict:
+        return {"eviction": self.eviction, "prefetch": self.prefetcher, "miss": self.miss,
+                "scheduler": self.scheduler, "expert_order": self.expert_order,
+                "allocator": self.allocator}
+
+    def prepare(self, ctx: RunContext) -> None:
+        super().prepare(ctx)
+        self._cache = ctx.cache
+        self.prefetcher.prepare(ctx)
+        self.miss.prepare(ctx)
+        if self.allocator is not None:
+            self.allocator.prepare(ctx)
+        self.tracker = RouteTracker(ctx.cache.num_experts)
+
+    def on_request_start(self, request: int) -> None:
+        super().on_request_start(request)
+        self.prefetcher.on_request_start(request)
+
+    def select_batch(self, ready, max_batch, now_ns):
+        routes = self.tracker.routes(ready) if self.tracker is not None else {}
+        resident = self._cache.state != 0 if self._cache is not None else None
+        return self.scheduler.select(ready, max_batch, routes, resident)
+
+    def on_layer(self, obs: LayerObservation) -> LayerDecision:
+        if hasattr(self.eviction, "on_layer"):
+            self.eviction.on_layer(obs)
+        if self.tracker is not None:
+            self.tracker.observe(obs)
+        actions = self.miss.decide(obs)
+        prefetch = list(self.prefetcher.prefetch(obs))
+        background = self.miss.background_copies(obs, actions)
+        if background:
+            low = max([p.priority for p in prefetch], default=0) + 1
+            prefetch += [PrefetchRequest(obs.layer, int(e), priority=low) for e in background]
+        order = cache_aware_order(obs) if self.expert_order == "cache-aware" else None
+        return LayerDecision(order=order, miss_actions=actions, prefetch=prefetch)
+
+    def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
+        self.prefetcher.on_layer_end(obs, outcome)
+        if self.allocator is not None:
+            self.allocator.on_layer_end(obs, outcome)
+
+    def params(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v!r}" for k, v in self.parts().items() if v is not None)
+        return f"{type(self).__name__}({parts})"
+
+
+def _speculation(mode: str, distance: int = 1) -> Prefetcher:
+    """``trace``: the trace's recorded speculation (required); ``none``; ``auto``: the recorded
+    speculation when the trace has it, else none (resolved in prepare)."""
+    if mode == "trace":
+        return SpeculativePrefetch(distance)
+    if mode == "none":
+        return Prefetcher()
+    if mode == "auto":
+        return _AutoSpeculation(distance)
+    raise PolicyError(f"speculation must be 'auto', 'trace' or 'none', got {mode!r}")
+
+
+class _AutoSpeculation(Prefetcher):
+    """Speculative prefetch when the trace recorded ``spec_d{distance}``, otherwise none."""
+
+    def __init__(self, distance: int = 1):
+        self.distance = int(distance)
+        self.inner: Prefetcher = Prefetcher()
+
+    def params(self) -> dict:
+        return {"distance": self.distance, "using": self.inner.name}
+
+    def prepare(self, ctx):
+        has = ctx.trace is not None and f"spec_d{self.distance}" in ctx.trace.extras
+        self.inner = SpeculativePrefetch(self.distance) if has else Prefetcher()
+        self.inner.prepare(ctx)
+
+    def prefetch(self, obs):
+        return self.inner.prefetch(obs)
+
+
+@register_system("cache-moe")
+class CacheMoE(ComposedSystem):
+    """Fixed per-layer LRU expert cache with CPU fallback on a miss: the miss is computed on the
+    host CPU at once (Fiddler's CPU path, arXiv 2402.07033) while the expert is copied in the
+    background so later tokens hit (the per-layer LRU cache of Eliseev & Mazur, arXiv
+    2312.17238). ``cpu="always"`` or ``"cheaper"`` (only when the cost model says the CPU wins)."""
+
+    description = "per-layer LRU; misses computed on the CPU, copied in the background"
+
+    def __init__(self, cpu: str = "always"):
+        if cpu not in ("always", "cheaper"):
+            raise PolicyError(f"cache-moe cpu must be 'always' or 'cheaper', got {cpu!r}")
+        self.cpu = cpu
+        super().__init__(LRU(), miss=CpuWhenCheaper(always=cpu == "always", cache_after_cpu=True))
+
+    def params(self) -> dict:
+        return {"cpu": self.cpu}
+
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        return per_layer_default(model, hardware, max_context_tokens)
+
+
+@register_system("mixtral-offloading")
+class MixtralOffloading(ComposedSystem):
+    """mixtral-offloading (Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models
+    with Offloading", arXiv 2312.17238): a per-layer LRU expert cache plus speculative loading of
+    the next layer's experts, chosen by applying the next layer's gate to the current hidden
+    state (the trace's ``spec_d1``; ``speculation="auto"`` runs without it when not recorded)."""
+
+    description = "per-layer LRU + next-layer gate speculation (trace spec_d1)"
+
+    def __init__(self, speculation: str = "auto"):
+        self.speculation = speculation
+        super().__init__(LRU(), prefetcher=_speculation(speculation, 1))
+
+    def params(self) -> dict:
+        return {"speculation": self.speculation}
+
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        return per_layer_default(model, hardware, max_context_tokens)
+
+
+@register_system("se-moe")
+class SEMoE(ComposedSystem):
+    """SE-MoE (Shen et al., "SE-MoE: A Scalable and Efficient Mixture-of-Experts Distributed
+    Training and Inference System", arXiv 2205.14336): a ring of ``depth + 1`` layer buffers;
+    while layer l computes, every expert of layers l+1 .. l+depth loads; FIFO frees the oldest
+    layer's buffer. Default cache: the ring (capped by free GPU memory)."""
+
+    description = "ring of layer buffers: whole next layer(s) prefetched, FIFO"
+
+    def __init__(self, depth: int = 1):
+        self.depth = int(depth)
+        super().__init__(FIFO(), prefetcher=LayerRingPrefetch(depth))
+
+    def params(self) -> dict:
+        return {"depth": self.depth}
+
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        free = free_expert_memory_bytes(model, hardware, max_context_tokens)
+        slots = min((self.depth + 1) * model.num_experts, free // model.expert_bytes())
+        return CacheConfig(global_slots=int(max(slots, model.top_k)))
+
+
+@register_system("pregated-moe")
+class PregatedMoE(ComposedSystem):
+    """Pre-gated MoE (Hwang et al., ISCA 2024, arXiv 2308.12066): a pre-gate at layer l selects
+    layer l+1's experts, which load while layer l computes. Modelled as exact next-layer prefetch
+    with ``accuracy`` (an oracle: it reads the trace's next-layer routing), LRU eviction.
+    ``minimal=True`` gives the paper's memory footprint: two layers' active experts."""
+
+    description = "pre-gate prefetch of layer l+1 at layer l (accuracy parameter; oracle)"
+
+    def __init__(self, accuracy: float = 1.0, distance: int = 1, minimal: bool = False, seed: int = 0):
+        self.accuracy, self.distance, self.minimal, self.seed = float(accuracy), int(distance), bool(minimal), int(seed)
+        super().__init__(LRU(), prefetcher=PregatedPrefetch(distance, accuracy, seed))
+
+    def params(self) -> dict:
+        return {"accuracy": self.accuracy, "distance": self.distance, "minimal": self.minimal}
+
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        if self.minimal:
+            return CacheConfig(global_slots=(self.distance + 1) * model.top_k)
+        return super().default_cache_config(model, hardware, max_context_tokens)
+
+
+@register_system("expertflow")
+class ExpertFlow(ComposedSystem):
+    """ExpertFlow (He et al., arXiv 2410.17954; adaptive version arXiv 2510.26730): predictive
+    caching with a learned routing predictor (``prefetch="adaptive"``: next-layer predictions at
+    a distance adapted to bandwidth, expert bytes, compute time and observed stalls;
+    ``"path"``: the whole routing path predicted before the first MoE layer), token scheduling
+    that regroups requests by predicted route, cache-aware expert order, LRU (prefetched experts
+    are the most recent, so predicted ones stay) and, with per-layer partitions, cross-layer slot
+    allocation toward the layers that miss most. The predictor trains on the first
+    ``train_fraction`` of the run's requests."""
+
+    description = "learned route prediction + adaptive prefetch distance + route-grouped batches"
+
+    def __init__(self, prefetch: str = "adaptive", max_distance: int = 3, train_fraction: float = 0.5,
+                 reallocate_every: int = 16):
+        if prefetch not in ("adaptive", "path"):
+            raise PolicyError(f"expertflow prefetch must be 'adaptive' or 'path', got {prefetch!r}")
+        self.prefetch_mode, self.max_distance = prefetch, int(max_distance)
+        self.train_fraction, self.reallocate_every = float(train_fraction), int(reallocate_every)
+        if prefetch == "adaptive":
+            pf: Prefetcher = AdaptiveDistance(LearnedPrefetch(1, train_fraction=train_fraction,
+                                                              max_distance=max_distance),
+                                              max_distance=max_distance)
+        else:
+            pf = PathPrefetch(train_fraction=train_fraction)
+        super().__init__(LRU(), prefetcher=pf, scheduler=RouteGroupScheduler(), expert_order="cache-aware",
+                         allocator=CrossLayerAllocator(reallocate_every))
+
+    def params(self) -> dict:
+        return {"prefetch": self.prefetch_mode, "max_distance": self.max_distance,
+                "train_fraction": self.train_fraction, "reallocate_every": self.reallocate_every}
+
+
+@register_system("moe-infinity")
+class MoEInfinity(ComposedSystem):
+    """MoE-Infinity (Xue et al., arXiv 2401.14361): request-level expert activation matrices;
+    prefetch by matching the current request's matrix against past ones (``depth`` layers
+    ahead), cache priority from activation ratio, frequency and layer proximity."""
+
+    description = "activation-matrix matching prefetch + activation-aware cache priority"
+
+    def __init__(self, depth: int = 2, history: int = 128):
+        from expertsim.policies.eviction import ActivationPriority
+
+        self.depth, self.history = int(depth), int(history)
+        super().__init__(ActivationPriority(), prefetcher=ActivationMatrixPrefetch(depth, history=history))
+
+    def params(self) -> dict:
+        return {"depth": self.depth, "history": self.history}
+
+
+@register_system("fiddler")
+class Fiddler(ComposedSystem):
+    """Fiddler (Kamahori et al., "Fiddler: CPU-GPU Orchestration for Fast Inference of
+    Mixture-of-Experts Models", arXiv 2402.07033): the GPU holds a static hot set from a profile
+    (filled before the run); a missing expert is computed on the CPU when the cost model says
+    that beats copy + GPU compute, else copied (the coldest resident makes room)."""
+
+    description = "static hot set from a profile; misses on the CPU when cheaper"
+
+    def __init__(self, profile: str | None = None, profile_fraction: float = 0.25):
+        self.profile, self.profile_fraction = profile, float(profile_fraction)
+        super().__init__(StaticHotSet(profile, profile_fraction), miss=CpuWhenCheaper())
+
+    def params(self) -> dict:
+        return {"profile": self.profile, "profile_fraction": self.profile_fraction}
+
+    def initial_residents(self, model) -> np.ndarray:
+        cache = self._cache
+        if cache is None:
+            return np.zeros(0, dtype=np.int64)
+        if cache.num_partitions == 1:
+            return self.eviction.hot_keys(int(cache.capacity[0] // cache.expert_bytes))
+        keys = []
+        counts = self.eviction.counts.reshape(cache.num_layers, cache.num_experts)
+        for layer in range(cache.num_layers):
+            n = int(cache.capacity[layer] // cache.expert_bytes)
+            best = np.lexsort((np.arange(cache.num_experts), -counts[layer]))[:n]
+            keys += (layer * cache.num_experts + np.sort(best)).tolist()
+        return np.asarray(keys, dtype=np.int64)
+
+
+@register_system("hobbit")
+class Hobbit(ComposedSystem):
+    """HOBBIT (Tang et al., arXiv 2411.01433): a missing expert is loaded in full precision, in
+    low precision (int4) or skipped by the cumulative gate weight of the experts its token ranks
+    above it (``full_threshold``, ``low_threshold``); next-layer gate speculation when the trace
+    recorded it (``speculation``); LRU eviction."""
+
+    description = "mixed precision on miss by gate weight (full / int4 / skip) + speculation"
+
+    def __init__(self, full_threshold: float = 0.6, low_threshold: float = 0.9, speculation: str = "auto"):
+        self.full_threshold, self.low_threshold, self.speculation = float(full_threshold), float(low_threshold), speculation
+        super().__init__(LRU(), prefetcher=_speculation(speculation, 1),
+                         miss=GateThresholdPrecision(full_threshold, low_threshold))
+
+    def params(self) -> dict:
+        return {"full_threshold": self.full_threshold, "low_threshold": self.low_threshold,
+                "speculation": self.speculation}
+
+
+@register_system("promoe")
+class ProMoE(ComposedSystem):
+    """ProMoE (Song et al., "ProMoE: Fast MoE-based LLM Serving using Proactive Caching", arXiv
+    2410.22134): learned predictors prefetch the experts ``distance`` layers ahead (trained on
+    the first ``train_fraction`` of the run's requests), LRU cache, cache-aware serve order."""
+
+    description = "learned predictor prefetch d layers ahead + LRU"
+
+    def __init__(self, distance: int = 2, train_fraction: float = 0.5):
+        self.distance, self.train_fraction = int(distance), float(train_fraction)
+        super().__init__(LRU(), prefetcher=LearnedPrefetch(distance, train_fraction=train_fraction),
+                         expert_order="cache-aware")
+
+    def params(self) -> dict:
+        return {"distance": self.distance, "train_fraction": self.train_fraction}
+
+
+@register_system("skip-misses")
+class SkipOnMiss(ComposedSystem):
+    """Skip missing experts and renormalise the remaining gates (AdapMoE's adaptive gating, Zhong
+    et al., arXiv 2408.10284): a miss whose gate weight is at most ``max_weight`` for every
+    token, and that is no token's first choice (``keep_top1``), is skipped; the dropped gate mass
+    is reported. LRU eviction."""
+
+    description = "skip low-weight misses (dropped gate mass reported) + LRU"
+
+    def __init__(self, max_weight: float = 0.3, keep_top1: bool = True):
+        self.max_weight, self.keep_top1 = float(max_weight), bool(keep_top1)
+        super().__init__(LRU(), miss=SkipMisses(max_weight, keep_top1))
+
+    def params(self) -> dict:
+        return {"max_weight": self.max_weight, "keep_top1": self.keep_top1}

@@ -1,0 +1,235 @@
+"""Learned expert predictors (scikit-learn), trained on a training split of a routing trace.
+
+For a source layer ``s`` (where the token is now; ``s = -1``: before the first MoE layer) and a
+target layer ``t > s`` one multi-label model scores every expert of layer ``t`` from features a
+policy may know at layer ``s``:
+
+- the token's routing at layers ``s-window+1 .. s`` (one-hot per layer), and the unordered expert
+  set at ``s`` as one category (when ``experts**2 <= 4096``);
+- the previous token's routing (same request) at layers ``t`` and ``s``, when that token ran in an
+  earlier pass (in a prefill pass it is computed alongside, so unknown);
+- the token id, through a smoothed training-set prior of its experts at layer ``t``
+  (target encoding; absent when the trace has no token ids).
+
+Targets: the experts the token uses at layer ``t`` (multi-hot). A policy prefetches the top-k
+scores. Models: ``ridge`` (default: one least-squares solve for all experts of a layer, a few
+milliseconds each) or ``logistic`` (one-vs-rest logistic regression, slower).
+:meth:`RoutePredictor.evaluate` reports precision and recall on held-out requests.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from expertsim.errors import PolicyError
+
+
+def training_requests(trace, fraction: float):
+    """The first ``fraction`` of the trace's requests (at least one): the split a policy trains
+    on when it is not given a predictor; results on these requests are in-sample."""
+    if not 0 < fraction <= 1:
+        raise PolicyError(f"train fraction must be in (0, 1], got {fraction!r}")
+    starts = trace.request_starts()
+    n = len(starts) - 1
+    take = max(1, int(round(fraction * n)))
+    return trace.select(np.arange(int(starts[min(take, n)])))
+
+
+def _onehot(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    out = np.zeros((experts.shape[0], num_experts), dtype=np.float32)
+    np.put_along_axis(out, experts.astype(np.int64), 1.0, axis=1)
+    return out
+
+
+class _TraceIndex:
+    """Per-trace arrays the features need: each token's previous token in its request, and
+    whether that token ran in an earlier pass."""
+
+    def __init__(self, trace):
+        n = trace.num_tokens
+        prev = np.arange(n) - 1
+        first = np.ones(n, dtype=bool)
+        first[1:] = trace.request[1:] != trace.request[:-1]
+        prev[first] = -1
+        known = prev >= 0
+        known[known] = trace.step[prev[known]] != trace.step[known.nonzero()[0]]
+        self.prev = np.maximum(prev, 0)
+        self.prev_known = known
+
+
+class RoutePredictor:
+    """Per (source, target) layer multi-label expert predictors (see the module docstring).
+    ``distances``: the target offsets ``t - s`` to train for every source layer; ``path``: also
+    train ``s = -1`` for every target (ExpertFlow's whole-path prediction)."""
+
+    def __init__(self, distances: tuple[int, ...] = (1,), path: bool = False, window: int = 3,
+                 model: str = "ridge", alpha: float = 1.0, prior_smoothing: float = 5.0, seed: int = 0):
+        if model not in ("ridge", "logistic"):
+            raise PolicyError(f"predictor model must be 'ridge' or 'logistic', got {model!r}")
+        if any(int(d) < 1 for d in distances):
+            raise PolicyError(f"predictor distances must be >= 1, got {distances!r}")
+        self.distances = tuple(int(d) for d in distances)
+        self.path = bool(path)
+        self.window = int(window)
+        self.model = model
+        self.alpha = float(alpha)
+        self.prior_smoothing = float(prior_smoothing)
+        self.seed = int(seed)
+        self.models: dict[tuple[int, int], object] = {}
+        self.fit_s = 0.0
+        self._index: tuple[int, _TraceIndex] | None = None
+
+    def __repr__(self) -> str:
+        return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
+                f"model={self.model!r})")
+
+    @property
+    def max_distance(self) -> int:
+        return max(self.distances) if self.distances else 0
+
+    # --- features ------------------------------------------------------------------------
+    def _trace_index(self, trace) -> _TraceIndex:
+        if self._index is None or self._index[0] != id(trace):
+            self._index = (id(trace), _TraceIndex(trace))
+        return self._index[1]
+
+    def features(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
+        E = self._E
+        cols = []
+        for layer in range(max(0, s - self.window + 1), s + 1):
+            cols.append(_onehot(trace.experts[tokens, layer], E))
+        if s >= 0 and E * E <= 4096 and trace.top_k > 1:
+            ex = np.sort(trace.experts[tokens, s].astype(np.int64), axis=1)
+            pair = np.zeros((len(tokens), E * E), dtype=np.float32)
+            pair[np.arange(len(tokens)), ex[:, 0] * E + ex[:, 1]] = 1.0
+            cols.append(pair)
+        idx = self._trace_index(trace)
+        prev, known = idx.prev[tokens], idx.prev_known[tokens]
+        for layer in sorted({t, s} if s >= 0 else {t, max(t - 1, 0)}):
+            o = _onehot(trace.experts[prev, layer], E)
+            o[~known] = 0.0
+            cols.append(o)
+        cols.append(known[:, None].astype(np.float32))
+        if self._priors is not None and trace.token_id is not None:
+            cols.append(self._token_prior(trace.token_id[tokens], t))
+        return np.hstack(cols)
+
+    def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
+        vocab, counts, sums, base = self._priors
+        pos = np.searchsorted(vocab, token_ids)
+        pos = np.minimum(pos, len(vocab) - 1)
+        found = vocab[pos] == token_ids
+        m = self.prior_smoothing
+        n = np.where(found, counts[pos], 0.0)[:, None]
+        s = np.where(found[:, None], sums[pos, t], 0.0)
+        return ((s + m * base[t]) / (n + m)).astype(np.float32)
+
+    # --- training ------------------------------------------------------------------------
+    def pairs(self, num_layers: int) -> list[tuple[int, int]]:
+        out = [(s, s + d) for s in range(num_layers) for d in self.distances if s + d < num_layers]
+        if self.path:
+            out += [(-1, t) for t in range(num_layers)]
+        return out
+
+    def _new_model(self):
+        if self.model == "ridge":
+            from sklearn.linear_model import Ridge
+
+            return Ridge(alpha=self.alpha)
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
+
+        return OneVsRestClassifier(LogisticRegression(max_iter=200, random_state=self.seed))
+
+    def fit(self, trace) -> "RoutePredictor":
+        t0 = time.perf_counter()
+        if trace.num_tokens == 0:
+            raise PolicyError("cannot train a route predictor on an empty trace")
+        self._E, self._L = trace.num_experts, trace.num_layers
+        self._priors = None
+        if trace.token_id is not None:
+            vocab, inverse = np.unique(trace.token_id, return_inverse=True)
+            counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
+            sums = np.zeros((len(vocab), self._L, self._E), dtype=np.float64)
+            for layer in range(self._L):
+                for j in range(trace.top_k):
+                    np.add.at(sums, (inverse, layer, trace.experts[:, layer, j].astype(np.int64)), 1.0)
+            base = sums.sum(axis=0) / trace.num_tokens
+            self._priors = (vocab, counts, sums, base)
+        tokens = np.arange(trace.num_tokens)
+        self.models = {}
+        from threadpoolctl import threadpool_limits
+
+        # Small dense solves: one BLAS thread is faster than many (and kinder to a shared machine).
+        with threadpool_limits(1):
+            self._fit_pairs(trace, tokens)
+        self.fit_s = time.perf_counter() - t0
+        return self
+
+    def _fit_pairs(self, trace, tokens) -> None:
+        for s, t in self.pairs(self._L):
+            X = self.features(trace, tokens, s, t)
+            Y = _onehot(trace.experts[:, t], self._E)
+            constant = Y.min(axis=0) == Y.max(axis=0)
+            if self.model == "logistic" and constant.any():
+                # an expert never (or always) chosen in training: a fixed score, no classifier
+                self.models[(s, t)] = ("constant", Y.mean(axis=0))
+                continue
+            model = self._new_model()
+            model.fit(X, Y)
+            self.models[(s, t)] = model
+
+    # --- inference -----------------------------------------------------------------------
+    def scores(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
+        if (s, t) not in self.models:
+            raise PolicyError(
+                f"no predictor from layer {s} to layer {t}: trained distances {self.distances}, "
+                f"path={self.path}"
+            )
+        model = self.models[(s, t)]
+        tokens = np.asarray(tokens)
+        if isinstance(model, tuple):
+            return np.tile(model[1], (len(tokens), 1))
+        X = self.features(trace, tokens, s, t)
+        return model.predict_proba(X) if self.model == "logistic" else model.predict(X)
+
+    def predict_top(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> np.ndarray:
+        """[tokens, k] experts with the highest scores (ties: lowest id)."""
+        sc = self.scores(trace, tokens, s, t)
+        order = np.lexsort((np.broadcast_to(np.arange(sc.shape[1]), sc.shape), -sc), axis=1)
+        return order[:, :k]
+
+    def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
+                 threshold: float = 0.5) -> dict:
+        """Precision and recall on ``trace`` (held-out requests) of the next-``distance``-layer
+        prediction (``distance=0``: the path predictor, from before layer 0): top-k (the
+        prefetch set; with k = top-k precision equals recall) and thresholded scores."""
+        view = trace.only_phase(phase)
+        k = k or view.top_k
+        tokens = np.arange(view.num_tokens)
+        hit_k = tp = fp = fn = 0
+        per_layer = []
+        pairs = [(-1, t) for t in range(view.num_layers)] if distance == 0 else \
+            [(s, s + distance) for s in range(view.num_layers - distance)]
+        for s, t in pairs:
+            sc = self.scores(view, tokens, s, t)
+            truth = _onehot(view.experts[:, t], self._E).astype(bool)
+            top = self.predict_top(view, tokens, s, t, k)
+            hits = np.take_along_axis(truth, top, axis=1).sum()
+            hit_k += hits
+            per_layer.append(float(hits / (len(tokens) * k)))
+            pred = sc >= threshold
+            tp += int((pred & truth).sum())
+            fp += int((pred & ~truth).sum())
+            fn += int((~pred & truth).sum())
+        n_pred = len(tokens) * k * len(pairs)
+        n_true = int(view.num_tokens * view.top_k * len(pairs))
+        return {
+            "distance": distance, "phase": phase, "tokens": int(view.num_tokens), "k": k,
+            "precision_at_k": hit_k / n_pred if n_pred else float("nan"),
+            "recall_at_k": hit_k / n_true if n_true else float("nan"),
+            "precision_thresholded": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall_thresholded": tp / (tp + fn) if tp + fn else float("nan"),
+            "threshold": threshold, "per_layer_precision_at_k": per_layer, "fit_s": self.fit_s,
+        }
