@@ -393,7 +393,7 @@ class ScoreMovingAverage(EvictionPolicy):
         return _lowest(self.avg[candidates], candidates, self.last[candidates])
 
 
-@register_eviction("moe-infinity")
+@register_eviction("eam-priority")
 class ActivationPriority(EvictionPolicy):
     """MoE-Infinity's cache priority (Xue et al., "MoE-Infinity: Efficient MoE Inference on
     Personal Machines with Sparsity-Aware Expert Cache", arXiv 2401.14361; priority_score in its

@@ -123,11 +123,11 @@ def test_moe_infinity_keeps_request_hot_experts():
     # A is used by both first tokens; D and E then evict B and C (EAM counts 1), not A (2).
     experts = np.array([[[A, B]], [[A, C]], [[D, E]], [[A, D]]])
     assert _together("lru", experts, None, 3, 5) == (2, 6)  # LRU evicts B then A
-    assert _together("moe-infinity", experts, None, 3, 5) == (3, 5)
+    assert _together(System(make_eviction("eam-priority")), experts, None, 3, 5) == (3, 5)
 
 
 def test_moe_infinity_layer_proximity_prefers_early_layers():
-    policy = make_eviction("moe-infinity")
+    policy = make_eviction("eam-priority")
     from types import SimpleNamespace
 
     policy.prepare(SimpleNamespace(cache=SimpleNamespace(num_layers=4, num_experts=2)))
@@ -182,7 +182,7 @@ def test_bad_parameters_name_the_value():
         make_eviction("lru", nonsense=1)
 
 
-ONLINE = [n for n in ("lru", "fifo", "lifo", "lfu", "random", "static", "fmoe", "hybrimoe", "moe-infinity")]
+ONLINE = [n for n in ("lru", "fifo", "lifo", "lfu", "random", "static", "fmoe", "hybrimoe", "eam-priority")]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -201,7 +201,7 @@ def test_belady_beats_every_policy_on_random_traces(data):
     trace = make_trace(stream, experts)
 
     def hits(name):
-        r = replay_cache(trace, make_policy(name), config, semantics="standard", phase="all", scope="global")
+        r = replay_cache(trace, System(make_eviction(name)), config, semantics="standard", phase="all", scope="global")
         return r.hits
 
     best = hits("belady")
