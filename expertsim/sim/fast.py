@@ -190,6 +190,57 @@ def _unlink(nxt, prv, present, key):
 
 
 @_njit
+def _lru_stream_steps(keys, part, reset, clear_after, capacity, num_keys):
+    """The ``standard`` semantics: every access alone (evict on insert), one LRU list per
+    partition ``part[i]``; ``reset[i]`` empties the cache first; ``clear_after`` empties the
+    access's partition after it (no-cache). Returns hit[access]."""
+    num_parts = capacity.shape[0]
+    nxt = np.arange(num_keys + num_parts)
+    prv = np.arange(num_keys + num_parts)
+    present = np.zeros(num_keys, dtype=np.bool_)
+    count = np.zeros(num_parts, dtype=np.int64)
+    hit = np.zeros(keys.shape[0], dtype=np.bool_)
+    for i in range(keys.shape[0]):
+        if reset[i]:
+            for p in range(num_parts):
+                s = num_keys + p
+                node = nxt[s]
+                while node != s:
+                    present[node] = False
+                    node = nxt[node]
+                nxt[s] = s
+                prv[s] = s
+                count[p] = 0
+        key = keys[i]
+        p = part[i]
+        s = num_keys + p
+        if present[key]:
+            hit[i] = True
+            nxt[prv[key]] = nxt[key]
+            prv[nxt[key]] = prv[key]
+        else:
+            if count[p] >= capacity[p]:
+                old = nxt[s]
+                nxt[s] = nxt[old]
+                prv[nxt[old]] = s
+                present[old] = False
+            else:
+                count[p] += 1
+            present[key] = True
+        last = prv[s]
+        nxt[last] = key
+        prv[key] = last
+        nxt[key] = s
+        prv[s] = key
+        if clear_after:
+            present[key] = False
+            nxt[s] = s
+            prv[s] = s
+            count[p] = 0
+    return hit
+
+
+@_njit
 def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
     """Per group (one MoE layer of one pass): (duration_ns, stall_ns, expert_compute_ns), with
     the DES's ordering (see the module docstring)."""
@@ -237,9 +288,9 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
 
 
 @_njit
-def _stream_kernel(keys, capacity, policy, next_use):
+def _stream_kernel(keys, capacity, policy):
     """Classic evict-on-insert replay of one key stream through one cache of ``capacity``
-    entries. policy 0 = LRU, 1 = FIFO, 2 = Belady (needs ``next_use``). Returns hit[access]."""
+    entries. policy 0 = LRU, 1 = FIFO, 2 = Belady (farthest next use). Returns hit[access]."""
     n = keys.shape[0]
     hit = np.zeros(n, dtype=np.bool_)
     if n == 0:
@@ -249,10 +300,17 @@ def _stream_kernel(keys, capacity, policy, next_use):
         if keys[i] + 1 > num_keys:
             num_keys = keys[i] + 1
     if policy == 2:
-        # Belady: a binary max-heap of (next use, key) with lazy deletion.
+        # Belady: next uses in one backward pass, then a max-heap of next_use * num_keys + key
+        # (farthest next use first, ties to the higher key) with lazy deletion of stale entries.
+        next_use = np.full(n, n, dtype=np.int64)
+        seen = np.full(num_keys, -1, dtype=np.int64)
+        for i in range(n - 1, -1, -1):
+            if seen[keys[i]] >= 0:
+                next_use[i] = seen[keys[i]]
+            seen[keys[i]] = i
         cur_next = np.full(num_keys, -1, dtype=np.int64)  # -1: absent
-        heap_t = np.empty(n + 1, dtype=np.int64)
-        heap_k = np.empty(n + 1, dtype=np.int64)
+        limit = 2 * capacity + 64
+        heap = np.empty(limit + 1, dtype=np.int64)
         size = 0
         count = 0
         for i in range(n):
@@ -262,22 +320,29 @@ def _stream_kernel(keys, capacity, policy, next_use):
             else:
                 if count >= capacity:
                     while True:  # pop until a live entry
-                        t = heap_t[0]
-                        k = heap_k[0]
+                        top = heap[0]
                         size -= 1
-                        heap_t[0] = heap_t[size]
-                        heap_k[0] = heap_k[size]
-                        _sift_down(heap_t, heap_k, size, 0)
-                        if cur_next[k] == t:
+                        heap[0] = heap[size]
+                        _sift_down(heap, size, 0)
+                        k = top % num_keys
+                        if cur_next[k] == top // num_keys:
                             cur_next[k] = -1
                             count -= 1
                             break
                 count += 1
             cur_next[key] = next_use[i]
-            heap_t[size] = next_use[i]
-            heap_k[size] = key
+            if size == limit:  # drop stale entries, re-heapify
+                live = 0
+                for j in range(size):
+                    if cur_next[heap[j] % num_keys] == heap[j] // num_keys:
+                        heap[live] = heap[j]
+                        live += 1
+                size = live
+                for j in range(size // 2 - 1, -1, -1):
+                    _sift_down(heap, size, j)
+            heap[size] = next_use[i] * num_keys + key
             size += 1
-            _sift_up(heap_t, heap_k, size - 1)
+            _sift_up(heap, size - 1)
         return hit
     nxt = np.empty(num_keys + 1, dtype=np.int64)
     prv = np.empty(num_keys + 1, dtype=np.int64)
@@ -329,7 +394,6 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
     misses = 0
     cur = np.full(num_keys, -1, dtype=np.int64)  # next use of each cached key, -1: absent
     heap = np.empty(n + initial.shape[0] + 1, dtype=np.int64)  # max-heap of next_use * num_keys + key
-    dummy = np.empty(heap.shape[0], dtype=np.int64)
     for p in range(num_parts):
         size = 0
         count = 0
@@ -340,7 +404,7 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
                 count += 1
                 heap[size] = cur[key] * num_keys + key
                 size += 1
-                _sift_up(heap, dummy, size - 1)
+                _sift_up(heap, size - 1)
         for gi in range(pstart[p], pstart[p + 1]):
             g = gorder[gi]
             for i in range(gstart[g], gstart[g + 1]):
@@ -351,13 +415,12 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
                 cur[key] = nxt_use[i]
                 heap[size] = nxt_use[i] * num_keys + key
                 size += 1
-                _sift_up(heap, dummy, size - 1)
+                _sift_up(heap, size - 1)
             while count > slots:  # drop the farthest next uses (lazily deleted stale entries skipped)
                 top = heap[0]
                 size -= 1
                 heap[0] = heap[size]
-                dummy[0] = dummy[size]
-                _sift_down(heap, dummy, size, 0)
+                _sift_down(heap, size, 0)
                 key = top % num_keys
                 if cur[key] == top // num_keys:
                     cur[key] = -1
@@ -372,29 +435,29 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
 
 
 @_njit
-def _sift_up(ht, hk, i):
+def _sift_up(heap, i):
+    """Max-heap: move heap[i] up."""
     while i > 0:
         parent = (i - 1) // 2
-        if ht[parent] >= ht[i]:
+        if heap[parent] >= heap[i]:
             break
-        ht[parent], ht[i] = ht[i], ht[parent]
-        hk[parent], hk[i] = hk[i], hk[parent]
+        heap[parent], heap[i] = heap[i], heap[parent]
         i = parent
 
 
 @_njit
-def _sift_down(ht, hk, size, i):
+def _sift_down(heap, size, i):
+    """Max-heap of ``size`` entries: move heap[i] down."""
     while True:
         left = 2 * i + 1
         big = i
-        if left < size and ht[left] > ht[big]:
+        if left < size and heap[left] > heap[big]:
             big = left
-        if left + 1 < size and ht[left + 1] > ht[big]:
+        if left + 1 < size and heap[left + 1] > heap[big]:
             big = left + 1
         if big == i:
             return
-        ht[big], ht[i] = ht[i], ht[big]
-        hk[big], hk[i] = hk[i], hk[big]
+        heap[big], heap[i] = heap[i], heap[big]
         i = big
 
 
@@ -591,27 +654,37 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
     ExpertCache(num_layers, num_experts, expert_bytes, cache_config, system.eviction, top_k=top_k)
     capacity, per_layer = _capacity_slots(cache_config, num_layers, num_experts, expert_bytes)
     n, L, k = view.experts.shape
-    if semantics == "standard":
-        # The flattened stream: each access is a group of one, in (token, layer, sorted expert) order.
-        srt = np.sort(view.experts, axis=2).astype(np.int64)
-        layer_of = np.broadcast_to(np.arange(L, dtype=np.int64)[None, :, None], srt.shape)
-        keys = (layer_of * num_experts + srt).ravel()
-        groups = AccessGroups(keys=keys, tokens=np.ones(len(keys), dtype=np.int64),
-                              start=np.arange(len(keys) + 1, dtype=np.int64),
-                              layer=np.ascontiguousarray(layer_of).ravel(),
-                              pass_index=np.repeat(np.arange(n, dtype=np.int64), L * k))
-    else:
-        groups = groups_from_passes(view.experts, np.arange(n + 1, dtype=np.int64), num_experts)
-    reset = _resets(view.request[groups.pass_index], scope)
+    new_request = np.zeros(n, dtype=bool)
+    if scope == "request":
+        new_request[0] = True
+        new_request[1:] = view.request[1:] != view.request[:-1]
+    num_keys = num_layers * num_experts
     initial = None
     if model is not None:
         initial = np.asarray(system.initial_residents(model), dtype=np.int64)
-    if initial is not None and len(initial) and per_layer:
-        raise ConfigError("initial residents with per-layer partitions are not supported by the fast engine")
-    hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
-                        clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
-                        initial=initial)
-    layer_of_access = groups.keys // num_experts
+    if semantics == "standard":
+        # The flattened stream: (token, layer, sorted expert) order, each access alone.
+        keys = (np.sort(view.experts, axis=2).astype(np.int64)
+                + (np.arange(L, dtype=np.int64) * num_experts)[None, :, None]).ravel()
+        reset = np.zeros(len(keys), dtype=bool)
+        reset[::L * k] = new_request
+        if initial is None or not len(initial):
+            part = keys // num_experts if per_layer else np.zeros(len(keys), dtype=np.int64)
+            hit = _lru_stream_steps(keys, part, reset, kind == "no-cache", capacity, num_keys)
+        else:  # a warm start (all-on-gpu): groups of one through the general kernel
+            ones = AccessGroups(keys=keys, tokens=np.ones(len(keys), dtype=np.int64),
+                                start=np.arange(len(keys) + 1, dtype=np.int64), layer=keys // num_experts,
+                                pass_index=np.zeros(len(keys), dtype=np.int64))
+            hit, _, _ = run_lru(ones, capacity=capacity, per_layer=per_layer, reset=reset,
+                                clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
+    else:
+        groups = groups_from_passes(view.experts, np.arange(n + 1, dtype=np.int64), num_experts)
+        keys = groups.keys
+        reset = np.zeros(len(groups.layer), dtype=bool)
+        reset[::L] = new_request
+        hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
+                            clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
+    layer_of_access = keys // num_experts
     per_hits = np.bincount(layer_of_access[hit], minlength=num_layers).astype(np.int64)
     per_all = np.bincount(layer_of_access, minlength=num_layers).astype(np.int64)
     per_misses = per_all - per_hits
@@ -642,8 +715,7 @@ def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.nd
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, got {capacity}")
     keys = np.ascontiguousarray(keys, dtype=np.int64)
-    nu = next_use_positions(keys) if policy == "belady" else np.zeros(1, dtype=np.int64)
-    return _stream_kernel(keys, int(capacity), STREAM_POLICIES[policy], nu)
+    return _stream_kernel(keys, int(capacity), STREAM_POLICIES[policy])
 
 
 # --- timed simulation ---------------------------------------------------------------------

@@ -126,3 +126,21 @@ def test_streamed_parquet_replay_equals_in_memory(tmp_path, cfg, phase, scope):
         got = fast.replay_parquet_fast(path, cfg, phase=phase, scope=scope, num_experts=6, chunk_tokens=chunk)
         assert (got.hits, got.misses) == (want.hits, want.misses)
         assert (got.per_layer_hits == want.per_layer_hits).all()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(), scope=st.sampled_from(["request", "global"]),
+       semantics=st.sampled_from(["together", "standard"]), policy=st.sampled_from(["lru", "no-cache", "all-on-gpu"]),
+       size=st.integers(0, 3))
+def test_random_configs_with_a_model_equal_general_path(trace, scope, semantics, policy, size):
+    """With a model the systems fix their own caches (no-cache: top-k per layer; all-on-gpu:
+    everything resident at the start) and budgets are in bytes."""
+    from perfhelpers import tiny_model
+
+    model = tiny_model(trace.num_layers, trace.num_experts, trace.top_k)
+    cfg = CacheConfig(budget_bytes=(trace.top_k + size) * model.expert_bytes() + 5)
+    kwargs = dict(model=model, phase="all", scope=scope, semantics=semantics)
+    b = replay_cache(trace, make_policy(policy), cfg, engine="des", **kwargs)
+    a = replay_cache(trace, make_policy(policy), cfg, engine="fast", **kwargs)
+    assert (a.hits, a.misses) == (b.hits, b.misses)
+    assert (a.per_layer_hits == b.per_layer_hits).all()
