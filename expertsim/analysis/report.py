@@ -122,6 +122,9 @@ def collect_figures(out_dir: Path, frame, plan: dict, validation: Path | None = 
         if fig is not None:
             figs.append((title, fig, caption))
 
+    if "tpot_ms" not in frame.columns:  # no run finished: nothing to plot but the traces
+        frame = frame.head(0).with_columns(pl.lit(None, dtype=pl.Float64).alias("tpot_ms"))
+
     labels = [c.get("label") for c in plan.get("runs", []) if c.get("label") is not None]
     add("Scenarios", F.scenario_bars(frame, order=list(dict.fromkeys(labels))),
         "Lowest TPOT over the feasible policies and cache layouts of each scenario (hover: which).")
@@ -136,7 +139,7 @@ def collect_figures(out_dir: Path, frame, plan: dict, validation: Path | None = 
     add("Latency breakdown", F.latency_breakdown(frame),
         "Time per token by activity, fastest runs first.")
     ok = F.ok_runs(frame)
-    if "timeline_file" in ok.columns:
+    if "timeline_file" in ok.columns and "tpot_ms" in ok.columns:
         with_tl = ok.filter(pl.col("timeline_file").is_not_null()
                             & ~pl.col("policy_label").map_elements(F.is_bound, return_dtype=pl.Boolean)
                             ).sort("tpot_ms")

@@ -55,3 +55,12 @@ def shared_trace_path(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"shared trace {name} not found under {shared_traces_dir()} (set EXPERTSIM_SHARED_TRACES)")
     return path
+
+
+def skip_unless_required(what: str, reason: str) -> None:
+    """Skip (locally) or fail (in CI) when an optional tool is missing: CI sets
+    EXPERTSIM_REQUIRE=chromium,ray so that these tests cannot silently skip there."""
+    required = {w.strip() for w in os.environ.get("EXPERTSIM_REQUIRE", "").split(",")}
+    if what in required:
+        pytest.fail(f"{reason} (EXPERTSIM_REQUIRE={os.environ['EXPERTSIM_REQUIRE']})")
+    pytest.skip(reason)

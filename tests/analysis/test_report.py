@@ -12,7 +12,7 @@ from expertsim.analysis.report import summary_rows, write_report
 from expertsim.analysis.study import load_study
 from expertsim.analysis.sweep import run_sweep
 
-from .conftest import write_study
+from .conftest import skip_unless_required, write_study
 
 REPORT_STUDY = """
 name = "report-test"
@@ -155,7 +155,7 @@ def test_report_renders_in_headless_chromium(report_dir):
     Debian's chromium; skipped locally when it is absent)."""
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
+        skip_unless_required("chromium", "chromium not installed (apt-get install -y chromium)")
     _, _, path = report_dir
     res = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -184,3 +184,13 @@ def test_report_takes_validation_from_expertsim_validate(report_dir, tmp_path):
     assert "mean abs. error 17.5%" in text  # (1/4 + 1/10) / 2
     with pytest.raises(ConfigError, match="does not exist"):
         write_report(out, tmp_path / "r2.html", validation=tmp_path / "missing")
+
+
+def test_report_when_every_run_failed(tmp_path):
+    study = load_study(write_study(tmp_path, '[fixed]\nhardware = "a100-80gb-pcie"\ntrace_requests = 1\n'
+                                             'trace_max_tokens = 4\n"gpu.memory_gb" = 4\n'
+                                             '[grid]\ncache_per_layer = [2, 3]\n'))
+    run_sweep(study, tmp_path / "out", jobs=1, progress=False)
+    text = write_report(tmp_path / "out").read_text()
+    assert "2 runs finished of 2 planned: 0 ok, 2 failed" in text and "Failed runs" in text
+    assert _figure_titles(text) == ["Trace locality: popularity (default)", "Trace locality: reuse distance (default)"]

@@ -14,7 +14,7 @@ from expertsim.analysis.results import load_results
 from expertsim.analysis.study import load_study, normalise_config
 from expertsim.analysis.sweep import finished_run_ids, run_one, run_sweep
 
-from .conftest import ERROR_VARIANTS, SMALL_STUDY, write_study
+from .conftest import ERROR_VARIANTS, SMALL_STUDY, skip_unless_required, write_study
 
 TINY = {"model": "mixtral-8x7b", "hardware": "a100-80gb-pcie", "trace": "default", "trace_requests": 1,
         "trace_phase": "decode", "trace_max_tokens": 6}
@@ -163,7 +163,10 @@ def test_plan_flag_counts_runs(tmp_path):
 
 
 def test_ray_backend_matches_local(tmp_path):
-    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'expertsim[ray]')")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        skip_unless_required("ray", "the ray extra is not installed (pip install 'expertsim[ray]')")
     study = load_study(write_study(tmp_path))
     local = run_sweep(study, tmp_path / "local", jobs=2, progress=False)
     ray_ = run_sweep(study, tmp_path / "ray", backend="ray", jobs=2, progress=False)
