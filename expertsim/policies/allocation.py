@@ -36,9 +36,10 @@ def proportional_slots(total: int, demand: np.ndarray, minimum: int, maximum: in
 
 class CrossLayerAllocator:
     """ExpertFlow's cross-layer memory coordination (arXiv 2510.26730): with per-layer cache
-    partitions, every ``interval`` passes the slots move toward the layers that missed most in
-    the last interval (at least ``min_slots`` = top-k per layer, at most every expert of a
-    layer); shrinking a layer evicts its eviction policy's victims. With one global pool there
+    partitions, every ``interval`` passes the slots are split over layers in proportion to each
+    layer's working set in the last interval (the distinct experts it used; at least
+    ``min_slots`` = top-k per layer, at most every expert of a layer); shrinking a layer evicts
+    its eviction policy's victims. With one global pool there
     is nothing to move and it does nothing."""
 
     def __init__(self, interval: int = 16, min_slots: int | None = None):
@@ -58,7 +59,7 @@ class CrossLayerAllocator:
         cache = ctx.cache
         self._cache = cache
         self.active = cache.num_partitions > 1
-        self._misses = np.zeros(cache.num_layers, dtype=np.float64)
+        self._used = np.zeros((cache.num_layers, cache.num_experts), dtype=bool)
         self._passes = 0
         top_k = ctx.trace.top_k if ctx.trace is not None else 1
         self._min = int(self.min_slots or top_k)
@@ -67,17 +68,18 @@ class CrossLayerAllocator:
     def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
         if not self.active:
             return
-        self._misses[obs.layer] += outcome.misses
+        self._used[obs.layer, obs.needed] = True
         if obs.layer != self._cache.num_layers - 1:
             return
         self._passes += 1
         if self._passes % self.interval:
             return
-        target = proportional_slots(int(self.slots.sum()), self._misses, self._min, self._cache.num_experts)
+        demand = self._used.sum(axis=1)
+        target = proportional_slots(int(self.slots.sum()), demand, self._min, self._cache.num_experts)
         cache = self._cache
         for layer in np.argsort(target - self.slots, kind="stable"):  # shrink first, then grow
             if target[layer] != self.slots[layer]:
                 cache.set_partition_capacity(int(layer), int(target[layer]) * cache.expert_bytes)
         self.slots = target
-        self._misses[:] = 0
+        self._used[:] = False
         self.reallocations += 1

@@ -329,7 +329,8 @@ class AdaptiveDistance(Prefetcher):
             return self.min_distance
         m = ctx.model
         copy_ns = ctx.cost.transfer_time_ns(m.expert_bytes()) * m.top_k
-        layer_ns = ctx.cost.dense_layer_time_ns(1, 1) + m.top_k * ctx.cost.expert_time_ns(1)
+        dense = getattr(ctx.cost, "dense_layer_time_ns", None)
+        layer_ns = (dense(1, 1) if dense is not None else 0) + m.top_k * ctx.cost.expert_time_ns(1)
         return int(min(max(math.ceil(copy_ns / max(layer_ns, 1)), self.min_distance), self.max_distance))
 
     def prepare(self, ctx):
