@@ -1,0 +1,127 @@
+"""Learned predictors (precision/recall on held-out requests), the plug-in example, the CLI
+group, and every named system under the timed engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expertsim.policies import CacheConfig, load_plugin, make_policy, make_system, system_names
+from expertsim.policies.predictors import RoutePredictor, training_requests
+from expertsim.sim.cache_replay import replay_cache
+
+from policy_helpers import make_trace
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def structured_trace(tokens=400, layers=4, experts=8, requests=8, seed=0):
+    """Layer l+1's experts are a fixed function of layer l's (plus 10% noise): learnable."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(experts)
+    ex = np.zeros((tokens, layers, 2), dtype=np.int64)
+    for t in range(tokens):
+        first = rng.choice(experts, 2, replace=False)
+        ex[t, 0] = first
+        for layer in range(1, layers):
+            nxt = perm[ex[t, layer - 1]]
+            if rng.random() < 0.1:
+                nxt = rng.choice(experts, 2, replace=False)
+            ex[t, layer] = nxt
+    return make_trace(ex, experts, requests=np.repeat(np.arange(requests), tokens // requests),
+                      token_id=rng.integers(0, 30, tokens))
+
+
+def test_predictor_learns_a_learnable_route():
+    from expertsim.traces.ops import split_requests
+
+    train, held = split_requests(structured_trace(), 0.75, seed=0)
+    pred = RoutePredictor(distances=(1, 2)).fit(train)
+    one = pred.evaluate(held, distance=1)
+    assert one["precision_at_k"] > 0.85 and one["recall_at_k"] == one["precision_at_k"]
+    assert 0 <= one["precision_thresholded"] <= 1 and 0 <= one["recall_thresholded"] <= 1
+    two = pred.evaluate(held, distance=2)
+    assert two["precision_at_k"] > 0.7
+    assert len(one["per_layer_precision_at_k"]) == 3
+    with pytest.raises(Exception, match="no predictor"):
+        pred.scores(held, np.arange(3), 0, 3)
+
+
+def test_logistic_predictor_runs():
+    train = training_requests(structured_trace(tokens=160, requests=4), 0.5)
+    pred = RoutePredictor(distances=(1,), model="logistic").fit(train)
+    assert pred.predict_top(train, np.arange(5), 0, 1, 2).shape == (5, 2)
+
+
+def test_learned_prefetch_beats_lru_on_a_learnable_route():
+    trace = structured_trace()
+    lru = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=2), phase="all", scope="global")
+    pro = replay_cache(trace, make_system("promoe", distance=1), CacheConfig(per_layer=2), phase="all", scope="global")
+    assert pro.misses < 0.5 * lru.misses
+
+
+@pytest.mark.shared
+def test_next_layer_top2_precision_on_held_out_mixtral_requests(mixtral_trace):
+    """The number reported for the issue: next-layer top-2 precision on held-out decode tokens.
+    Same as `expertsim policies predictor ../shared/traces/mixtral-8x7b-mtbench.dev.parquet`."""
+    from expertsim.traces.ops import split_requests
+
+    train, held = split_requests(mixtral_trace, 0.8, seed=0)
+    pred = RoutePredictor(distances=(1,)).fit(train)
+    result = pred.evaluate(held, distance=1, phase="decode")
+    print({k: v for k, v in result.items() if k != "per_layer_precision_at_k"})
+    # routing-only features: well above chance (2/8 = 0.25), below hidden-state predictors (84-96%)
+    assert 0.55 < result["precision_at_k"] < 0.8
+    assert result["tokens"] > 1000
+
+
+def test_plugin_example_loads_and_replays():
+    from expertsim.policies.registry import EVICTION
+
+    load_plugin(str(REPO / "examples" / "my_policy.py"))
+    assert "mru" in EVICTION
+    system = make_policy("mru")
+    # cyclic scan of 3 experts through 2 slots: LRU always misses, MRU keeps one of them
+    trace = make_trace(np.array([0, 1, 2] * 4), 3)
+    r = replay_cache(trace, system, CacheConfig(global_slots=2), semantics="standard", phase="all", scope="global")
+    lru = replay_cache(trace, make_policy("lru"), CacheConfig(global_slots=2), semantics="standard", phase="all",
+                       scope="global")
+    assert (lru.hits, lru.misses) == (0, 12)
+    # MRU: 0 1 | 2 evicts 1 | 0 hit | 1 evicts 0 | 2 hit | 0 evicts 2 | 1 hit | 2 evicts 1 | 0 hit | 1 evicts 0 | 2 hit
+    assert (r.hits, r.misses) == (5, 7)
+
+
+def test_policies_list_command_shows_every_policy():
+    from typer.testing import CliRunner
+
+    from expertsim.policies.commands import policies_app
+
+    result = CliRunner().invoke(policies_app, ["list", "--plugin", str(REPO / "examples" / "my_policy.py")])
+    assert result.exit_code == 0, result.output
+    for name in system_names() + ["lru", "belady", "mru", "eam-priority"]:
+        assert f"  {name} " in result.output, name
+    assert "parameters: accuracy=1.0" in result.output
+
+
+@pytest.mark.parametrize("name", ["cache-moe", "fiddler", "hobbit", "se-moe", "pregated-moe", "moe-infinity",
+                                  "mixtral-offloading", "skip-misses"])
+def test_systems_run_under_the_timed_engine(name, mixtral_gates_trace):
+    from expertsim.sim import Simulation
+    from expertsim.specs import load_hardware, load_model
+
+    model, hw = load_model("mixtral-8x7b"), load_hardware("rtx4090")
+    trace = mixtral_gates_trace.max_tokens(12)
+    system = make_system(name)
+    config = system.cache_config(model) or system.default_cache_config(model, hw, int(trace.position.max()) + 1)
+    result = Simulation(model, hw, system, config).run(trace)
+    m = result.metrics
+    assert m["tokens"] == 12 and m["total_s"] > 0
+    if name in ("cache-moe", "fiddler"):
+        assert m["cpu_experts"] > 0
+    if name == "hobbit":
+        assert m["degraded_gate_mass"] + m["dropped_gate_mass"] > 0
+    if name == "skip-misses":
+        assert m["dropped_gate_mass"] > 0
+    if name in ("se-moe", "pregated-moe", "moe-infinity"):
+        assert m["prefetch_copies"] > 0
