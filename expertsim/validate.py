@@ -162,7 +162,7 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
                f"median |error| {report['median_abs_error']:.1%}, p95 {report['p95_abs_error']:.1%}, "
                f"Kendall tau {report['kendall_tau']:.2f}"),
         xaxis_title="measured latency (ms)", yaxis_title="predicted latency (ms)", template="plotly_white")
-    fig.write_html(paths["html"], include_plotlyjs="cdn")
+    fig.write_html(paths["html"], include_plotlyjs=True)
     return paths
 
 
@@ -192,7 +192,8 @@ def prepare_slice(model: str, trace_path: str | None, *, layers: int, experts_sc
 def validate(*, device: str, model: str, trace_path: str | None, layers: int, experts_scale: float,
              max_tokens: int | None, out: str | Path, policies: list[str] | None = None,
              dtype: str | None = None, link_gbps: float | None = None, quick: bool = False,
-             measured: str | Path | None = None, repeats: int = 1, progress=None) -> tuple[dict, dict]:
+             measured: str | Path | None = None, repeats: int = 1, clock: str = "wall",
+             progress=None) -> tuple[dict, dict]:
     """Measure (unless ``measured`` names a folder already written), predict, compare, write.
     Returns (report, paths)."""
     from expertsim.real_runner.measure import measure
@@ -202,7 +203,7 @@ def validate(*, device: str, model: str, trace_path: str | None, layers: int, ex
         spec, trace = prepare_slice(model, trace_path, layers=layers, experts_scale=experts_scale,
                                     max_tokens=max_tokens, dtype=dtype)
         measure(trace, spec, device, out / "measured", policies=policies, link_gbps=link_gbps,
-                quick=quick, repeats=repeats, settings={"trace": str(trace_path or "synthetic default"),
+                quick=quick, repeats=repeats, clock=clock, settings={"trace": str(trace_path or "synthetic default"),
                                        "layers": layers, "experts_scale": experts_scale,
                                        "max_tokens": max_tokens}, progress=progress)
         measured = out / "measured"

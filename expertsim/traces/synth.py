@@ -479,5 +479,5 @@ def fit_report_figure(curves: list, path: str | Path) -> Path:
     fig.update_layout(title="Per-layer LRU hit rate: real traces vs samples of their fits", height=450)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(out, include_plotlyjs="cdn", full_html=True)
+    fig.write_html(out, include_plotlyjs=True, full_html=True)
     return out
