@@ -4,7 +4,8 @@ For a source layer ``s`` (where the token is now; ``s = -1``: before the first M
 target layer ``t > s`` one multi-label model scores every expert of layer ``t`` from features a
 policy may know at layer ``s``:
 
-- the token's routing at layers ``s-window+1 .. s`` (one-hot per layer), and the unordered expert
+- the token's routing at layers ``s-window+1 .. s`` (one-hot per layer; ``window=None``: every
+  earlier layer, the default), and the unordered expert
   set at ``s`` as one category (when ``experts**2 <= 4096``);
 - the previous token's routing (same request) at layers ``t`` and ``s``, when that token ran in an
   earlier pass (in a prefill pass it is computed alongside, so unknown);
@@ -63,7 +64,7 @@ class RoutePredictor:
     ``distances``: the target offsets ``t - s`` to train for every source layer; ``path``: also
     train ``s = -1`` for every target (ExpertFlow's whole-path prediction)."""
 
-    def __init__(self, distances: tuple[int, ...] = (1,), path: bool = False, window: int = 3,
+    def __init__(self, distances: tuple[int, ...] = (1,), path: bool = False, window: int | None = None,
                  model: str = "ridge", alpha: float = 1.0, prior_smoothing: float = 5.0, seed: int = 0):
         if model not in ("ridge", "logistic"):
             raise PolicyError(f"predictor model must be 'ridge' or 'logistic', got {model!r}")
@@ -71,7 +72,7 @@ class RoutePredictor:
             raise PolicyError(f"predictor distances must be >= 1, got {distances!r}")
         self.distances = tuple(int(d) for d in distances)
         self.path = bool(path)
-        self.window = int(window)
+        self.window = None if window is None else int(window)
         self.model = model
         self.alpha = float(alpha)
         self.prior_smoothing = float(prior_smoothing)
@@ -97,7 +98,8 @@ class RoutePredictor:
     def features(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
         E = self._E
         cols = []
-        for layer in range(max(0, s - self.window + 1), s + 1):
+        first = 0 if self.window is None else max(0, s - self.window + 1)
+        for layer in range(first, s + 1):
             cols.append(_onehot(trace.experts[tokens, layer], E))
         if s >= 0 and E * E <= 4096 and trace.top_k > 1:
             ex = np.sort(trace.experts[tokens, s].astype(np.int64), axis=1)
