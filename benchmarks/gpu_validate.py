@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="without --bundle: expert storage dtype")
     ap.add_argument("--link-gbps", type=float, default=None, help="cpu: emulated link bandwidth")
     ap.add_argument("--repeats", type=int, default=1, help="replays per policy (per-pass medians)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu device: wall or cpu clock")
     ap.add_argument("--quick", action="store_true", help="quick calibration")
     args = ap.parse_args(argv)
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**settings, "python": platform.python_version(), "torch": torch.__version__,
                 "host": platform.node(), "script": "benchmarks/gpu_validate.py"}
     out = measure(trace, spec, args.device, args.out, policies=policies, link_gbps=link, quick=args.quick,
-                  settings=settings, repeats=args.repeats, progress=lambda msg: print(msg, flush=True))
+                  settings=settings, repeats=args.repeats, clock=args.clock, progress=lambda msg: print(msg, flush=True))
     heavy = sorted(m for m in HEAVY if m in sys.modules)
     doc = json.loads((Path(out) / "measured.json").read_text())
     summary = {"out": str(out), "device": doc["device"], "model": spec.name, "tokens": trace.num_tokens,

@@ -48,6 +48,7 @@ def calibrate_command(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Largest pass (tokens) to time."),
     max_context: int = typer.Option(2048, "--max-context", help="Longest KV length to time."),
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth (GB/s)."),
+    clock: str = typer.Option("wall", "--clock", help="cpu only: wall or cpu (the emulated device's own clock)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer points and repetitions (seconds, for CI)."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
 ) -> None:
@@ -62,7 +63,7 @@ def calibrate_command(
 
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps)
     spec = shrink_model(load_model(model), layers=d["layers"], experts_scale=d["experts_scale"], dtype=d["dtype"])
-    dev = make_device(device, link_gbps=d["link_gbps"])
+    dev = make_device(device, link_gbps=d["link_gbps"], clock=clock if device == "cpu" else "wall")
     try:
         profile = calibrate(spec, dev, max_tokens=max_tokens, max_context=max_context, quick=quick,
                             progress=lambda msg: typer.echo(msg, err=True))
@@ -92,6 +93,7 @@ def validate_command(
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
     measured: str = typer.Option(None, "--measured", help="A folder written by benchmarks/gpu_validate.sh: predict and compare only."),
     export: str = typer.Option(None, "--export", help="Only write the trace slice and shrunk spec to this .npz (for benchmarks/gpu_validate.sh --bundle)."),
+    clock: str = typer.Option("wall", "--clock", help="cpu only: wall (the machine's clock) or cpu (the emulated device's own clock: compute thread CPU time, nominal link; for busy machines)."),
     repeats: int = typer.Option(None, "--repeats", help="Replay each policy R times; per-pass medians (default: 3 on cpu, 1 on cuda)."),
     quick: bool = typer.Option(False, "--quick", help="Quick calibration (CI)."),
     as_json: bool = typer.Option(False, "--json", help="Print median_abs_error, p95_abs_error, total_time_error, kendall_tau and the per-policy list as JSON."),
@@ -119,7 +121,7 @@ def validate_command(
         device=device, model=model, trace_path=trace, layers=d["layers"], experts_scale=d["experts_scale"],
         max_tokens=d["max_tokens"], out=out, policies=policy_list, dtype=d["dtype"],
         link_gbps=d["link_gbps"] if device == "cpu" else None, quick=quick, measured=measured,
-        repeats=d["repeats"],
+        repeats=d["repeats"], clock=clock if device == "cpu" else "wall",
         progress=lambda msg: typer.echo(msg, err=True))
     keys = ("median_abs_error", "p95_abs_error", "total_time_error", "kendall_tau")
     if as_json:

@@ -19,6 +19,13 @@ stalls the compute thread for a scheduler tick on a busy machine), computes on t
 thread; host and device tensors live in shared memory so both processes see them. Times are
 ``time.perf_counter_ns`` (CLOCK_MONOTONIC, the same clock in both processes; on the CPU every
 operation is synchronous, so the clock is exact).
+``clock="cpu"`` (CPU emulation only) times the emulation on a busy machine, where the OS
+scheduler's delays swamp wall time: the compute stream advances by the compute thread's CPU time
+(``time.thread_time_ns``), the link serves copies in order, each taking its nominal transfer
+time plus the memcpy's CPU time, and a wait advances the compute stream to the copy's end. The
+work and every dependency are still real (the copies run, computes wait for them); only the
+clock that times them is the device's own, not the machine's. ``clock="wall"`` is the default.
+
 ``link_gbps`` optionally makes the emulated link slower than memcpy: the copy process first
 sleeps ``bytes / link_gbps`` (the transfer), then writes the data (it lands at the end, as
 over a real link), so the emulation keeps the GPU's ratio of copy time to compute time.
@@ -51,6 +58,7 @@ def torch_dtype(dtype: str) -> torch.dtype:
 @dataclass
 class CopyOp:
     nbytes: int
+    after: Any = None  # cpu clock: the compute stream's virtual time at issue
     start: Any = None  # CUDA event, or ns int (CPU) once started
     end: Any = None
     done: threading.Event = field(default_factory=threading.Event)  # CPU emulation only
@@ -124,9 +132,6 @@ class CudaDevice:
             self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=self.torch_device)
         self._flush.zero_()
 
-    def is_done(self, op: CopyOp) -> bool:
-        return op.end.query()  # a host-side poll; no synchronisation
-
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)
 
@@ -167,8 +172,9 @@ def _copy_process(commands, replies, link_gbps: float | None, cpus: set[int] | N
             start = time.perf_counter_ns()
             if link_gbps:  # the bytes cross the link; they land at the end
                 time.sleep(n / (link_gbps * 1e9))
+            cpu0 = time.thread_time_ns()
             np.copyto(views[dst][dst_off:dst_off + n], views[src][src_off:src_off + n])
-            replies.send((op_id, start, time.perf_counter_ns()))
+            replies.send((op_id, start, time.perf_counter_ns(), time.thread_time_ns() - cpu0))
         else:
             break
     views.clear()
@@ -183,12 +189,21 @@ class CpuEmulatedDevice:
     kind = "cpu"
     emulated = True
 
-    def __init__(self, link_gbps: float | None = None, threads: int = 1):
+    def __init__(self, link_gbps: float | None = None, threads: int = 1, clock: str = "wall"):
         import multiprocessing as mp
 
+        from expertsim.errors import ConfigError
+
+        if clock not in ("wall", "cpu"):
+            raise ConfigError(f"--clock must be wall or cpu, got {clock!r}")
         self.torch_device = torch.device("cpu")
         self.link_gbps = link_gbps
-        self.name = "cpu-emulated" + (f" (link {link_gbps:g} GB/s)" if link_gbps else "")
+        self.clock = clock
+        notes = ([f"link {link_gbps:g} GB/s"] if link_gbps else []) + (["cpu clock"] if clock == "cpu" else [])
+        self.name = "cpu-emulated" + (f" ({', '.join(notes)})" if notes else "")
+        self._v = 0  # cpu clock: the compute stream's virtual time (ns)
+        self._v_cpu = time.thread_time_ns()  # thread CPU time already charged to it
+        self._link_v = 0  # cpu clock: when the virtual link is free
         # One compute thread, so that the copy process has a core of its own on a 2-core machine.
         torch.set_num_threads(threads)
         self._origin = time.perf_counter_ns()
@@ -244,9 +259,15 @@ class CpuEmulatedDevice:
     def start_clock(self) -> None:
         self.synchronize()
         self._origin = time.perf_counter_ns()
+        self._v, self._link_v, self._v_cpu = 0, 0, time.thread_time_ns()
 
     def stamp(self) -> int:
-        return time.perf_counter_ns()
+        if self.clock == "wall":
+            return time.perf_counter_ns()
+        now = time.thread_time_ns()
+        self._v += now - self._v_cpu
+        self._v_cpu = now
+        return self._v
 
     def _locate(self, t: torch.Tensor) -> tuple[int, int]:
         if not t.is_contiguous():
@@ -260,6 +281,7 @@ class CpuEmulatedDevice:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> CopyOp:
         # ``after`` is a stamp of work this thread has already finished: nothing to wait for.
         op = CopyOp(nbytes=src.numel() * src.element_size())
+        op.after = self.stamp() if self.clock == "cpu" else None
         dst_id, dst_off = self._locate(dst)
         src_id, src_off = self._locate(src)
         op_id = self._next_op
@@ -269,19 +291,24 @@ class CpuEmulatedDevice:
         return op
 
     def _receive(self) -> None:
-        op_id, start, end = self._replies.recv()
+        op_id, start, end, copy_cpu = self._replies.recv()
         op = self._ops.pop(op_id)
-        op.start, op.end = start, end
+        if self.clock == "wall":
+            op.start, op.end = start, end
+        else:  # the virtual link: in order, nominal transfer time + the memcpy's CPU time
+            op.start = max(self._link_v, op.after)
+            nominal = int(op.nbytes / self.link_gbps) if self.link_gbps else 0
+            op.end = self._link_v = op.start + nominal + copy_cpu
         op.done.set()
 
-    def is_done(self, op: CopyOp) -> bool:
-        while not op.done.is_set() and self._replies.poll():
-            self._receive()
-        return op.done.is_set()
-
     def wait(self, op: CopyOp) -> None:
+        if self.clock == "cpu":
+            self.stamp()  # charge the work so far; the wait itself is not compute
         while not op.done.is_set():
             self._receive()  # copies complete in order: earlier ones arrive first
+        if self.clock == "cpu":
+            self._v = max(self._v, op.end)
+            self._v_cpu = time.thread_time_ns()
 
     def flush_caches(self) -> None:
         """Evict the CPU caches (a write of 64 MiB, twice a large L3) so a timed operation starts cold."""
@@ -294,7 +321,7 @@ class CpuEmulatedDevice:
             self._receive()
 
     def ns(self, stamp: int) -> int:
-        return int(stamp - self._origin)
+        return int(stamp - self._origin) if self.clock == "wall" else int(stamp)
 
     def copy_ns(self, op: CopyOp) -> tuple[int, int]:
         return self.ns(op.start), self.ns(op.end)
@@ -319,11 +346,11 @@ class CpuEmulatedDevice:
         self._segments = []
 
 
-def make_device(kind: str, *, link_gbps: float | None = None):
+def make_device(kind: str, *, link_gbps: float | None = None, clock: str = "wall"):
     from expertsim.errors import ConfigError
 
     if kind == "cuda":
         return CudaDevice()
     if kind == "cpu":
-        return CpuEmulatedDevice(link_gbps=link_gbps)
+        return CpuEmulatedDevice(link_gbps=link_gbps, clock=clock)
     raise ConfigError(f"--device must be cuda or cpu, got {kind!r}")

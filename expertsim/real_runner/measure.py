@@ -65,9 +65,24 @@ def median_records(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
+def merge_profiles(a: dict, b: dict) -> dict:
+    """The mean of two calibrations of the same device and model (every table's ns)."""
+    from expertsim.real_runner.profile import fit_copy_line
+
+    out = dict(a)
+    for name, table in a.items():
+        if isinstance(table, dict) and "ns" in table:
+            ns = (np.asarray(table["ns"], dtype=float) + np.asarray(b[name]["ns"], dtype=float)) / 2
+            out[name] = {**table, "ns": np.rint(ns).astype(np.int64).tolist()}
+    overhead, bandwidth = fit_copy_line(out["copy"]["bytes"], out["copy"]["ns"])
+    out["copy_overhead_ns"], out["copy_bandwidth_gbps"] = round(overhead), round(bandwidth, 3)
+    out["notes"] = a.get("notes", "") + "; the mean of a calibration before and one after the replays"
+    return out
+
+
 def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str] | None = None,
             link_gbps: float | None = None, quick: bool = False, settings: dict | None = None,
-            repeats: int = 1, progress=None) -> Path:
+            repeats: int = 1, clock: str = "wall", progress=None) -> Path:
     """Calibrate ``device`` for ``spec`` and replay ``trace`` under each policy (``repeats``
     times, per-pass medians: see :func:`median_records`); write ``out_dir``."""
     from expertsim.real_runner.calibrate import calibrate
@@ -86,10 +101,10 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
         if config is None and system.cache_config(spec) is None:
             raise ConfigError(f"policy {text!r} needs a cache size: write {text}:K (K slots per layer)")
     settings = {**(settings or {}), "device": device, "link_gbps": link_gbps, "quick": quick,
-                "policies": policies, "repeats": repeats}
+                "policies": policies, "repeats": repeats, "clock": clock}
     write_bundle(out / "bundle.npz", trace, spec, settings)
     wall0 = time.perf_counter()
-    dev = make_device(device, link_gbps=link_gbps)
+    dev = make_device(device, link_gbps=link_gbps, clock=clock)
     try:
         say(f"building {spec.name}: {spec.num_moe_layers} MoE layers x {spec.num_experts} experts of "
             f"{spec.expert_bytes() / 2**20:.1f} MiB on {dev.name}")
@@ -98,35 +113,46 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
         max_tokens = int(passes.max()) if len(passes) else 1
         max_context = int(trace.position.max()) + 1 if trace.num_tokens else 1
         t0 = time.perf_counter()
-        profile = calibrate(spec, dev, max_tokens=max_tokens, max_context=max(max_context, 64),
-                            quick=quick, store=store, progress=say)
-        save_profile(profile, out / "profile.json")
+
+        def calibrate_now():
+            return calibrate(spec, dev, max_tokens=max_tokens, max_context=max(max_context, 64),
+                             quick=quick, store=store, progress=say)
+
+        before = calibrate_now()
         calibrate_s = time.perf_counter() - t0
-        runs = []
-        for i, (text, system, config) in enumerate(parsed):
-            t0 = time.perf_counter()
-            results = []
-            for rep in range(max(1, repeats)):
-                system, config = parse_policy(text) if rep else (system, config)  # fresh state
+        # Replays round-robin over the policies, so that a machine whose load drifts does not
+        # favour the policies replayed first.
+        results: list[list] = [[] for _ in parsed]
+        walls = [0.0] * len(parsed)
+        for rep in range(max(1, repeats)):
+            for i, (text, system, config) in enumerate(parsed):
+                t0 = time.perf_counter()
+                if rep:
+                    system, config = parse_policy(text)  # fresh policy state
                 result = Replayer(spec, system, dev, config, store=store, timeline=rep == 0).run(trace)
                 if not result.outputs_finite:
                     raise RuntimeError(f"policy {text}: non-finite outputs: an expert computed before its "
                                        f"copy landed (a missing dependency in the real runner)")
-                results.append(result)
-            wall = time.perf_counter() - t0
-            result = results[0]
-            repeat_tpot = [r.metrics()["tpot_ms"] for r in results]
-            if len(results) > 1:
-                result.records = median_records([r.records for r in results])
+                results[i].append(result)
+                walls[i] += time.perf_counter() - t0
+                say(f"replayed {text} ({rep + 1}/{max(1, repeats)}): TPOT {result.metrics()['tpot_ms']:.3f} ms, "
+                    f"hit rate {result.metrics()['hit_rate']:.3f}, {time.perf_counter() - t0:.1f} s")
+        # With repeats, calibrate again after the replays and keep the mean of the two, so the
+        # profile brackets the replays in time.
+        profile = before if repeats <= 1 else merge_profiles(before, calibrate_now())
+        save_profile(profile, out / "profile.json")
+        runs = []
+        for i, (text, system, config) in enumerate(parsed):
+            result = results[i][0]
+            repeat_tpot = [r.metrics()["tpot_ms"] for r in results[i]]
+            if len(results[i]) > 1:
+                result.records = median_records([r.records for r in results[i]])
                 result.totals["stall_ns"] = sum(r["stall_ns"] for r in result.records)
-            metrics = result.metrics()
-            say(f"replayed {text}: TPOT {metrics['tpot_ms']:.3f} ms, hit rate {metrics['hit_rate']:.3f}, "
-                f"{wall:.1f} s")
             np.savez_compressed(out / f"timeline-{i}.npz",
                                 **{k: np.asarray(v) for k, v in result.timeline.items()})
             runs.append({"policy": text, "label": system.label, "cache": result.config["cache"],
-                         "metrics": metrics, "records": result.records, "totals": result.totals,
-                         "repeats": len(results), "repeat_tpot_ms": repeat_tpot, "wall_s": wall})
+                         "metrics": result.metrics(), "records": result.records, "totals": result.totals,
+                         "repeats": len(results[i]), "repeat_tpot_ms": repeat_tpot, "wall_s": walls[i]})
         doc = {"format": "expertsim-measured", "version": 1, "device": dev.name, "model": spec.name,
                "settings": settings, "calibrate_s": calibrate_s,
                "wall_s": time.perf_counter() - wall0, "runs": runs}

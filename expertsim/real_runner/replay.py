@@ -308,13 +308,12 @@ class _Run:
                 self._row("cpu", "cpu_expert", it, layer, item.expert)
                 self.totals["cpu_experts"] += 1
             else:
-                op = self.inflight.get(key)
+                op = self.inflight.pop(key, None)
                 if op is not None and not self.skip_wait:
-                    if dev.is_done(op):
-                        del self.inflight[key]
-                    else:
-                        dev.wait(op)
-                        self._row("gpu", "stall", it, layer, item.expert)
+                    # The compute starts when the copy has landed: the row up to here is the
+                    # stall (empty, and dropped, when the copy was already done).
+                    dev.wait(op)
+                    self._row("gpu", "stall", it, layer, item.expert)
                 apply_expert(x, h, rows, gate, self.pool.data[self.rep._row(cache, layer, item.slot)], spec)
                 self._row("gpu", "expert", it, layer, item.expert)
             for j in deferred.get(idx, ()):

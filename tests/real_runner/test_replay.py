@@ -51,12 +51,13 @@ def test_hits_misses_and_copies_equal_the_simulator(tiny_spec, tiny_trace, cpu_d
     assert result.outputs_finite
 
 
-def test_copy_lands_before_its_expert_computes(tiny_spec, tiny_trace):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_copy_lands_before_its_expert_computes(tiny_spec, tiny_trace, clock):
     """Slots start NaN; a slow emulated link makes every copy long. Outputs stay finite, and on
-    the timeline every expert that was copied starts after its copy ended."""
+    the timeline (either clock) every expert that was copied starts after its copy ended."""
     from expertsim.real_runner.device import CpuEmulatedDevice
 
-    dev = CpuEmulatedDevice(link_gbps=0.2)
+    dev = CpuEmulatedDevice(link_gbps=0.2, clock=clock)
     try:
         result = Replayer(tiny_spec, make_policy("no-cache"), dev).run(tiny_trace.max_tokens(20))
     finally:
@@ -72,6 +73,13 @@ def test_copy_lands_before_its_expert_computes(tiny_spec, tiny_trace):
             checked += 1
     assert checked > 10
     assert result.totals["stall_ns"] > 0
+    if clock == "cpu":  # copies run back to back on the virtual link at the nominal rate or slower
+        starts = sorted(zip(t["start_ns"], t["end_ns"], t["bytes"]))
+        link = [(a, b, n) for (a, b, n), res in zip(zip(t["start_ns"], t["end_ns"], t["bytes"]), t["resource"])
+                if res == "link"]
+        assert all(b - a >= n / 0.2 for a, b, n in link)
+        assert all(b1 <= a2 for (a1, b1, _), (a2, b2, _) in zip(link, link[1:]))
+        assert starts
 
 
 def test_poisoned_slots_catch_a_missing_wait(tiny_spec, tiny_trace):

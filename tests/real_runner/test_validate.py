@@ -139,3 +139,15 @@ def test_median_records_takes_per_pass_medians():
     assert [r["end_ns"] - r["start_ns"] for r in merged] == [11, 40, 31]
     assert merged[0]["start_ns"] == 100 and merged[1]["start_ns"] == merged[0]["end_ns"]
     assert [r["stall_ns"] for r in merged] == [5, 20, 15]
+
+
+def test_merge_profiles_means_every_table():
+    from expertsim.real_runner.measure import merge_profiles
+
+    a = {"copy": {"bytes": [1, 10], "ns": [10, 100]}, "dense": {"tokens": [1], "context": [1], "ns": [[4]]},
+         "device": "x"}
+    b = {"copy": {"bytes": [1, 10], "ns": [20, 200]}, "dense": {"tokens": [1], "context": [1], "ns": [[8]]},
+         "device": "x"}
+    m = merge_profiles(a, b)
+    assert m["copy"]["ns"] == [15, 150] and m["dense"]["ns"] == [[6]] and m["device"] == "x"
+    assert a["copy"]["ns"] == [10, 100]  # inputs untouched
