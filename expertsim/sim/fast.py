@@ -332,14 +332,7 @@ def _stream_kernel(keys, capacity, policy):
                 count += 1
             cur_next[key] = next_use[i]
             if size == limit:  # drop stale entries, re-heapify
-                live = 0
-                for j in range(size):
-                    if cur_next[heap[j] % num_keys] == heap[j] // num_keys:
-                        heap[live] = heap[j]
-                        live += 1
-                size = live
-                for j in range(size // 2 - 1, -1, -1):
-                    _sift_down(heap, size, j)
+                size = _compact_heap(heap, size, cur_next, num_keys)
             heap[size] = next_use[i] * num_keys + key
             size += 1
             _sift_up(heap, size - 1)
@@ -393,7 +386,11 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
         last[keys[i]] = i
     misses = 0
     cur = np.full(num_keys, -1, dtype=np.int64)  # next use of each cached key, -1: absent
-    heap = np.empty(n + initial.shape[0] + 1, dtype=np.int64)  # max-heap of next_use * num_keys + key
+    width = 1
+    for g in range(gstart.shape[0] - 1):
+        width = max(width, gstart[g + 1] - gstart[g])
+    limit = 2 * (slots + width) + initial.shape[0] + 64
+    heap = np.empty(limit + 1, dtype=np.int64)  # max-heap of next_use * num_keys + key
     for p in range(num_parts):
         size = 0
         count = 0
@@ -413,6 +410,8 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
                     misses += 1
                     count += 1
                 cur[key] = nxt_use[i]
+                if size >= limit:  # drop stale entries, re-heapify
+                    size = _compact_heap(heap, size, cur, num_keys)
                 heap[size] = nxt_use[i] * num_keys + key
                 size += 1
                 _sift_up(heap, size - 1)
@@ -459,6 +458,20 @@ def _sift_down(heap, size, i):
             return
         heap[big], heap[i] = heap[i], heap[big]
         i = big
+
+
+@_njit
+def _compact_heap(heap, size, cur, num_keys):
+    """Keep the live entries (``cur[key]`` still equals the entry's next use) and re-heapify;
+    returns the new size."""
+    live = 0
+    for j in range(size):
+        if cur[heap[j] % num_keys] == heap[j] // num_keys:
+            heap[live] = heap[j]
+            live += 1
+    for j in range(live // 2 - 1, -1, -1):
+        _sift_down(heap, live, j)
+    return live
 
 
 # --- access groups ----------------------------------------------------------------------
@@ -840,13 +853,20 @@ def _fast_bounds(cost, model, groups: AccessGroups, cache_config, initial, *, de
     else:
         parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
     num_keys = L * E
-    first_use = np.full(num_keys, len(groups.keys), dtype=np.int64)
-    order = np.arange(len(groups.keys) - 1, -1, -1)
-    first_use[groups.keys[order]] = order
     gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
-    gorder = np.argsort(gpart, kind="stable")
-    pstart = np.searchsorted(gpart[gorder], np.arange(parts + 1))
-    misses = int(_set_belady_kernel(groups.keys, groups.start, gorder, pstart, slots, num_keys,
+    keys, start = groups.keys, groups.start
+    gorder = np.arange(len(gpart), dtype=np.int64)
+    pstart = np.array([0, len(gpart)], dtype=np.int64)
+    if parts > 1:  # lay the accesses out layer by layer, so that the kernel reads them in order
+        counts = np.diff(start)
+        keys = keys[np.argsort((keys // E).astype(np.int16), kind="stable")]
+        by_layer = counts.reshape(-1, L).T.ravel()
+        start = np.concatenate([[0], np.cumsum(by_layer)])
+        pstart = np.arange(parts + 1, dtype=np.int64) * (len(gpart) // L)
+    first_use = np.full(num_keys, len(keys), dtype=np.int64)  # for initial residents
+    order = np.arange(len(keys) - 1, -1, -1)
+    first_use[keys[order]] = order
+    misses = int(_set_belady_kernel(keys, start, gorder, pstart, slots, num_keys,
                                     np.asarray(initial, dtype=np.int64), first_use))
     compute_ns = int(dense_total_ns + expert_total_ns)
     link_ns = misses * cost.chunked_wire_ns(model.expert_bytes(), copy_chunk_bytes)
