@@ -140,6 +140,11 @@ class EvictionPolicy:
     def on_evict(self, key: int) -> None:
         pass
 
+    def on_predicted(self, key: int, tick: int) -> None:
+        """A prefetcher predicts ``key`` will be used soon and it is already resident (so no
+        admission tells the policy). Recency policies refresh it, so the coming prefetches do
+        not evict it; default: ignored."""
+
     def on_layer(self, obs: LayerObservation) -> None:
         """Called by the system at each MoE layer after the layer's lookups and before its
         admissions: score-aware policies (fMoE, HybriMoE, MoE-Infinity) read the routing here."""

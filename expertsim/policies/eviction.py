@@ -105,6 +105,9 @@ class LRU(_KeyedPolicy):
     def on_insert(self, key, tick, position):
         self.score[key] = tick
 
+    def on_predicted(self, key, tick):
+        self.score[key] = max(self.score[key], tick)
+
 
 @register_eviction("fifo")
 class FIFO(_KeyedPolicy):

@@ -3,8 +3,8 @@
 :class:`ComposedSystem` wires the parts together; each named system is a small subclass with
 explicit parameters and the paper it follows. Unless told otherwise (``--per-layer``,
 ``--global-slots``, ``--cache-gb``), a system's expert cache takes the GPU memory left after dense
-weights, KV cache and workspace (``default_cache_config``); per-layer systems split it evenly over
-layers, falling back to one pool when that leaves fewer than top-k slots per layer.
+weights, KV cache and workspace (``default_cache_config``), split evenly over layers (one pool
+when that leaves fewer than top-k slots per layer; SE-MoE's ring and Fiddler's hot set are pools).
 """
 from __future__ import annotations
 
@@ -110,6 +110,12 @@ class ComposedSystem(System):
     def oracle(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.eviction, "oracle", False) or getattr(self.prefetcher, "oracle", False))
 
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        """Per-layer partitions of the free GPU memory: the layers are visited cyclically, so one
+        recency-ordered pool smaller than every layer's working set evicts each expert before its
+        reuse; partitions keep every layer's recent experts."""
+        return per_layer_default(model, hardware, max_context_tokens)
+
     def parts(self) -> dict:
         return {"eviction": self.eviction, "prefetch": self.prefetcher, "miss": self.miss,
                 "scheduler": self.scheduler, "expert_order": self.expert_order,
@@ -139,13 +145,42 @@ class ComposedSystem(System):
         if self.tracker is not None:
             self.tracker.observe(obs)
         actions = self.miss.decide(obs)
-        prefetch = list(self.prefetcher.prefetch(obs))
+        prefetch = self.fit_prefetches(obs, self.prefetcher.prefetch(obs))
+        self._protect_predicted(obs, prefetch)
         background = self.miss.background_copies(obs, actions)
         if background:
             low = max([p.priority for p in prefetch], default=0) + 1
             prefetch += [PrefetchRequest(obs.layer, int(e), priority=low) for e in background]
         order = cache_aware_order(obs) if self.expert_order == "cache-aware" else None
         return LayerDecision(order=order, miss_actions=actions, prefetch=prefetch)
+
+    def _protect_predicted(self, obs: LayerObservation, prefetch: list[PrefetchRequest]) -> None:
+        """Predicted experts already resident are skipped by the admissions, so the eviction
+        policy hears of them here (ExpertFlow's predictive caching: predicted experts stay)."""
+        hook = getattr(self.eviction, "on_predicted", None)
+        if hook is None:
+            return
+        cache = obs.cache
+        for r in prefetch:
+            if cache.contains(r.layer, r.expert):
+                hook(cache.key(r.layer, r.expert), cache.tick)
+
+    @staticmethod
+    def fit_prefetches(obs: LayerObservation, requests) -> list[PrefetchRequest]:
+        """Drop the prefetches that could only evict earlier prefetches of the same decision:
+        per target layer at most its partition's slots; in one pool at most the slots the
+        current layer's experts leave. Nearer (lower priority value) requests are kept first."""
+        cache = obs.cache
+        requests = sorted(requests, key=lambda r: r.priority)  # stable: the prefetcher's order within a priority
+        slots = cache.capacity // max(cache.expert_bytes, 1)
+        out, used = [], {}
+        for r in requests:
+            p = cache.partition(r.layer)
+            limit = int(slots[p]) - (len(obs.needed) if cache.num_partitions == 1 or p == cache.partition(obs.layer) else 0)
+            if used.get(p, 0) < limit:
+                out.append(r)
+                used[p] = used.get(p, 0) + 1
+        return out
 
     def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
         self.prefetcher.on_layer_end(obs, outcome)
@@ -209,9 +244,6 @@ class CacheMoE(ComposedSystem):
     def params(self) -> dict:
         return {"cpu": self.cpu}
 
-    def default_cache_config(self, model, hardware, max_context_tokens=0):
-        return per_layer_default(model, hardware, max_context_tokens)
-
 
 @register_system("mixtral-offloading")
 class MixtralOffloading(ComposedSystem):
@@ -228,9 +260,6 @@ class MixtralOffloading(ComposedSystem):
 
     def params(self) -> dict:
         return {"speculation": self.speculation}
-
-    def default_cache_config(self, model, hardware, max_context_tokens=0):
-        return per_layer_default(model, hardware, max_context_tokens)
 
 
 @register_system("se-moe")
@@ -274,7 +303,7 @@ class PregatedMoE(ComposedSystem):
     def default_cache_config(self, model, hardware, max_context_tokens=0):
         if self.minimal:
             return CacheConfig(global_slots=(self.distance + 1) * model.top_k)
-        return super().default_cache_config(model, hardware, max_context_tokens)
+        return per_layer_default(model, hardware, max_context_tokens)
 
 
 @register_system("expertflow")
@@ -343,6 +372,10 @@ class Fiddler(ComposedSystem):
 
     def params(self) -> dict:
         return {"profile": self.profile, "profile_fraction": self.profile_fraction}
+
+    def default_cache_config(self, model, hardware, max_context_tokens=0):
+        """One pool of the free GPU memory: the hot set may favour some layers."""
+        return System.default_cache_config(self, model, hardware, max_context_tokens)
 
     def initial_residents(self, model) -> np.ndarray:
         cache = self._cache

@@ -317,3 +317,34 @@ def test_every_system_has_docstring_description_and_label():
         assert type(system).__doc__ and system.description, name
         assert system.label.startswith(name)
         assert repr(system)
+
+
+def test_exact_prefetch_copies_no_more_than_demand_paging():
+    # Predicted experts already resident are protected (on_predicted), and prefetches are capped
+    # to the partition, so exact prefetch never copies more than LRU's demand misses.
+    from expertsim.sim import Simulation
+
+    trace = random_trace(tokens=20, layers=32, requests=2, seed=4)
+    hw = load_hardware("a40")
+    copies = {}
+    for name in ("lru", "pregated-moe"):
+        copies[name] = Simulation(MIXTRAL, hw, make_policy(name), CacheConfig(per_layer=3)).run(trace).metrics["h2d_copies"]
+    assert copies["pregated-moe"] <= copies["lru"]
+
+
+def test_fit_prefetches_caps_per_partition_and_lru_protects_predicted():
+    from expertsim.policies import PrefetchRequest
+    from expertsim.policies.serve import LayerServer
+
+    trace = make_trace(np.array([[[0, 1], [2, 3]]]), 8)
+    ctx = _ctx(None, trace, CacheConfig(per_layer=3))
+    server = LayerServer(ComposedSystem(), ctx.cache, 100, 25)
+    obs = server.observe(now_ns=0, iteration=0, layer=0, tokens=np.array([0]), experts=trace.experts[:, 0],
+                         weights=None, phase=1, trace=trace)
+    reqs = [PrefetchRequest(1, e, priority=1) for e in range(5)] + [PrefetchRequest(0, 7, priority=2)]
+    kept = ComposedSystem.fit_prefetches(obs, reqs)
+    assert [(r.layer, r.expert) for r in kept] == [(1, 0), (1, 1), (1, 2), (0, 7)]  # 3 slots; layer 0 has 3 - 2
+    lru = ctx.cache.eviction
+    lru.on_insert(8 + 5, 3, -1)
+    lru.on_predicted(8 + 5, 10)
+    assert lru.score[13] == 10
