@@ -348,3 +348,27 @@ def test_fit_prefetches_caps_per_partition_and_lru_protects_predicted():
     lru.on_insert(8 + 5, 3, -1)
     lru.on_predicted(8 + 5, 10)
     assert lru.score[13] == 10
+
+
+@pytest.mark.parametrize("model_name", ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite"])
+def test_every_system_fits_every_hardware_that_holds_the_dense_part(model_name):
+    from expertsim.sim import Simulation
+    from expertsim.specs import list_hardware
+
+    model = load_model(model_name)
+    context = 4096
+    checked = 0
+    for hw_name in list_hardware():
+        hw = load_hardware(hw_name)
+        try:
+            free_expert_memory_bytes(model, hw, context)
+        except ConfigError:
+            continue  # the dense part (or top-k experts) does not fit: no system can run
+        for name in system_names():
+            if name == "no-cache":
+                continue  # reserves top-k slots per layer (memory of 2 x layers experts): see its docstring
+            system = make_system(name)
+            config = system.cache_config(model) or system.default_cache_config(model, hw, context)
+            Simulation(model, hw, system, config).memory_check(context)  # raises when it does not fit
+            checked += 1
+    assert checked >= len(system_names())
