@@ -41,13 +41,16 @@ def libcachesim_counts(cache_cls, slots: int, keys: np.ndarray) -> tuple[int, in
 
 @pytest.mark.shared
 @pytest.mark.parametrize("slots", [72, 160])
-@pytest.mark.parametrize("name, cache_cls", [("lru", "LRU"), ("fifo", "FIFO"), ("belady", "Belady")])
-def test_counts_equal_libcachesim(mixtral_trace, name, cache_cls, slots):
+@pytest.mark.parametrize("name, cache_cls, engine", [("lru", "LRU", "des"), ("lru", "LRU", "auto"),
+                                                     ("fifo", "FIFO", "des"), ("belady", "Belady", "des")])
+def test_counts_equal_libcachesim(mixtral_trace, name, cache_cls, engine, slots):
+    """engine "des": the policy classes through the general LayerServer; "auto": the fast replay
+    where it supports the policy (LRU)."""
     view = mixtral_trace.head_requests(2).only_phase("decode")
     keys = flattened_keys(view)
     assert len(keys) == 18_880
     expected = libcachesim_counts(getattr(lcs, cache_cls), slots, keys)
     result = replay_cache(view, make_policy(name), CacheConfig(global_slots=slots), semantics="standard",
-                          phase="decode", scope="global")
+                          phase="decode", scope="global", engine=engine)
     assert (result.hits, result.misses) == expected
     assert expected[0] > 0  # a slice where the cache matters
