@@ -635,9 +635,10 @@ def run_lru(groups: AccessGroups, *, capacity: np.ndarray, per_layer: bool, rese
 
 # --- cache replay -----------------------------------------------------------------------
 def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "decode",
-                      scope: str = "request", semantics: str = "together"):
-    """The fast path of :func:`expertsim.sim.cache_replay.replay_cache` (per-token passes):
-    the same hits and misses, per layer and in total."""
+                      scope: str = "request", semantics: str = "together", per_token: bool = True):
+    """The fast path of :func:`expertsim.sim.cache_replay.replay_cache`: the same hits and
+    misses, per layer and in total. ``per_token``: every token its own pass (the cache replay's
+    definition), else the trace's passes (a prefill pass needs the union of its experts)."""
     from expertsim.sim.cache_replay import CacheReplayResult
 
     if scope not in ("request", "global"):
@@ -691,10 +692,11 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
             hit, _, _ = run_lru(ones, capacity=capacity, per_layer=per_layer, reset=reset,
                                 clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
     else:
-        groups = groups_from_passes(view.experts, np.arange(n + 1, dtype=np.int64), num_experts)
+        starts = np.arange(n + 1, dtype=np.int64) if per_token else view.pass_starts()
+        groups = groups_from_passes(view.experts, starts, num_experts)
         keys = groups.keys
         reset = np.zeros(len(groups.layer), dtype=bool)
-        reset[::L] = new_request
+        reset[::L] = new_request[starts[:-1]]
         hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                             clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
     layer_of_access = keys // num_experts

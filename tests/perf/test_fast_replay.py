@@ -58,18 +58,28 @@ def _config(draw_kind, size, trace):
 @given(trace=small_traces(), kind=st.integers(0, 2), size=st.integers(0, 12),
        scope=st.sampled_from(["request", "global"]), semantics=st.sampled_from(["together", "standard"]),
        phase=st.sampled_from(["decode", "prefill", "all"]),
-       policy=st.sampled_from(["lru", "no-cache"]))
-def test_random_configs_equal_general_path(trace, kind, size, scope, semantics, phase, policy):
+       policy=st.sampled_from(["lru", "no-cache"]), per_token=st.sampled_from([True, True, False]))
+def test_random_configs_equal_general_path(trace, kind, size, scope, semantics, phase, policy, per_token):
     cfg = _config(kind, size, trace)
     kwargs = dict(phase=phase, scope=scope, semantics=semantics)
+
+    def run(engine):
+        if per_token:
+            return replay_cache(trace, make_policy(policy), cfg, engine=engine, **kwargs)
+        # The trace's passes (prefill unions): the fast path is called directly until
+        # replay_cache passes per_token on.
+        if engine == "des":
+            return replay_cache(trace, make_policy(policy), cfg, engine="des", per_token=False, **kwargs)
+        return fast.replay_cache_fast(trace, make_policy(policy), cfg, per_token=False, **kwargs)
+
     try:
-        b = replay_cache(trace, make_policy(policy), cfg, engine="des", **kwargs)
+        b = run("des")
     except ConfigError as exc:
         with pytest.raises(ConfigError) as info:
-            replay_cache(trace, make_policy(policy), cfg, engine="fast", **kwargs)
+            run("fast")
         assert str(info.value) == str(exc)
         return
-    a = replay_cache(trace, make_policy(policy), cfg, engine="fast", **kwargs)
+    a = run("fast")
     assert (a.hits, a.misses) == (b.hits, b.misses)
     assert (a.per_layer_hits == b.per_layer_hits).all() and (a.per_layer_misses == b.per_layer_misses).all()
 
