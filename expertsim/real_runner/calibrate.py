@@ -63,8 +63,9 @@ def _copy_table(dev, src_flat: torch.Tensor, dst_flat: torch.Tensor, sizes: list
 
 class _Decision:
     """The replay's host work at one MoE layer, for the dense table: the LayerServer's observe,
-    serve and finish under LRU (a cache of top-k slots, so misses evict) and the token grouping,
-    on random routings of a given number of tokens."""
+    serve and finish under LRU and the token grouping, on random routings of a given number of
+    tokens. The cache holds half the layer's experts, so lookups both hit and miss (a miss
+    admits and evicts, a hit does not: the work lies between all-hit and all-miss layers)."""
 
     def __init__(self, spec: ModelSpec, seed: int = 0):
         from expertsim.policies import CacheConfig, ExpertCache, RunContext, make_policy
@@ -73,7 +74,8 @@ class _Decision:
         self.spec = spec
         self.system = make_policy("lru")
         eb = spec.expert_bytes()
-        self.cache = ExpertCache(1, spec.num_experts, eb, CacheConfig(per_layer=spec.top_k), self.system.eviction,
+        slots = max(spec.top_k, spec.num_experts // 2)
+        self.cache = ExpertCache(1, spec.num_experts, eb, CacheConfig(per_layer=slots), self.system.eviction,
                                  top_k=spec.top_k)
         self.system.prepare(RunContext(model=spec, hardware=None, cost=None, cache=self.cache, trace=None))
         self.server = LayerServer(self.system, self.cache, eb, eb)
@@ -199,7 +201,8 @@ def calibrate(spec: ModelSpec, dev, *, max_tokens: int = 256, max_context: int =
         profile["decision"] = {"tokens": dense_tokens, "ns": decision_ns}
     profile["notes"] = (f"medians of {reps} runs after warm-up, each from cold caches; expert and dense "
                         f"tables time the real runner's own operations; dense = the dense stand-in plus "
-                        f"the runner's per-layer decision (LayerServer observe/serve/finish under LRU, "
+                        f"the runner's per-layer decision (LayerServer observe/serve/finish under LRU with half "
+                        f"the experts cached, "
                         f"token grouping; alone in 'decision'); dense points with tokens > context are "
                         f"measured at context = tokens")
     dev.synchronize()

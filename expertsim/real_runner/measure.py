@@ -23,7 +23,7 @@ import numpy as np
 from expertsim.errors import ConfigError, PolicyError
 
 DEFAULT_POLICIES = ("no-cache", "lru:2", "lru:4", "all-on-gpu")
-PREFETCHING_SYSTEMS = ("mixtral-offloading", "pregated-moe")
+PREFETCHING_SYSTEMS = ("pregated-moe", "mixtral-offloading")  # the first registered one
 
 
 def default_policies() -> list[str]:
