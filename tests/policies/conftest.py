@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from expertsim.traces import RoutingTrace
+
 from policy_helpers import load_shared
 
 

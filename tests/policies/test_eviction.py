@@ -182,7 +182,7 @@ def test_bad_parameters_name_the_value():
         make_eviction("lru", nonsense=1)
 
 
-ONLINE = [n for n in ("lru", "fifo", "lifo", "lfu", "random", "static", "fmoe", "hybrimoe", "eam-priority")]
+ONLINE = ["lru", "fifo", "lifo", "lfu", "random", "static", "fmoe", "hybrimoe", "eam-priority"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

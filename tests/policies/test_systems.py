@@ -7,7 +7,7 @@ import pytest
 from expertsim.errors import ConfigError, PolicyError
 from expertsim.policies import CacheConfig, MissAction, make_policy, make_system, system_names
 from expertsim.policies.base import free_expert_memory_bytes
-from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, cumulative_levels
+from expertsim.policies.miss import CpuWhenCheaper, cumulative_levels
 from expertsim.policies.prefetch import PregatedPrefetch
 from expertsim.policies.systems import ComposedSystem
 from expertsim.sim.cache_replay import replay_cache
