@@ -2,15 +2,15 @@
 
 The reference engines (the SimPy DES and the general cache replay) drive any policy through the
 shared :class:`~expertsim.policies.serve.LayerServer`, one Python call per lookup. For the systems
-whose decisions are fixed (the base :class:`~expertsim.policies.System` with :class:`LRU`
+whose decisions are fixed (the base :class:`~expertsim.policies.System` with LRU or FIFO
 eviction, ``no-cache`` and ``all-on-gpu``) the same sequence follows from a few arrays:
 
 - *Access groups*: for every (pass, MoE layer), the needed experts in ascending id order (the
   LayerServer's lookup order) and how many of the pass's tokens route to each. Built with numpy.
-- *The cache* (:func:`_lru_steps`): one LRU recency list per cache partition (per layer or one
-  global pool) as an intrusive doubly linked list over the keys. A group's needed experts move to
-  the most-recent end in ascending id order (their lookup ticks), then the least-recent unpinned
-  entries leave until the misses fit. When every entry is pinned (the union of a prefill pass is
+- *The cache* (:func:`_lru_steps`): one recency list per cache partition (per layer or one
+  global pool) as an intrusive doubly linked list over the keys. A group's misses are appended
+  in ascending id order (their lookup ticks; with LRU its hits move there too), then the oldest
+  unpinned entries leave until the misses fit. When every entry is pinned (the union of a prefill pass is
   larger than the cache), the earliest-served items are released in serve order, exactly as
   :meth:`LayerServer.serve` does, and the kernel records which item each such copy waits for.
 - *Timing* (:func:`_timing_kernel`): at batch 1 with no prefetch, every copy of a layer is
@@ -79,18 +79,21 @@ def _lru_admit_initial(initial, num_keys, nxt, prv, present, count, totals):
     totals[1] = max(totals[1], totals[0])
 
 
-def _lru_kernel(keys, gstart, gpart, greset, clear_after, capacity, num_keys, initial):
+def _lru_kernel(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_keys, initial):
     """Replay access groups from an empty cache holding ``initial``: see :func:`_lru_steps`.
     Returns (hit, release, peak_entries)."""
     state = new_lru_state(capacity, num_keys, initial)
-    hit, release = _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, *state)
+    hit, release = _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_keys, *state)
     return hit, release, int(state[4][1])
 
 
 @_njit
-def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt, prv, present, count, totals):
-    """Replay access groups through per-partition LRU lists with the LayerServer's "together"
-    semantics, continuing from (and updating) the given state. Returns (hit[access],
+def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_keys, nxt, prv, present, count,
+               totals):
+    """Replay access groups through per-partition recency lists with the LayerServer's
+    "together" semantics, continuing from (and updating) the given state. ``refresh``: a hit
+    moves the entry to the most recent end (LRU); without it the list stays in admission order
+    (FIFO). Returns (hit[access],
     release[access]): ``release[i]`` is, for a miss whose admission had to release an item of
     its own group, that item's index in the group's serve order (hits ascending, then misses
     ascending), else -1."""
@@ -100,6 +103,7 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt
     n_groups = gpart.shape[0]
     hit = np.zeros(keys.shape[0], dtype=np.bool_)
     release = np.full(keys.shape[0], -1, dtype=np.int64)
+    pinned = np.zeros(num_keys, dtype=np.bool_)
     for g in range(n_groups):
         if greset[g]:
             for p in range(num_parts):
@@ -118,12 +122,16 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt
         b = gstart[g + 1]
         n = b - a
         h = 0
-        # Lookups in ascending id order: each needed expert becomes the most recent.
+        # Lookups in ascending id order: a miss is admitted with its lookup tick (the most recent
+        # end); with LRU a hit becomes the most recent too.
         for i in range(a, b):
             key = keys[i]
+            pinned[key] = True
             if present[key]:
                 hit[i] = True
                 h += 1
+                if not refresh:
+                    continue
                 nxt[prv[key]] = nxt[key]  # unlink
                 prv[nxt[key]] = prv[key]
             else:
@@ -136,13 +144,16 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt
         m = n - h
         non_needed = count[p] - h
         excess = count[p] + m - capacity[p]
-        # The least recent unpinned entries leave first (never the group's own: they are last).
+        # The oldest unpinned entries leave first (the group's own are pinned).
         evict = excess if excess < non_needed else non_needed
-        for _ in range(max(evict, 0)):
-            node = nxt[s]
-            nxt[s] = nxt[node]
-            prv[nxt[node]] = s
-            present[node] = False
+        node = nxt[s]
+        done = 0
+        while done < evict:
+            after = nxt[node]
+            if not pinned[node]:
+                _unlink(nxt, prv, present, node)
+                done += 1
+            node = after
         count[p] += m - max(evict, 0)
         total += m - max(evict, 0)
         if excess > non_needed:
@@ -166,6 +177,8 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt
                     r += 1
             count[p] -= released
             total -= released
+        for i in range(a, b):
+            pinned[keys[i]] = False
         if total > peak:
             peak = total
         if clear_after:
@@ -183,6 +196,16 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, capacity, num_keys, nxt
 
 
 @_njit
+def _append(nxt, prv, s, key):
+    """Link ``key`` at the most recent end of the list whose sentinel is ``s``."""
+    last = prv[s]
+    nxt[last] = key
+    prv[key] = last
+    nxt[key] = s
+    prv[s] = key
+
+
+@_njit
 def _unlink(nxt, prv, present, key):
     nxt[prv[key]] = nxt[key]
     prv[nxt[key]] = prv[key]
@@ -190,10 +213,10 @@ def _unlink(nxt, prv, present, key):
 
 
 @_njit
-def _lru_stream_steps(keys, part, reset, clear_after, capacity, num_keys):
+def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_keys):
     """The ``standard`` semantics: every access alone (evict on insert), one LRU list per
     partition ``part[i]``; ``reset[i]`` empties the cache first; ``clear_after`` empties the
-    access's partition after it (no-cache). Returns hit[access]."""
+    access's partition after it (no-cache); ``refresh``: LRU, else FIFO. Returns hit[access]."""
     num_parts = capacity.shape[0]
     nxt = np.arange(num_keys + num_parts)
     prv = np.arange(num_keys + num_parts)
@@ -216,8 +239,10 @@ def _lru_stream_steps(keys, part, reset, clear_after, capacity, num_keys):
         s = num_keys + p
         if present[key]:
             hit[i] = True
-            nxt[prv[key]] = nxt[key]
-            prv[nxt[key]] = prv[key]
+            if refresh:  # LRU: to the most recent end
+                nxt[prv[key]] = nxt[key]
+                prv[nxt[key]] = prv[key]
+                _append(nxt, prv, s, key)
         else:
             if count[p] >= capacity[p]:
                 old = nxt[s]
@@ -227,11 +252,7 @@ def _lru_stream_steps(keys, part, reset, clear_after, capacity, num_keys):
             else:
                 count[p] += 1
             present[key] = True
-        last = prv[s]
-        nxt[last] = key
-        prv[key] = last
-        nxt[key] = s
-        prv[s] = key
+            _append(nxt, prv, s, key)
         if clear_after:
             present[key] = False
             nxt[s] = s
@@ -570,16 +591,18 @@ def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts
 
 # --- support checks ---------------------------------------------------------------------
 def _builtin_kind(system) -> str | None:
-    """'lru' (base System + LRU), 'no-cache', 'all-on-gpu', or None when the fast engine does
-    not reproduce the system (any other class, subclasses included)."""
+    """'lru' / 'fifo' (the base System with LRU or FIFO eviction), 'no-cache', 'all-on-gpu', or
+    None when the fast engine does not reproduce the system (any other class, subclasses
+    included)."""
     from expertsim.policies.base import System
-    from expertsim.policies.eviction import LRU
+    from expertsim.policies.eviction import FIFO, LRU
     from expertsim.policies.systems import AllOnGpu, NoCache
 
-    if type(getattr(system, "eviction", None)) is not LRU:
+    eviction = type(getattr(system, "eviction", None))
+    if type(system) is System and eviction in (LRU, FIFO):
+        return "lru" if eviction is LRU else "fifo"
+    if eviction is not LRU:
         return None
-    if type(system) is System:
-        return "lru"
     if type(system) is NoCache:
         return "no-cache"
     if type(system) is AllOnGpu:
@@ -622,7 +645,7 @@ def _partition_of(groups: AccessGroups, per_layer: bool) -> np.ndarray:
 
 
 def run_lru(groups: AccessGroups, *, capacity: np.ndarray, per_layer: bool, reset: np.ndarray,
-            clear_after: bool, num_keys: int, initial: np.ndarray | None = None):
+            clear_after: bool, num_keys: int, initial: np.ndarray | None = None, refresh: bool = True):
     """The LRU kernel on access groups: (hit, release, peak_entries)."""
     init = np.zeros(0, dtype=np.int64) if initial is None else np.asarray(initial, dtype=np.int64)
     if len(init) and per_layer:
@@ -630,7 +653,7 @@ def run_lru(groups: AccessGroups, *, capacity: np.ndarray, per_layer: bool, rese
     if len(init) > int(capacity.sum()):
         raise ConfigError("more initial residents than cache entries")
     return _lru_kernel(groups.keys, groups.start, _partition_of(groups, per_layer), reset,
-                       clear_after, capacity, num_keys, init)
+                       clear_after, refresh, capacity, num_keys, init)
 
 
 # --- cache replay -----------------------------------------------------------------------
@@ -684,13 +707,14 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
         reset[::L * k] = new_request
         if initial is None or not len(initial):
             part = keys // num_experts if per_layer else np.zeros(len(keys), dtype=np.int64)
-            hit = _lru_stream_steps(keys, part, reset, kind == "no-cache", capacity, num_keys)
+            hit = _lru_stream_steps(keys, part, reset, kind == "no-cache", kind != "fifo", capacity, num_keys)
         else:  # a warm start (all-on-gpu): groups of one through the general kernel
             ones = AccessGroups(keys=keys, tokens=np.ones(len(keys), dtype=np.int64),
                                 start=np.arange(len(keys) + 1, dtype=np.int64), layer=keys // num_experts,
                                 pass_index=np.zeros(len(keys), dtype=np.int64))
             hit, _, _ = run_lru(ones, capacity=capacity, per_layer=per_layer, reset=reset,
-                                clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
+                                clear_after=kind == "no-cache", num_keys=num_keys, initial=initial,
+                                refresh=kind != "fifo")
     else:
         starts = np.arange(n + 1, dtype=np.int64) if per_token else view.pass_starts()
         groups = groups_from_passes(view.experts, starts, num_experts)
@@ -698,7 +722,8 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
         reset = np.zeros(len(groups.layer), dtype=bool)
         reset[::L] = new_request[starts[:-1]]
         hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
-                            clear_after=kind == "no-cache", num_keys=num_keys, initial=initial)
+                            clear_after=kind == "no-cache", num_keys=num_keys, initial=initial,
+                            refresh=kind != "fifo")
     layer_of_access = keys // num_experts
     per_hits = np.bincount(layer_of_access[hit], minlength=num_layers).astype(np.int64)
     per_all = np.bincount(layer_of_access, minlength=num_layers).astype(np.int64)
@@ -744,7 +769,7 @@ _ALLOWED = {"batch": (1,), "arrival": ("closed", "offline"), "timeline": (False,
 
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
     """True when :func:`simulate_fast` reproduces the SimPy engine exactly: the base System with
-    LRU, no-cache or all-on-gpu; batch 1 with closed or offline arrivals (chunked prefill
+    LRU or FIFO, no-cache or all-on-gpu; batch 1 with closed or offline arrivals (chunked prefill
     allowed); whole-expert copies; no timeline; any cost profile or link curve. With
     ``hardware`` (and ``model``) also checks the link (one copy engine) and that every expert
     lives in host memory (no storage tier reads)."""
@@ -886,7 +911,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
         raise ConfigError(
             f"the fast engine does not support policy {system.label!r} with these options (it runs "
-            f"the base system with LRU, no-cache and all-on-gpu at batch 1, closed or offline "
+            f"the base system with LRU or FIFO, no-cache and all-on-gpu at batch 1, closed or offline "
             f"arrivals, whole-expert copies on one copy engine, no timeline); use --engine des"
         )
     wall0 = time.perf_counter()
@@ -913,7 +938,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
     hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                                  clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
-                                 initial=initial)
+                                 initial=initial, refresh=kind != "fifo")
     # Timing: cost tables from the same CostModel, then the kernel.
     expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
     for t in np.unique(groups.tokens).tolist():
@@ -1027,7 +1052,7 @@ def replay_parquet_fast(path, cache_config, *, phase: str = "decode", scope: str
             reset[::num_layers] = new
         last_request = request[-1]
         gpart = layer if per_layer else np.zeros(len(layer), dtype=np.int64)
-        hit, _ = _lru_steps(keys, start, gpart, reset, False, capacity, num_layers * E, *state)
+        hit, _ = _lru_steps(keys, start, gpart, reset, False, True, capacity, num_layers * E, *state)
         layer_of = keys // E
         per_hits += np.bincount(layer_of[hit], minlength=num_layers)
         per_all += np.bincount(layer_of, minlength=num_layers)

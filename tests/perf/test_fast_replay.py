@@ -58,7 +58,7 @@ def _config(draw_kind, size, trace):
 @given(trace=small_traces(), kind=st.integers(0, 2), size=st.integers(0, 12),
        scope=st.sampled_from(["request", "global"]), semantics=st.sampled_from(["together", "standard"]),
        phase=st.sampled_from(["decode", "prefill", "all"]),
-       policy=st.sampled_from(["lru", "no-cache"]), per_token=st.sampled_from([True, True, False]))
+       policy=st.sampled_from(["lru", "fifo", "no-cache"]), per_token=st.sampled_from([True, True, False]))
 def test_random_configs_equal_general_path(trace, kind, size, scope, semantics, phase, policy, per_token):
     cfg = _config(kind, size, trace)
     kwargs = dict(phase=phase, scope=scope, semantics=semantics)
@@ -140,7 +140,7 @@ def test_streamed_parquet_replay_equals_in_memory(tmp_path, cfg, phase, scope):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(), scope=st.sampled_from(["request", "global"]),
-       semantics=st.sampled_from(["together", "standard"]), policy=st.sampled_from(["lru", "no-cache", "all-on-gpu"]),
+       semantics=st.sampled_from(["together", "standard"]), policy=st.sampled_from(["lru", "fifo", "no-cache", "all-on-gpu"]),
        size=st.integers(0, 3))
 def test_random_configs_with_a_model_equal_general_path(trace, scope, semantics, policy, size):
     """With a model the systems fix their own caches (no-cache: top-k per layer; all-on-gpu:

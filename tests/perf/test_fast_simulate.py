@@ -46,7 +46,7 @@ def both(model, hardware, policy, cfg, trace, options):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=3, max_experts=6), kind=st.integers(0, 2), size=st.integers(0, 10),
-       policy=st.sampled_from(["lru", "lru", "no-cache", "all-on-gpu"]),
+       policy=st.sampled_from(["lru", "lru", "fifo", "no-cache", "all-on-gpu"]),
        scope=st.sampled_from(["global", "request"]), arrival=st.sampled_from(["closed", "offline"]),
        chunk=st.sampled_from([None, None, 2]), dense_first=st.integers(0, 1), launch_us=st.sampled_from([0.0, 3.0]),
        bounds=st.booleans())
@@ -70,14 +70,15 @@ def test_random_runs_equal_des(trace, kind, size, policy, scope, arrival, chunk,
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("cfg", [CacheConfig(per_layer=4), CacheConfig(per_layer=2), CacheConfig(global_slots=100)])
-def test_shared_trace_mixtral_a100(mixtral_trace, cfg):
+@pytest.mark.parametrize("policy,cfg", [("lru", CacheConfig(per_layer=4)), ("lru", CacheConfig(per_layer=2)),
+                                        ("lru", CacheConfig(global_slots=100)), ("fifo", CacheConfig(per_layer=3))])
+def test_shared_trace_mixtral_a100(mixtral_trace, policy, cfg):
     """A request of the real trace (prefill pass + decode) on Mixtral-8x7B / A100-80GB."""
     from expertsim.specs import load_hardware, load_model
 
     starts = mixtral_trace.request_starts()
     sub = mixtral_trace.select(np.arange(starts[0], starts[1]))  # 88-token prompt, 40 decode passes
-    des, got = both(load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie"), "lru", cfg, sub,
+    des, got = both(load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie"), policy, cfg, sub,
                     SimOptions(scope="global"))
     assert_same_run(des, got)
     assert got.config["engine"] == "fast"
