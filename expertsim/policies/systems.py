@@ -75,6 +75,18 @@ class AllOnGpu(System):
         return np.arange(model.num_moe_layers * model.num_experts)
 
 
+def restore_initial_residents(system: System, cache, model) -> None:
+    """After a request-scope reset empties the cache, load the system's initial residents again
+    without a copy, as the engines do before the run: a static or all-resident set belongs to
+    the deployment, not to a request."""
+    if cache is None or model is None or cache.occupancy_entries() > 0:
+        return
+    for key in np.asarray(system.initial_residents(model), dtype=np.int64):
+        layer, expert = divmod(int(key), cache.num_experts)
+        cache.admit(layer, expert)
+        cache.mark_resident(layer, expert)
+
+
 def per_layer_default(model, hardware, max_context_tokens: int = 0) -> CacheConfig:
     """The free GPU memory split evenly over MoE layers; one pool when that leaves fewer than
     top-k slots per layer (every system must run where the dense part fits)."""
@@ -372,6 +384,14 @@ class Fiddler(ComposedSystem):
 
     def params(self) -> dict:
         return {"profile": self.profile, "profile_fraction": self.profile_fraction}
+
+    def prepare(self, ctx: RunContext) -> None:
+        super().prepare(ctx)
+        self._model = ctx.model
+
+    def on_request_start(self, request: int) -> None:
+        super().on_request_start(request)
+        restore_initial_residents(self, self._cache, getattr(self, "_model", None))
 
     def default_cache_config(self, model, hardware, max_context_tokens=0):
         """One pool of the free GPU memory: the hot set may favour some layers."""

@@ -372,3 +372,12 @@ def test_every_system_fits_every_hardware_that_holds_the_dense_part(model_name):
             Simulation(model, hw, system, config).memory_check(context)  # raises when it does not fit
             checked += 1
     assert checked >= len(system_names())
+
+
+def test_fiddler_hot_set_survives_request_scope_resets():
+    trace = random_trace(tokens=12, layers=32, requests=3)
+    system = make_system("fiddler")
+    replay_cache(trace, system, CacheConfig(global_slots=40), model=MIXTRAL, hardware=load_hardware("rtx4090"),
+                 phase="all", scope="request")
+    hot = set(system.eviction.hot_keys(40).tolist())
+    assert set(np.flatnonzero(system._cache.state != 0).tolist()) == hot
