@@ -381,3 +381,23 @@ def test_fiddler_hot_set_survives_request_scope_resets():
                  phase="all", scope="request")
     hot = set(system.eviction.hot_keys(40).tolist())
     assert set(np.flatnonzero(system._cache.state != 0).tolist()) == hot
+
+
+def test_route_grouping_runs_under_continuous_batching():
+    from expertsim.policies.scheduling import RouteGroupScheduler
+    from expertsim.sim import SimOptions, Simulation
+
+    trace = random_trace(tokens=24, layers=32, requests=6, seed=2)
+    calls = []
+
+    class Recording(RouteGroupScheduler):
+        def select(self, ready, max_batch, routes=None, resident=None):
+            calls.append((list(ready), {r: routes.get(r) is not None for r in ready}))
+            return super().select(ready, max_batch, routes, resident)
+
+    system = ComposedSystem(scheduler=Recording(), expert_order="cache-aware")
+    result = Simulation(MIXTRAL, load_hardware("a40"), system, CacheConfig(per_layer=3),
+                        options=SimOptions(batch=3, arrival="offline")).run(trace)
+    assert result.metrics["tokens"] == 24
+    assert calls and any(len(ready) > 3 for ready, _ in calls)  # a real choice was made
+    assert any(any(known.values()) for _, known in calls[1:])  # routes learned from served layers
