@@ -79,7 +79,7 @@ class RoutePredictor:
         self.seed = int(seed)
         self.models: dict[tuple[int, int], object] = {}
         self.fit_s = 0.0
-        self._index: tuple[int, _TraceIndex] | None = None
+        self._index: tuple[object, _TraceIndex] | None = None
 
     def __repr__(self) -> str:
         return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
@@ -91,8 +91,9 @@ class RoutePredictor:
 
     # --- features ------------------------------------------------------------------------
     def _trace_index(self, trace) -> _TraceIndex:
-        if self._index is None or self._index[0] != id(trace):
-            self._index = (id(trace), _TraceIndex(trace))
+        # Keyed by the trace object itself (not its id, which a new trace may reuse).
+        if self._index is None or self._index[0] is not trace:
+            self._index = (trace, _TraceIndex(trace))
         return self._index[1]
 
     def features(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
