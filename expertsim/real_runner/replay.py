@@ -278,6 +278,10 @@ class _Run:
                                   layer=layer, tokens=np.arange(it.start, it.stop), experts=experts,
                                   weights=weights, phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
+        # The copies this layer's hits wait for, taken before evictions: a hit released mid-layer
+        # (its room given to a later miss) is evicted yet still computes from its landing copy.
+        hit_copies = {cache.key(layer, item.expert): self.inflight.pop(cache.key(layer, item.expert), None)
+                      for item in plan.items if item.hit}
         for key in plan.evicted:  # an evicted entry's copy (if any) no longer serves its key
             self.inflight.pop(key, None)
         deferred: dict[int, list[int]] = {}
@@ -308,7 +312,7 @@ class _Run:
                 self._row("cpu", "cpu_expert", it, layer, item.expert)
                 self.totals["cpu_experts"] += 1
             else:
-                op = self.inflight.pop(key, None)
+                op = hit_copies.get(key) if item.hit else self.inflight.pop(key, None)
                 if op is not None and not self.skip_wait:
                     # The compute starts when the copy has landed: the row up to here is the
                     # stall (empty, and dropped, when the copy was already done).

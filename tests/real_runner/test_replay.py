@@ -146,3 +146,26 @@ def test_real_runner_imports_torch_and_numpy_only():
     # Importing the package (what cli.py does for the commands) does not even import torch.
     code = "import sys, expertsim.real_runner.commands; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_prefetched_hit_released_mid_layer_still_waits_for_its_copy(tiny_spec):
+    """Prefill needs all 8 experts with 4 slots per layer: the prefetched hits are released for
+    the misses while their prefetch copies are still on a slow link. They must still wait."""
+    from expertsim.policies import system_names
+    from expertsim.real_runner import slice_layers
+    from expertsim.real_runner.device import CpuEmulatedDevice
+    from expertsim.traces.synth import default_trace
+
+    if "pregated-moe" not in system_names():
+        pytest.skip("no pregated-moe system registered")
+    trace = slice_layers(default_trace(num_requests=1, decode_tokens=4, prefill_tokens=32), 2)
+    dev = CpuEmulatedDevice(link_gbps=0.2)
+    try:
+        result = Replayer(tiny_spec, make_policy("pregated-moe"), dev, CacheConfig(per_layer=4)).run(trace)
+    finally:
+        dev.close()
+    released_hits = [log for log in result.layer_log if sum(log[2]) and len(log[2]) > 4]
+    assert released_hits and result.totals["prefetch_copies"] > 0
+    assert result.outputs_finite
+    sim = _sim(tiny_spec, trace, "pregated-moe", 4)
+    assert [(r["hits"], r["misses"]) for r in result.records] == [(r["hits"], r["misses"]) for r in sim.iterations]
