@@ -86,12 +86,15 @@ def test_cli_calibrate_writes_a_profile_the_simulator_reads(tmp_path):
 
     out = tmp_path / "p.json"
     res = CliRunner().invoke(_app(), ["calibrate", "--device", "cpu", "--layers", "1", "--experts-scale", "0.03125",
-                                      "--max-tokens", "8", "--max-context", "128", "--quick", "--out", str(out)])
+                                      "--max-tokens", "8", "--max-context", "128", "--quick", "--out", str(out),
+                                      "--clock", "cpu", "--link-gbps", "0.5"])
     assert res.exit_code == 0, res.output
     prof = load_profile(out)
     assert prof["device"].startswith("cpu-emulated") and prof["copy"]["bytes"][-1] == prof["expert_bytes"]
+    # The cpu clock charges the nominal link time: bytes / 0.5 GB/s, plus the memcpy.
+    assert all(ns >= n / 0.5 for n, ns in zip(prof["copy"]["bytes"], prof["copy"]["ns"]))
     assert prof["copy"]["ns"][-1] > prof["copy"]["ns"][0] > 0
-    assert prof["copy_bandwidth_gbps"] > 0
+    assert 0.2 < prof["copy_bandwidth_gbps"] <= 0.5
     assert CostProfile.from_dict(prof).ns_1d("expert", 3) > 0
 
 
