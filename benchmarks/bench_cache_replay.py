@@ -7,7 +7,7 @@ over 256 keys, the ``standard`` semantics of ``expertsim cache``. One global cac
 
 - ours: ``expertsim.sim.fast.replay_stream(keys, C, policy)`` on the key array in memory
   (Belady's next-use array computed inside the timing);
-- ours end to end (LRU): ``replay_cache(trace, lru, CacheConfig(global_slots=C), phase="all",
+- ours end to end (LRU, FIFO): ``replay_cache(trace, policy, CacheConfig(global_slots=C), phase="all",
   scope="global", semantics="standard", engine="fast")`` from the RoutingTrace;
 - libCacheSim: ``cache.process_trace(TraceReader(path, ORACLE_GENERAL_TRACE))`` on the same
   stream written once as an oracleGeneral binary file (its next-access field set for Belady);
@@ -84,9 +84,9 @@ def main() -> None:
                        "libcachesim_misses": lcs_misses, "equal": ours_misses == lcs_misses,
                        "ours_accesses_per_s": len(keys) / ours_s, "libcachesim_accesses_per_s": len(keys) / lcs_s,
                        "ratio": lcs_s / ours_s}
-                if policy == "lru":
+                if policy in ("lru", "fifo"):
                     cfg = CacheConfig(global_slots=size)
-                    e2e, res = best_of(lambda: replay_cache(trace, make_policy("lru"), cfg, phase="all", scope="global",
+                    e2e, res = best_of(lambda: replay_cache(trace, make_policy(policy), cfg, phase="all", scope="global",
                                                             semantics="standard", engine="fast"), args.repeat)
                     assert res.misses == ours_misses
                     row["ours_end_to_end_accesses_per_s"] = len(keys) / e2e

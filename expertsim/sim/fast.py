@@ -590,24 +590,37 @@ def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts
 
 
 # --- support checks ---------------------------------------------------------------------
+# The System hooks the engines call, and which of them each built-in system may override with
+# the behaviour the kernels reproduce. A system whose class overrides any other hook (say, a
+# reload of its residents at each request) is left to the reference engines.
+_HOOKS = ("prepare", "on_request_start", "select_batch", "on_layer", "on_layer_end", "initial_residents",
+          "cache_config")
+_OVERRIDES = {"lru": (), "fifo": (), "no-cache": ("cache_config", "on_layer_end"),
+              "all-on-gpu": ("cache_config", "initial_residents")}
+
+
 def _builtin_kind(system) -> str | None:
     """'lru' / 'fifo' (the base System with LRU or FIFO eviction), 'no-cache', 'all-on-gpu', or
     None when the fast engine does not reproduce the system (any other class, subclasses
-    included)."""
+    included, or a built-in class whose hooks changed)."""
     from expertsim.policies.base import System
     from expertsim.policies.eviction import FIFO, LRU
     from expertsim.policies.systems import AllOnGpu, NoCache
 
     eviction = type(getattr(system, "eviction", None))
+    kind = None
     if type(system) is System and eviction in (LRU, FIFO):
-        return "lru" if eviction is LRU else "fifo"
-    if eviction is not LRU:
+        kind = "lru" if eviction is LRU else "fifo"
+    elif type(system) is NoCache and eviction is LRU:
+        kind = "no-cache"
+    elif type(system) is AllOnGpu and eviction is LRU:
+        kind = "all-on-gpu"
+    if kind is None:
         return None
-    if type(system) is NoCache:
-        return "no-cache"
-    if type(system) is AllOnGpu:
-        return "all-on-gpu"
-    return None
+    for hook in _HOOKS:
+        if hook not in _OVERRIDES[kind] and getattr(type(system), hook) is not getattr(System, hook):
+            return None
+    return kind
 
 
 def supports_cache_replay(system, cache_config, semantics: str = "together") -> bool:

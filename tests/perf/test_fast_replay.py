@@ -100,6 +100,17 @@ def test_supports_only_what_it_reproduces():
         replay_cache_fast_unsupported()
 
 
+def test_refuses_a_builtin_system_whose_hooks_changed(monkeypatch):
+    """E.g. all-on-gpu reloading its residents after each request-scope reset: the kernels do
+    not model that, so the reference engines run it."""
+    from expertsim.policies.systems import AllOnGpu
+
+    assert fast.supports_cache_replay(make_policy("all-on-gpu"), None, "together")
+    monkeypatch.setattr(AllOnGpu, "on_request_start", lambda self, request: None, raising=False)
+    assert not fast.supports_cache_replay(make_policy("all-on-gpu"), None, "together")
+    assert fast.supports_cache_replay(make_policy("lru"), CacheConfig(per_layer=2), "together")
+
+
 def replay_cache_fast_unsupported():
     from perfhelpers import make_trace
 
