@@ -48,7 +48,7 @@ def _parse_policy(spec: str) -> tuple[str, int | None]:
         raise ConfigError(f"--policy {spec!r}: expected NAME or NAME:K with K slots per layer") from None
 
 
-def _entries(policies, systems, model, hardware):
+def _entries(policies, systems, model, hardware, max_context_tokens):
     from expertsim.policies import CacheConfig, make_policy, make_system, system_names
 
     entries = []
@@ -56,23 +56,23 @@ def _entries(policies, systems, model, hardware):
         names = system_names() if systems == "all" else [s.strip() for s in systems.split(",") if s.strip()]
         for name in names:
             system = make_system(name)
-            entries.append((system, _system_cache(system, model, hardware)))
+            entries.append((system, _system_cache(system, model, hardware, max_context_tokens)))
     for spec in policies or ([] if systems else DEFAULT_POLICIES):
         name, k = _parse_policy(spec)
         system = make_policy(name)
-        config = CacheConfig(per_layer=k) if k is not None else _system_cache(system, model, hardware)
+        config = CacheConfig(per_layer=k) if k is not None else _system_cache(system, model, hardware, max_context_tokens)
         entries.append((system, config))
     return entries
 
 
-def _system_cache(system, model, hardware):
+def _system_cache(system, model, hardware, max_context_tokens):
     """A system's own cache size: fixed by the system, or its default for the hardware."""
     fixed = system.cache_config(model)
     if fixed is not None:
         return fixed
     default = getattr(system, "default_cache_config", None)
     if default is not None:
-        config = default(model, hardware)
+        config = default(model, hardware, max_context_tokens)
         if config is not None:
             return config
     raise ConfigError(f"policy {system.label!r} needs a cache size: write it as {system.name}:K")
@@ -103,7 +103,7 @@ def run_compare(*, model=None, hardware=None, trace_path=None, policies=None, sy
         trace = trace.max_tokens(max_tokens)
     window = _decode_window(trace)
     results = []
-    entries = _entries(policies, systems, m, h)
+    entries = _entries(policies, systems, m, h, int(trace.position.max()) + 1)
     for i, (system, cache_config) in enumerate(entries):
         if progress:
             progress(f"[{i + 1}/{len(entries)}] simulating {system.label} ({cache_config.describe()}) "
