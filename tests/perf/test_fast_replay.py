@@ -62,6 +62,8 @@ def _config(draw_kind, size, trace):
 def test_random_configs_equal_general_path(trace, kind, size, scope, semantics, phase, policy, per_token):
     cfg = _config(kind, size, trace)
     kwargs = dict(phase=phase, scope=scope, semantics=semantics)
+    if not fast.supports_cache_replay(make_policy(policy), cfg, semantics):
+        return  # a built-in system whose hooks changed: left to the general path
 
     def run(engine):
         if per_token:
@@ -161,6 +163,8 @@ def test_random_configs_with_a_model_equal_general_path(trace, scope, semantics,
     model = tiny_model(trace.num_layers, trace.num_experts, trace.top_k)
     cfg = CacheConfig(budget_bytes=(trace.top_k + size) * model.expert_bytes() + 5)
     kwargs = dict(model=model, phase="all", scope=scope, semantics=semantics)
+    if not fast.supports_cache_replay(make_policy(policy), cfg, semantics):
+        return  # a built-in system whose hooks changed: left to the general path
     b = replay_cache(trace, make_policy(policy), cfg, engine="des", **kwargs)
     a = replay_cache(trace, make_policy(policy), cfg, engine="fast", **kwargs)
     assert (a.hits, a.misses) == (b.hits, b.misses)
