@@ -194,6 +194,34 @@ def cache_command(
                   "accesses": out["accesses"], "wall_s": out["wall_s"]}])
 
 
+@app.command("mrc")
+def mrc_command(
+    trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: built-in synthetic."),
+    partition: str = typer.Option("per_layer", "--partition", help="per_layer (K slots per MoE layer) or global (one pool)."),
+    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: str = typer.Option("request", "--scope", help="request: cold at each request; global: kept."),
+    semantics: str = typer.Option("together", "--semantics", help="together or standard (see `expertsim cache`)."),
+    model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model."),
+    as_json: bool = typer.Option(False, "--json", help="Print sizes, hit rates and per-layer hit rates as JSON."),
+) -> None:
+    """LRU hit rate at every cache size from one pass over the trace (stack distances)."""
+    from expertsim.sim.mrc import lru_mrc
+
+    m = None
+    if model:
+        from expertsim.specs import load_model
+
+        m = load_model(model)
+    curve = lru_mrc(_load_trace(trace), partition=partition, phase=phase, scope=scope,
+                    semantics=semantics, model=m)
+    if as_json:
+        echo_json(curve.to_dict())
+        return
+    typer.echo(f"LRU, {partition} cache, {phase} tokens, cache {'cold at each request' if scope == 'request' else 'kept across requests'}, "
+               f"{semantics} semantics; K = slots ({'per MoE layer' if partition == 'per_layer' else 'in the pool'})")
+    print_table(curve.rows())
+
+
 SUMMARY_COLUMNS = ["policy", "cache", "hit_rate", "tpot_ms", "tokens_per_s", "h2d_gb", "stall_fraction"]
 
 
@@ -228,10 +256,14 @@ def simulate_command(
     copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
     profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
     seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
+    engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
     plugin: list[str] = PLUGIN,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Simulate one configuration (model x hardware x policy x cache) on a trace."""
+    """Simulate one configuration (model x hardware x policy x cache) on a trace.
+
+    Without a cache size, the system's default: the GPU memory left after dense weights, the KV
+    cache and the workspace (systems with a fixed layout use their own)."""
     from expertsim.errors import ConfigError
     from expertsim.sim import SimOptions
 
@@ -248,7 +280,7 @@ def simulate_command(
                          arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
                          rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
-                         profile=profile)
+                         profile=profile, engine=engine)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options)
     result = sim.run(tr)

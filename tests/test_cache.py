@@ -106,3 +106,22 @@ def test_hits_plus_misses_equal_accesses_and_capacity_holds(case, semantics, sco
     else:
         assert cache.occupancy_entries() <= config.global_slots
     assert (cache.pins == 0).all()  # every pin released after each layer
+
+
+def test_preloaded_experts_survive_a_request_scope_reset():
+    from expertsim.specs import load_model
+
+    model = load_model("mixtral-8x7b")
+    rng = np.random.default_rng(1)
+    rows = [[rng.choice(8, size=2, replace=False).tolist() for _ in range(32)] for _ in range(6)]
+    trace = decode_trace(rows, 8, requests=[0, 0, 1, 1, 2, 2])
+    for engine in ("des", "auto"):
+        result = replay_cache(trace, make_policy("all-on-gpu"), None, model=model, scope="request",
+                              engine=engine)
+        assert (result.hits, result.misses) == (6 * 32 * 2, 0)
+    cache = ExpertCache(2, 4, 10, CacheConfig(per_layer=2), LRU(), top_k=1)
+    cache.eviction.score = np.zeros(8, dtype=np.int64)
+    cache.preload([1, 6])
+    cache.admit(0, 3)
+    cache.reset()
+    assert sorted(np.flatnonzero(cache.state).tolist()) == [1, 6]

@@ -38,7 +38,7 @@ def test_compare_default_study_prints_table_and_writes_report(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     policies = [(r["policy"], r["cache"]) for r in data["rows"]]
-    assert policies == [("no-cache", "2 slots per layer"), ("lru", "2 slots per layer"),
+    assert policies == [("no-cache", "2 slots in one global pool"), ("lru", "2 slots per layer"),
                         ("lru", "3 slots per layer"), ("all-on-gpu", "all experts resident")]
     tpot = [r["tpot_ms"] for r in data["rows"]]
     assert tpot[0] > tpot[1] > tpot[2] > tpot[3]

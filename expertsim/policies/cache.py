@@ -111,6 +111,7 @@ class ExpertCache:
         self.peak_used_bytes = 0
         self.evictions = 0
         self.tick = 0  # logical clock: one tick per lookup/admission
+        self.preloaded = np.zeros(0, dtype=np.int64)  # keys resident without a copy (see preload)
 
     # --- keys ----------------------------------------------------------------------------
     def key(self, layer: int, expert: int) -> int:
@@ -153,11 +154,25 @@ class ExpertCache:
         return self._make_room(p, 0, layer)
 
     # --- state changes -------------------------------------------------------------------
+    def preload(self, keys) -> None:
+        """Make ``keys`` resident with no copy (a system's initial residents: a static hot set,
+        or every expert for all-on-GPU). They belong to the deployment, not to a request: a
+        request-scope :meth:`reset` loads them again."""
+        self.preloaded = np.asarray(keys, dtype=np.int64)
+        self._load_preloaded()
+
+    def _load_preloaded(self) -> None:
+        for key in self.preloaded:
+            layer, expert = divmod(int(key), self.num_experts)
+            self.admit(layer, expert)
+            self.mark_resident(layer, expert)
+
     def reset(self) -> None:
-        """Empty the cache (request scope, or a cold start)."""
+        """Empty the cache (request scope, or a cold start), then load the preloaded keys."""
         for key in np.flatnonzero(self.state != ABSENT):
             self._remove(int(key))
         self.eviction.reset()
+        self._load_preloaded()
 
     def lookup(self, layer: int, expert: int, position: int = -1) -> bool:
         """Look an expert up; tells the eviction policy about the access. True on a hit

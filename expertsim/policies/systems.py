@@ -41,15 +41,16 @@ from expertsim.policies.scheduling import FifoScheduler, RouteGroupScheduler, Ro
 @register_system("no-cache")
 class NoCache(System):
     """Every expert use is copied to the GPU and dropped after the layer: the offloading baseline.
-    Hit rate 0 by construction; the staging buffer holds top-k experts per layer."""
+    Hit rate 0 by construction. The GPU holds one staging buffer of top-k experts, reused by
+    every layer (a pass whose union is larger streams through it)."""
 
-    description = "copy every expert on every use (staging buffer of top-k per layer)"
+    description = "copy every expert on every use (one staging buffer of top-k experts)"
 
     def __init__(self):
         super().__init__(LRU())
 
     def cache_config(self, model):
-        return CacheConfig(per_layer=model.top_k)
+        return CacheConfig(global_slots=model.top_k)
 
     def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:
         cache = obs.cache
@@ -73,18 +74,6 @@ class AllOnGpu(System):
 
     def initial_residents(self, model) -> np.ndarray:
         return np.arange(model.num_moe_layers * model.num_experts)
-
-
-def restore_initial_residents(system: System, cache, model) -> None:
-    """After a request-scope reset empties the cache, load the system's initial residents again
-    without a copy, as the engines do before the run: a static or all-resident set belongs to
-    the deployment, not to a request."""
-    if cache is None or model is None or cache.occupancy_entries() > 0:
-        return
-    for key in np.asarray(system.initial_residents(model), dtype=np.int64):
-        layer, expert = divmod(int(key), cache.num_experts)
-        cache.admit(layer, expert)
-        cache.mark_resident(layer, expert)
 
 
 def per_layer_default(model, hardware, max_context_tokens: int = 0) -> CacheConfig:
@@ -384,14 +373,6 @@ class Fiddler(ComposedSystem):
 
     def params(self) -> dict:
         return {"profile": self.profile, "profile_fraction": self.profile_fraction}
-
-    def prepare(self, ctx: RunContext) -> None:
-        super().prepare(ctx)
-        self._model = ctx.model
-
-    def on_request_start(self, request: int) -> None:
-        super().on_request_start(request)
-        restore_initial_residents(self, self._cache, getattr(self, "_model", None))
 
     def default_cache_config(self, model, hardware, max_context_tokens=0):
         """One pool of the free GPU memory: the hot set may favour some layers."""

@@ -66,7 +66,7 @@ def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig 
             fast = None
         if fast is not None and fast.supports_cache_replay(system, cache_config, semantics):
             return fast.replay_cache_fast(trace, system, cache_config, model=model, phase=phase,
-                                          scope=scope, semantics=semantics)
+                                          scope=scope, semantics=semantics, per_token=per_token)
         if engine == "fast":
             raise ConfigError(
                 f"the fast engine does not support policy {system.label!r} with {semantics} semantics; "
@@ -118,10 +118,7 @@ def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig 
     cost = CostModel(model, hardware) if (model is not None and hardware is not None) else None
     system.prepare(RunContext(model=model, hardware=hardware, cost=cost, cache=cache, trace=source, plan=plan))
     if model is not None:
-        for key in system.initial_residents(model):
-            layer, expert = divmod(int(key), num_experts)
-            cache.admit(layer, expert)
-            cache.mark_resident(layer, expert)
+        cache.preload(system.initial_residents(model))
     server = LayerServer(system, cache, expert_bytes,
                          model.expert_bytes(system.low_precision_dtype) if model is not None else 1)
     per_hits = np.zeros(num_layers, dtype=np.int64)

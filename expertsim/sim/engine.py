@@ -76,6 +76,7 @@ class SimOptions:
     profile: str | None = None
     link_curve: dict | None = None  # {"bytes": [...], "gbps": [...]}
     bounds: bool = True  # compute the compute-only and link bounds after the run
+    engine: str = "des"  # des | fast | auto: the fast engine (expertsim.sim.fast) where it reproduces the DES
 
     def validate(self) -> None:
         if self.scope not in ("global", "request"):
@@ -86,6 +87,8 @@ class SimOptions:
             raise ConfigError("scope 'request' (cache emptied per request) needs batch 1; use scope 'global'")
         if self.arrival not in ARRIVAL_MODES:
             raise ConfigError(f"arrival must be one of {', '.join(ARRIVAL_MODES)}, got {self.arrival!r}")
+        if self.engine not in ("des", "fast", "auto"):
+            raise ConfigError(f"engine must be des, fast or auto, got {self.engine!r}")
         if self.copy_chunk_bytes is not None and self.copy_chunk_bytes <= 0:
             raise ConfigError(f"copy chunk must be > 0 bytes, got {self.copy_chunk_bytes!r}")
 
@@ -104,11 +107,8 @@ class Simulation:
         fixed = self.system.cache_config(self.model)
         if fixed is not None:
             self.cache_config = fixed
-        if self.cache_config is None:
-            raise ConfigError(
-                f"policy {self.system.name!r} needs a cache size: give --per-layer K, "
-                f"--global-slots N or --cache-gb G"
-            )
+        # cache_config None: the system's default, sized in run() once the trace's longest
+        # request (its KV cache) is known.
         self.options.validate()
         profile = CostProfile.load(self.options.profile, self.model) if self.options.profile else None
         curve = LinkCurve.from_dict(self.options.link_curve) if self.options.link_curve else None
@@ -137,6 +137,19 @@ class Simulation:
         m, opts = self.model, self.options
         trace.check_model(m)
         longest = _longest_request_context(trace)
+        if self.cache_config is None:
+            self.cache_config = self.system.default_cache_config(m, self.hardware, longest * opts.batch)
+        if opts.engine != "des":
+            from expertsim.sim import fast
+
+            if fast.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
+                return fast.simulate_fast(m, self.hardware, self.system, self.cache_config, trace, opts)
+            if opts.engine == "fast":
+                raise ConfigError(
+                    f"the fast engine does not reproduce {self.system.label!r} with these options "
+                    f"(it covers copy-on-miss LRU/FIFO, no-cache and all-on-gpu at batch 1, no timeline); "
+                    f"use --engine des or auto"
+                )
         memory = self.memory_check(longest)
         cache = ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), self.cache_config,
                             self.system.eviction, top_k=m.top_k)
@@ -160,10 +173,7 @@ class Simulation:
         self.system.prepare(RunContext(model=m, hardware=self.hardware, cost=self.cost, cache=cache,
                                        trace=trace, plan=plan))
         initial = np.asarray(self.system.initial_residents(m), dtype=np.int64)
-        for key in initial:
-            layer, expert = divmod(int(key), m.num_experts)
-            cache.admit(layer, expert)
-            cache.mark_resident(layer, expert)
+        cache.preload(initial)
         server = LayerServer(self.system, cache, m.expert_bytes(),
                              m.expert_bytes(self.system.low_precision_dtype))
         batcher = ContinuousBatcher(trace, max_batch=opts.batch, arrivals_ns=arrivals,

@@ -712,6 +712,8 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
     initial = None
     if model is not None:
         initial = np.asarray(system.initial_residents(model), dtype=np.int64)
+        if kind == "all-on-gpu":
+            new_request[:] = False  # a reset reloads every expert (ExpertCache.preload): no change
     if semantics == "standard":
         # The flattened stream: (token, layer, sorted expert) order, each access alone.
         keys = (np.sort(view.experts, axis=2).astype(np.int64)
@@ -949,6 +951,8 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
         first[1:] = sched.request[1:] != sched.request[:-1]
         reset = first[groups.pass_index] & (groups.layer == 0)
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
+    if kind == "all-on-gpu":
+        reset[:] = False  # a reset reloads every expert (ExpertCache.preload): nothing changes
     hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                                  clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
                                  initial=initial, refresh=kind != "fifo")
