@@ -136,7 +136,26 @@ def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: flo
     return None
 
 
-def _policy(policy: str | None, system: str | None, plugins: list[str] | None):
+def _policy_params(items: list[str] | None) -> dict:
+    """``["accuracy=0.9", "profile=hot.json"]`` -> ``{"accuracy": 0.9, "profile": "hot.json"}``
+    (values parsed as TOML: numbers, booleans, quoted strings; anything else stays a string)."""
+    import tomllib
+
+    from expertsim.errors import PolicyError
+
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise PolicyError(f"--param {item!r}: expected KEY=VALUE, e.g. --param accuracy=0.9")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            params[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key] = value
+    return params
+
+
+def _policy(policy: str | None, system: str | None, plugins: list[str] | None, params: list[str] | None = None):
     from expertsim.errors import PolicyError
     from expertsim.policies import load_plugin, make_policy, make_system
 
@@ -144,9 +163,13 @@ def _policy(policy: str | None, system: str | None, plugins: list[str] | None):
         load_plugin(plugin)
     if policy and system:
         raise PolicyError("give --policy (an eviction policy) or --system (a named system), not both")
+    kwargs = _policy_params(params)
     if system:
-        return make_system(system)
-    return make_policy(policy or "lru")
+        return make_system(system, **kwargs)
+    return make_policy(policy or "lru", **kwargs)
+
+
+PARAM = typer.Option(None, "--param", help="A policy/system parameter KEY=VALUE (repeatable), e.g. --param accuracy=0.9.")
 
 
 PER_LAYER = typer.Option(None, "--per-layer", help="Expert cache slots per MoE layer.")
@@ -170,13 +193,14 @@ def cache_command(
     semantics: str = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
     engine: str = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
     plugin: list[str] = PLUGIN,
+    param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help='Print {"hit_rate", "hits", "misses", ...} as JSON.'),
 ) -> None:
     """Replay a trace's expert accesses through the expert cache alone (no timing): hit rate."""
     from expertsim.sim.cache_replay import replay_cache
 
     tr = _load_trace(trace)
-    sys_obj = _policy(policy if not system else None, system, plugin)
+    sys_obj = _policy(policy if not system else None, system, plugin, param)
     m = None
     if model:
         from expertsim.specs import load_model
@@ -226,12 +250,12 @@ SUMMARY_COLUMNS = ["policy", "cache", "hit_rate", "tpot_ms", "tokens_per_s", "h2
 
 
 def _simulation(model, hardware, trace, policy, system, per_layer, global_slots, cache_gb, sets,
-                plugin, options):
+                plugin, options, params=None):
     from expertsim.sim import Simulation
     from expertsim.specs import apply_overrides, load_hardware, load_model, parse_set_options
 
     m, h = apply_overrides(load_model(model), load_hardware(hardware), parse_set_options(sets))
-    sys_obj = _policy(policy if not system else None, system, plugin)
+    sys_obj = _policy(policy if not system else None, system, plugin, params)
     return Simulation(m, h, sys_obj, _cache_config(per_layer, global_slots, cache_gb), options=options)
 
 
@@ -258,6 +282,7 @@ def simulate_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
     engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
     plugin: list[str] = PLUGIN,
+    param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Simulate one configuration (model x hardware x policy x cache) on a trace.
@@ -282,7 +307,7 @@ def simulate_command(
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
                          profile=profile, engine=engine)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
-                      plugin, options)
+                      plugin, options, param)
     result = sim.run(tr)
     if timeline:
         from expertsim.sim.metrics import write_chrome_trace
@@ -337,6 +362,15 @@ def compare_command(
 from expertsim.traces.commands import trace_app  # noqa: E402
 
 app.add_typer(trace_app, name="trace")
+
+from expertsim.policies.commands import policies_app  # noqa: E402
+
+app.add_typer(policies_app, name="policies")
+
+from expertsim.real_runner.commands import calibrate_command, validate_command  # noqa: E402
+
+app.command("calibrate")(calibrate_command)
+app.command("validate")(validate_command)
 
 from expertsim.analysis.commands import register as _register_analysis  # noqa: E402
 

@@ -234,6 +234,7 @@ def memory_bandwidth_heatmap(frame, x: str = "link.bandwidth_gbps", y: str = "gp
     frame = ok_runs(frame)
     if frame.is_empty() or not (_numeric(frame, x) and _numeric(frame, y)):
         return None
+    frame = frame.drop_nulls([x, y])  # a run that did not override a field has no value to place
     if frame.get_column(x).n_unique() < 2 or frame.get_column(y).n_unique() < 2:
         return None
     from plotly.subplots import make_subplots

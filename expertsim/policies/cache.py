@@ -112,6 +112,10 @@ class ExpertCache:
         self.evictions = 0
         self.tick = 0  # logical clock: one tick per lookup/admission
         self.preloaded = np.zeros(0, dtype=np.int64)  # keys resident without a copy (see preload)
+        # Prefetch accounting: entries admitted ahead of need and not yet looked up.
+        self.prefetched = np.zeros(n, dtype=bool)
+        self.prefetch_admitted = 0
+        self.prefetch_hits = 0
 
     # --- keys ----------------------------------------------------------------------------
     def key(self, layer: int, expert: int) -> int:
@@ -180,6 +184,9 @@ class ExpertCache:
         key = self.key(layer, expert)
         self.tick += 1
         hit = self.state[key] != ABSENT
+        if hit and self.prefetched[key]:
+            self.prefetched[key] = False
+            self.prefetch_hits += 1
         self.eviction.on_access(key, self.tick, hit, position)
         return hit
 
@@ -193,12 +200,14 @@ class ExpertCache:
         self.pins[key] -= 1
 
     def admit(self, layer: int, expert: int, nbytes: int | None = None, *, low_precision: bool = False,
-              position: int = -1, required: bool = True, tick: int | None = None) -> tuple[bool, list[int]]:
+              position: int = -1, required: bool = True, tick: int | None = None,
+              prefetch: bool = False) -> tuple[bool, list[int]]:
         """Reserve room for an expert about to be copied (state LOADING) and return
         ``(admitted, evicted_keys)``. When room cannot be made among unpinned entries: a
         required (demand) admission raises ConfigError, an optional one (prefetch) returns
         ``(False, [])`` and changes nothing. ``tick``: the logical time of the lookup that missed
-        (so a token's experts get recency in lookup order); default a new tick."""
+        (so a token's experts get recency in lookup order); default a new tick. ``prefetch``:
+        admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
         key = self.key(layer, expert)
         if self.state[key] != ABSENT:
             return True, []
@@ -221,6 +230,9 @@ class ExpertCache:
         self.entry_low_precision[key] = low_precision
         self.used[p] += nbytes
         self.slot[key] = self._take_slot(p)
+        if prefetch:
+            self.prefetched[key] = True
+            self.prefetch_admitted += 1
         self.peak_used_bytes = max(self.peak_used_bytes, int(self.used.sum()))
         self.eviction.on_insert(key, tick, position)
         return True, evicted
@@ -285,4 +297,5 @@ class ExpertCache:
         self.state[key] = ABSENT
         self.entry_bytes[key] = 0
         self.entry_low_precision[key] = False
+        self.prefetched[key] = False  # a prefetch that leaves unused was wasted
         self.slot[key] = -1

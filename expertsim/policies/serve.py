@@ -194,7 +194,7 @@ class LayerServer:
                 continue
             nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
             ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,
-                                  position=self.position, required=False)
+                                  position=self.position, required=False, prefetch=True)
             if not ok:
                 continue
             evicted.extend(out)

@@ -181,6 +181,8 @@ class Simulation:
                                     select_batch=self.system.select_batch)
         runner = _DesRun(self, trace, batcher, cache, server)
         runner.execute()
+        runner.totals["prefetch_admitted"] = cache.prefetch_admitted
+        runner.totals["prefetch_hits"] = cache.prefetch_hits
         memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * runner.max_kv_tokens)
         extra = {}
         if opts.bounds:
@@ -404,13 +406,20 @@ class _DesRun:
                                   phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
         layer_start = env.now
-        self._cancel_evicted(plan.evicted)
+        # A hit released mid-layer to make room can be evicted by this very layer; its copy (a
+        # prefetch still in flight) must land before its compute all the same: keep it.
+        hit_copies = {item.expert: self.copies.get(cache.key(layer, item.expert))
+                      for item in plan.items if item.hit}
+        own = {cache.key(layer, e) for e in hit_copies}
+        self._cancel_evicted([key for key in plan.evicted if key not in own])
+        for key in plan.evicted:
+            if key in own:
+                self.copies.pop(key, None)
         compute_done = [env.event() for _ in plan.items]
         # Demand copies, in serve order, then prefetches.
         for item in plan.items:
-            key = cache.key(layer, item.expert)
             if item.hit and item.loading_at_lookup:
-                copy = self.copies.get(key)
+                copy = hit_copies.get(item.expert)
                 if copy is not None and not copy.done.triggered and copy.priority > 0:
                     copy.priority = 0  # needed now: a queued or in-flight prefetch becomes a demand copy
                     if not copy.promote.triggered:
@@ -433,7 +442,7 @@ class _DesRun:
                 cpu_done.append(done)
                 compute_done[idx].succeed()
                 continue
-            copy = self.copies.get(cache.key(layer, item.expert))
+            copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
             if copy is not None and not copy.done.triggered:
                 t0 = env.now
                 yield copy.done

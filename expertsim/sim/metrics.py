@@ -174,6 +174,13 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         "h2d_gb": totals["h2d_bytes"] / 1e9,
         "h2d_copies": totals["copies"],
         "prefetch_copies": totals["prefetch_copies"],
+        # Of the prefetches admitted, the share a lookup used before they left (precision); of
+        # the lookups that were not resident from an earlier use, the share a prefetch covered
+        # (recall). None (not applicable) for runs that prefetched nothing.
+        "prefetch_precision": (totals.get("prefetch_hits", 0) / totals["prefetch_admitted"]
+                               if totals.get("prefetch_admitted") else None),
+        "prefetch_recall": (totals.get("prefetch_hits", 0) / (totals.get("prefetch_hits", 0) + int(misses.sum()))
+                            if totals.get("prefetch_admitted") else None),
         "stall_s": totals["stall_ns"] / 1e9,
         "stall_fraction": totals["stall_ns"] / total_ns if total_ns else 0.0,
         "dense_compute_s": totals["dense_compute_ns"] / 1e9,
