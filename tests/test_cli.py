@@ -110,3 +110,21 @@ def test_lru_hit_rates_on_shared_mixtral_trace(mixtral_trace_path):
         data = json.loads(result.output)
         assert round(data["hit_rate"], 4) == value
         assert data["hits"] + data["misses"] == 13998 * 32 * 2
+
+
+def test_param_sets_a_system_parameter_and_prefetch_precision_follows_it():
+    out = {}
+    for accuracy in (1.0, 0.5):
+        result = invoke(["simulate", "--system", "pregated-moe", "--param", f"accuracy={accuracy}",
+                         "--max-tokens", "300", "--json"])
+        assert result.exit_code == 0, result.output
+        out[accuracy] = json.loads(result.output)
+        assert f"accuracy={accuracy}" in out[accuracy]["config"]["policy"]
+    # A perfect pre-gate never prefetches a wrong expert; a 50% one wastes about half.
+    assert out[1.0]["prefetch_precision"] == 1.0
+    assert 0.35 < out[0.5]["prefetch_precision"] < 0.65
+    assert out[1.0]["prefetch_recall"] > out[0.5]["prefetch_recall"]
+    assert out[1.0]["hit_rate"] > out[0.5]["hit_rate"]
+    plain = json.loads(invoke(["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "100",
+                               "--json"]).output)
+    assert plain["prefetch_precision"] is None  # nothing prefetched: not applicable
