@@ -1,39 +1,28 @@
-"""Shared fixtures: where ../shared/traces is (tests that need it skip cleanly when absent)."""
+"""Shared fixtures: the shared real traces (tests that need them skip cleanly when absent)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from shared_traces import load_shared, shared_trace_path, shared_traces_dir
 
-
-def shared_traces_dir() -> Path | None:
-    env = os.environ.get("EXPERTSIM_SHARED_TRACES")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO.parent / "shared" / "traces")
-    for path in candidates:
-        if path.is_dir() and any(path.glob("*.parquet")):
-            return path
-    return None
+MIXTRAL = "mixtral-8x7b-mtbench.dev.parquet"
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     path = shared_traces_dir()
-    if path is None:
-        pytest.skip("../shared/traces is not present (set EXPERTSIM_SHARED_TRACES)")
+    if not path.is_dir() or not any(path.glob("*.parquet")):
+        pytest.skip(f"no shared traces under {path} (set EXPERTSIM_SHARED_TRACES)")
     return path
 
 
 @pytest.fixture(scope="session")
-def mixtral_trace_path(shared_dir) -> Path:
-    return shared_dir / "mixtral-8x7b-mtbench.dev.parquet"
+def mixtral_trace_path() -> Path:
+    return shared_trace_path(MIXTRAL)
 
 
 @pytest.fixture(scope="session")
-def mixtral_trace(mixtral_trace_path):
-    from expertsim.traces import read_trace
-
-    return read_trace(mixtral_trace_path)
+def mixtral_trace():
+    return load_shared(MIXTRAL)

@@ -45,16 +45,7 @@ def write_study(tmp_path: Path, text: str = SMALL_STUDY, name: str = "study.toml
     return path
 
 
-def shared_traces_dir() -> Path:
-    env = os.environ.get("EXPERTSIM_SHARED_TRACES")
-    return Path(env) if env else (REPO / ".." / "shared" / "traces").resolve()
-
-
-def shared_trace_path(name: str) -> Path:
-    path = shared_traces_dir() / name
-    if not path.is_file():
-        pytest.skip(f"shared trace {name} not found under {shared_traces_dir()} (set EXPERTSIM_SHARED_TRACES)")
-    return path
+from shared_traces import shared_trace_path, shared_traces_dir  # noqa: E402,F401  (re-exported)
 
 
 def skip_unless_required(what: str, reason: str) -> None:

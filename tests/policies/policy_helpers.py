@@ -2,34 +2,12 @@
 latter skip cleanly when they are absent)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from expertsim.traces import RoutingTrace
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def shared_traces_dir() -> Path:
-    env = os.environ.get("EXPERTSIM_SHARED_TRACES")
-    return Path(env) if env else (REPO / ".." / "shared" / "traces").resolve()
-
-
-_CACHE: dict = {}
-
-
-def load_shared(name: str) -> RoutingTrace:
-    from expertsim.traces import read_trace
-
-    path = shared_traces_dir() / name
-    if not path.is_file():
-        pytest.skip(f"shared trace {name} not found under {shared_traces_dir()} (set EXPERTSIM_SHARED_TRACES)")
-    if name not in _CACHE:
-        _CACHE[name] = read_trace(path)
-    return _CACHE[name]
+from shared_traces import load_shared  # noqa: E402,F401  (re-exported)
 
 
 def make_trace(experts, num_experts: int, *, weights=None, requests=None, phase: int = 1,

@@ -2,36 +2,13 @@
 traces, and the shared real traces (skipped cleanly when absent)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from expertsim.specs.loader import hardware_from_dict, model_from_dict
 from expertsim.traces import RoutingTrace
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def shared_trace_path(name: str) -> Path:
-    env = os.environ.get("EXPERTSIM_SHARED_TRACES")
-    folder = Path(env) if env else (REPO / ".." / "shared" / "traces").resolve()
-    path = folder / name
-    if not path.is_file():
-        pytest.skip(f"shared trace {name} not found under {folder} (set EXPERTSIM_SHARED_TRACES)")
-    return path
-
-
-_CACHE: dict = {}
-
-
-def load_shared(name: str):
-    from expertsim.traces import read_trace
-
-    if name not in _CACHE:
-        _CACHE[name] = read_trace(shared_trace_path(name))
-    return _CACHE[name]
+from shared_traces import load_shared, shared_trace_path  # noqa: E402,F401  (re-exported)
 
 
 def tiny_model(**changes):

@@ -1,35 +1,10 @@
 """Fixtures for the traces tests: the shared real traces (skipped cleanly when absent)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def shared_traces_dir() -> Path:
-    env = os.environ.get("EXPERTSIM_SHARED_TRACES")
-    return Path(env) if env else (REPO / ".." / "shared" / "traces").resolve()
-
-
-def shared_trace_path(name: str) -> Path:
-    path = shared_traces_dir() / name
-    if not path.is_file():
-        pytest.skip(f"shared trace {name} not found under {shared_traces_dir()} (set EXPERTSIM_SHARED_TRACES)")
-    return path
-
-
-_CACHE: dict = {}
-
-
-def load_shared(name: str):
-    from expertsim.traces import read_trace
-
-    if name not in _CACHE:
-        _CACHE[name] = read_trace(shared_trace_path(name))
-    return _CACHE[name]
+from shared_traces import load_shared, shared_trace_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
