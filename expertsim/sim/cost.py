@@ -5,7 +5,7 @@ that the DES and the fast engine compute identical numbers. Two sources, per ter
 
 - a roofline from the specs (datasheet numbers with efficiency factors), or
 - a calibrated profile (tables measured by ``expertsim calibrate``, the JSON format documented in
-  ``expertsim/real_runner/profile.py``; read here with json + numpy, never by importing
+  ``expertsim/specs/profile.py``; read here with json + numpy, never by importing
   real_runner), interpolated linearly and extrapolated linearly beyond the last point.
 
 Roofline terms:
@@ -44,6 +44,7 @@ import numpy as np
 
 from expertsim.errors import ConfigError
 from expertsim.specs import HardwareSpec, ModelSpec
+from expertsim.specs.profile import interp_extrapolate
 
 # Fused dequantisation of a low-bit expert: about one multiply and one convert per weight.
 DEQUANT_FLOPS_PER_PARAM = 2.0
@@ -54,17 +55,6 @@ def _ns(seconds: float) -> int:
 
 
 # --- tables -------------------------------------------------------------------------------------
-def _interp_extrapolate(x: np.ndarray, y: np.ndarray, q: float) -> float:
-    """The profile's rule (real_runner/profile.py ``interp_ns``): linear in between, the first
-    value below the table, linear extrapolation (non-negative slope) beyond the last point."""
-    if len(x) == 1 or q <= x[0]:
-        return float(y[0])
-    if q >= x[-1]:
-        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
-        return float(y[-1] + max(slope, 0.0) * (q - x[-1]))
-    return float(np.interp(q, x, y))
-
-
 @dataclass(frozen=True)
 class LinkCurve:
     """Host-to-device bandwidth (GB/s, pinned) as a function of the copy size in bytes, e.g. the
@@ -148,7 +138,7 @@ class CostProfile:
     def ns_1d(self, name: str, x: float) -> float:
         table = self.tables[name]
         axis = "bytes" if "bytes" in table else "tokens"
-        return max(_interp_extrapolate(np.asarray(table[axis], dtype=float),
+        return max(interp_extrapolate(np.asarray(table[axis], dtype=float),
                                        np.asarray(table["ns"], dtype=float), x), 0.0)
 
     def ns_dense(self, tokens: float, context: float) -> float:
@@ -156,8 +146,8 @@ class CostProfile:
         t = np.asarray(table["tokens"], dtype=float)
         c = np.asarray(table["context"], dtype=float)
         ns = np.asarray(table["ns"], dtype=float)
-        column = np.array([_interp_extrapolate(c, row, context) for row in ns])
-        return max(_interp_extrapolate(t, column, tokens), 0.0)
+        column = np.array([interp_extrapolate(c, row, context) for row in ns])
+        return max(interp_extrapolate(t, column, tokens), 0.0)
 
 
 # --- the cost model -----------------------------------------------------------------------------

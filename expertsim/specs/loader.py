@@ -8,16 +8,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from expertsim.errors import SpecError
 from expertsim.specs.hardware import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, StorageSpec
 from expertsim.specs.model import ModelSpec
 
 _PRESETS = resources.files("expertsim.specs") / "presets"
+
+
+def _toml():
+    """tomllib (3.11+) or tomli, imported when a TOML is read: the real runner imports specs on
+    GPU machines that may have neither."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
 
 
 def _preset_names(kind: str) -> list[str]:
@@ -53,6 +59,7 @@ def _read_toml(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
             )
         source = f"preset:{text_name}"
         raw = (_PRESETS / kind / f"{text_name}.toml").read_bytes()
+    tomllib = _toml()
     try:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -143,6 +150,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
     if isinstance(value, str) and not isinstance(current, str):
+        tomllib = _toml()
         try:
             value = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
