@@ -46,6 +46,31 @@ class CacheReplayResult:
                 "accesses": self.accesses, "wall_s": self.wall_s}
 
 
+def prepare_replay(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
+                   model: ModelSpec | None, phase: str, scope: str, semantics: str):
+    """Checks and inputs shared by the general and the fast cache replay: the phase's tokens,
+    the layer/expert counts (the model's when given), bytes per expert, and the cache size
+    (the system's own when it fixes one). Returns (view, num_layers, num_experts, expert_bytes,
+    cache_config)."""
+    if scope not in ("request", "global"):
+        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
+    if semantics not in ("together", "standard"):
+        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
+    view = trace.only_phase(phase)
+    if view.num_tokens == 0:
+        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
+    num_experts = view.num_experts
+    if model is not None:
+        view.check_model(model)
+        num_experts = model.num_experts
+    expert_bytes = model.expert_bytes() if model is not None else 1
+    fixed = system.cache_config(model) if model is not None else None
+    cache_config = fixed or cache_config
+    if cache_config is None:
+        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
+    return view, view.num_layers, num_experts, expert_bytes, cache_config
+
+
 def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
                  model: ModelSpec | None = None, hardware: HardwareSpec | None = None,
                  phase: str = "decode", scope: str = "request", semantics: str = "together",
@@ -72,23 +97,9 @@ def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig 
                 f"the fast engine does not support policy {system.label!r} with {semantics} semantics; "
                 f"use --engine des"
             )
-    if scope not in ("request", "global"):
-        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
-    if semantics not in ("together", "standard"):
-        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
     t0 = time.perf_counter()
-    view = trace.only_phase(phase)
-    if view.num_tokens == 0:
-        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
-    num_layers, num_experts = view.num_layers, view.num_experts
-    if model is not None:
-        view.check_model(model)
-        num_experts = model.num_experts
-    expert_bytes = model.expert_bytes() if model is not None else 1
-    fixed = system.cache_config(model) if model is not None else None
-    cache_config = fixed or cache_config
-    if cache_config is None:
-        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
+    view, num_layers, num_experts, expert_bytes, cache_config = prepare_replay(
+        trace, system, cache_config, model=model, phase=phase, scope=scope, semantics=semantics)
     top_k = 1 if semantics == "standard" else view.top_k
     cache = ExpertCache(num_layers, num_experts, expert_bytes, cache_config, system.eviction, top_k=top_k)
     if semantics == "standard":

@@ -675,28 +675,14 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
     """The fast path of :func:`expertsim.sim.cache_replay.replay_cache`: the same hits and
     misses, per layer and in total. ``per_token``: every token its own pass (the cache replay's
     definition), else the trace's passes (a prefill pass needs the union of its experts)."""
-    from expertsim.sim.cache_replay import CacheReplayResult
+    from expertsim.sim.cache_replay import CacheReplayResult, prepare_replay
 
-    if scope not in ("request", "global"):
-        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
-    if semantics not in ("together", "standard"):
-        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
     kind = _builtin_kind(system)
     if kind is None:
         raise ConfigError(f"the fast engine does not support policy {system.label!r}; use --engine des")
     t0 = time.perf_counter()
-    view = trace.only_phase(phase)
-    if view.num_tokens == 0:
-        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
-    num_layers, num_experts = view.num_layers, view.num_experts
-    if model is not None:
-        view.check_model(model)
-        num_experts = model.num_experts
-    expert_bytes = model.expert_bytes() if model is not None else 1
-    fixed = system.cache_config(model) if model is not None else None
-    cache_config = fixed or cache_config
-    if cache_config is None:
-        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
+    view, num_layers, num_experts, expert_bytes, cache_config = prepare_replay(
+        trace, system, cache_config, model=model, phase=phase, scope=scope, semantics=semantics)
     # The ExpertCache's own size checks, with the same messages.
     from expertsim.policies.cache import ExpertCache
 
