@@ -113,7 +113,8 @@ def run_compare(*, model=None, hardware=None, trace_path=None, policies=None, sy
         results.append(result)
     rows = [r.row() for r in results]
     assumptions = results[0].assumptions[:1] + results[0].assumptions[1:]
-    assumptions = [a for a in assumptions if not a.startswith("expert cache:")]
+    # Per-run lines (cache size, bounds) are added below, labelled with their policy.
+    assumptions = [a for a in assumptions if not a.startswith(("expert cache:", "bounds:"))]
     assumptions.append("expert cache per row (column 'cache'); starts cold, kept warm across requests")
     assumptions.append(f"trace: {trace.metadata.get('source', trace_path)} ({trace.num_tokens} tokens, "
                        f"{trace.num_requests} requests)")
