@@ -107,13 +107,7 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
     for g in range(n_groups):
         if greset[g]:
             for p in range(num_parts):
-                s = num_keys + p
-                node = nxt[s]
-                while node != s:
-                    present[node] = False
-                    node = nxt[node]
-                nxt[s] = s
-                prv[s] = s
+                _clear_list(nxt, prv, present, num_keys + p)
                 count[p] = 0
             total = 0
         p = gpart[g]
@@ -182,12 +176,7 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
         if total > peak:
             peak = total
         if clear_after:
-            node = nxt[s]
-            while node != s:
-                present[node] = False
-                node = nxt[node]
-            nxt[s] = s
-            prv[s] = s
+            _clear_list(nxt, prv, present, s)
             total -= count[p]
             count[p] = 0
     totals[0] = total
@@ -213,6 +202,17 @@ def _unlink(nxt, prv, present, key):
 
 
 @_njit
+def _clear_list(nxt, prv, present, s):
+    """Empty the list whose sentinel is ``s`` (every key in it leaves the cache)."""
+    node = nxt[s]
+    while node != s:
+        present[node] = False
+        node = nxt[node]
+    nxt[s] = s
+    prv[s] = s
+
+
+@_njit
 def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_keys):
     """The ``standard`` semantics: every access alone (evict on insert), one LRU list per
     partition ``part[i]``; ``reset[i]`` empties the cache first; ``clear_after`` empties the
@@ -226,13 +226,7 @@ def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_key
     for i in range(keys.shape[0]):
         if reset[i]:
             for p in range(num_parts):
-                s = num_keys + p
-                node = nxt[s]
-                while node != s:
-                    present[node] = False
-                    node = nxt[node]
-                nxt[s] = s
-                prv[s] = s
+                _clear_list(nxt, prv, present, num_keys + p)
                 count[p] = 0
         key = keys[i]
         p = part[i]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertsim.errors import ConfigError
-from expertsim.sim.fast import AccessGroups, _njit, _resets, groups_from_passes
+from expertsim.sim.fast import AccessGroups, _clear_list, _njit, _resets, groups_from_passes
 
 
 @_njit
@@ -39,13 +39,7 @@ def _distance_kernel(keys, gstart, gpart, greset, num_keys, num_parts):
     for g in range(gpart.shape[0]):
         if greset[g]:
             for p in range(num_parts):
-                s = num_keys + p
-                node = nxt[s]
-                while node != s:
-                    present[node] = False
-                    node = nxt[node]
-                nxt[s] = s
-                prv[s] = s
+                _clear_list(nxt, prv, present, num_keys + p)
         s = num_keys + gpart[g]
         a = gstart[g]
         b = gstart[g + 1]
