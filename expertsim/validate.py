@@ -16,7 +16,6 @@ measured over the policies.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np

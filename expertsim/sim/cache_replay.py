@@ -46,12 +46,9 @@ class CacheReplayResult:
                 "accesses": self.accesses, "wall_s": self.wall_s}
 
 
-def prepare_replay(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
-                   model: ModelSpec | None, phase: str, scope: str, semantics: str):
-    """Checks and inputs shared by the general and the fast cache replay: the phase's tokens,
-    the layer/expert counts (the model's when given), bytes per expert, and the cache size
-    (the system's own when it fixes one). Returns (view, num_layers, num_experts, expert_bytes,
-    cache_config)."""
+def replay_view(trace: RoutingTrace, *, phase: str, scope: str, semantics: str) -> RoutingTrace:
+    """Check the replay options and keep the phase's tokens (every cache replay: general, fast,
+    one-pass miss-ratio curves)."""
     if scope not in ("request", "global"):
         raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
     if semantics not in ("together", "standard"):
@@ -59,6 +56,16 @@ def prepare_replay(trace: RoutingTrace, system: System, cache_config: CacheConfi
     view = trace.only_phase(phase)
     if view.num_tokens == 0:
         raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
+    return view
+
+
+def prepare_replay(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
+                   model: ModelSpec | None, phase: str, scope: str, semantics: str):
+    """Checks and inputs shared by the general and the fast cache replay: the phase's tokens,
+    the layer/expert counts (the model's when given), bytes per expert, and the cache size
+    (the system's own when it fixes one). Returns (view, num_layers, num_experts, expert_bytes,
+    cache_config)."""
+    view = replay_view(trace, phase=phase, scope=scope, semantics=semantics)
     num_experts = view.num_experts
     if model is not None:
         view.check_model(model)

@@ -36,7 +36,6 @@ Units: bytes, GB/s = 1e9 bytes/s, TFLOP/s = 1e12 FLOP/s, times rounded to the ne
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import numpy as np
 
 from expertsim.errors import ConfigError
 from expertsim.specs import HardwareSpec, ModelSpec
-from expertsim.specs.profile import interp_extrapolate
+from expertsim.specs.profile import interp_extrapolate, read_profile_json
 
 # Fused dequantisation of a low-bit expert: about one multiply and one convert per weight.
 DEQUANT_FLOPS_PER_PARAM = 2.0
@@ -96,14 +95,7 @@ class CostProfile:
 
     @classmethod
     def load(cls, path: str | Path, model: ModelSpec | None = None) -> "CostProfile":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"profile {str(path)!r} does not exist; write one with `expertsim calibrate`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"profile {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path), model=model)
+        return cls.from_dict(read_profile_json(path), source=str(path), model=model)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "profile", model: ModelSpec | None = None) -> "CostProfile":

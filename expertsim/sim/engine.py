@@ -78,6 +78,12 @@ class SimOptions:
     bounds: bool = True  # compute the compute-only and link bounds after the run
     engine: str = "des"  # des | fast | auto: the fast engine (expertsim.sim.fast) where it reproduces the DES
 
+    def serving_summary(self) -> dict:
+        """The serving settings a result reports (both engines)."""
+        return {"batch": self.batch, "arrival": "timestamps" if self.arrival_times_ns else self.arrival,
+                "rate_per_s": self.rate_per_s, "prefill_chunk_tokens": self.prefill_chunk_tokens,
+                "copy_chunk_bytes": self.copy_chunk_bytes}
+
     def validate(self) -> None:
         if self.scope not in ("global", "request"):
             raise ConfigError(f"scope must be 'global' or 'request', got {self.scope!r}")
@@ -194,9 +200,7 @@ class Simulation:
             timeline=runner.timeline, memory=memory, cost=self.cost, scope=opts.scope,
             peak_cache_bytes=cache.peak_used_bytes, engine="des",
             requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),
-            serving={"batch": opts.batch, "arrival": "timestamps" if opts.arrival_times_ns else opts.arrival,
-                     "rate_per_s": opts.rate_per_s, "prefill_chunk_tokens": opts.prefill_chunk_tokens,
-                     "copy_chunk_bytes": opts.copy_chunk_bytes},
+            serving=opts.serving_summary(),
             extra=extra,
         )
         result.metrics["wall_s"] = time.perf_counter() - wall0

@@ -363,25 +363,15 @@ def _stream_kernel(keys, capacity, policy):
         key = keys[i]
         if present[key]:
             hit[i] = True
-            if policy == 0:  # LRU: move to the most recent end
-                nxt[prv[key]] = nxt[key]
-                prv[nxt[key]] = prv[key]
-            else:
+            if policy != 0:  # FIFO: a hit does not move
                 continue
+            _unlink(nxt, prv, present, key)  # LRU: to the most recent end
+        elif count >= capacity:
+            _unlink(nxt, prv, present, nxt[s])  # the oldest leaves
         else:
-            if count >= capacity:
-                old = nxt[s]
-                nxt[s] = nxt[old]
-                prv[nxt[old]] = s
-                present[old] = False
-                count -= 1
-            present[key] = True
             count += 1
-        last = prv[s]
-        nxt[last] = key
-        prv[key] = last
-        nxt[key] = s
-        prv[s] = key
+        present[key] = True
+        _append(nxt, prv, s, key)
     return hit
 
 
@@ -980,9 +970,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
         iterations=None, records=records, totals=totals, timeline=None, memory=memory,
         cost=cost, scope=opts.scope, peak_cache_bytes=int(peak) * expert_bytes, engine="fast",
         requests=requests, decode_latencies_ns=latencies,
-        serving={"batch": opts.batch, "arrival": "timestamps" if opts.arrival_times_ns else opts.arrival,
-                 "rate_per_s": opts.rate_per_s, "prefill_chunk_tokens": opts.prefill_chunk_tokens,
-                 "copy_chunk_bytes": opts.copy_chunk_bytes},
+        serving=opts.serving_summary(),
         extra=extra,
     )
     result.metrics["wall_s"] = time.perf_counter() - wall0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertsim.errors import ConfigError
-from expertsim.sim.fast import AccessGroups, _clear_list, _njit, _resets, groups_from_passes
+from expertsim.sim.fast import AccessGroups, _append, _clear_list, _njit, _resets, _unlink, groups_from_passes
 
 
 @_njit
@@ -55,14 +55,9 @@ def _distance_kernel(keys, gstart, gpart, greset, num_keys, num_parts):
         for i in range(a, b):  # then the group's keys become the most recent, ascending
             key = keys[i]
             if present[key]:
-                nxt[prv[key]] = nxt[key]
-                prv[nxt[key]] = prv[key]
+                _unlink(nxt, prv, present, key)
             present[key] = True
-            last = prv[s]
-            nxt[last] = key
-            prv[key] = last
-            nxt[key] = s
-            prv[s] = key
+            _append(nxt, prv, s, key)
     return dist
 
 
@@ -108,13 +103,9 @@ def stack_distances(trace, *, partition: str = "per_layer", phase: str = "decode
     """(distances, layer of each access, AccessGroups) for the cache replay's access order."""
     if partition not in ("per_layer", "global"):
         raise ConfigError(f"partition must be 'per_layer' or 'global', got {partition!r}")
-    if scope not in ("request", "global"):
-        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
-    if semantics not in ("together", "standard"):
-        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
-    view = trace.only_phase(phase)
-    if view.num_tokens == 0:
-        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
+    from expertsim.sim.cache_replay import replay_view
+
+    view = replay_view(trace, phase=phase, scope=scope, semantics=semantics)
     E = int(num_experts or view.num_experts)
     n, L, k = view.experts.shape
     if semantics == "standard":

@@ -73,16 +73,20 @@ def save_profile(profile: dict, path: str | Path) -> Path:
     return path
 
 
-def load_profile(path: str | Path) -> dict:
-    """Read and check a profile written by ``expertsim calibrate``."""
+def read_profile_json(path: str | Path) -> dict:
+    """The profile file's JSON, with a clear error when it is missing or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"profile {str(path)!r} does not exist; write one with `expertsim calibrate`")
     try:
-        profile = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"profile {str(path)!r} is not valid JSON: {exc}") from None
-    return validate_profile(profile, f"profile {str(path)!r}")
+
+
+def load_profile(path: str | Path) -> dict:
+    """Read and check a profile written by ``expertsim calibrate``."""
+    return validate_profile(read_profile_json(path), f"profile {str(path)!r}")
 
 
 def interp_ns(table: dict, x: float, context: float | None = None) -> int:
