@@ -335,10 +335,7 @@ def _stream_kernel(keys, capacity, policy):
             else:
                 if count >= capacity:
                     while True:  # pop until a live entry
-                        top = heap[0]
-                        size -= 1
-                        heap[0] = heap[size]
-                        _sift_down(heap, size, 0)
+                        top, size = _heap_pop(heap, size)
                         k = top % num_keys
                         if cur_next[k] == top // num_keys:
                             cur_next[k] = -1
@@ -421,10 +418,7 @@ def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, f
                 size += 1
                 _sift_up(heap, size - 1)
             while count > slots:  # drop the farthest next uses (lazily deleted stale entries skipped)
-                top = heap[0]
-                size -= 1
-                heap[0] = heap[size]
-                _sift_down(heap, size, 0)
+                top, size = _heap_pop(heap, size)
                 key = top % num_keys
                 if cur[key] == top // num_keys:
                     cur[key] = -1
@@ -447,6 +441,16 @@ def _sift_up(heap, i):
             break
         heap[parent], heap[i] = heap[i], heap[parent]
         i = parent
+
+
+@_njit
+def _heap_pop(heap, size):
+    """Remove the top of the heap ``heap[:size]``; returns (top, new size)."""
+    top = heap[0]
+    size -= 1
+    heap[0] = heap[size]
+    _sift_down(heap, size, 0)
+    return top, size
 
 
 @_njit
