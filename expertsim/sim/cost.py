@@ -270,6 +270,25 @@ class CostModel:
             self._memo[key] = t
         return t
 
+    def dense_layer_times_ns(self, tokens: np.ndarray, context_tokens: np.ndarray) -> np.ndarray:
+        """:meth:`dense_layer_time_ns` for arrays of (tokens, context) pairs of one request each,
+        int64, equal element by element (the roofline in the same float operations, in the
+        same order; a profile is read pair by pair)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        context_tokens = np.asarray(context_tokens, dtype=np.int64)
+        if self.profile is not None:
+            return np.array([self.dense_layer_time_ns(int(t), int(c))
+                             for t, c in zip(tokens.tolist(), context_tokens.tolist())], dtype=np.int64)
+        m, gpu = self.model, self.hardware.gpu
+        nbytes = m.dense_bytes_per_layer + context_tokens * m.kv_bytes_per_token_per_layer
+        weight_flops = 2.0 * (m.dense_params - m.vocab_size * m.d_model) / m.num_layers * tokens.astype(np.float64)
+        attention_flops = 4.0 * m.num_heads * m.head_dim * context_tokens.astype(np.float64) * tokens
+        flops = np.maximum(weight_flops, 0.0) + attention_flops
+        t_mem = nbytes / (gpu.hbm_bandwidth_gbps * 1e9 * gpu.memory_efficiency)
+        t_flop = flops / (gpu.peak_flops(m.dtype) * gpu.compute_efficiency)
+        seconds = gpu.launch_overhead_us * 1e-6 + np.maximum(t_mem, t_flop)
+        return np.where(tokens > 0, np.rint(seconds * 1e9), 0).astype(np.int64)
+
     def router_time_ns(self, tokens: int) -> int:
         """The router GEMM alone (d_model x experts), for the printout: the engine charges it
         inside ``dense_layer_time_ns`` (its weights are part of ``dense_params``)."""

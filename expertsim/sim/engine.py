@@ -37,7 +37,7 @@ from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.cost import CostModel, CostProfile, LinkCurve
 from expertsim.sim.memory import GpuMemory, storage_resident_keys
-from expertsim.sim.metrics import RunResult, Timeline, summarise
+from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.serving import ARRIVAL_MODES, ContinuousBatcher, arrival_times_ns, plan_iterations
 from expertsim.sim.workload import Iteration, build_access_plan
 from expertsim.specs import HardwareSpec, ModelSpec
@@ -196,7 +196,7 @@ class Simulation:
                                       initial_residents=initial, copy_chunk_bytes=opts.copy_chunk_bytes)
         result = summarise(
             model=m, hardware=self.hardware, system=self.system, cache_config=self.cache_config,
-            trace=trace, iterations=runner.iterations, records=runner.records, totals=runner.totals,
+            trace=trace, columns=columns_from_records(runner.records), totals=runner.totals,
             timeline=runner.timeline, memory=memory, cost=self.cost, scope=opts.scope,
             peak_cache_bytes=cache.peak_used_bytes, engine="des",
             requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),

@@ -6,7 +6,8 @@ whose decisions are fixed (the base :class:`~expertsim.policies.System` with LRU
 eviction, ``no-cache`` and ``all-on-gpu``) the same sequence follows from a few arrays:
 
 - *Access groups*: for every (pass, MoE layer), the needed experts in ascending id order (the
-  LayerServer's lookup order) and how many of the pass's tokens route to each. Built with numpy.
+  LayerServer's lookup order) and how many of the pass's tokens route to each. Built in one
+  compiled pass over the routes (numpy without numba).
 - *The cache* (:func:`_lru_steps`): one recency list per cache partition (per layer or one
   global pool) as an intrusive doubly linked list over the keys. A group's misses are appended
   in ascending id order (their lookup ticks; with LRU its hits move there too), then the oldest
@@ -102,7 +103,7 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
     peak = totals[1]
     n_groups = gpart.shape[0]
     hit = np.zeros(keys.shape[0], dtype=np.bool_)
-    release = np.full(keys.shape[0], -1, dtype=np.int64)
+    release = np.full(keys.shape[0], -1, dtype=np.int32)
     pinned = np.zeros(num_keys, dtype=np.bool_)
     for g in range(n_groups):
         if greset[g]:
@@ -120,7 +121,8 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
         # end); with LRU a hit becomes the most recent too.
         for i in range(a, b):
             key = keys[i]
-            pinned[key] = True
+            if not refresh:
+                pinned[key] = True
             if present[key]:
                 hit[i] = True
                 h += 1
@@ -138,13 +140,14 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
         m = n - h
         non_needed = count[p] - h
         excess = count[p] + m - capacity[p]
-        # The oldest unpinned entries leave first (the group's own are pinned).
+        # The oldest unpinned entries leave first (the group's own are pinned). With LRU the
+        # group's entries are the list's n most recent, so the oldest ``evict`` are all unpinned.
         evict = excess if excess < non_needed else non_needed
         node = nxt[s]
         done = 0
         while done < evict:
             after = nxt[node]
-            if not pinned[node]:
+            if refresh or not pinned[node]:
                 _unlink(nxt, prv, present, node)
                 done += 1
             node = after
@@ -171,8 +174,9 @@ def _lru_steps(keys, gstart, gpart, greset, clear_after, refresh, capacity, num_
                     r += 1
             count[p] -= released
             total -= released
-        for i in range(a, b):
-            pinned[keys[i]] = False
+        if not refresh:
+            for i in range(a, b):
+                pinned[keys[i]] = False
         if total > peak:
             peak = total
         if clear_after:
@@ -257,12 +261,13 @@ def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_key
 
 @_njit
 def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
-    """Per group (one MoE layer of one pass): (duration_ns, stall_ns, expert_compute_ns), with
-    the DES's ordering (see the module docstring)."""
+    """Per group (one MoE layer of one pass): (duration_ns, stall_ns, expert_compute_ns, hits),
+    with the DES's ordering (see the module docstring)."""
     n_groups = gstart.shape[0] - 1
     dur = np.zeros(n_groups, dtype=np.int64)
     stall = np.zeros(n_groups, dtype=np.int64)
     compute = np.zeros(n_groups, dtype=np.int64)
+    hits = np.zeros(n_groups, dtype=np.int64)
     width = 1
     for g in range(n_groups):
         if gstart[g + 1] - gstart[g] > width:
@@ -283,6 +288,7 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
                 work += t
                 comp_end[j] = cur
                 j += 1
+        h = j
         for i in range(a, b):  # misses, ascending; link order = serve order
             if not hit[i]:
                 request = 0 if release[i] < 0 else comp_end[release[i]]
@@ -299,7 +305,8 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
         dur[g] = cur
         stall[g] = waited
         compute[g] = work
-    return dur, stall, compute
+        hits[g] = h
+    return dur, stall, compute, hits
 
 
 @_njit
@@ -315,8 +322,10 @@ def _stream_kernel(keys, capacity, policy):
         if keys[i] + 1 > num_keys:
             num_keys = keys[i] + 1
     if policy == 2:
-        # Belady: next uses in one backward pass, then a max-heap of next_use * num_keys + key
+        # Belady: next uses in one backward pass, then a max-heap of next_use << bits | key
         # (farthest next use first, ties to the higher key) with lazy deletion of stale entries.
+        bits = _key_bits(num_keys)
+        mask = (1 << bits) - 1
         next_use = np.full(n, n, dtype=np.int64)
         seen = np.full(num_keys, -1, dtype=np.int64)
         for i in range(n - 1, -1, -1):
@@ -336,16 +345,16 @@ def _stream_kernel(keys, capacity, policy):
                 if count >= capacity:
                     while True:  # pop until a live entry
                         top, size = _heap_pop(heap, size)
-                        k = top % num_keys
-                        if cur_next[k] == top // num_keys:
+                        k = top & mask
+                        if cur_next[k] == top >> bits:
                             cur_next[k] = -1
                             count -= 1
                             break
                 count += 1
             cur_next[key] = next_use[i]
             if size == limit:  # drop stale entries, re-heapify
-                size = _compact_heap(heap, size, cur_next, num_keys)
-            heap[size] = next_use[i] * num_keys + key
+                size = _compact_heap(heap, size, cur_next, bits)
+            heap[size] = (next_use[i] << bits) | key
             size += 1
             _sift_up(heap, size - 1)
         return hit
@@ -373,63 +382,74 @@ def _stream_kernel(keys, capacity, policy):
 
 
 @_njit
-def _set_belady_kernel(keys, gstart, gorder, pstart, slots, num_keys, initial, first_use):
+def _set_belady_kernel(keys, gstart, gpart, num_parts, slots, num_keys, initial):
     """Copies of the optimal policy for the sequence of needed *sets* (expertsim.sim.bounds: after
     each step keep the ``slots`` entries with the nearest next use, ties to the lower key;
-    a needed expert may be dropped right after use). Partition p's groups are
-    ``gorder[pstart[p]:pstart[p+1]]``, in order."""
-    num_parts = pstart.shape[0] - 1
+    a needed expert may be dropped right after use). Group g belongs to partition ``gpart[g]``
+    (a key lives in one partition: ``key * num_parts // num_keys``); the partitions are
+    independent, each with its own max-heap of ``next_use << bits | key``, all replayed in one
+    pass in group order."""
     n = keys.shape[0]
+    bits = _key_bits(num_keys)
+    mask = (1 << bits) - 1
     nxt_use = np.full(n, n, dtype=np.int64)
-    last = np.full(num_keys, -1, dtype=np.int64)
+    first_use = np.full(num_keys, n, dtype=np.int64)  # after the backward scan: each key's first use
     for i in range(n - 1, -1, -1):
-        if last[keys[i]] >= 0:
-            nxt_use[i] = last[keys[i]]
-        last[keys[i]] = i
+        key = keys[i]
+        nxt_use[i] = first_use[key]
+        first_use[key] = i
     misses = 0
     cur = np.full(num_keys, -1, dtype=np.int64)  # next use of each cached key, -1: absent
     width = 1
     for g in range(gstart.shape[0] - 1):
         width = max(width, gstart[g + 1] - gstart[g])
     limit = 2 * (slots + width) + initial.shape[0] + 64
-    heap = np.empty(limit + 1, dtype=np.int64)  # max-heap of next_use * num_keys + key
-    for p in range(num_parts):
-        size = 0
-        count = 0
-        for j in range(initial.shape[0]):
-            key = initial[j]
-            if (key * num_parts // num_keys if num_parts > 1 else 0) == p and count < slots and cur[key] < 0:
-                cur[key] = first_use[key]
+    heaps = np.empty((num_parts, limit + 1), dtype=np.int64)
+    sizes = np.zeros(num_parts, dtype=np.int64)
+    counts = np.zeros(num_parts, dtype=np.int64)
+    for j in range(initial.shape[0]):
+        key = initial[j]
+        p = key * num_parts // num_keys
+        if counts[p] < slots and cur[key] < 0:
+            cur[key] = first_use[key]
+            counts[p] += 1
+            heaps[p, sizes[p]] = (cur[key] << bits) | key
+            sizes[p] += 1
+            _sift_up(heaps[p], sizes[p] - 1)
+    for g in range(gstart.shape[0] - 1):
+        p = gpart[g]
+        heap = heaps[p]
+        size = sizes[p]
+        count = counts[p]
+        for i in range(gstart[g], gstart[g + 1]):
+            key = keys[i]
+            if cur[key] < 0:
+                misses += 1
                 count += 1
-                heap[size] = cur[key] * num_keys + key
-                size += 1
-                _sift_up(heap, size - 1)
-        for gi in range(pstart[p], pstart[p + 1]):
-            g = gorder[gi]
-            for i in range(gstart[g], gstart[g + 1]):
-                key = keys[i]
-                if cur[key] < 0:
-                    misses += 1
-                    count += 1
-                cur[key] = nxt_use[i]
-                if size >= limit:  # drop stale entries, re-heapify
-                    size = _compact_heap(heap, size, cur, num_keys)
-                heap[size] = nxt_use[i] * num_keys + key
-                size += 1
-                _sift_up(heap, size - 1)
-            while count > slots:  # drop the farthest next uses (lazily deleted stale entries skipped)
-                top, size = _heap_pop(heap, size)
-                key = top % num_keys
-                if cur[key] == top // num_keys:
-                    cur[key] = -1
-                    count -= 1
-        for gi in range(pstart[p], pstart[p + 1]):  # empty the partition for the next one
-            g = gorder[gi]
-            for i in range(gstart[g], gstart[g + 1]):
-                cur[keys[i]] = -1
-        for j in range(initial.shape[0]):
-            cur[initial[j]] = -1
+            cur[key] = nxt_use[i]
+            if size >= limit:  # drop stale entries, re-heapify
+                size = _compact_heap(heap, size, cur, bits)
+            heap[size] = (nxt_use[i] << bits) | key
+            size += 1
+            _sift_up(heap, size - 1)
+        while count > slots:  # drop the farthest next uses (lazily deleted stale entries skipped)
+            top, size = _heap_pop(heap, size)
+            key = top & mask
+            if cur[key] == top >> bits:
+                cur[key] = -1
+                count -= 1
+        sizes[p] = size
+        counts[p] = count
     return misses
+
+
+@_njit
+def _key_bits(num_keys):
+    """Bits that hold any key below ``num_keys`` (heap entries pack ``next_use << bits | key``)."""
+    bits = 1
+    while (1 << bits) < num_keys:
+        bits += 1
+    return bits
 
 
 @_njit
@@ -470,12 +490,13 @@ def _sift_down(heap, size, i):
 
 
 @_njit
-def _compact_heap(heap, size, cur, num_keys):
+def _compact_heap(heap, size, cur, bits):
     """Keep the live entries (``cur[key]`` still equals the entry's next use) and re-heapify;
-    returns the new size."""
+    returns the new size. Entries are ``next_use << bits | key``."""
     live = 0
+    mask = (1 << bits) - 1
     for j in range(size):
-        if cur[heap[j] % num_keys] == heap[j] // num_keys:
+        if cur[heap[j] & mask] == heap[j] >> bits:
             heap[live] = heap[j]
             live += 1
     for j in range(live // 2 - 1, -1, -1):
@@ -490,8 +511,8 @@ class AccessGroups:
     (layer * num_experts + expert, ascending) are ``keys[start[g]:start[g+1]]``, ``tokens`` the
     pass's tokens routed to each."""
 
-    keys: np.ndarray  # int64 [accesses]
-    tokens: np.ndarray  # int64 [accesses]
+    keys: np.ndarray  # integer [accesses]
+    tokens: np.ndarray  # integer [accesses]
     start: np.ndarray  # int64 [groups + 1]
     layer: np.ndarray  # int64 [groups]
     pass_index: np.ndarray  # int64 [groups]
@@ -532,14 +553,91 @@ def _multi_token_groups(experts: np.ndarray, pass_of: np.ndarray, num_passes: in
     return keys, tok.astype(np.int64), counts
 
 
+@_njit
+def _groups_kernel(experts, pass_starts, num_experts):
+    """:func:`groups_from_passes` in one pass over the routes: a one-token pass's top-k sorted in
+    place (insertion sort) with repeats merged; a longer pass's experts counted, then emitted in
+    ascending id order. Returns (keys, tokens, start)."""
+    n, num_layers, k = experts.shape
+    num_passes = pass_starts.shape[0] - 1
+    keys = np.empty(n * num_layers * k, dtype=np.int32)
+    tokens = np.empty(n * num_layers * k, dtype=np.int32)
+    start = np.empty(num_passes * num_layers + 1, dtype=np.int64)
+    count = np.zeros(num_experts, dtype=np.int64)
+    touched = np.empty(num_experts, dtype=np.int64)
+    row = np.empty(k, dtype=np.int64)
+    pos = 0
+    g = 0
+    for p in range(num_passes):
+        a = pass_starts[p]
+        b = pass_starts[p + 1]
+        for layer in range(num_layers):
+            start[g] = pos
+            g += 1
+            base = layer * num_experts
+            if b - a == 1:  # sort the top-k (a compare-exchange network), merge repeats
+                for j in range(k):
+                    row[j] = experts[a, layer, j]
+                for i in range(k - 1):
+                    for j in range(k - 1 - i):
+                        x = row[j]
+                        y = row[j + 1]
+                        row[j] = min(x, y)
+                        row[j + 1] = max(x, y)
+                prev = -1
+                for j in range(k):
+                    if row[j] == prev:
+                        tokens[pos - 1] += 1
+                    else:
+                        keys[pos] = base + row[j]
+                        tokens[pos] = 1
+                        pos += 1
+                    prev = row[j]
+                continue
+            nt = 0
+            for t in range(a, b):
+                for j in range(k):
+                    e = np.int64(experts[t, layer, j])
+                    if count[e] == 0:
+                        touched[nt] = e
+                        nt += 1
+                    count[e] += 1
+            if nt * 8 >= num_experts:  # dense enough: scan the counts
+                for e in range(num_experts):
+                    if count[e]:
+                        keys[pos] = base + e
+                        tokens[pos] = count[e]
+                        count[e] = 0
+                        pos += 1
+            else:
+                for e in np.sort(touched[:nt]):
+                    keys[pos] = base + e
+                    tokens[pos] = count[e]
+                    count[e] = 0
+                    pos += 1
+    start[g] = pos
+    return keys[:pos], tokens[:pos], start
+
+
 def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts: int) -> AccessGroups:
     """Groups for passes ``pass_starts`` (token offsets, with the end) over ``experts``
-    [tokens, layers, k], in the engines' order: passes, then layers, then experts ascending."""
+    [tokens, layers, k], in the engines' order: passes, then layers, then experts ascending.
+    With numba one compiled pass (:func:`_groups_kernel`); without it, numpy."""
     n, num_layers, k = experts.shape
     pass_starts = np.asarray(pass_starts, dtype=np.int64)
     num_passes = len(pass_starts) - 1
     layer = np.tile(np.arange(num_layers, dtype=np.int64), num_passes)
     pass_index = np.repeat(np.arange(num_passes, dtype=np.int64), num_layers)
+    if HAVE_NUMBA and n:
+        keys, tokens, start = _groups_kernel(np.ascontiguousarray(experts), pass_starts, int(num_experts))
+        return AccessGroups(keys, tokens, start, layer, pass_index)
+    return _groups_numpy(experts, pass_starts, num_experts, layer, pass_index)
+
+
+def _groups_numpy(experts, pass_starts, num_experts, layer, pass_index) -> AccessGroups:
+    """:func:`groups_from_passes` with numpy alone (no numba; also the kernel's reference in tests)."""
+    n, num_layers, k = experts.shape
+    num_passes = len(pass_starts) - 1
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return AccessGroups(empty, empty, np.zeros(1, dtype=np.int64), layer, pass_index)
@@ -870,20 +968,8 @@ def _fast_bounds(cost, model, groups: AccessGroups, cache_config, initial, *, de
         parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
     num_keys = L * E
     gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
-    keys, start = groups.keys, groups.start
-    gorder = np.arange(len(gpart), dtype=np.int64)
-    pstart = np.array([0, len(gpart)], dtype=np.int64)
-    if parts > 1:  # lay the accesses out layer by layer, so that the kernel reads them in order
-        counts = np.diff(start)
-        keys = keys[np.argsort((keys // E).astype(np.int16), kind="stable")]
-        by_layer = counts.reshape(-1, L).T.ravel()
-        start = np.concatenate([[0], np.cumsum(by_layer)])
-        pstart = np.arange(parts + 1, dtype=np.int64) * (len(gpart) // L)
-    first_use = np.full(num_keys, len(keys), dtype=np.int64)  # for initial residents
-    order = np.arange(len(keys) - 1, -1, -1)
-    first_use[keys[order]] = order
-    misses = int(_set_belady_kernel(keys, start, gorder, pstart, slots, num_keys,
-                                    np.asarray(initial, dtype=np.int64), first_use))
+    misses = int(_set_belady_kernel(groups.keys, groups.start, gpart, parts, slots, num_keys,
+                                    np.asarray(initial, dtype=np.int64)))
     compute_ns = int(dense_total_ns + expert_total_ns)
     link_ns = misses * cost.chunked_wire_ns(model.expert_bytes(), copy_chunk_bytes)
     return {"compute_bound_s": compute_ns / 1e9, "link_bound_s": link_ns / 1e9,
@@ -932,29 +1018,26 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
                                  initial=initial, refresh=kind != "fifo")
     # Timing: cost tables from the same CostModel, then the kernel.
     expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
-    for t in np.unique(groups.tokens).tolist():
+    for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
         expert_ns[t] = cost.expert_time_ns(t)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
-    dur, stall, compute = _timing_kernel(groups.start, hit, release, groups.tokens, expert_ns, copy_ns)
+    dur, stall, compute, hits_g = _timing_kernel(groups.start, hit, release, groups.tokens, expert_ns, copy_ns)
     ntok = sched.stop - sched.start
     span = int(sched.context.max()) + 1 if num_iters else 1
     pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs
-    dense = np.array([cost.dense_layer_time_ns(int(p // span), int(p % span)) for p in pairs.tolist()],
-                     dtype=np.int64)[inverse.ravel()]
+    dense = cost.dense_layer_times_ns(pairs // span, pairs % span)[inverse.ravel()]
     iter_ns = dense * m.num_layers + dur.reshape(num_iters, num_layers).sum(axis=1)
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
-    access_iter = np.repeat(groups.pass_index, np.diff(groups.start))
-    hits_it = np.bincount(access_iter[hit], minlength=num_iters)
-    all_it = np.bincount(access_iter, minlength=num_iters)
+    hits_it = hits_g.reshape(num_iters, num_layers).sum(axis=1)
+    all_it = np.diff(groups.start).reshape(num_iters, num_layers).sum(axis=1)
     stall_it = stall.reshape(num_iters, num_layers).sum(axis=1)
     decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
     decode_it = decode_cum[sched.stop] - decode_cum[sched.start]
-    columns = (range(num_iters), sched.request.tolist(), sched.phase.tolist(), ntok.tolist(), decode_it.tolist(),
-               begin.tolist(), end.tolist(), hits_it.tolist(), all_it.tolist(), stall_it.tolist())
-    records = [{"iteration": i, "request": r, "requests": 1, "phase": ph, "tokens": n, "decode_tokens": d,
-                "start_ns": b, "end_ns": e, "hits": h, "misses": a - h, "stall_ns": st, "experts": a}
-               for i, r, ph, n, d, b, e, h, a, st in zip(*columns)]
+    columns = {"iteration": np.arange(num_iters, dtype=np.int64), "request": sched.request.astype(np.int64),
+               "requests": np.ones(num_iters, dtype=np.int64), "phase": sched.phase, "tokens": ntok,
+               "decode_tokens": decode_it, "start_ns": begin, "end_ns": end, "hits": hits_it,
+               "misses": all_it - hits_it, "stall_ns": stall_it, "experts": all_it}
     requests, latencies = _request_records(sched, begin, end, opts.arrival)
     max_kv = int(sched.context.max()) if num_iters else 0
     memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * max_kv)
@@ -971,7 +1054,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
                              copy_chunk_bytes=opts.copy_chunk_bytes)
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
-        iterations=None, records=records, totals=totals, timeline=None, memory=memory,
+        columns=columns, totals=totals, timeline=None, memory=memory,
         cost=cost, scope=opts.scope, peak_cache_bytes=int(peak) * expert_bytes, engine="fast",
         requests=requests, decode_latencies_ns=latencies,
         serving=opts.serving_summary(),

@@ -62,16 +62,38 @@ def write_chrome_trace(timeline: "Timeline | None", path) -> None:
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
+ITERATION_COLUMNS = ("iteration", "request", "requests", "phase", "tokens", "decode_tokens", "start_ns", "end_ns",
+                     "hits", "misses", "stall_ns", "experts")
+"""The per-iteration columns every engine records (request is -1 for an iteration that batches
+several requests; times in ns from the run's start)."""
+
+
+def columns_from_records(records: list[dict]) -> dict[str, np.ndarray]:
+    """Per-iteration records (dicts with the :data:`ITERATION_COLUMNS` keys) as int64 columns."""
+    return {name: np.fromiter((r[name] for r in records), dtype=np.int64, count=len(records))
+            for name in ITERATION_COLUMNS}
+
+
 @dataclass
 class RunResult:
-    """Metrics (flat dict, units in the key names), the per-iteration records, the timeline,
+    """Metrics (flat dict, units in the key names), the per-iteration columns, the timeline,
     and the assumptions that explain the numbers."""
 
     metrics: dict
     config: dict
     assumptions: list[str]
-    iterations: list[dict] = field(default_factory=list)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # ITERATION_COLUMNS, int64
     timeline: Timeline | None = None
+
+    @property
+    def iterations(self) -> list[dict]:
+        """The per-iteration records as dicts (built from :attr:`columns` on first use)."""
+        cached = self.__dict__.get("_iterations")
+        if cached is None:
+            names = [n for n in ITERATION_COLUMNS if n in self.columns]
+            cached = [dict(zip(names, row)) for row in zip(*(self.columns[n].tolist() for n in names))]
+            self.__dict__["_iterations"] = cached
+        return cached
 
     def row(self) -> dict:
         """Config columns + metrics, one row for a results table."""
@@ -97,25 +119,22 @@ def _ms(ns) -> float:
     return float(ns) / 1e6
 
 
-def summarise(*, model, hardware, system, cache_config, trace, iterations, records, totals, timeline,
+def summarise(*, model, hardware, system, cache_config, trace, columns, totals, timeline,
               memory, cost, scope, peak_cache_bytes, engine, requests=None, decode_latencies_ns=None,
               serving=None, extra=None) -> RunResult:
-    """Per-run metrics from the per-iteration records of an engine.
+    """Per-run metrics from an engine's per-iteration ``columns`` (:data:`ITERATION_COLUMNS`,
+    int64 arrays in iteration order).
 
     ``requests`` (the batcher's per-request records: arrival, first token, finish) and
     ``decode_latencies_ns`` (per decode token, the duration of the iteration that produced it)
     come from :class:`expertsim.sim.serving.ContinuousBatcher`; without them (an engine without
     serving) TTFT counts from each request's first pass and TPOT from decode-pass durations,
     which is the same at batch 1. ``extra`` (bounds) is merged into the metrics."""
-    rec_phase = np.array([r["phase"] for r in records], dtype=np.int64)
-    start = np.array([r["start_ns"] for r in records], dtype=np.int64)
-    end = np.array([r["end_ns"] for r in records], dtype=np.int64)
+    num_iterations = len(columns["start_ns"])
+    rec_phase, start, end = columns["phase"], columns["start_ns"], columns["end_ns"]
     dur = end - start
-    hits = np.array([r["hits"] for r in records], dtype=np.int64)
-    misses = np.array([r["misses"] for r in records], dtype=np.int64)
-    ntok = np.array([r["tokens"] for r in records], dtype=np.int64)
-    experts = np.array([r["experts"] for r in records], dtype=np.int64)
-    total_ns = int(end.max()) if len(end) else 0
+    hits, misses, ntok, experts = columns["hits"], columns["misses"], columns["tokens"], columns["experts"]
+    total_ns = int(end.max()) if num_iterations else 0
     decode = rec_phase == 1
     prefill = ~decode
 
@@ -130,29 +149,25 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         ttft = [r["first_token_ns"] - r["arrival_ns"] for r in done]
         e2e = [r["finish_ns"] - r["arrival_ns"] for r in done]
         queue = [r["start_ns"] - r["arrival_ns"] for r in done]
-        seen = {r["request"] for r in done}
+        num_requests = len({r["request"] for r in done})
         tpot = np.asarray(decode_latencies_ns, dtype=np.int64)
     else:
-        # TTFT: per request, end of its first pass minus its start (batch 1: the previous request's end).
-        ttft, e2e, queue = [], [], []
-        seen = set()
-        req_start = {}
-        for r in records:
-            req_start.setdefault(r["request"], r["start_ns"])
-            if r["request"] not in seen:
-                seen.add(r["request"])
-                ttft.append(r["end_ns"] - req_start[r["request"]])
+        # TTFT: per request, the duration of its first iteration (batch 1: from the previous
+        # request's end to the end of its first pass).
+        _, first = np.unique(columns["request"], return_index=True)
+        ttft, e2e, queue = dur[first].tolist(), [], []
+        num_requests = len(first)
         tpot = dur[decode]
     # Decode time: the iterations that produced decode tokens (batch 1: the decode passes).
-    dtok = np.array([r.get("decode_tokens", r["tokens"] if r["phase"] == 1 else 0) for r in records], dtype=np.int64)
+    dtok = columns["decode_tokens"]
     decode_ns = int(dur[dtok > 0].sum())
-    nreq = np.array([r.get("requests", 1) for r in records], dtype=np.int64)
+    nreq = columns["requests"]
     metrics = {
         "tokens": int(ntok.sum()),
         "prefill_tokens": int(ntok[prefill].sum()),
         "decode_tokens": int(dtok.sum()),
-        "requests": len(seen),
-        "iterations": len(records),
+        "requests": num_requests,
+        "iterations": num_iterations,
         "total_s": total_ns / 1e9,
         "ttft_ms": _ms(np.mean(ttft)) if ttft else float("nan"),
         "tpot_ms": _ms(tpot.mean()) if len(tpot) else float("nan"),
@@ -166,7 +181,7 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         "queue_ms": _ms(np.mean(queue)) if queue else float("nan"),
         "batch": int(serving.get("batch", 1)),
         "mean_batch": float(nreq.mean()) if len(nreq) else float("nan"),
-        "hit_rate": rate(np.ones(len(records), dtype=bool)),
+        "hit_rate": rate(np.ones(num_iterations, dtype=bool)),
         "hit_rate_decode": rate(decode),
         "hit_rate_prefill": rate(prefill),
         "hits": int(hits.sum()),
@@ -189,7 +204,7 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         "cpu_experts": totals["cpu_experts"],
         "dropped_gate_mass": totals["dropped_gate_mass"],
         "degraded_gate_mass": totals["degraded_gate_mass"],
-        "experts_per_layer_iteration": float(experts.sum() / (len(records) * model.num_moe_layers)) if len(records) else float("nan"),
+        "experts_per_layer_iteration": float(experts.sum() / (num_iterations * model.num_moe_layers)) if num_iterations else float("nan"),
         "peak_gpu_gb": (memory["dense_bytes"] + memory["kv_bytes"] + memory["workspace_bytes"] + peak_cache_bytes) / 1e9,
         "expert_cache_gb": memory["expert_cache_bytes"] / 1e9,
         "kv_peak_gb": memory["kv_bytes"] / 1e9,
@@ -240,5 +255,5 @@ def summarise(*, model, hardware, system, cache_config, trace, iterations, recor
         assumptions.append(f"{system.name} ignores GPU capacity: a bound, not a feasible system")
     if getattr(system, "oracle", False) or getattr(system.eviction, "oracle", False):
         assumptions.append(f"{system.label} uses future knowledge (oracle): a bound")
-    return RunResult(metrics=metrics, config=config, assumptions=assumptions, iterations=records,
+    return RunResult(metrics=metrics, config=config, assumptions=assumptions, columns=columns,
                      timeline=timeline)

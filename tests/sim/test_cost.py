@@ -173,3 +173,19 @@ def test_bad_profiles_give_clear_errors(tmp_path):
     bad["copy"]["bytes"] = [10, 1]
     with pytest.raises(ConfigError, match="increasing"):
         CostProfile.from_dict(bad)
+
+
+def test_vectorised_dense_times_equal_the_scalar_ones_for_every_preset():
+    """The fast engine's array form of the dense-layer roofline gives the same integer ns as the
+    scalar one the DES calls, for every shipped model and GPU (same float operations)."""
+    import numpy as np
+
+    from expertsim.specs import list_hardware, list_models, load_hardware, load_model
+
+    tokens = np.repeat(np.array([0, 1, 2, 3, 7, 64, 512, 4096]), 60)
+    context = np.tile(np.arange(0, 300_000, 5_000), 8)
+    for model in list_models():
+        for hardware in list_hardware():
+            c = CostModel(load_model(model), load_hardware(hardware))
+            want = [c.dense_layer_time_ns(int(t), int(x)) for t, x in zip(tokens, context)]
+            assert c.dense_layer_times_ns(tokens, context).tolist() == want, (model, hardware)
