@@ -84,8 +84,15 @@ class LayerServer:
 
     def observe(self, *, now_ns: int, iteration: int, layer: int, tokens: np.ndarray,
                 experts: np.ndarray, weights: np.ndarray | None, phase: int, trace) -> LayerObservation:
-        needed, inverse = np.unique(experts, return_inverse=True)
-        inverse = inverse.reshape(experts.shape)
+        if experts.size <= 64:  # a decode token or a small batch: np.unique's overhead dominates
+            flat = experts.ravel().tolist()
+            ids = sorted(set(flat))
+            where = {e: i for i, e in enumerate(ids)}
+            needed = np.array(ids, dtype=np.int64)
+            inverse = np.array([where[e] for e in flat], dtype=np.int64).reshape(experts.shape)
+        else:
+            needed, inverse = np.unique(experts, return_inverse=True)
+            inverse = inverse.reshape(experts.shape)
         counts = np.bincount(inverse.ravel(), minlength=len(needed))
         if weights is not None:
             mass = np.bincount(inverse.ravel(), weights=weights.ravel().astype(np.float64), minlength=len(needed))

@@ -419,7 +419,9 @@ class _DesRun:
         for key in plan.evicted:
             if key in own:
                 self.copies.pop(key, None)
-        compute_done = [env.event() for _ in plan.items]
+        # Compute-done events only for the items a copy waits for (room they release).
+        compute_done = {item.wait_compute: env.event() for item in plan.items
+                        if item.copy_bytes and item.wait_compute >= 0}
         # Demand copies, in serve order, then prefetches.
         for item in plan.items:
             if item.hit and item.loading_at_lookup:
@@ -437,14 +439,17 @@ class _DesRun:
         stall = 0
         lowp = self.sim.system.low_precision_dtype
         for idx, item in enumerate(plan.items):
+            done = compute_done.get(idx)
             if item.action is MissAction.SKIP:
-                compute_done[idx].succeed()
+                if done is not None:
+                    done.succeed()
                 continue
             if item.action is MissAction.CPU:
-                done = env.event()
-                env.process(self._cpu_expert(it, layer, item.expert, item.tokens, done))
-                cpu_done.append(done)
-                compute_done[idx].succeed()
+                cpu = env.event()
+                env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu))
+                cpu_done.append(cpu)
+                if done is not None:
+                    done.succeed()
                 continue
             copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
             if copy is not None and not copy.done.triggered:
@@ -457,7 +462,8 @@ class _DesRun:
             yield env.timeout(t)
             self.totals["expert_compute_ns"] += t
             self._row("gpu", "expert", it, layer, item.expert, t0, env.now)
-            compute_done[idx].succeed()
+            if done is not None:
+                done.succeed()
         for done in cpu_done:
             if not done.triggered:
                 t0 = env.now
