@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 
 
 # --- kernels ----------------------------------------------------------------------------
+SMALL_BELADY_ENTRIES = 48  # set-Belady partitions up to this many entries scan instead of keeping a heap
 def new_lru_state(capacity: np.ndarray, num_keys: int, initial: np.ndarray | None = None) -> tuple:
     """The LRU kernel's state: per-partition recency lists (an intrusive doubly linked list over
     the keys, one sentinel node per partition), residency, entries per partition, and
@@ -440,6 +441,67 @@ def _set_belady_kernel(keys, gstart, gpart, num_parts, slots, num_keys, initial)
                 count -= 1
         sizes[p] = size
         counts[p] = count
+    return misses
+
+
+@_njit
+def _set_belady_small(keys, gstart, gpart, num_parts, slots, num_keys, initial):
+    """:func:`_set_belady_kernel` for small partitions (``slots`` plus the widest group within
+    a few dozen entries): each partition's members in a short array, the farthest next use
+    found by a scan, with the same choice (the largest ``next_use << bits | key``)."""
+    n = keys.shape[0]
+    bits = _key_bits(num_keys)
+    nxt_use = np.full(n, n, dtype=np.int64)
+    first_use = np.full(num_keys, n, dtype=np.int64)  # after the backward scan: each key's first use
+    for i in range(n - 1, -1, -1):
+        key = keys[i]
+        nxt_use[i] = first_use[key]
+        first_use[key] = i
+    width = 1
+    for g in range(gstart.shape[0] - 1):
+        width = max(width, gstart[g + 1] - gstart[g])
+    stride = slots + width + 1
+    members = np.empty(num_parts * stride, dtype=np.int64)  # partition p's keys at p * stride
+    size = np.zeros(num_parts, dtype=np.int64)
+    where = np.full(num_keys, -1, dtype=np.int64)  # index of a cached key in its partition's members
+    cur = np.zeros(num_keys, dtype=np.int64)  # next use of each cached key
+    for j in range(initial.shape[0]):
+        key = initial[j]
+        p = key * num_parts // num_keys
+        if size[p] < slots and where[key] < 0:
+            where[key] = size[p]
+            members[p * stride + size[p]] = key
+            size[p] += 1
+            cur[key] = first_use[key]
+    misses = 0
+    for g in range(gstart.shape[0] - 1):
+        p = gpart[g]
+        base = p * stride
+        m = size[p]
+        for i in range(gstart[g], gstart[g + 1]):
+            key = keys[i]
+            if where[key] < 0:
+                misses += 1
+                where[key] = m
+                members[base + m] = key
+                m += 1
+            cur[key] = nxt_use[i]
+        while m > slots:  # drop the farthest next use (ties: the higher key)
+            best = 0
+            best_value = -1
+            for j in range(m):
+                key = members[base + j]
+                value = (cur[key] << bits) | key
+                if value > best_value:
+                    best_value = value
+                    best = j
+            gone = members[base + best]
+            m -= 1
+            last = members[base + m]
+            members[base + best] = last
+            where[last] = best
+            where[gone] = -1
+        size[p] = m
     return misses
 
 
@@ -968,8 +1030,9 @@ def _fast_bounds(cost, model, groups: AccessGroups, cache_config, initial, *, de
         parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
     num_keys = L * E
     gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
-    misses = int(_set_belady_kernel(groups.keys, groups.start, gpart, parts, slots, num_keys,
-                                    np.asarray(initial, dtype=np.int64)))
+    width = int(np.diff(groups.start).max()) if len(groups.layer) else 1
+    kernel = _set_belady_small if slots + width <= SMALL_BELADY_ENTRIES else _set_belady_kernel
+    misses = int(kernel(groups.keys, groups.start, gpart, parts, slots, num_keys, np.asarray(initial, dtype=np.int64)))
     compute_ns = int(dense_total_ns + expert_total_ns)
     link_ns = misses * cost.chunked_wire_ns(model.expert_bytes(), copy_chunk_bytes)
     return {"compute_bound_s": compute_ns / 1e9, "link_bound_s": link_ns / 1e9,
