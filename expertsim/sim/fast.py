@@ -1174,12 +1174,10 @@ def replay_parquet_fast(path, cache_config, *, phase: str = "decode", scope: str
             experts, request = experts[keep], request[keep]
         if len(request) == 0:
             continue
-        keys, tokens, counts = _single_token_groups(experts, E)
-        del tokens, experts
-        start = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=start[1:])
-        layer = np.tile(np.arange(num_layers, dtype=np.int64), len(request))
-        reset = np.zeros(len(counts), dtype=bool)
+        groups = groups_from_passes(experts, np.arange(len(request) + 1, dtype=np.int64), E)
+        del experts
+        keys, start, layer = groups.keys, groups.start, groups.layer
+        reset = np.zeros(len(layer), dtype=bool)
         if scope == "request":
             new = np.ones(len(request), dtype=bool)
             new[1:] = request[1:] != request[:-1]
