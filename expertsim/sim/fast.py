@@ -261,14 +261,17 @@ def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_key
 
 
 @_njit
-def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
-    """Per group (one MoE layer of one pass): (duration_ns, stall_ns, expert_compute_ns, hits),
-    with the DES's ordering (see the module docstring)."""
+def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns, groups_per_pass):
+    """Each group (one MoE layer of one pass) timed with the DES's ordering (see the module
+    docstring), summed per pass (groups ``p * groups_per_pass`` onwards): (duration_ns,
+    stall_ns, expert_compute_ns, hits, accesses) per pass."""
     n_groups = gstart.shape[0] - 1
-    dur = np.zeros(n_groups, dtype=np.int64)
-    stall = np.zeros(n_groups, dtype=np.int64)
-    compute = np.zeros(n_groups, dtype=np.int64)
-    hits = np.zeros(n_groups, dtype=np.int64)
+    n_passes = n_groups // groups_per_pass
+    dur = np.zeros(n_passes, dtype=np.int64)
+    stall = np.zeros(n_passes, dtype=np.int64)
+    compute = np.zeros(n_passes, dtype=np.int64)
+    hits = np.zeros(n_passes, dtype=np.int64)
+    accesses = np.zeros(n_passes, dtype=np.int64)
     width = 1
     for g in range(n_groups):
         if gstart[g + 1] - gstart[g] > width:
@@ -303,11 +306,13 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns):
                 work += t
                 comp_end[j] = cur
                 j += 1
-        dur[g] = cur
-        stall[g] = waited
-        compute[g] = work
-        hits[g] = h
-    return dur, stall, compute, hits
+        p = g // groups_per_pass
+        dur[p] += cur
+        stall[p] += waited
+        compute[p] += work
+        hits[p] += h
+        accesses[p] += b - a
+    return dur, stall, compute, hits, accesses
 
 
 @_njit
@@ -1084,17 +1089,15 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
         expert_ns[t] = cost.expert_time_ns(t)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
-    dur, stall, compute, hits_g = _timing_kernel(groups.start, hit, release, groups.tokens, expert_ns, copy_ns)
+    layer_ns, stall_it, compute_it, hits_it, all_it = _timing_kernel(groups.start, hit, release, groups.tokens,
+                                                                     expert_ns, copy_ns, num_layers)
     ntok = sched.stop - sched.start
     span = int(sched.context.max()) + 1 if num_iters else 1
     pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs
     dense = cost.dense_layer_times_ns(pairs // span, pairs % span)[inverse.ravel()]
-    iter_ns = dense * m.num_layers + dur.reshape(num_iters, num_layers).sum(axis=1)
+    iter_ns = dense * m.num_layers + layer_ns
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
-    hits_it = hits_g.reshape(num_iters, num_layers).sum(axis=1)
-    all_it = np.diff(groups.start).reshape(num_iters, num_layers).sum(axis=1)
-    stall_it = stall.reshape(num_iters, num_layers).sum(axis=1)
     decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
     decode_it = decode_cum[sched.stop] - decode_cum[sched.start]
     columns = {"iteration": np.arange(num_iters, dtype=np.int64), "request": sched.request.astype(np.int64),
@@ -1104,10 +1107,10 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     requests, latencies = _request_records(sched, begin, end, opts.arrival)
     max_kv = int(sched.context.max()) if num_iters else 0
     memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * max_kv)
-    copies = int(len(hit) - hit.sum())
-    totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall.sum()), "copies": copies,
+    copies = int(all_it.sum() - hits_it.sum())
+    totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall_it.sum()), "copies": copies,
               "prefetch_copies": 0, "cancelled_prefetches": 0, "dropped_gate_mass": 0.0,
-              "degraded_gate_mass": 0.0, "cpu_experts": 0, "expert_compute_ns": int(compute.sum()),
+              "degraded_gate_mass": 0.0, "cpu_experts": 0, "expert_compute_ns": int(compute_it.sum()),
               "dense_compute_ns": int(dense.sum()) * m.num_layers, "cpu_ns": 0, "storage_bytes": 0,
               "idle_ns": 0}
     extra = {}
