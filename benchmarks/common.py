@@ -55,13 +55,17 @@ def machine() -> dict:
     return info
 
 
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    """(fastest wall seconds, last result) over ``repeat`` calls."""
+def best_of(fn, repeat: int, walls: list | None = None) -> tuple[float, object]:
+    """(fastest wall seconds, last result) over ``repeat`` calls; every wall is appended to
+    ``walls`` when given (for the spread)."""
     best, result = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
         result = fn()
-        best = min(best, time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        best = min(best, wall)
+        if walls is not None:
+            walls.append(wall)
     return best, result
 
 
