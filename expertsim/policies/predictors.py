@@ -97,26 +97,41 @@ class RoutePredictor:
         return self._index[1]
 
     def features(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
+        """The feature matrix [tokens, columns] (float32), column blocks in this order: one-hot
+        routing at layers ``first..s``, the unordered expert pair at ``s``, the previous token's
+        one-hot routing at the layers below, whether the previous token is known, the token-id
+        prior. The one-hot blocks are filled by index in one matrix."""
         E = self._E
-        cols = []
+        tokens = np.asarray(tokens)
+        n = len(tokens)
         first = 0 if self.window is None else max(0, s - self.window + 1)
-        for layer in range(first, s + 1):
-            cols.append(_onehot(trace.experts[tokens, layer], E))
-        if s >= 0 and E * E <= 4096 and trace.top_k > 1:
+        own = s + 1 - first  # one-hot blocks of the token's own routing
+        use_pair = s >= 0 and E * E <= 4096 and trace.top_k > 1
+        prev_layers = sorted({t, s} if s >= 0 else {t, max(t - 1, 0)})
+        use_prior = self._priors is not None and trace.token_id is not None
+        pair_at = own * E
+        prev_at = pair_at + (E * E if use_pair else 0)
+        known_at = prev_at + len(prev_layers) * E
+        width = known_at + 1 + (E if use_prior else 0)
+        X = np.zeros((n, width), dtype=np.float32)
+        rows = np.arange(n)[:, None]
+        if own > 0:
+            routes = trace.experts[tokens, first:s + 1].astype(np.int64)  # [n, own, k]
+            X[rows, (routes + (np.arange(own) * E)[None, :, None]).reshape(n, -1)] = 1.0
+        if use_pair:
             ex = np.sort(trace.experts[tokens, s].astype(np.int64), axis=1)
-            pair = np.zeros((len(tokens), E * E), dtype=np.float32)
-            pair[np.arange(len(tokens)), ex[:, 0] * E + ex[:, 1]] = 1.0
-            cols.append(pair)
+            X[np.arange(n), pair_at + ex[:, 0] * E + ex[:, 1]] = 1.0
         idx = self._trace_index(trace)
         prev, known = idx.prev[tokens], idx.prev_known[tokens]
-        for layer in sorted({t, s} if s >= 0 else {t, max(t - 1, 0)}):
-            o = _onehot(trace.experts[prev, layer], E)
-            o[~known] = 0.0
-            cols.append(o)
-        cols.append(known[:, None].astype(np.float32))
-        if self._priors is not None and trace.token_id is not None:
-            cols.append(self._token_prior(trace.token_id[tokens], t))
-        return np.hstack(cols)
+        if known.any():
+            kp = prev[known]
+            routes = trace.experts[kp][:, prev_layers].astype(np.int64)  # [known, blocks, k]
+            cols = routes + (prev_at + np.arange(len(prev_layers)) * E)[None, :, None]
+            X[np.flatnonzero(known)[:, None], cols.reshape(len(kp), -1)] = 1.0
+        X[:, known_at] = known
+        if use_prior:
+            X[:, known_at + 1:] = self._token_prior(trace.token_id[tokens], t)
+        return X
 
     def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
         vocab, counts, sums, base = self._priors
@@ -195,7 +210,13 @@ class RoutePredictor:
         if isinstance(model, tuple):
             return np.tile(model[1], (len(tokens), 1))
         X = self.features(trace, tokens, s, t)
-        return model.predict_proba(X) if self.model == "logistic" else model.predict(X)
+        if self.model == "logistic":
+            return model.predict_proba(X)
+        # Ridge's decision function (X @ coef_.T + intercept_, the product predict computes)
+        # without scikit-learn's per-call input validation, which costs more than the product
+        # for the one token a decode step predicts for (tested against model.predict; the two
+        # can differ in the last float32 bit, as BLAS results do with the arrays' alignment).
+        return X @ model.coef_.T + model.intercept_
 
     def predict_top(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> np.ndarray:
         """[tokens, k] experts with the highest scores (ties: lowest id)."""

@@ -48,6 +48,52 @@ def test_predictor_learns_a_learnable_route():
         pred.scores(held, np.arange(3), 0, 3)
 
 
+def reference_features(pred, trace, tokens, s, t):
+    """The feature blocks built one by one (the definition the filled matrix must equal)."""
+    E = trace.num_experts
+
+    def onehot(experts):
+        out = np.zeros((len(experts), E), dtype=np.float32)
+        for i, row in enumerate(experts):
+            out[i, row] = 1.0
+        return out
+
+    first = 0 if pred.window is None else max(0, s - pred.window + 1)
+    cols = [onehot(trace.experts[tokens, layer]) for layer in range(first, s + 1)]
+    if s >= 0 and E * E <= 4096 and trace.top_k > 1:
+        pair = np.zeros((len(tokens), E * E), dtype=np.float32)
+        for i, tok in enumerate(tokens):
+            a, b = sorted(int(e) for e in trace.experts[tok, s])
+            pair[i, a * E + b] = 1.0
+        cols.append(pair)
+    known = np.array([tok > 0 and trace.request[tok - 1] == trace.request[tok]
+                      and trace.step[tok - 1] != trace.step[tok] for tok in tokens])
+    prev = np.maximum(np.asarray(tokens) - 1, 0)
+    for layer in sorted({t, s} if s >= 0 else {t, max(t - 1, 0)}):
+        block = onehot(trace.experts[prev, layer])
+        block[~known] = 0.0
+        cols.append(block)
+    cols.append(known[:, None].astype(np.float32))
+    if trace.token_id is not None:
+        cols.append(pred._token_prior(trace.token_id[tokens], t))
+    return np.hstack(cols)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"distances": (1, 2), "path": True, "window": 2}])
+def test_features_and_scores_equal_their_definitions(kwargs):
+    trace = structured_trace()
+    pred = RoutePredictor(**kwargs).fit(training_requests(trace, 0.5))
+    rng = np.random.default_rng(1)
+    for s, t in pred.pairs(trace.num_layers):
+        for n in (1, 2, 17):
+            tokens = np.sort(rng.choice(trace.num_tokens, n, replace=False))
+            X = pred.features(trace, tokens, s, t)
+            assert X.dtype == np.float32
+            assert np.array_equal(X, reference_features(pred, trace, tokens, s, t)), (s, t, n)
+            model = pred.models[(s, t)]
+            assert np.allclose(pred.scores(trace, tokens, s, t), model.predict(X), rtol=1e-5, atol=1e-6)
+
+
 def test_logistic_predictor_runs():
     train = training_requests(structured_trace(tokens=160, requests=4), 0.5)
     pred = RoutePredictor(distances=(1,), model="logistic").fit(train)
