@@ -221,8 +221,7 @@ class RoutePredictor:
     def predict_top(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> np.ndarray:
         """[tokens, k] experts with the highest scores (ties: lowest id)."""
         sc = self.scores(trace, tokens, s, t)
-        order = np.lexsort((np.broadcast_to(np.arange(sc.shape[1]), sc.shape), -sc), axis=1)
-        return order[:, :k]
+        return np.argsort(-sc, axis=1, kind="stable")[:, :k]  # stable: equal scores keep id order
 
     def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
                  threshold: float = 0.5) -> dict:

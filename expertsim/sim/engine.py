@@ -25,6 +25,7 @@ events by insertion, so runs are deterministic.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -211,6 +212,32 @@ def _longest_request_context(trace: RoutingTrace) -> int:
     return int(trace.position.max()) + 1 if trace.num_tokens else 1
 
 
+class _SortedQueue(list):
+    """A PriorityResource's request queue kept in order by inserting each request at its place
+    (bisect) rather than re-sorting the whole queue per request, as SimPy's SortedQueue does
+    (quadratic when a prefetching system queues hundreds of copies). The same order: requests
+    with equal keys stay in arrival order."""
+
+    def __init__(self, maxlen: int | None = None):
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, item) -> None:
+        if self.maxlen is not None and len(self) >= self.maxlen:
+            raise RuntimeError("Cannot append event. Queue is full.")
+        bisect.insort_right(self, item, key=_request_key)
+
+
+def _request_key(request):
+    return request.key
+
+
+class _PriorityResource(simpy.PriorityResource):
+    """SimPy's PriorityResource with :class:`_SortedQueue`."""
+
+    PutQueue = _SortedQueue
+
+
 class _DesRun:
     """The SimPy processes of one run."""
 
@@ -220,8 +247,8 @@ class _DesRun:
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
         link = sim.hardware.link
-        self.engines = simpy.PriorityResource(self.env, capacity=link.copy_engines)
-        self.wire = simpy.PriorityResource(self.env, capacity=1)  # the link's bytes are serial
+        self.engines = _PriorityResource(self.env, capacity=link.copy_engines)
+        self.wire = _PriorityResource(self.env, capacity=1)  # the link's bytes are serial
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
         m = sim.model
@@ -263,7 +290,7 @@ class _DesRun:
         self.slot_copy[slot_id] = copy
         self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous))
 
-    def _acquire(self, resource: simpy.PriorityResource, copy: _Copy):
+    def _acquire(self, resource: _PriorityResource, copy: _Copy):
         """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
         re-queues as demand. Returns the granted request, or None when the copy was dropped."""
         if copy.priority > 0 and not copy.promote.triggered:

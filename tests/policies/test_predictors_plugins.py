@@ -171,3 +171,10 @@ def test_systems_run_under_the_timed_engine(name, mixtral_gates_trace):
         assert m["dropped_gate_mass"] > 0
     if name in ("se-moe", "pregated-moe", "moe-infinity"):
         assert m["prefetch_copies"] > 0
+
+
+def test_predict_top_orders_by_score_then_lowest_id(monkeypatch):
+    pred = RoutePredictor()
+    scores = np.array([[0.5, 1.0, 1.0, 0.5, 1.0, -0.0], [0.0, 0.0, 2.0, -1.0, 0.0, 0.0]], dtype=np.float32)
+    monkeypatch.setattr(pred, "scores", lambda *args: scores)
+    assert pred.predict_top(None, np.arange(2), 0, 1, 4).tolist() == [[1, 2, 4, 0], [2, 0, 1, 4]]
