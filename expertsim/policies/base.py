@@ -121,6 +121,7 @@ class EvictionPolicy:
 
     name = "base"
     oracle = False
+    uses_gate_weights = False  # decisions read the trace's gate weights (1/k each without them)
 
     def prepare(self, ctx: RunContext) -> None:
         """Called once before the run (size arrays, read a profile, read the plan if oracle)."""
@@ -173,6 +174,11 @@ class System:
     description = ""
     citation = ""
     oracle = False
+
+    @property
+    def uses_gate_weights(self) -> bool:
+        """Whether its decisions read the trace's gate weights (1/k per choice without them)."""
+        return bool(getattr(self.eviction, "uses_gate_weights", False))
 
     def __init__(self, eviction: EvictionPolicy | None = None):
         self.eviction = eviction

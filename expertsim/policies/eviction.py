@@ -319,6 +319,7 @@ class FrequencyProbability(EvictionPolicy):
     weights); the frequency decays by ``decay`` per tick. Lowest priority leaves."""
 
     description = "frequency x router probability (fMoE)"
+    uses_gate_weights = True
 
     def __init__(self, alpha: float = 0.3, decay: float = 1.0):
         if not 0 < alpha <= 1 or not 0 < decay <= 1:
@@ -363,6 +364,7 @@ class ScoreMovingAverage(EvictionPolicy):
     lowest average leaves (ties: least recently used)."""
 
     description = "moving average of routing scores (HybriMoE)"
+    uses_gate_weights = True
 
     def __init__(self, alpha: float = 0.3):
         if not 0 < alpha <= 1:

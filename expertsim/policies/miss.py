@@ -24,6 +24,7 @@ class MissHandler:
     every offloading system without a CPU path)."""
 
     name = "copy"
+    uses_gate_weights = False
 
     def prepare(self, ctx: RunContext) -> None:
         pass
@@ -118,6 +119,7 @@ class GateThresholdPrecision(MissHandler):
     :func:`cumulative_levels`). Hits are computed as resident."""
 
     name = "hobbit"
+    uses_gate_weights = True
 
     def __init__(self, full_threshold: float = 0.6, low_threshold: float = 0.9):
         if not 0 <= full_threshold <= low_threshold:
@@ -149,6 +151,7 @@ class SkipMisses(MissHandler):
     no token's first choice (those are copied). The dropped gate mass is reported."""
 
     name = "skip"
+    uses_gate_weights = True
 
     def __init__(self, max_weight: float = 1.0, keep_top1: bool = True):
         self.max_weight = float(max_weight)

@@ -111,6 +111,10 @@ class ComposedSystem(System):
     def oracle(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.eviction, "oracle", False) or getattr(self.prefetcher, "oracle", False))
 
+    @property
+    def uses_gate_weights(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.eviction, "uses_gate_weights", False) or getattr(self.miss, "uses_gate_weights", False))
+
     def default_cache_config(self, model, hardware, max_context_tokens=0):
         """Per-layer partitions of the free GPU memory: the layers are visited cyclically, so one
         recency-ordered pool smaller than every layer's working set evicts each expert before its

@@ -178,3 +178,26 @@ def test_predict_top_orders_by_score_then_lowest_id(monkeypatch):
     scores = np.array([[0.5, 1.0, 1.0, 0.5, 1.0, -0.0], [0.0, 0.0, 2.0, -1.0, 0.0, 0.0]], dtype=np.float32)
     monkeypatch.setattr(pred, "scores", lambda *args: scores)
     assert pred.predict_top(None, np.arange(2), 0, 1, 4).tolist() == [[1, 2, 4, 0], [2, 0, 1, 4]]
+
+
+@pytest.mark.parametrize("name,reads", [("hobbit", True), ("skip-misses", True), ("fmoe", True),
+                                        ("lru", False), ("mixtral-offloading", False)])
+def test_a_gate_weight_policy_on_a_trace_without_weights_says_so(name, reads):
+    """hobbit on a trace without gate weights equals LRU (every choice weighs 1/k): the output
+    must say why, and say nothing for policies that do not read weights or when weights exist."""
+    from expertsim.sim import Simulation
+    from expertsim.specs import load_hardware, load_model
+
+    model, hw = load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie")
+    experts = np.random.default_rng(0).integers(0, 8, size=(30, 32, 2))
+    experts[:, :, 1] = (experts[:, :, 0] + 1) % 8
+    bare = make_trace(experts, 8)
+    weighted = make_trace(experts, 8, weights=np.tile([0.7, 0.3], (30, 32, 1)))
+    system = make_system(name) if name not in ("lru", "fmoe") else make_policy(name)
+    assert system.uses_gate_weights is reads
+    notes = [a for a in Simulation(model, hw, system, CacheConfig(per_layer=3)).run(bare).assumptions
+             if "no gate weights" in a]
+    assert len(notes) == int(reads)
+    system = make_system(name) if name not in ("lru", "fmoe") else make_policy(name)
+    assert not [a for a in Simulation(model, hw, system, CacheConfig(per_layer=3)).run(weighted).assumptions
+                if "no gate weights" in a]
