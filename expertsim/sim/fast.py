@@ -30,6 +30,7 @@ to the reference engines.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -1023,21 +1024,44 @@ def _request_records(sched: _Schedule, begin: np.ndarray, end: np.ndarray, arriv
     return records, latencies
 
 
-def _fast_bounds(cost, model, groups: AccessGroups, cache_config, initial, *, dense_total_ns: int,
-                 expert_total_ns: int, copy_chunk_bytes) -> dict:
-    """:func:`expertsim.sim.bounds.run_bounds` from the access groups: the compute-only bound is
-    the run's dense plus expert compute (every needed expert computed once per layer and pass,
-    which the base systems do), the link bound Belady's copies for the needed sets."""
+class _Background:
+    """``fn(*args)`` on a thread of its own; :meth:`result` waits for it (and re-raises)."""
+
+    def __init__(self, fn, *args):
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._out["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._out["error"] = exc
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["value"]
+
+
+def _belady_misses(model, groups: AccessGroups, cache_config, initial) -> int:
+    """Copies Belady's optimal eviction needs for the runs' needed sets (the link bound of
+    :func:`expertsim.sim.bounds.run_bounds`), from the access groups."""
     L, E = model.num_moe_layers, model.num_experts
     if cache_config.per_layer is not None:
         parts, slots = L, int(cache_config.per_layer)
     else:
         parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
-    num_keys = L * E
     gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
     width = int(np.diff(groups.start).max()) if len(groups.layer) else 1
     kernel = _set_belady_small if slots + width <= SMALL_BELADY_ENTRIES else _set_belady_kernel
-    misses = int(kernel(groups.keys, groups.start, gpart, parts, slots, num_keys, np.asarray(initial, dtype=np.int64)))
+    return int(kernel(groups.keys, groups.start, gpart, parts, slots, L * E, np.asarray(initial, dtype=np.int64)))
+
+
+def _bounds_metrics(cost, model, misses: int, *, dense_total_ns: int, expert_total_ns: int, copy_chunk_bytes) -> dict:
+    """The bounds' metrics: compute-only = the run's dense plus expert compute (every needed
+    expert computed once per layer and pass, which the base systems do); link = Belady's copies."""
     compute_ns = int(dense_total_ns + expert_total_ns)
     link_ns = misses * cost.chunked_wire_ns(model.expert_bytes(), copy_chunk_bytes)
     return {"compute_bound_s": compute_ns / 1e9, "link_bound_s": link_ns / 1e9,
@@ -1081,6 +1105,9 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
     if kind == "all-on-gpu":
         reset[:] = False  # a reset reloads every expert (ExpertCache.preload): nothing changes
+    # The bound's Belady replay needs only the groups: with numba (which releases the GIL) it
+    # runs on a second thread while the cache and timing kernels run here.
+    belady = _Background(_belady_misses, m, groups, sim.cache_config, initial) if opts.bounds and HAVE_NUMBA else None
     hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                                  clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
                                  initial=initial, refresh=kind != "fifo")
@@ -1115,9 +1142,9 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
               "idle_ns": 0}
     extra = {}
     if opts.bounds:
-        extra = _fast_bounds(cost, m, groups, sim.cache_config, initial,
-                             dense_total_ns=totals["dense_compute_ns"], expert_total_ns=totals["expert_compute_ns"],
-                             copy_chunk_bytes=opts.copy_chunk_bytes)
+        misses = belady.result() if belady is not None else _belady_misses(m, groups, sim.cache_config, initial)
+        extra = _bounds_metrics(cost, m, misses, dense_total_ns=totals["dense_compute_ns"],
+                                expert_total_ns=totals["expert_compute_ns"], copy_chunk_bytes=opts.copy_chunk_bytes)
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
         columns=columns, totals=totals, timeline=None, memory=memory,

@@ -37,3 +37,12 @@ def test_set_belady_kernels_equal_reference(groups, per_layer, slots, initial):
     for kernel in (fast._set_belady_small, fast._set_belady_kernel):
         for impl in ((kernel, kernel.py_func) if fast.HAVE_NUMBA else (kernel,)):
             assert impl(keys_a, start_a, gpart, parts, slots, L * E, init_a) == want, impl
+
+
+def test_background_call_returns_and_reraises():
+    """The bound's replay runs on a second thread: its value comes back, and so does its error."""
+    import pytest
+
+    assert fast._Background(lambda a, b: a + b, 2, 3).result() == 5
+    with pytest.raises(ZeroDivisionError):
+        fast._Background(lambda: 1 / 0).result()
