@@ -250,16 +250,14 @@ class ExpertCache:
         self.eviction.on_evict(key)
 
     # --- internals -----------------------------------------------------------------------
-    def _partition_keys(self, p: int) -> np.ndarray:
-        if self.num_partitions == 1:
-            return np.flatnonzero(self.state != ABSENT)
-        base = p * self.num_experts
-        return base + np.flatnonzero(self.state[base:base + self.num_experts] != ABSENT)
-
     def _candidates(self, p: int, exclude: int = -1) -> np.ndarray:
-        keys = self._partition_keys(p)
-        keys = keys[self.pins[keys] == 0]
-        return keys[keys != exclude]
+        """The partition's unpinned entries (ascending keys), less ``exclude``."""
+        lo = 0 if self.num_partitions == 1 else p * self.num_experts
+        hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
+        mask = (self.state[lo:hi] != ABSENT) & (self.pins[lo:hi] == 0)
+        if lo <= exclude < hi:
+            mask[exclude - lo] = False
+        return lo + np.flatnonzero(mask)
 
     def _evictable_bytes(self, p: int, exclude: int) -> int:
         return int(self.entry_bytes[self._candidates(p, exclude)].sum())
