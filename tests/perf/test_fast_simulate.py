@@ -86,6 +86,27 @@ def test_shared_trace_mixtral_a100(mixtral_trace, policy, cfg):
     assert got.config["engine"] == "fast"
 
 
+@pytest.mark.shared
+@pytest.mark.parametrize("name,model_name", [("deepseek-v2-lite-puffin.dev.parquet", "deepseek-v2-lite"),
+                                             ("llama4-maverick-mmlu.dev.parquet", "llama4-maverick"),
+                                             ("mixtral-8x7b-humaneval-gsm8k-gates.dev.parquet", "mixtral-8x7b")])
+def test_other_shared_traces_equal_des(name, model_name):
+    """The other model families' real traces (top-6 of 64, top-1 of 128, Mixtral with gate
+    weights): first two requests, per-layer LRU and a global FIFO pool wide enough for the
+    bound's heap kernel, cache emptied per request."""
+    from shared_traces import load_shared
+
+    from expertsim.specs import load_hardware, load_model
+
+    model = load_model(model_name)
+    trace = load_shared(name).head_requests(2)
+    for policy, cfg in (("lru", CacheConfig(per_layer=model.top_k + 2)),
+                        ("fifo", CacheConfig(global_slots=model.top_k * 8))):
+        des, got = both(model, load_hardware("a100-80gb-pcie"), policy, cfg, trace, SimOptions(scope="request"))
+        assert_same_run(des, got)
+        assert got.metrics["belady_misses"] > 0
+
+
 def test_refuses_what_it_does_not_reproduce():
     model, hardware = tiny_model(2, 4, 2), tiny_hardware()
     cfg = CacheConfig(per_layer=2)
