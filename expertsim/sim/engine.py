@@ -6,8 +6,9 @@ Resources:
 - the host-to-device link: ``copy_engines`` copy engines (a priority resource) and one wire (a
   priority resource of capacity 1). A copy (or each chunk of it, with ``copy_chunk_bytes``) takes
   an engine, spends its fixed overhead (``CostModel.copy_overhead_ns``), then takes the wire for
-  its bytes (``copy_wire_ns``), then frees both. With one engine this is a serial link; with
-  more, one copy's overhead overlaps another's bytes. Demand copies (priority 0) go before
+  its bytes (``copy_wire_ns``), then frees both. With one engine this is a serial link (the
+  engine is the wire: one timeout per chunk); with more, one copy's overhead overlaps another's
+  bytes. Demand copies (priority 0) go before
   prefetches; a started chunk runs to completion, and a prefetch evicted while in flight stops at
   the next chunk boundary (ProMoE);
 - the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
@@ -248,7 +249,9 @@ class _DesRun:
         self.env = simpy.Environment()
         link = sim.hardware.link
         self.engines = _PriorityResource(self.env, capacity=link.copy_engines)
-        self.wire = _PriorityResource(self.env, capacity=1)  # the link's bytes are serial
+        # The link's bytes are serial: one wire shared by the engines (with a single engine, the
+        # engine already serialises them and no wire resource is needed).
+        self.wire = _PriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
         m = sim.model
@@ -330,10 +333,13 @@ class _DesRun:
                 break
             copy.started = True
             start = env.now
-            yield env.timeout(cost.copy_overhead_ns(chunk))
-            wire = yield from self._take(self.wire, copy.priority)
-            yield env.timeout(cost.copy_wire_ns(chunk))
-            self.wire.release(wire)
+            if self.wire is None:  # one engine: its overhead then the bytes, nothing comes between
+                yield env.timeout(cost.copy_overhead_ns(chunk) + cost.copy_wire_ns(chunk))
+            else:
+                yield env.timeout(cost.copy_overhead_ns(chunk))
+                wire = yield from self._take(self.wire, copy.priority)
+                yield env.timeout(cost.copy_wire_ns(chunk))
+                self.wire.release(wire)
             self.engines.release(engine)
             copied += chunk
             self._row("link", kind, it, layer, expert, start, env.now, chunk)
