@@ -1,7 +1,8 @@
 """The DES's speed per named system: Mixtral-8x7B on an A100-80GB, 4 slots per layer, the first
 3 requests of the shared Mixtral trace, bounds off. The speed of this machine drifts, so each
 system's best wall is also given in units of SimPy's bare cost measured alongside it (the wall
-of 100,000 bare timeouts): that ratio is comparable across runs.
+of 100,000 bare timeouts), and the SimPy events per MoE layer, a count that does not
+depend on the machine at all.
 
     python benchmarks/bench_des_systems.py                 # results/des_systems.json
     python benchmarks/bench_des_systems.py --systems lru,promoe --repeat 2
@@ -18,6 +19,25 @@ from common import machine, save, shared_trace
 
 SYSTEMS = ("no-cache", "cache-moe", "mixtral-offloading", "se-moe", "pregated-moe", "expertflow",
            "moe-infinity", "fiddler", "hobbit", "promoe")
+
+
+def simpy_events(run) -> int:
+    """SimPy events one run processes (a count that does not depend on the machine's speed)."""
+    import simpy
+
+    count = {"n": 0}
+    step = simpy.Environment.step
+
+    def counting_step(self):
+        count["n"] += 1
+        return step(self)
+
+    simpy.Environment.step = counting_step
+    try:
+        run()
+    finally:
+        simpy.Environment.step = step
+    return count["n"]
 
 
 def main() -> None:
@@ -47,9 +67,11 @@ def main() -> None:
             walls.append(time.perf_counter() - t0)
             floors.append(simpy_floor(100_000)["wall_s"])
         wall, floor = min(walls), min(floors)
+        events = simpy_events(run)
         row = {"system": name, "tokens": result.metrics["tokens"], "simulated_s": result.metrics["total_s"],
                "wall_s": wall, "realtime_factor": result.metrics["total_s"] / wall,
                "simpy_floor_100k_s": floor, "wall_in_floor_units": wall / floor,
+               "simpy_events_per_moe_layer": events / (result.metrics["iterations"] * model.num_moe_layers),
                "hit_rate": result.metrics["hit_rate"], "prefetch_copies": result.metrics["prefetch_copies"]}
         rows.append(row)
         print(row, flush=True)
