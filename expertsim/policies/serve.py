@@ -109,20 +109,21 @@ class LayerServer:
     def serve(self, obs: LayerObservation) -> tuple[LayerPlan, LayerDecision]:
         cache, layer = self.cache, obs.layer
         position0 = self.position
-        # 1. Lookups in ascending id order (the eviction policy sees every access).
-        hit = np.zeros(len(obs.needed), dtype=bool)
-        loading = np.zeros(len(obs.needed), dtype=bool)
-        ticks = np.zeros(len(obs.needed), dtype=np.int64)
-        for i, e in enumerate(obs.needed):
-            loading[i] = cache.is_loading(layer, e)
-            hit[i] = cache.lookup(layer, e, self.position)
-            ticks[i] = cache.tick
+        # 1. Lookups in ascending id order (the eviction policy sees every access). Python
+        # lists and ints here: a layer needs a handful of experts, where numpy's per-call cost
+        # dominates.
+        needed = obs.needed.tolist()
+        hit, loading, ticks = [], [], []
+        for e in needed:
+            loading.append(bool(cache.is_loading(layer, e)))
+            hit.append(bool(cache.lookup(layer, e, self.position)))
+            ticks.append(cache.tick)
             self.position += 1
-            if hit[i]:
+            if hit[-1]:
                 cache.pin(layer, e)
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
-        index = {int(e): i for i, e in enumerate(obs.needed)}
+        index = {e: i for i, e in enumerate(needed)}
         if decision.order is None:
             order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
         else:
@@ -137,15 +138,16 @@ class LayerServer:
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
         plan = LayerPlan(layer=layer, items=items, prefetches=[], evicted=evicted,
-                         hits=int(hit.sum()), misses=int((~hit).sum()), position=position0)
+                         hits=sum(hit), misses=len(hit) - sum(hit), position=position0)
+        tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
         for i in order:
-            e = int(obs.needed[i])
+            e = needed[i]
             key = cache.key(layer, e)
-            item = ServeItem(expert=e, tokens=int(obs.tokens_per_expert[i]),
-                             gate_mass=float(obs.gate_mass[i]), hit=bool(hit[i]), action=None,
+            item = ServeItem(expert=e, tokens=int(tokens_per_expert[i]),
+                             gate_mass=float(gate_mass[i]), hit=hit[i], action=None,
                              low_precision=bool(cache.entry_low_precision[key]) if hit[i] else False,
                              copy_bytes=0, slot=int(cache.slot[key]),
-                             loading_at_lookup=bool(loading[i]))
+                             loading_at_lookup=loading[i])
             if hit[i]:
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
@@ -158,7 +160,7 @@ class LayerServer:
                     while True:
                         ok, out = cache.admit(layer, e, nbytes, low_precision=low,
                                               position=position0 + i, required=False,
-                                              tick=int(ticks[i]))
+                                              tick=ticks[i])
                         if ok:
                             break
                         # Everything left is pinned by this layer: release the earliest-served.
