@@ -308,7 +308,7 @@ def simulate_command(
                          profile=profile, engine=engine)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
-    result = sim.run(tr)
+    result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
         from expertsim.sim.metrics import write_chrome_trace
 

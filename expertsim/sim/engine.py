@@ -140,7 +140,9 @@ class Simulation:
         return memory.check(max_context_tokens)
 
     # --- run ------------------------------------------------------------------------------
-    def run(self, trace: RoutingTrace) -> RunResult:
+    def run(self, trace: RoutingTrace, progress=None) -> RunResult:
+        """Simulate ``trace``. ``progress``: called with a one-line status (tokens done,
+        simulated and wall time) every few seconds of a DES run."""
         wall0 = time.perf_counter()
         m, opts = self.model, self.options
         trace.check_model(m)
@@ -187,7 +189,7 @@ class Simulation:
         batcher = ContinuousBatcher(trace, max_batch=opts.batch, arrivals_ns=arrivals,
                                     prefill_chunk_tokens=opts.prefill_chunk_tokens,
                                     select_batch=self.system.select_batch)
-        runner = _DesRun(self, trace, batcher, cache, server)
+        runner = _DesRun(self, trace, batcher, cache, server, progress=progress)
         runner.execute()
         runner.totals["prefetch_admitted"] = cache.prefetch_admitted
         runner.totals["prefetch_hits"] = cache.prefetch_hits
@@ -242,9 +244,14 @@ class _PriorityResource(simpy.PriorityResource):
 class _DesRun:
     """The SimPy processes of one run."""
 
+    PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines
+
     def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
-                 cache: ExpertCache, server: LayerServer):
+                 cache: ExpertCache, server: LayerServer, progress=None):
         self.sim, self.trace, self.batcher = sim, trace, batcher
+        self.progress = progress
+        self._tokens_done = 0
+        self._wall0 = self._last_report = time.perf_counter()
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
         link = sim.hardware.link
@@ -433,6 +440,17 @@ class _DesRun:
                 **stats,
             })
             batcher.complete(it, start_iter, env.now)
+            if self.progress is not None:
+                self._report(it.num_tokens)
+
+    def _report(self, tokens: int) -> None:
+        self._tokens_done += tokens
+        now = time.perf_counter()
+        if now - self._last_report >= self.PROGRESS_EVERY_S:
+            self._last_report = now
+            total = self.trace.num_tokens
+            self.progress(f"des: {self._tokens_done:,}/{total:,} tokens ({100 * self._tokens_done / max(total, 1):.0f}%), "
+                          f"{self.env.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
         env, trace, cache = self.env, self.trace, self.cache

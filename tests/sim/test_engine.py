@@ -171,3 +171,22 @@ def test_a_calibrated_profile_and_a_link_curve_drive_the_engine(tmp_path):
     r = run(tiny_hardware(), "no-cache", None, trace=trace, timeline=True,
             link_curve={"bytes": [1e6, 1e8], "gbps": [6.0, 6.0]})
     assert {row[7] - row[6] for row in r.timeline.rows if row[1] == "copy"} == {2_010_000}
+
+
+def test_a_des_run_reports_progress(monkeypatch):
+    """Long DES runs print where they are: tokens done of the trace's, simulated and wall time."""
+    from expertsim.sim import engine
+
+    monkeypatch.setattr(engine._DesRun, "PROGRESS_EVERY_S", 0.0)  # a line per iteration
+    trace = synthetic_trace()
+    lines: list[str] = []
+    result = Simulation(tiny_model(), tiny_hardware(), make_policy("lru"), CacheConfig(per_layer=2),
+                        options=SimOptions(engine="des")).run(trace, progress=lines.append)
+    assert len(lines) == result.metrics["iterations"]
+    assert lines[-1].startswith(f"des: {trace.num_tokens:,}/{trace.num_tokens:,} tokens (100%)")
+    assert "s simulated" in lines[0] and "s wall" in lines[0]
+    monkeypatch.setattr(engine._DesRun, "PROGRESS_EVERY_S", 3600.0)
+    quiet: list[str] = []
+    Simulation(tiny_model(), tiny_hardware(), make_policy("lru"), CacheConfig(per_layer=2),
+               options=SimOptions(engine="des")).run(trace, progress=quiet.append)
+    assert quiet == []
