@@ -15,29 +15,10 @@ import sys
 import time
 
 from bench_engines import simpy_floor
-from common import machine, save, shared_trace
+from common import SimpyEventCounter, machine, save, shared_trace
 
 SYSTEMS = ("no-cache", "cache-moe", "mixtral-offloading", "se-moe", "pregated-moe", "expertflow",
            "moe-infinity", "fiddler", "hobbit", "promoe")
-
-
-def simpy_events(run) -> int:
-    """SimPy events one run processes (a count that does not depend on the machine's speed)."""
-    import simpy
-
-    count = {"n": 0}
-    step = simpy.Environment.step
-
-    def counting_step(self):
-        count["n"] += 1
-        return step(self)
-
-    simpy.Environment.step = counting_step
-    try:
-        run()
-    finally:
-        simpy.Environment.step = step
-    return count["n"]
 
 
 def main() -> None:
@@ -67,7 +48,9 @@ def main() -> None:
             walls.append(time.perf_counter() - t0)
             floors.append(simpy_floor(100_000)["wall_s"])
         wall, floor = min(walls), min(floors)
-        events = simpy_events(run)
+        with SimpyEventCounter() as counter:
+            run()
+        events = counter.count
         row = {"system": name, "tokens": result.metrics["tokens"], "simulated_s": result.metrics["total_s"],
                "wall_s": wall, "realtime_factor": result.metrics["total_s"] / wall,
                "simpy_floor_100k_s": floor, "wall_in_floor_units": wall / floor,

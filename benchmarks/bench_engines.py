@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from common import best_of, machine, save, shared_trace
+from common import SimpyEventCounter, best_of, machine, save, shared_trace
 
 
 def events(metrics: dict, model) -> int:
@@ -83,8 +83,6 @@ def main() -> None:
     parser.add_argument("--name", default="engines")
     args = parser.parse_args()
 
-    import simpy
-
     from expertsim.policies import CacheConfig, make_policy
     from expertsim.sim import SimOptions, Simulation
     from expertsim.sim.fast import simulate_fast
@@ -117,31 +115,21 @@ def main() -> None:
         print(label, out[label])
 
     # The DES, counting SimPy's own events.
-    counter = {"n": 0}
-    step = simpy.Environment.step
-
-    def counting_step(self):
-        counter["n"] += 1
-        return step(self)
-
-    simpy.Environment.step = counting_step
-    try:
+    with SimpyEventCounter() as counter:
         t0 = time.perf_counter()
         des = Simulation(model, hardware, make_policy("lru"), cfg, options=SimOptions()).run(
             dataclasses.replace(des_trace))
         wall = time.perf_counter() - t0
-    finally:
-        simpy.Environment.step = step
     ev = events(des.metrics, model)
     out["des"] = {"requests": args.des_requests, "tokens": des.metrics["tokens"],
                   "iterations": des.metrics["iterations"], "simulated_s": des.metrics["total_s"],
-                  "wall_s": wall, "events": ev, "events_per_s": ev / wall, "simpy_events": counter["n"],
-                  "simpy_events_per_s": counter["n"] / wall, "realtime_factor": des.metrics["total_s"] / wall}
+                  "wall_s": wall, "events": ev, "events_per_s": ev / wall, "simpy_events": counter.count,
+                  "simpy_events_per_s": counter.count / wall, "realtime_factor": des.metrics["total_s"] / wall}
     # The ceiling of any SimPy DES that processes as many SimPy events: their bare cost alone.
     floor = simpy_floor()
     moe_layers = des.metrics["iterations"] * model.num_moe_layers
-    out["simpy_floor"] = {**floor, "des_simpy_events_per_moe_layer": counter["n"] / moe_layers,
-                          "ceiling_realtime_factor": des.metrics["total_s"] / (counter["n"] / floor["events_per_s"])}
+    out["simpy_floor"] = {**floor, "des_simpy_events_per_moe_layer": counter.count / moe_layers,
+                          "ceiling_realtime_factor": des.metrics["total_s"] / (counter.count / floor["events_per_s"])}
     print("des", out["des"])
     print("simpy floor", out["simpy_floor"])
     same = run_fast(des_trace)

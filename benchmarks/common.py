@@ -69,6 +69,30 @@ def best_of(fn, repeat: int, walls: list | None = None) -> tuple[float, object]:
     return best, result
 
 
+class SimpyEventCounter:
+    """Counts the SimPy events processed inside the ``with`` block (SimPy's event loop is
+    patched for its duration): a measure of the DES's work that does not depend on the machine."""
+
+    def __enter__(self):
+        import simpy
+
+        self.count = 0
+        self._step = step = simpy.Environment.step
+
+        def counting_step(env):
+            self.count += 1
+            return step(env)
+
+        simpy.Environment.step = counting_step
+        return self
+
+    def __exit__(self, *exc):
+        import simpy
+
+        simpy.Environment.step = self._step
+        return False
+
+
 def save(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -273,11 +273,7 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns, groups_per_
     compute = np.zeros(n_passes, dtype=np.int64)
     hits = np.zeros(n_passes, dtype=np.int64)
     accesses = np.zeros(n_passes, dtype=np.int64)
-    width = 1
-    for g in range(n_groups):
-        if gstart[g + 1] - gstart[g] > width:
-            width = gstart[g + 1] - gstart[g]
-    comp_end = np.zeros(width, dtype=np.int64)
+    comp_end = np.zeros(_widest_group(gstart), dtype=np.int64)
     for g in range(n_groups):
         a = gstart[g]
         b = gstart[g + 1]
@@ -333,12 +329,7 @@ def _stream_kernel(keys, capacity, policy):
         # (farthest next use first, ties to the higher key) with lazy deletion of stale entries.
         bits = _key_bits(num_keys)
         mask = (1 << bits) - 1
-        next_use = np.full(n, n, dtype=np.int64)
-        seen = np.full(num_keys, -1, dtype=np.int64)
-        for i in range(n - 1, -1, -1):
-            if seen[keys[i]] >= 0:
-                next_use[i] = seen[keys[i]]
-            seen[keys[i]] = i
+        next_use, _ = _next_uses(keys, num_keys)
         cur_next = np.full(num_keys, -1, dtype=np.int64)  # -1: absent
         limit = 2 * capacity + 64
         heap = np.empty(limit + 1, dtype=np.int64)
@@ -389,6 +380,29 @@ def _stream_kernel(keys, capacity, policy):
 
 
 @_njit
+def _next_uses(keys, num_keys):
+    """One backward scan: each access's next use of its key (``len(keys)``: never), and each
+    key's first use."""
+    n = keys.shape[0]
+    nxt_use = np.full(n, n, dtype=np.int64)
+    first_use = np.full(num_keys, n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        key = keys[i]
+        nxt_use[i] = first_use[key]
+        first_use[key] = i
+    return nxt_use, first_use
+
+
+@_njit
+def _widest_group(gstart):
+    """The largest group (at least 1)."""
+    width = 1
+    for g in range(gstart.shape[0] - 1):
+        width = max(width, gstart[g + 1] - gstart[g])
+    return width
+
+
+@_njit
 def _set_belady_kernel(keys, gstart, gpart, num_parts, slots, num_keys, initial):
     """Copies of the optimal policy for the sequence of needed *sets* (expertsim.sim.bounds: after
     each step keep the ``slots`` entries with the nearest next use, ties to the lower key;
@@ -396,20 +410,12 @@ def _set_belady_kernel(keys, gstart, gpart, num_parts, slots, num_keys, initial)
     (a key lives in one partition: ``key * num_parts // num_keys``); the partitions are
     independent, each with its own max-heap of ``next_use << bits | key``, all replayed in one
     pass in group order."""
-    n = keys.shape[0]
     bits = _key_bits(num_keys)
     mask = (1 << bits) - 1
-    nxt_use = np.full(n, n, dtype=np.int64)
-    first_use = np.full(num_keys, n, dtype=np.int64)  # after the backward scan: each key's first use
-    for i in range(n - 1, -1, -1):
-        key = keys[i]
-        nxt_use[i] = first_use[key]
-        first_use[key] = i
+    nxt_use, first_use = _next_uses(keys, num_keys)
     misses = 0
     cur = np.full(num_keys, -1, dtype=np.int64)  # next use of each cached key, -1: absent
-    width = 1
-    for g in range(gstart.shape[0] - 1):
-        width = max(width, gstart[g + 1] - gstart[g])
+    width = _widest_group(gstart)
     limit = 2 * (slots + width) + initial.shape[0] + 64
     heaps = np.empty((num_parts, limit + 1), dtype=np.int64)
     sizes = np.zeros(num_parts, dtype=np.int64)
@@ -455,17 +461,9 @@ def _set_belady_small(keys, gstart, gpart, num_parts, slots, num_keys, initial):
     """:func:`_set_belady_kernel` for small partitions (``slots`` plus the widest group within
     a few dozen entries): each partition's members in a short array, the farthest next use
     found by a scan, with the same choice (the largest ``next_use << bits | key``)."""
-    n = keys.shape[0]
     bits = _key_bits(num_keys)
-    nxt_use = np.full(n, n, dtype=np.int64)
-    first_use = np.full(num_keys, n, dtype=np.int64)  # after the backward scan: each key's first use
-    for i in range(n - 1, -1, -1):
-        key = keys[i]
-        nxt_use[i] = first_use[key]
-        first_use[key] = i
-    width = 1
-    for g in range(gstart.shape[0] - 1):
-        width = max(width, gstart[g + 1] - gstart[g])
+    nxt_use, first_use = _next_uses(keys, num_keys)
+    width = _widest_group(gstart)
     stride = slots + width + 1
     members = np.empty(num_parts * stride, dtype=np.int64)  # partition p's keys at p * stride
     size = np.zeros(num_parts, dtype=np.int64)
