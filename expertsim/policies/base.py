@@ -180,6 +180,14 @@ class System:
         """Whether its decisions read the trace's gate weights (1/k per choice without them)."""
         return bool(getattr(self.eviction, "uses_gate_weights", False))
 
+    def trace_notes(self, trace) -> list[str]:
+        """What this system would use that ``trace`` does not carry (said in the run's
+        assumptions, so that a system that quietly falls back is not mistaken for its full form)."""
+        if trace.weights is None and self.uses_gate_weights:
+            return [f"the trace has no gate weights: {self.label} weighs each routed expert 1/{trace.top_k}, "
+                    f"so its weight thresholds and scores see equal weights (use a trace with weight_* columns)"]
+        return []
+
     def __init__(self, eviction: EvictionPolicy | None = None):
         self.eviction = eviction
 

@@ -105,7 +105,7 @@ class PregatedPrefetch(Prefetcher):
 class SpeculativePrefetch(Prefetcher):
     """Next-layer gate speculation recorded in the trace: layer l+d's router applied to layer
     l's hidden state (mixtral-offloading, Eliseev & Mazur, arXiv 2312.17238; HOBBIT; ProMoE
-    uses the same signal). Needs ``extras["spec_d{d}"]`` (``expertsim traces capture
+    uses the same signal). Needs ``extras["spec_d{d}"]`` (``expertsim trace capture
     --spec-depth D``)."""
 
     name = "speculative"
@@ -125,7 +125,7 @@ class SpeculativePrefetch(Prefetcher):
             have = sorted(k for k in ctx.trace.extras if k.startswith("spec_d"))
             raise PolicyError(
                 f"speculative prefetch at distance {self.distance} needs the trace's {key!r} "
-                f"(recorded: {have or 'none'}); capture with `expertsim traces capture --spec-depth "
+                f"(recorded: {have or 'none'}); capture with `expertsim trace capture --spec-depth "
                 f"{self.distance}`, or use the pregated prefetcher (accuracy parameter) instead"
             )
 

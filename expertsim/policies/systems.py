@@ -115,6 +115,13 @@ class ComposedSystem(System):
     def uses_gate_weights(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.eviction, "uses_gate_weights", False) or getattr(self.miss, "uses_gate_weights", False))
 
+    def trace_notes(self, trace) -> list[str]:
+        notes = super().trace_notes(trace)
+        note = getattr(self.prefetcher, "trace_note", lambda trace: None)(trace)
+        if note:
+            notes.append(f"{self.label}: {note}")
+        return notes
+
     def default_cache_config(self, model, hardware, max_context_tokens=0):
         """Per-layer partitions of the free GPU memory: the layers are visited cyclically, so one
         recency-ordered pool smaller than every layer's working set evicts each expert before its
@@ -221,6 +228,13 @@ class _AutoSpeculation(Prefetcher):
 
     def params(self) -> dict:
         return {"distance": self.distance, "using": self.inner.name}
+
+    def trace_note(self, trace) -> str | None:
+        if f"spec_d{self.distance}" in trace.extras:
+            return None
+        return (f"the trace has no recorded speculative routing (spec_d{self.distance}), so the speculative "
+                f"prefetch is off and every miss is loaded on demand (capture one with `expertsim trace capture "
+                f"--spec-depth {self.distance}`)")
 
     def prepare(self, ctx):
         has = ctx.trace is not None and f"spec_d{self.distance}" in ctx.trace.extras

@@ -251,11 +251,7 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
                 "system computed experts on the CPU, skipped them or used low-precision copies, so it may "
                 "run below them"
             )
-    if trace.weights is None and getattr(system, "uses_gate_weights", False):
-        assumptions.append(
-            f"the trace has no gate weights: {system.label} weighs each routed expert 1/{trace.top_k}, "
-            f"so its weight thresholds and scores see equal weights (use a trace with weight_* columns)"
-        )
+    assumptions.extend(system.trace_notes(trace))
     if getattr(system, "ignores_capacity", False):
         assumptions.append(f"{system.name} ignores GPU capacity: a bound, not a feasible system")
     if getattr(system, "oracle", False) or getattr(system.eviction, "oracle", False):

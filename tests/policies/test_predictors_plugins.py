@@ -201,3 +201,24 @@ def test_a_gate_weight_policy_on_a_trace_without_weights_says_so(name, reads):
     system = make_system(name) if name not in ("lru", "fmoe") else make_policy(name)
     assert not [a for a in Simulation(model, hw, system, CacheConfig(per_layer=3)).run(weighted).assumptions
                 if "no gate weights" in a]
+
+
+def test_a_speculating_system_on_a_trace_without_speculation_says_so():
+    """mixtral-offloading's speculative prefetch needs the trace's recorded next-layer guess
+    (spec_d1); without it the system is plain LRU, and the output must say so."""
+    from expertsim.sim import Simulation
+    from expertsim.specs import load_hardware, load_model
+
+    model, hw = load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie")
+    experts = np.random.default_rng(0).integers(0, 8, size=(30, 32, 2))
+    experts[:, :, 1] = (experts[:, :, 0] + 1) % 8
+    spec = np.roll(experts, -1, axis=1).astype(np.uint8)  # the guess for layer l+1, made at layer l
+
+    def notes(trace):
+        result = Simulation(model, hw, make_system("mixtral-offloading"), CacheConfig(per_layer=3)).run(trace)
+        return [a for a in result.assumptions if "speculative routing" in a], result.metrics["prefetch_copies"]
+
+    bare, copies = notes(make_trace(experts, 8))
+    assert len(bare) == 1 and "spec_d1" in bare[0] and copies == 0
+    recorded, copies = notes(make_trace(experts, 8, extras={"spec_d1": spec}))
+    assert recorded == [] and copies > 0
