@@ -908,6 +908,8 @@ def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.nd
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, got {capacity}")
     keys = np.ascontiguousarray(keys, dtype=np.int64)
+    if len(keys) and keys.min() < 0:  # the kernel indexes arrays by key
+        raise ConfigError(f"stream keys must be >= 0, got {int(keys.min())} at position {int(keys.argmin())}")
     return _stream_kernel(keys, int(capacity), STREAM_POLICIES[policy])
 
 
@@ -1176,9 +1178,16 @@ def replay_parquet_fast(path, cache_config, *, phase: str = "decode", scope: str
     names = lf.collect_schema().names()
     expert_cols = sorted((c for c in names if c.startswith("expert_")), key=lambda c: int(c.split("_")[1]))
     stats = lf.select(pl.len().alias("rows"), pl.col("layer").max().alias("layer"),
-                      pl.max_horizontal([pl.col(c).max() for c in expert_cols]).alias("expert")).collect()
+                      pl.max_horizontal([pl.col(c).max() for c in expert_cols]).alias("expert"),
+                      pl.min_horizontal([pl.col(c).min() for c in expert_cols]).alias("lowest")).collect()
     rows, num_layers = int(stats["rows"][0]), int(stats["layer"][0]) + 1
-    E = int(num_experts or int(stats["expert"][0]) + 1)
+    top, lowest = int(stats["expert"][0]), int(stats["lowest"][0])
+    E = int(num_experts or top + 1)
+    if lowest < 0 or top >= E:  # the kernels index arrays by expert id: refuse before they run
+        raise ConfigError(
+            f"{path}: expert ids run from {lowest} to {top}, outside 0..{E - 1} for {E} experts; "
+            + ("ids start at 0" if lowest < 0 else "pass the model's expert count (num_experts) or check the trace")
+        )
     k = len(expert_cols)
     capacity, per_layer = _capacity_slots(cache_config, num_layers, E, 1)
     if (capacity < k).any():

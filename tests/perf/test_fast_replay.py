@@ -151,6 +151,24 @@ def test_streamed_parquet_replay_equals_in_memory(tmp_path, cfg, phase, scope):
         assert (got.per_layer_hits == want.per_layer_hits).all()
 
 
+def test_streamed_parquet_replay_refuses_expert_ids_out_of_range(tmp_path):
+    """The streamed replay reads Parquet without building a RoutingTrace: it checks the ids
+    itself before the compiled kernels index arrays with them."""
+    import polars as pl
+    from perfhelpers import make_trace
+
+    from expertsim.traces import write_trace
+
+    trace = make_trace([[(0, 3), (1, 1), (1, 1)]], 2, 6, 2, 5)
+    path = write_trace(trace, tmp_path / "t.parquet")
+    with pytest.raises(ConfigError, match=r"outside 0\.\.3 for 4 experts"):
+        fast.replay_parquet_fast(path, CacheConfig(per_layer=2), num_experts=4)
+    frame = pl.read_parquet(path).with_columns(pl.lit(-1).cast(pl.Int16).alias("expert_1"))
+    frame.write_parquet(tmp_path / "negative.parquet")
+    with pytest.raises(ConfigError, match="ids start at 0"):
+        fast.replay_parquet_fast(tmp_path / "negative.parquet", CacheConfig(per_layer=2), num_experts=6)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(), scope=st.sampled_from(["request", "global"]),
        semantics=st.sampled_from(["together", "standard"]), policy=st.sampled_from(["lru", "fifo", "no-cache", "all-on-gpu"]),

@@ -70,3 +70,10 @@ def test_mixtral_stream_lru_equals_standard_replay(mixtral_trace):
     r = replay_cache(mixtral_trace, make_policy("lru"), CacheConfig(global_slots=64), phase="all",
                      scope="global", semantics="standard", engine="fast")
     assert replay_stream(keys, 64, "lru").sum() == r.hits
+
+
+def test_negative_keys_are_refused_before_the_kernel():
+    from expertsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"keys must be >= 0, got -3 at position 2"):
+        replay_stream(np.array([1, 2, -3, 4]), 2, "lru")
