@@ -280,6 +280,7 @@ def simulate_command(
     copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
     profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
     seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
+    link_queue: str = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner)."),
     engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
@@ -305,7 +306,7 @@ def simulate_command(
                          arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
                          rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
-                         profile=profile, engine=engine)
+                         profile=profile, engine=engine, link_queue=link_queue)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))

@@ -41,13 +41,15 @@ def profile_hardware(profile: dict):
 
 def simulate_policy(spec, trace, policy: str, profile: dict, profile_path: str | Path):
     """The simulator's RunResult for ``policy`` (NAME[:K]) with the profile's costs
-    (``expertsim simulate --profile``: ``SimOptions.profile``)."""
+    (``expertsim simulate --profile``: ``SimOptions.profile``) and the runner's link: one copy
+    stream, copies in issue order, none dropped (``link_queue="fifo"``)."""
     from expertsim.real_runner.measure import parse_policy
     from expertsim.sim import SimOptions, Simulation
 
     system, config = parse_policy(policy)
     sim = Simulation(spec, profile_hardware(profile), system, config,
-                     options=SimOptions(timeline=True, check_memory=False, profile=str(profile_path)))
+                     options=SimOptions(timeline=True, check_memory=False, profile=str(profile_path),
+                                        link_queue="fifo"))
     return sim.run(trace)
 
 

@@ -74,6 +74,10 @@ class SimOptions:
     prefill_chunk_tokens: int | None = None  # chunked prefill: at most this many prompt tokens per request per iteration
     # Link: split copies into chunks of this many bytes (None: whole expert per copy).
     copy_chunk_bytes: int | None = None
+    # How queued copies are served: "priority" (demand copies before queued prefetches; an evicted
+    # prefetch that has not started is dropped) or "fifo" (issue order, nothing dropped: one CUDA
+    # copy stream, as the real runner drives it; what `expertsim validate` predicts with).
+    link_queue: str = "priority"
     # Cost sources: a calibrated profile (JSON, see cost.py) and a size-dependent link curve.
     profile: str | None = None
     link_curve: dict | None = None  # {"bytes": [...], "gbps": [...]}
@@ -99,6 +103,8 @@ class SimOptions:
             raise ConfigError(f"engine must be des, fast or auto, got {self.engine!r}")
         if self.copy_chunk_bytes is not None and self.copy_chunk_bytes <= 0:
             raise ConfigError(f"copy chunk must be > 0 bytes, got {self.copy_chunk_bytes!r}")
+        if self.link_queue not in ("priority", "fifo"):
+            raise ConfigError(f"link queue must be 'priority' or 'fifo', got {self.link_queue!r}")
 
 
 @dataclass
@@ -259,6 +265,7 @@ class _DesRun:
         # The link's bytes are serial: one wire shared by the engines (with a single engine, the
         # engine already serialises them and no wire resource is needed).
         self.wire = _PriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
+        self.fifo_link = sim.options.link_queue == "fifo"  # issue order, no prefetch dropped
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
         m = sim.model
@@ -291,9 +298,11 @@ class _DesRun:
     # --- copies ---------------------------------------------------------------------------
     def _start_copy(self, it: Iteration, layer: int, expert: int, slot: int, nbytes: int,
                     priority: int, after: simpy.Event | None) -> None:
+        """``priority``: 0 for a demand copy, >= 1 for a prefetch (served in issue order anyway
+        with ``link_queue="fifo"``)."""
         key = self.cache.key(layer, expert)
         copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
-                     priority=priority)
+                     priority=0 if self.fifo_link else priority)
         self.copies[key] = copy
         slot_id = (self.cache.partition(layer), slot)
         previous = self.slot_copy.get(slot_id)
@@ -367,7 +376,7 @@ class _DesRun:
     def _cancel_evicted(self, keys: list[int]) -> None:
         for key in keys:
             copy = self.copies.get(key)
-            if copy is not None and not copy.done.triggered:
+            if copy is not None and not copy.done.triggered and not self.fifo_link:
                 copy.cancelled = True  # not started: dropped; started: stops after its current chunk
                 if not copy.started and not copy.promote.triggered:
                     copy.promote.succeed()  # wake it so it leaves the link queue at once

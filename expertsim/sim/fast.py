@@ -917,7 +917,8 @@ def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.nd
 # SimOptions fields the fast engine reproduces at any value, and the values it reproduces for
 # the others; a field not listed here (a new option) must be at its default.
 _ANY_VALUE = {"scope", "check_memory", "engine", "bounds", "profile", "link_curve", "prefill_chunk_tokens",
-              "timeline_iterations", "seed", "rate_per_s"}
+              "timeline_iterations", "seed", "rate_per_s",
+              "link_queue"}  # the systems it runs copy on demand only: in issue order either way
 _ALLOWED = {"batch": (1,), "arrival": ("closed", "offline"), "timeline": (False,),
             "arrival_times_ns": (None,), "copy_chunk_bytes": (None,)}
 

@@ -105,6 +105,23 @@ def test_chunked_copies_let_demand_overtake_and_drop_a_wrong_prefetch():
         assert r.metrics["total_s"] >= r.metrics["link_bound_s"]
 
 
+def test_a_fifo_link_serves_copies_in_issue_order_and_drops_nothing():
+    """link_queue="fifo" is one CUDA copy stream (the real runner): a demand copy cannot overtake
+    a queued prefetch and an evicted prefetch still runs; the cache's decisions do not change."""
+    trace = synthetic_trace(num_requests=1, prompt=1, decode=8, seed=3)
+    prio = run(zero_compute(), WrongPrefetcher(), trace=trace, copy_chunk_bytes=3_000_000)
+    fifo = run(zero_compute(), WrongPrefetcher(), trace=trace, copy_chunk_bytes=3_000_000, link_queue="fifo")
+    assert prio.metrics["cancelled_prefetches"] > 0 and fifo.metrics["cancelled_prefetches"] == 0
+    assert fifo.metrics["h2d_gb"] > prio.metrics["h2d_gb"]
+    assert fifo.metrics["total_s"] > prio.metrics["total_s"]
+    assert (fifo.metrics["hits"], fifo.metrics["misses"]) == (prio.metrics["hits"], prio.metrics["misses"])
+    # without prefetch every copy is a demand copy: the two queues are the same
+    lru_prio, lru_fifo = run(zero_compute(), trace=trace), run(zero_compute(), trace=trace, link_queue="fifo")
+    assert lru_prio.iterations == lru_fifo.iterations
+    with pytest.raises(ConfigError, match="link queue must be 'priority' or 'fifo', got 'lifo'"):
+        run(zero_compute(), trace=trace, link_queue="lifo")
+
+
 def test_storage_tier_reads_experts_that_do_not_fit_in_host_memory():
     trace = synthetic_trace(num_requests=1, prompt=1, decode=4, seed=4)
     # host holds 2 experts of 12 MB (keys 0 and 1); the other 6 live on NVMe
