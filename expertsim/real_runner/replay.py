@@ -14,9 +14,10 @@ prefetches are the simulator's, decided by the same code), and this module execu
 3. a copy into room freed by an expert of the same layer (``wait_compute``) is issued right
    after that expert's compute, and waits for it.
 
-One copy stream serves copies first-in first-out (one DMA engine); the simulator's link also
-serialises copies, but lets a demand copy overtake a queued prefetch, which a CUDA stream cannot.
-Cancelling an evicted prefetch that has not started is not possible either: it still runs.
+One copy stream serves copies first-in first-out (one DMA engine): a demand copy cannot overtake
+a queued prefetch, and an evicted prefetch that has not started still runs. The simulator models
+exactly this link with ``SimOptions(link_queue="fifo")``, which ``expertsim validate`` uses (its
+default link lets demand copies go first and drops evicted queued prefetches).
 Low-precision copies (MissAction.LOW_PRECISION) are not executed (no quantised kernels here);
 experts computed on the CPU (MissAction.CPU) run synchronously on the host.
 
