@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.errors import PolicyError
-from expertsim.policies.base import LayerObservation, LayerOutcome, RunContext
+from expertsim.policies.base import LayerObservation, LayerOutcome, Parameterised, RunContext
 
 
 def proportional_slots(total: int, demand: np.ndarray, minimum: int, maximum: int) -> np.ndarray:
@@ -34,7 +34,7 @@ def proportional_slots(total: int, demand: np.ndarray, minimum: int, maximum: in
     return slots
 
 
-class CrossLayerAllocator:
+class CrossLayerAllocator(Parameterised):
     """ExpertFlow's cross-layer memory coordination (arXiv 2510.26730): with per-layer cache
     partitions, every ``interval`` passes the slots are split over layers in proportion to each
     layer's working set in the last interval (the distinct experts it used; at least
@@ -52,8 +52,6 @@ class CrossLayerAllocator:
     def params(self) -> dict:
         return {"interval": self.interval, "min_slots": self.min_slots}
 
-    def __repr__(self) -> str:
-        return f"CrossLayerAllocator(interval={self.interval}, min_slots={self.min_slots})"
 
     def prepare(self, ctx: RunContext) -> None:
         cache = ctx.cache

@@ -111,7 +111,19 @@ class AccessPlan:
         return nxt
 
 
-class EvictionPolicy:
+class Parameterised:
+    """A policy part with parameters: ``params()`` (shown in labels and results) and a repr
+    built from them."""
+
+    def params(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class EvictionPolicy(Parameterised):
     """Chooses which unpinned cache entry leaves. One small interface, as in libCacheSim.
 
     Subclasses keep their own state and override ``victim`` and the hooks they need. ``tick`` is
@@ -152,13 +164,6 @@ class EvictionPolicy:
 
     def victim(self, candidates: np.ndarray, tick: int, position: int) -> int:
         raise NotImplementedError  # abstract: every eviction policy defines its choice
-
-    def params(self) -> dict:
-        return {}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
 
 class System:

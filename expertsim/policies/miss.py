@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.errors import PolicyError
-from expertsim.policies.base import LayerObservation, MissAction, RunContext
+from expertsim.policies.base import LayerObservation, MissAction, Parameterised, RunContext
 
 
 def missing_experts(obs: LayerObservation) -> np.ndarray:
@@ -19,7 +19,7 @@ def missing_experts(obs: LayerObservation) -> np.ndarray:
     return obs.needed[~obs.resident]
 
 
-class MissHandler:
+class MissHandler(Parameterised):
     """Stall and copy: every miss waits for a full-precision host-to-device copy (the default of
     every offloading system without a CPU path)."""
 
@@ -36,13 +36,6 @@ class MissHandler:
         """Experts to copy in the background (after the layer's demand copies), e.g. a miss that
         ran on the CPU but should be cached for later tokens."""
         return []
-
-    def params(self) -> dict:
-        return {}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
 
 class CpuWhenCheaper(MissHandler):

@@ -13,14 +13,14 @@ import math
 import numpy as np
 
 from expertsim.errors import PolicyError
-from expertsim.policies.base import LayerObservation, LayerOutcome, PrefetchRequest, RunContext
+from expertsim.policies.base import LayerObservation, LayerOutcome, Parameterised, PrefetchRequest, RunContext
 
 
 def _requests(layer: int, experts, priority: int) -> list[PrefetchRequest]:
     return [PrefetchRequest(layer=int(layer), expert=int(e), priority=int(priority)) for e in experts]
 
 
-class Prefetcher:
+class Prefetcher(Parameterised):
     """No prefetch: every expert is loaded on demand."""
 
     name = "none"
@@ -47,13 +47,6 @@ class Prefetcher:
         d = max(int(self.distance), 1)
         first = 1 if layer == 0 else layer + d
         return [t for t in range(first, layer + d + 1) if t < self._L]
-
-    def params(self) -> dict:
-        return {}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
 
 class PregatedPrefetch(Prefetcher):
