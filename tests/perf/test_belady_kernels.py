@@ -3,7 +3,7 @@ reference in expertsim.sim.bounds on random group sequences, per layer and globa
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertsim.sim import fast
@@ -14,7 +14,7 @@ groups_strategy = st.lists(
     st.tuples(st.integers(0, 2), st.sets(st.integers(0, 9), min_size=1, max_size=5)), min_size=1, max_size=60)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(groups=groups_strategy, per_layer=st.booleans(), slots=st.integers(1, 40),
        initial=st.lists(st.integers(0, 29), max_size=12))
 def test_set_belady_kernels_equal_reference(groups, per_layer, slots, initial):
