@@ -168,3 +168,22 @@ def test_prefetched_hit_released_mid_layer_still_waits_for_its_copy(tiny_spec):
     assert result.outputs_finite
     sim = _sim(tiny_spec, trace, "pregated-moe", 4)
     assert [(r["hits"], r["misses"]) for r in result.records] == [(r["hits"], r["misses"]) for r in sim.iterations]
+
+
+def test_request_scope_reloads_preloaded_experts_as_the_simulator_does(tiny_spec, tiny_trace, cpu_device):
+    """A system's initial residents belong to the deployment: with the cache emptied per request,
+    all-on-GPU stays all-hit on every request on the device, as in the simulator (it used to go
+    cold after the first request), and the reload is outside the measured passes."""
+    from expertsim.sim import SimOptions, Simulation
+    from expertsim.specs import load_hardware
+
+    result = Replayer(tiny_spec, make_policy("all-on-gpu"), cpu_device, None, scope="request").run(tiny_trace)
+    sim = Simulation(tiny_spec, load_hardware("a40"), make_policy("all-on-gpu"), None,
+                     options=SimOptions(scope="request", check_memory=False)).run(tiny_trace)
+    assert [(r["hits"], r["misses"]) for r in result.records] == \
+        [(r["hits"], r["misses"]) for r in sim.iterations]
+    assert sum(r["misses"] for r in result.records) == 0 and result.totals["copies"] == 0
+    requests = [r["request"] for r in result.records]
+    assert len(set(requests)) == 3
+    m = result.metrics()
+    assert m["total_s"] * 1e9 == pytest.approx(sum(r["end_ns"] - r["start_ns"] for r in result.records))
