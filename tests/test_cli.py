@@ -36,7 +36,7 @@ def test_help_lists_the_commands():
 def test_compare_default_study_prints_table_and_writes_report(tmp_path):
     result = invoke(["compare", "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{"):])
+    data = json.loads(result.stdout[result.stdout.index("{"):])
     policies = [(r["policy"], r["cache"]) for r in data["rows"]]
     assert policies == [("no-cache", "2 slots in one global pool"), ("lru", "2 slots per layer"),
                         ("lru", "3 slots per layer"), ("all-on-gpu", "all experts resident")]
@@ -63,7 +63,7 @@ def test_compare_table_has_units_and_policies(tmp_path):
 def test_simulate_json_keys(tmp_path):
     result = invoke(["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "150", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     for key in ("hit_rate", "ttft_ms", "tpot_ms", "tokens_per_s", "h2d_gb", "stall_fraction", "wall_s"):
         assert key in data
     assert 0 < data["hit_rate"] < 1 and data["h2d_gb"] > 0
@@ -107,7 +107,7 @@ def test_lru_hit_rates_on_shared_mixtral_trace(mixtral_trace_path):
         result = invoke(["cache", "--trace", str(mixtral_trace_path), "--policy", "lru", "--per-layer",
                          str(k), "--phase", "decode", "--scope", "request", "--json"])
         assert result.exit_code == 0, result.output
-        data = json.loads(result.output)
+        data = json.loads(result.stdout)
         assert round(data["hit_rate"], 4) == value
         assert data["hits"] + data["misses"] == 13998 * 32 * 2
 
@@ -118,7 +118,7 @@ def test_param_sets_a_system_parameter_and_prefetch_precision_follows_it():
         result = invoke(["simulate", "--system", "pregated-moe", "--param", f"accuracy={accuracy}",
                          "--max-tokens", "300", "--json"])
         assert result.exit_code == 0, result.output
-        out[accuracy] = json.loads(result.output)
+        out[accuracy] = json.loads(result.stdout)
         assert f"accuracy={accuracy}" in out[accuracy]["config"]["policy"]
     # A perfect pre-gate never prefetches a wrong expert; a 50% one wastes about half.
     assert out[1.0]["prefetch_precision"] == 1.0
@@ -126,5 +126,5 @@ def test_param_sets_a_system_parameter_and_prefetch_precision_follows_it():
     assert out[1.0]["prefetch_recall"] > out[0.5]["prefetch_recall"]
     assert out[1.0]["hit_rate"] > out[0.5]["hit_rate"]
     plain = json.loads(invoke(["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "100",
-                               "--json"]).output)
+                               "--json"]).stdout)
     assert plain["prefetch_precision"] is None  # nothing prefetched: not applicable

@@ -61,19 +61,19 @@ def test_results_cli_formats(sweep_dir):
     runner = CliRunner()
     res = runner.invoke(app, ["results", str(out), "--format", "csv", "--filter", "pl.col('status') == 'ok'"])
     assert res.exit_code == 0, res.output
-    rows = list(csv.DictReader(io.StringIO(res.output)))
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert len(rows) == 10 and {r["status"] for r in rows} == {"ok"}
     assert {"run_id", "status", "link.bandwidth_gbps", "tpot_ms"} <= set(rows[0])
     res = runner.invoke(app, ["results", str(out), "--format", "json", "--all"])
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert sorted(r["run_id"] for r in data) == sorted(study.run_ids)
     assert any(r["status"] == "error" and "does not fit" in r["error"] for r in data)
     res = runner.invoke(app, ["results", str(out), "--format", "markdown", "-c", "run_id,status",
                               "--sort", "run_id", "--limit", "3"])
-    lines = res.output.strip().splitlines()
+    lines = res.stdout.strip().splitlines()
     assert lines[0] == "| run_id | status |" and len(lines) == 2 + 3
     res = runner.invoke(app, ["results", str(out)])
-    assert res.exit_code == 0 and "run_id" in res.output.splitlines()[0]
+    assert res.exit_code == 0 and "run_id" in res.stdout.splitlines()[0]
     res = runner.invoke(app, ["results", str(out), "--format", "yaml"])
     assert res.exit_code != 0
 

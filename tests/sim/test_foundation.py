@@ -94,7 +94,7 @@ def test_cli_simulate_json_reports_the_new_fields(tmp_path):
                                    "--system", "no-cache", "--max-tokens", "100", "--json",
                                    "--timeline", str(timeline)])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     for key in ("total_s", "compute_bound_s", "link_bound_s", "peak_gpu_gb", "experts_per_layer_iteration", "wall_s"):
         assert key in out
     assert out["total_s"] >= out["link_bound_s"] > out["compute_bound_s"] > 0
