@@ -67,18 +67,21 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
 
 @specs_app.command("list")
 def specs_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the model and hardware presets."""
-    from expertsim.specs import list_hardware, list_models, load_hardware, load_model
+    """List the model, hardware and runtime presets."""
+    from expertsim.specs import list_hardware, list_models, list_runtimes, load_hardware, load_model, load_runtime
 
     models = [load_model(n).summary() for n in list_models()]
     hardware = [load_hardware(n).summary() for n in list_hardware()]
+    runtimes = [load_runtime(n).summary() for n in list_runtimes()]
     if as_json:
-        echo_json({"models": models, "hardware": hardware})
+        echo_json({"models": models, "hardware": hardware, "runtimes": runtimes})
         return
     typer.echo("Models (expert sizes in the model's dtype; GB = 1e9 bytes):")
     print_table(models)
     typer.echo("\nHardware (link_GBps: effective pinned host-to-device bandwidth):")
     print_table(hardware)
+    typer.echo("\nRuntimes (software stacks: exposed host time in us per layer / per expert call, copy semantics):")
+    print_table(runtimes)
 
 
 @specs_app.command("show")
@@ -89,9 +92,14 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     from expertsim.specs import list_hardware, load_hardware, load_model
     from expertsim.specs.loader import _PRESETS
 
+    from expertsim.specs import list_runtimes, load_runtime
+
     if name in list_hardware():
         spec = load_hardware(name)
         kind = "hardware"
+    elif name in list_runtimes():
+        spec = load_runtime(name)
+        kind = "runtimes"
     else:
         spec = load_model(name)
         kind = "models"
@@ -254,8 +262,15 @@ def _simulation(model, hardware, trace, policy, system, per_layer, global_slots,
     from expertsim.sim import Simulation
     from expertsim.specs import apply_overrides, load_hardware, load_model, parse_set_options
 
-    m, h = apply_overrides(load_model(model), load_hardware(hardware), parse_set_options(sets))
+    overrides = parse_set_options(sets)
+    m, h = apply_overrides(load_model(model), load_hardware(hardware), overrides)
     sys_obj = _policy(policy if not system else None, system, plugin, params)
+    runtime_sets = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
+    if runtime_sets:  # --set runtime.X=... on the run's runtime (--runtime, else the system's own)
+        from expertsim.sim.cost import runtime_for
+        from expertsim.specs import apply_runtime_overrides
+
+        options.runtime = apply_runtime_overrides(runtime_for(sys_obj, options.runtime), runtime_sets)
     return Simulation(m, h, sys_obj, _cache_config(per_layer, global_slots, cache_gb), options=options)
 
 
@@ -282,6 +297,7 @@ def simulate_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
     link_queue: str = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner)."),
     engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
+    runtime: str = typer.Option(None, "--runtime", help="Software stack (expertsim specs list): its framework time and copy semantics. Default: a named system's own stack, else 'default' (the roofline alone)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -306,7 +322,7 @@ def simulate_command(
                          arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
                          rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
-                         profile=profile, engine=engine, link_queue=link_queue)
+                         profile=profile, engine=engine, link_queue=link_queue, runtime=runtime)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))

@@ -50,11 +50,22 @@ def test_request_scope_empties_cache():
     assert (global_.hits, global_.misses) == (6, 2)
 
 
-def test_cache_smaller_than_topk_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"1 slots per layer is smaller than top-k=2.*--per-layer 2"):
-        ExpertCache(4, 8, 100, CacheConfig(per_layer=1), LRU(), top_k=2)
+def test_empty_cache_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"0 slots per layer holds no expert.*--per-layer 1"):
+        ExpertCache(4, 8, 100, CacheConfig(per_layer=0), LRU(), top_k=2)
     with pytest.raises(ConfigError, match="exactly one cache size"):
         CacheConfig(per_layer=2, global_slots=3)
+
+
+def test_fewer_slots_than_top_k_stream_the_experts_through_them():
+    """mixtral-offloading with offload_per_layer=7 keeps 1 slot per layer for a top-2 model: a
+    token's two experts pass through the slot one after the other, so only an expert used again
+    right after its own use can hit; the layer's last expert stays resident."""
+    rows = [[[0, 1]], [[1, 2]], [[2, 3]], [[3, 2]]]
+    trace = decode_trace(rows, 4, requests=[0, 0, 0, 0])
+    result = replay_cache(trace, make_policy("lru"), CacheConfig(per_layer=1), scope="global", engine="des")
+    # token 0: 0 miss, 1 miss (evicts 0); token 1: 1 hit, 2 miss; token 2: 2 hit, 3 miss; token 3: 3 hit, 2 miss
+    assert (result.hits, result.misses) == (3, 5)
 
 
 @st.composite

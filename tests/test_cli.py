@@ -83,7 +83,7 @@ def test_simulate_timeline_writes_chrome_trace(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["simulate", "--hardware", "a4O"], "unknown hardware preset 'a4O'. Did you mean a40"),
     (["simulate", "--model", "mixtral"], "unknown model preset 'mixtral'"),
-    (["simulate", "--policy", "lru", "--per-layer", "1"], "smaller than top-k=2"),
+    (["simulate", "--policy", "lru", "--per-layer", "0"], "holds no expert"),
     (["simulate", "--policy", "lru", "--per-layer", "2", "--set", "link.bandwidth_gbps=0"],
      "bandwidth_gbps must be a positive number, got 0"),
     (["simulate", "--policy", "lru", "--per-layer", "2", "--set", "link.bandwith_gbps=10"],

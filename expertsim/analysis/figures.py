@@ -365,3 +365,36 @@ def reuse_distance_figure(trace, title: str = "Reuse (stack) distance"):
     fig.update_layout(template=_TEMPLATE, title=title, xaxis_title="stack distance (distinct experts since last use)",
                       yaxis_title="share of lookups", xaxis_type="category")
     return fig
+
+
+def published_scatter(report: dict):
+    """Predicted vs published speed (tokens/s), log-log, with the y = x line and +-25% band; one
+    colour per source paper, hover with the row id and ratio."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in report["rows"] if r["predicted"] == r["predicted"]]  # finite
+    speed = lambda r, key: r[key] if r["unit"] == "tok/s" else 1.0 / r[key]  # noqa: E731
+    values = [speed(r, k) for r in rows for k in ("published", "predicted")] or [1.0]
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                             line=dict(color="#444", dash="dash"), hoverinfo="skip"))
+    for factor, name in ((1.25, "+25%"), (0.8, "-20%")):
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo * factor, hi * factor], mode="lines", name=name,
+                                 line=dict(color="#bbb", dash="dot"), hoverinfo="skip", showlegend=False))
+    sources = sorted({r["source"].split(",")[0] for r in rows})
+    for source in sources:
+        members = [r for r in rows if r["source"].split(",")[0] == source]
+        fig.add_trace(go.Scatter(
+            x=[speed(r, "published") for r in members], y=[speed(r, "predicted") for r in members],
+            mode="markers", name=source, marker=dict(size=10, symbol=["circle-open" if r["fit"] else "circle"
+                                                                      for r in members]),
+            text=[f"{r['id']}<br>{r['policy']} on {r['hardware']}<br>ratio {r['ratio']:.3f}"
+                  + (" (fit)" if r["fit"] else "") for r in members],
+            hovertemplate="%{text}<br>published %{x:.3g} tok/s<br>predicted %{y:.3g} tok/s<extra></extra>"))
+    fig.update_layout(
+        title="Predicted vs published end-to-end speed (log-log; dashed: y = x, dotted: +25% / -20%)",
+        xaxis=dict(title="published speed (tokens/s)", type="log"),
+        yaxis=dict(title="predicted speed (tokens/s)", type="log", scaleanchor="x"),
+        height=560, template="plotly_white", legend=dict(orientation="h", y=-0.18))
+    return fig

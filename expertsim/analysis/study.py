@@ -94,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
 }
 CACHE_KEYS = ("cache_per_layer", "cache_slots", "cache_gb")
 RUN_KEYS = set(DEFAULTS) | set(CACHE_KEYS) | {"label"}
-OVERRIDE_PREFIXES = ("model.", "gpu.", "link.", "cpu.", "storage.")
+OVERRIDE_PREFIXES = ("model.", "gpu.", "link.", "cpu.", "storage.", "runtime.")
 # Keys that change what is recorded, not what is simulated: left out of the run id.
 UNHASHED_KEYS = ("trace_path", "timeline", "timeline_iterations")
 

@@ -65,17 +65,19 @@ def load_trace(path: str, requests: int | None, phase: str, max_tokens: int | No
 def _cache_config(config: dict, model, hardware, trace, system):
     """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV."""
     from expertsim.errors import ConfigError
-    from expertsim.policies import CacheConfig
+    from expertsim.policies import CacheConfig, System
 
     if system.cache_config(model) is not None:
         return None  # the system fixes its own
     key = next((k for k in CACHE_KEYS if config.get(k) is not None), None)
+    if key is None and type(system).default_cache_config is not System.default_cache_config:
+        return None  # a named system sizes its own cache by default (Fiddler, SE-MoE, ...)
     if key is None:
         raise ConfigError(f"policy {config['policy']!r} needs a cache size: give one of {', '.join(CACHE_KEYS)}")
     value = config[key]
     if value == "max":
         context = int(trace.position.max()) + 1
-        free = (hardware.gpu.memory_bytes - model.dense_bytes - model.kv_bytes_per_token * context
+        free = (hardware.gpu.memory_bytes - model.dense_bytes - int(round(model.kv_bytes_per_token_stored * context))
                 - int(hardware.gpu.workspace_gb * 1e9))
         if free <= 0:
             raise ConfigError(f"no GPU memory left for an expert cache on {hardware.name} "
@@ -171,7 +173,14 @@ def run_one(config: dict) -> dict:
             "cache_config": None if cache is None else cache.describe(),
             "python": sys.version.split()[0],
         }
-        result = _simulate(config, model, hardware, system, cache, _sim_options(config), trace)
+        options = _sim_options(config)
+        runtime_overrides = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
+        if runtime_overrides or options.runtime is not None:
+            from expertsim.sim.cost import runtime_for
+            from expertsim.specs import apply_runtime_overrides
+
+            options.runtime = apply_runtime_overrides(runtime_for(system, options.runtime), runtime_overrides)
+        result = _simulate(config, model, hardware, system, cache, options, trace)
         metrics = dict(result.metrics)
         m = model
         metrics["cache_experts"] = int(round(metrics["expert_cache_gb"] * 1e9 / m.expert_bytes()))
@@ -180,6 +189,7 @@ def run_one(config: dict) -> dict:
         record["policy_label"] = result.config.get("policy")
         record["cache_label"] = result.config.get("cache")
         record["engine_used"] = result.config.get("engine")
+        record["runtime_label"] = result.config.get("runtime")
         record["assumptions"] = list(result.assumptions)
         if result.timeline is not None:
             record["timeline"] = result.timeline.to_dict()

@@ -179,6 +179,9 @@ class System:
     description = ""
     citation = ""
     oracle = False
+    # The software stack it runs on by default (a runtime preset, expertsim/specs/presets/runtimes):
+    # a named system runs on the stack it was released with; a run's ``runtime`` overrides it.
+    runtime = "default"
 
     @property
     def uses_gate_weights(self) -> bool:
@@ -259,7 +262,7 @@ def free_expert_memory_bytes(model: "ModelSpec", hardware: "HardwareSpec", max_c
     from expertsim.errors import ConfigError
 
     gpu = hardware.gpu
-    base = model.dense_bytes + model.kv_bytes_per_token * int(max_context_tokens) + int(gpu.workspace_gb * 1e9)
+    base = model.dense_bytes + int(round(model.kv_bytes_per_token_stored * int(max_context_tokens))) + int(gpu.workspace_gb * 1e9)
     free = gpu.memory_bytes - base
     need = model.top_k * model.expert_bytes()
     if free < need:

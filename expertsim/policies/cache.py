@@ -83,10 +83,11 @@ class ExpertCache:
         self.eviction = eviction
         n = num_layers * num_experts
         if config.per_layer is not None:
-            if config.per_layer < top_k:
+            if config.per_layer < 1:
                 raise ConfigError(
-                    f"cache of {config.per_layer} slots per layer is smaller than top-k={top_k}: a "
-                    f"token's experts could not be resident together. Use --per-layer {top_k} or more"
+                    f"cache of {config.per_layer} slots per layer holds no expert: give --per-layer 1 or "
+                    f"more (fewer slots than top-k={top_k} stream a token's experts through them one by "
+                    f"one, as mixtral-offloading with offload_per_layer=7 does)"
                 )
             self.num_partitions = num_layers
             cap = config.per_layer * self.expert_bytes

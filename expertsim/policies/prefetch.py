@@ -95,6 +95,23 @@ class PregatedPrefetch(Prefetcher):
         return out
 
 
+class ModelledSpeculation(PregatedPrefetch):
+    """Next-layer gate speculation when the trace did not record it: the guess for layer l+d is
+    the true routing of l+d with each expert kept with probability ``recall`` and otherwise
+    replaced by a seeded random wrong one. It reads the same pass's routing at the next layer
+    (what the speculation approximates), not later tokens, so it is not an oracle of the future
+    in the sense of Belady; its accuracy is an assumption the run states."""
+
+    name = "speculative-modelled"
+    oracle = False
+
+    def __init__(self, distance: int = 1, recall: float = 0.8, seed: int = 0):
+        super().__init__(distance=distance, accuracy=recall, seed=seed)
+
+    def params(self) -> dict:
+        return {"distance": self.distance, "recall": self.accuracy, "seed": self.seed}
+
+
 class SpeculativePrefetch(Prefetcher):
     """Next-layer gate speculation recorded in the trace: layer l+d's router applied to layer
     l's hidden state (mixtral-offloading, Eliseev & Mazur, arXiv 2312.17238; HOBBIT; ProMoE

@@ -87,7 +87,10 @@ def validate_command(
     layers: int = typer.Option(None, "--layers", help="Keep the first N MoE layers (default: 4)."),
     experts_scale: float = typer.Option(None, "--experts-scale", help="Scale d_model/d_ff by S (default: 1/16 on cpu, 1 on cuda)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Replay the first M tokens of the trace (default: 1000 on cpu, 1200 on cuda)."),
-    out: str = typer.Option("expertsim-validate", "--out", "-o", help="Folder for the measurements, Parquet results and the HTML scatter."),
+    out: str = typer.Option(None, "--out", "-o", help="Folder for the measurements, Parquet results and the HTML scatter (default expertsim-validate; with --published: only when given)."),
+    published: str = typer.Option(None, "--published", help="A measurements file (TOML, see ../shared/published/dev.toml): predict every published number with the simulator and compare; no device needed."),
+    fit: bool = typer.Option(False, "--fit", help="With --published: fit the file's fit_params per fit group on the rows marked fit = true, then predict the others."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="With --published: simulations in parallel (default: the CPU count)."),
     policies: str = typer.Option(None, "--policies", help="Comma-separated NAME[:K] (K slots per layer). Default: no-cache, lru:2, lru:4, a prefetching system when registered, all-on-gpu."),
     dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: fp32 on cpu, the model's on cuda)."),
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
@@ -101,6 +104,14 @@ def validate_command(
     """Replay a trace slice on a device under several policies, simulate the same slice with the
     calibrated profile, and report the simulator's error (per-token latency, total time, hit
     rate) and whether it ranks the policies as measured (Kendall tau)."""
+    if published:
+        _validate_published(published, fit=fit, jobs=jobs, out=out, as_json=as_json)
+        return
+    if fit:
+        from expertsim.errors import ConfigError
+
+        raise ConfigError("--fit needs --published FILE (a measurements file with fit_params)")
+    out = out or "expertsim-validate"
     from expertsim.validate import prepare_slice, validate
 
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps,
@@ -141,3 +152,48 @@ def validate_command(
         typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     typer.echo("overall: " + ", ".join(f"{k} {report[k]:.4g}" for k in keys))
     typer.echo(f"results: {paths['policies']}  per token: {paths['per_token']}  scatter: {paths['html']}")
+
+
+def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | None, as_json: bool) -> None:
+    """``expertsim validate --published FILE``: the simulator against published measurements."""
+    import math
+
+    from expertsim.analysis.published import validate_published, write_published_report
+
+    if jobs is not None and jobs < 1:
+        from expertsim.errors import ConfigError
+
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    report = validate_published(path, fit=fit, jobs=jobs, progress=lambda msg: typer.echo(msg, err=True))
+    paths = write_published_report(report, out) if out else {}
+    if as_json:
+        keep = ("id", "group", "published", "predicted", "unit", "metric", "ratio", "fit", "status", "error",
+                "policy", "hardware", "engine")
+        _echo_json({"file": report["file"], "median_abs_error": report["median_abs_error"],
+                    "max_abs_error": report["max_abs_error"], "rank_agreement": report["rank_agreement"],
+                    "groups": report["groups"], "fitted": report["fitted"], "failed": report["failed"],
+                    "rows": [{k: r[k] for k in keep} for r in report["rows"]],
+                    "outputs": {k: str(v) for k, v in paths.items()}})
+        return
+    typer.echo(f"# {report['file']}: ratio = predicted speed / published speed; error = |ratio - 1|")
+    cols = ["id", "policy", "hardware", "unit", "published", "predicted", "ratio", "fit"]
+    rows = [[str(r["id"]), str(r["policy"]), str(r["hardware"]), r["unit"], f"{r['published']:.4g}",
+             f"{r['predicted']:.4g}" if math.isfinite(r["predicted"]) else "failed",
+             f"{r['ratio']:.3f}" if math.isfinite(r["ratio"]) else "-", "yes" if r["fit"] else ""]
+            for r in report["rows"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    for g in report["groups"]:
+        typer.echo(f"# group {g['group']}: {'same order as published' if g['same_order'] else 'ORDER DIFFERS'}")
+    for row in report["rows"]:
+        if row["status"] != "ok":
+            typer.echo(f"# {row['id']} failed: {row['error']}")
+    if report["fitted"]:
+        for group, values in report["fitted"].items():
+            typer.echo(f"# fitted for {group}: " + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
+    typer.echo(f"median |ratio - 1| = {report['median_abs_error']:.3f}; max = {report['max_abs_error']:.3f}; "
+               f"rank agreement = {report['rank_agreement']:.2f} ({len(report['groups'])} groups)")
+    for kind, p in paths.items():
+        typer.echo(f"{kind}: {p}")

@@ -29,8 +29,16 @@ Roofline terms:
   head_dim x attention_pairs, where attention_pairs = sum over requests of new tokens x context
   (tokens x context at batch 1). The router's GEMM and weights are part of the dense layer
   (``dense_params`` counts the router; ``router_time_ns`` reports it alone for the printout).
-- ``cpu_expert_time_ns(tokens)`` = max(expert bytes / CPU memory bw, FLOPs / (CPU FLOP/s x eff))
-  plus the activations' two small copies over the link (to the host and back).
+- ``cpu_expert_time_ns(tokens)`` = max(expert bytes / CPU memory bw, FLOPs / (CPU FLOP/s of the
+  model dtype x eff)) plus the activations' two small copies over the link (to the host and back).
+  ``cpu.tflops_by_dtype`` gives the instruction set's rate per dtype (bf16 without AVX512_BF16).
+- Quantised experts (``model.expert_bits`` below the dtype's bits) are stored, copied and read in
+  their own bytes and pay ``DEQUANT_FLOPS_PER_PARAM`` per parameter at compute time (fused).
+- Runtime (:class:`~expertsim.specs.runtime.RuntimeSpec`): the stack's exposed host time is added
+  to the compute terms it belongs to, divided by ``cpu.host_speed``: ``host_us_per_layer`` to
+  each dense layer, ``host_us_per_expert`` to each GPU expert call. Copy semantics (compute
+  stream, write-back) are the engine's (:mod:`expertsim.sim.engine`); ``pinned_host`` picks the
+  link's pinned or pageable rate.
 
 Units: bytes, GB/s = 1e9 bytes/s, TFLOP/s = 1e12 FLOP/s, times rounded to the nearest ns.
 """
@@ -42,11 +50,22 @@ from pathlib import Path
 import numpy as np
 
 from expertsim.errors import ConfigError
-from expertsim.specs import HardwareSpec, ModelSpec
+from expertsim.specs import HardwareSpec, ModelSpec, RuntimeSpec
 from expertsim.specs.profile import interp_extrapolate, read_profile_json
 
 # Fused dequantisation of a low-bit expert: about one multiply and one convert per weight.
 DEQUANT_FLOPS_PER_PARAM = 2.0
+
+
+def runtime_for(system, runtime=None) -> RuntimeSpec:
+    """The runtime a run uses: ``runtime`` (a RuntimeSpec, a preset name or a TOML path), else the
+    system's own (``System.runtime``: a named system runs on the stack it was released with),
+    else ``default``."""
+    if isinstance(runtime, RuntimeSpec):
+        return runtime
+    from expertsim.specs import load_runtime
+
+    return load_runtime(runtime or getattr(system, "runtime", None) or "default")
 
 
 def _ns(seconds: float) -> int:
@@ -152,9 +171,20 @@ class CostModel:
     hardware: HardwareSpec
     profile: CostProfile | None = None
     link_curve: LinkCurve | None = None
+    runtime: RuntimeSpec | None = None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.runtime is None:
+            object.__setattr__(self, "runtime", RuntimeSpec(name="default"))
+        if self.runtime.pinned_host is not None and self.runtime.pinned_host != self.hardware.link.pinned:
+            import dataclasses
+
+            link = dataclasses.replace(self.hardware.link, pinned=self.runtime.pinned_host)
+            object.__setattr__(self, "hardware", dataclasses.replace(self.hardware, link=link))
+        speed = self.hardware.cpu.host_speed
+        object.__setattr__(self, "host_layer_ns", _ns(self.runtime.host_us_per_layer * 1e-6 / speed))
+        object.__setattr__(self, "host_expert_ns", _ns(self.runtime.host_us_per_expert * 1e-6 / speed))
         if self.link_curve is None:
             curve = getattr(self.hardware.link, "bandwidth_curve", None)
             if curve:
@@ -232,10 +262,14 @@ class CostModel:
             if low_precision_dtype is not None:
                 t += self.dequant_time_ns(low_precision_dtype)
         elif low_precision_dtype is None:
-            t = self._roofline_ns(m.expert_bytes(), m.expert_flops(tokens), m.dtype)
+            flops = m.expert_flops(tokens)
+            if m.experts_quantised:
+                flops += DEQUANT_FLOPS_PER_PARAM * m.expert_params
+            t = self._roofline_ns(m.expert_bytes(), flops, m.dtype)
         else:
             flops = m.expert_flops(tokens) + DEQUANT_FLOPS_PER_PARAM * m.expert_params
             t = self._roofline_ns(m.expert_bytes(low_precision_dtype), flops, m.dtype)
+        t += self.host_expert_ns
         self._memo[key] = t
         return t
 
@@ -266,6 +300,7 @@ class CostModel:
             else:
                 flops = m.dense_flops_per_layer(tokens, 0) + 4.0 * m.num_heads * m.head_dim * attention_pairs
             t = self._roofline_ns(nbytes, flops, m.dtype)
+        t += self.host_layer_ns
         if len(self._memo) < 200_000:
             self._memo[key] = t
         return t
@@ -287,7 +322,7 @@ class CostModel:
         t_mem = nbytes / (gpu.hbm_bandwidth_gbps * 1e9 * gpu.memory_efficiency)
         t_flop = flops / (gpu.peak_flops(m.dtype) * gpu.compute_efficiency)
         seconds = gpu.launch_overhead_us * 1e-6 + np.maximum(t_mem, t_flop)
-        return np.where(tokens > 0, np.rint(seconds * 1e9), 0).astype(np.int64)
+        return np.where(tokens > 0, np.rint(seconds * 1e9).astype(np.int64) + self.host_layer_ns, 0).astype(np.int64)
 
     def router_time_ns(self, tokens: int) -> int:
         """The router GEMM alone (d_model x experts), for the printout: the engine charges it
@@ -305,7 +340,7 @@ class CostModel:
             return int(round(self.profile.ns_1d("cpu_expert", tokens) * self.profile.expert_scale))
         cpu, m = self.hardware.cpu, self.model
         t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9)
-        t_flop = m.expert_flops(tokens) / (cpu.tflops * 1e12 * cpu.efficiency)
+        t_flop = m.expert_flops(tokens) / (cpu.gemm_flops(m.dtype) * cpu.efficiency)
         return _ns(max(t_mem, t_flop))
 
     def activation_copy_ns(self, tokens: int) -> int:
@@ -330,5 +365,7 @@ class CostModel:
             "dense_layer_ms_1tok": self.dense_layer_time_ns(1, 1) / 1e6,
             "router_ms_1tok": self.router_time_ns(1) / 1e6,
             "cpu_expert_ms_1tok": self.cpu_expert_time_ns(1) / 1e6,
+            "host_ms_per_layer": self.host_layer_ns / 1e6,
+            "host_ms_per_expert": self.host_expert_ns / 1e6,
             "source": f"profile {self.profile.source} ({self.profile.device})" if self.profile else "roofline",
         }

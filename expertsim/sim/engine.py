@@ -37,7 +37,7 @@ from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, ExpertCache, LayerOutcome, MissAction, RunContext, System
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
-from expertsim.sim.cost import CostModel, CostProfile, LinkCurve
+from expertsim.sim.cost import CostModel, CostProfile, LinkCurve, runtime_for
 from expertsim.sim.memory import GpuMemory, storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.serving import ARRIVAL_MODES, ContinuousBatcher, arrival_times_ns, plan_iterations
@@ -81,6 +81,9 @@ class SimOptions:
     # Cost sources: a calibrated profile (JSON, see cost.py) and a size-dependent link curve.
     profile: str | None = None
     link_curve: dict | None = None  # {"bytes": [...], "gbps": [...]}
+    # The software stack (expertsim.specs.runtime): a RuntimeSpec, a preset name or a TOML path;
+    # None = the system's own runtime (a named system's released stack; "default" otherwise).
+    runtime: object = None
     bounds: bool = True  # compute the compute-only and link bounds after the run
     engine: str = "des"  # des | fast | auto: the fast engine (expertsim.sim.fast) where it reproduces the DES
 
@@ -126,7 +129,8 @@ class Simulation:
         self.options.validate()
         profile = CostProfile.load(self.options.profile, self.model) if self.options.profile else None
         curve = LinkCurve.from_dict(self.options.link_curve) if self.options.link_curve else None
-        self.cost = CostModel(self.model, self.hardware, profile=profile, link_curve=curve)
+        self.runtime = runtime_for(self.system, self.options.runtime)
+        self.cost = CostModel(self.model, self.hardware, profile=profile, link_curve=curve, runtime=self.runtime)
 
     # --- memory ---------------------------------------------------------------------------
     def gpu_memory(self) -> GpuMemory:
@@ -199,7 +203,7 @@ class Simulation:
         runner.execute()
         runner.totals["prefetch_admitted"] = cache.prefetch_admitted
         runner.totals["prefetch_hits"] = cache.prefetch_hits
-        memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * runner.max_kv_tokens)
+        memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * runner.max_kv_tokens)))
         extra = {}
         if opts.bounds:
             extra = bounds.run_bounds(self.cost, m, trace, runner.iterations, self.cache_config,
@@ -280,9 +284,14 @@ class _DesRun:
         self.totals = {"h2d_bytes": 0, "stall_ns": 0, "copies": 0, "prefetch_copies": 0,
                        "cancelled_prefetches": 0, "dropped_gate_mass": 0.0, "degraded_gate_mass": 0.0,
                        "cpu_experts": 0, "expert_compute_ns": 0, "dense_compute_ns": 0, "cpu_ns": 0,
-                       "storage_bytes": 0, "idle_ns": 0}
+                       "storage_bytes": 0, "idle_ns": 0, "d2h_bytes": 0}
         self.timeline = Timeline() if sim.options.timeline else None
         self._moe_index = {layer: i for i, layer in enumerate(m.moe_layers)}
+        # Runtime with copies on the compute stream: every kernel waits for the copies issued
+        # before it (stream order); host time (framework) overlaps them.
+        self.serial = sim.runtime.serialises_copies
+        self._evictions_seen = 0
+        self.stream_copies: list[_Copy] = []
         self._record_iteration = True
 
     def execute(self) -> None:
@@ -297,17 +306,20 @@ class _DesRun:
 
     # --- copies ---------------------------------------------------------------------------
     def _start_copy(self, it: Iteration, layer: int, expert: int, slot: int, nbytes: int,
-                    priority: int, after: simpy.Event | None) -> None:
+                    priority: int, after: simpy.Event | None, writeback_bytes: int = 0) -> None:
         """``priority``: 0 for a demand copy, >= 1 for a prefetch (served in issue order anyway
-        with ``link_queue="fifo"``)."""
+        with ``link_queue="fifo"``). ``writeback_bytes``: an evicted expert copied back to host
+        first, on the same engine (a swap, runtime ``writeback``)."""
         key = self.cache.key(layer, expert)
         copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
                      priority=0 if self.fifo_link else priority)
         self.copies[key] = copy
+        if self.serial:
+            self.stream_copies.append(copy)
         slot_id = (self.cache.partition(layer), slot)
         previous = self.slot_copy.get(slot_id)
         self.slot_copy[slot_id] = copy
-        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous))
+        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
 
     def _acquire(self, resource: _PriorityResource, copy: _Copy):
         """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
@@ -324,7 +336,7 @@ class _DesRun:
         yield req
         return req
 
-    def _copy(self, copy: _Copy, it, layer, expert, nbytes, after, previous):
+    def _copy(self, copy: _Copy, it, layer, expert, nbytes, after, previous, writeback_bytes=0):
         env, cost = self.env, self.cost
         if after is not None and not after.triggered:
             yield after
@@ -348,6 +360,12 @@ class _DesRun:
                 self.totals["cancelled_prefetches"] += 1
                 break
             copy.started = True
+            if writeback_bytes:  # the evicted expert goes back to host before the new one comes in
+                start = env.now
+                yield env.timeout(cost.transfer_time_ns(writeback_bytes))
+                self.totals["d2h_bytes"] += writeback_bytes
+                self._row("link", "writeback", it, layer, expert, start, env.now, writeback_bytes)
+                writeback_bytes = 0
             start = env.now
             if self.wire is None:  # one engine: its overhead then the bytes, nothing comes between
                 yield env.timeout(cost.copy_overhead_ns(chunk) + cost.copy_wire_ns(chunk))
@@ -367,6 +385,19 @@ class _DesRun:
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
         copy.done.succeed()
+
+    def _drain_stream(self, it, layer):
+        """Wait for every copy issued on the compute stream so far (a kernel queued after them
+        cannot start before they end). Returns the wait in ns (stall)."""
+        waited = 0
+        for copy in self.stream_copies:
+            if not copy.done.triggered:
+                t0 = self.env.now
+                yield copy.done
+                waited += self.env.now - t0
+                self._row("gpu", "stall", it, layer, -1, t0, self.env.now)
+        self.stream_copies = []
+        return waited
 
     def _take(self, resource, priority: int = 0):
         req = resource.request(priority=priority)
@@ -435,7 +466,16 @@ class _DesRun:
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
                 t0 = env.now
-                yield env.timeout(t_dense)
+                if self.serial:  # host time overlaps the copies in flight; the kernels wait for them
+                    host = min(self.cost.host_layer_ns, t_dense)
+                    yield env.timeout(host)
+                    waited = yield from self._drain_stream(it, layer)
+                    stats["stall_ns"] += waited
+                    self.totals["stall_ns"] += waited
+                    t0 = env.now - host
+                    yield env.timeout(t_dense - host)
+                else:
+                    yield env.timeout(t_dense)
                 self.totals["dense_compute_ns"] += t_dense
                 self._row("gpu", "dense", it, layer, -1, t0, env.now)
                 moe = self._moe_index.get(layer)
@@ -475,6 +515,25 @@ class _DesRun:
         hit_copies = {item.expert: self.copies.get(cache.key(layer, item.expert))
                       for item in plan.items if item.hit}
         own = {cache.key(layer, e) for e in hit_copies}
+        runtime = self.sim.runtime
+        serial = runtime.serialises_copies  # copies queued on the compute stream, in serve order
+        writebacks = 0
+        if runtime.writeback:
+            # Every expert that left the GPU since the last layer (evicted here, or dropped at the
+            # end of a layer as no-cache does) is copied back, except copies still in flight.
+            in_flight = sum(1 for key in plan.evicted if (c := self.copies.get(key)) is not None
+                            and not c.done.triggered)
+            writebacks = cache.evictions - self._evictions_seen - in_flight
+        self._evictions_seen = cache.evictions
+        wb_bytes = self.sim.model.expert_bytes()
+
+        def take_writeback() -> int:
+            nonlocal writebacks
+            if writebacks <= 0:
+                return 0
+            writebacks -= 1
+            return wb_bytes
+
         self._cancel_evicted([key for key in plan.evicted if key not in own])
         for key in plan.evicted:
             if key in own:
@@ -490,16 +549,22 @@ class _DesRun:
                     copy.priority = 0  # needed now: a queued or in-flight prefetch becomes a demand copy
                     if not copy.promote.triggered:
                         copy.promote.succeed()
-            if item.copy_bytes:
+            if item.copy_bytes and not serial:
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
-                self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after)
-        for pf in plan.prefetches:
-            self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None)
+                self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, take_writeback())
+        deferred = {idx: take_writeback() for idx, item in enumerate(plan.items) if item.copy_bytes and serial}
+        prefetch_wb = [take_writeback() for _ in plan.prefetches]
+        if not serial:
+            for pf, wb in zip(plan.prefetches, prefetch_wb):
+                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
         cpu_done = []
         stall = 0
         lowp = self.sim.system.low_precision_dtype
         for idx, item in enumerate(plan.items):
             done = compute_done.get(idx)
+            if idx in deferred:  # on the compute stream: issued now, after the kernels before it
+                after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
+                self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
             if item.action is MissAction.SKIP:
                 if done is not None:
                     done.succeed()
@@ -511,19 +576,28 @@ class _DesRun:
                 if done is not None:
                     done.succeed()
                 continue
+            t = self.cost.expert_time_ns(item.tokens, low_precision_dtype=lowp if item.low_precision else None)
+            host = min(self.cost.host_expert_ns, t) if serial else 0
+            if host:  # the expert call's host work overlaps the copies in flight on the stream
+                yield env.timeout(host)
+                stall += yield from self._drain_stream(it, layer)
             copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
             if copy is not None and not copy.done.triggered:
                 t0 = env.now
                 yield copy.done
                 stall += env.now - t0
                 self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
-            t0 = env.now
-            t = self.cost.expert_time_ns(item.tokens, low_precision_dtype=lowp if item.low_precision else None)
-            yield env.timeout(t)
+            if serial:
+                stall += yield from self._drain_stream(it, layer)
+            t0 = env.now - host
+            yield env.timeout(t - host)
             self.totals["expert_compute_ns"] += t
             self._row("gpu", "expert", it, layer, item.expert, t0, env.now)
             if done is not None:
                 done.succeed()
+        if serial:  # on the compute stream, after this layer's kernels: they overlap the next host work
+            for pf, wb in zip(plan.prefetches, prefetch_wb):
+                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
         for done in cpu_done:
             if not done.triggered:
                 t0 = env.now

@@ -918,7 +918,8 @@ def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.nd
 # the others; a field not listed here (a new option) must be at its default.
 _ANY_VALUE = {"scope", "check_memory", "engine", "bounds", "profile", "link_curve", "prefill_chunk_tokens",
               "timeline_iterations", "seed", "rate_per_s",
-              "link_queue"}  # the systems it runs copy on demand only: in issue order either way
+              "link_queue",  # the systems it runs copy on demand only: in issue order either way
+              "runtime"}  # checked below: host times fold into the cost model, copy semantics do not
 _ALLOWED = {"batch": (1,), "arrival": ("closed", "offline"), "timeline": (False,),
             "arrival_times_ns": (None,), "copy_chunk_bytes": (None,)}
 
@@ -930,6 +931,10 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
     ``hardware`` (and ``model``) also checks the link (one copy engine) and that every expert
     lives in host memory (no storage tier reads)."""
     if _builtin_kind(system) is None:
+        return False
+    from expertsim.sim.cost import runtime_for
+
+    if not runtime_for(system, options.runtime).fast_engine_ok:
         return False
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
@@ -947,6 +952,9 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
             return False
         if value != default:
             return False
+    if model is not None and cache_config is not None and cache_config.per_layer is not None \
+            and cache_config.per_layer < model.top_k:
+        return False  # fewer slots than top-k: experts stream through the slots (the DES's serve order)
     if hardware is not None:
         if hardware.link.copy_engines != 1:
             return False
@@ -1134,7 +1142,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
                "misses": all_it - hits_it, "stall_ns": stall_it, "experts": all_it}
     requests, latencies = _request_records(sched, begin, end, opts.arrival)
     max_kv = int(sched.context.max()) if num_iters else 0
-    memory["kv_bytes"] = max(memory["kv_bytes"], m.kv_bytes_per_token * max_kv)
+    memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * max_kv)))
     copies = int(all_it.sum() - hits_it.sum())
     totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall_it.sum()), "copies": copies,
               "prefetch_copies": 0, "cancelled_prefetches": 0, "dropped_gate_mass": 0.0,

@@ -39,7 +39,7 @@ class GpuMemory:
         return int(self.hardware.gpu.workspace_gb * 1e9)
 
     def kv_bytes(self, kv_tokens: int) -> int:
-        return self.model.kv_bytes_per_token * int(kv_tokens)
+        return int(round(self.model.kv_bytes_per_token_stored * int(kv_tokens)))
 
     def fixed_bytes(self) -> int:
         """Dense weights + workspace: present for the whole run."""

@@ -175,6 +175,12 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
         "tpot_p99_ms": _ms(np.percentile(tpot, 99)) if len(tpot) else float("nan"),
         "tokens_per_s": int(dtok.sum()) / (decode_ns / 1e9) if decode_ns else float("nan"),
         "throughput_tokens_per_s": int(dtok.sum()) / (total_ns / 1e9) if total_ns else float("nan"),
+        # Output tokens (each request's prefill pass emits its first token, each decode pass one
+        # more) over the busy time including prefill: the rate most papers report end to end.
+        "e2e_tokens_per_s": ((int(dtok.sum()) + num_requests) / ((total_ns - totals.get("idle_ns", 0)) / 1e9)
+                             if total_ns - totals.get("idle_ns", 0) > 0 else float("nan")),
+        "prefill_tokens_per_s": (int(ntok[prefill].sum()) / (int(dur[prefill].sum()) / 1e9)
+                                 if int(dur[prefill].sum()) > 0 else float("nan")),
         "e2e_ms": _ms(np.mean(e2e)) if e2e else float("nan"),
         "e2e_p99_ms": _ms(np.percentile(e2e, 99)) if e2e else float("nan"),
         "ttft_p99_ms": _ms(np.percentile(ttft, 99)) if ttft else float("nan"),
@@ -188,6 +194,7 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
         "misses": int(misses.sum()),
         "h2d_gb": totals["h2d_bytes"] / 1e9,
         "h2d_copies": totals["copies"],
+        "d2h_gb": totals.get("d2h_bytes", 0) / 1e9,
         "prefetch_copies": totals["prefetch_copies"],
         # Of the prefetches admitted, the share a lookup used before they left (precision); of
         # the lookups that were not resident from an earlier use, the share a prefetch covered
@@ -221,19 +228,26 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
         "trace": trace.metadata.get("source", trace.metadata.get("path", "?")),
         "engine": engine,
         "scope": scope,
+        "runtime": cost.runtime.name,
     }
     terms = cost.describe()
     assumptions = [
-        f"{model.name} on {hardware.name}; experts {model.dtype}, {model.expert_bytes() / 2**20:.0f} MiB each",
+        f"{model.name} on {hardware.name}; experts {model.dtype}"
+        + (f" stored in {model.expert_storage_bits:g} bits per weight" if model.expert_bits else "")
+        + f", {model.expert_bytes() / 2**20:.0f} MiB each"
+        + (f"; dense weights {model.dense_bits:g} bits per weight" if model.dense_bits else ""),
         f"link {hardware.link.kind} at {hardware.link.effective_bandwidth_gbps} GB/s effective + "
         f"{hardware.link.per_copy_overhead_us} us per copy: one expert copy = {terms['expert_copy_ms']:.2f} ms; "
         f"expert compute (1 token) = {terms['expert_compute_ms_1tok']:.3f} ms; dense layer (1 token) = "
         f"{terms['dense_layer_ms_1tok']:.3f} ms",
         _serving_line(serving),
+        cost.runtime.describe(),
         f"expert cache: {cache_config.describe()}; starts cold; "
         + ("emptied at each request's start" if scope == "request" else "kept warm across requests"),
         ("TPOT = mean decode-pass latency; tokens_per_s = decode tokens / decode time; "
-         "TTFT = first pass of each request; hit rates count resident or in-flight experts as hits")
+         "TTFT = first pass of each request; e2e_tokens_per_s = output tokens (decode tokens + one per "
+         "request from its prefill) / total time including prefill; hit rates count resident or in-flight "
+         "experts as hits")
         if serving.get("batch", 1) == 1 and serving.get("arrival", "closed") == "closed" else
         ("TPOT = mean over decode tokens of their iteration's duration; tokens_per_s = decode tokens / "
          "time of iterations with decode tokens; TTFT = arrival to the end of the request's first pass; "

@@ -92,10 +92,27 @@ class CpuSpec:
     memory_bandwidth_gbps: float
     memory_gb: float = 512.0
     efficiency: float = 0.6
+    # Sustained GEMM TFLOP/s per weight dtype where it differs from ``tflops``: what the
+    # instruction set gives. bf16 on an AVX-512 CPU without AVX512_BF16 (Skylake/Cascade Lake)
+    # is converted in software and runs far below fp32 (e.g. { bf16 = 0.05 }); AMX-BF16
+    # (Sapphire Rapids) far above. Missing dtypes use ``tflops``.
+    tflops_by_dtype: dict = field(default_factory=dict)
+    # Single-thread speed of the host relative to the machine a runtime's host times were measured
+    # on (dimensionless, 1.0 = the same): framework time per layer divides by it.
+    host_speed: float = 1.0
 
     def __post_init__(self) -> None:
         _positive("cpu spec", tflops=self.tflops, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
-                  memory_gb=self.memory_gb, efficiency=self.efficiency)
+                  memory_gb=self.memory_gb, efficiency=self.efficiency, host_speed=self.host_speed)
+        for dtype, value in self.tflops_by_dtype.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0 \
+                    or value == float("inf"):
+                raise SpecError(f"cpu spec: tflops_by_dtype.{dtype} must be a positive number (TFLOP/s), got "
+                                f"{value!r} (set it with --set cpu.tflops_by_dtype.{dtype}=VALUE)")
+
+    def gemm_flops(self, dtype: str) -> float:
+        """Sustained FLOP/s of an expert GEMM with ``dtype`` weights (before ``efficiency``)."""
+        return float(self.tflops_by_dtype.get(dtype, self.tflops)) * 1e12
 
 
 @dataclass(frozen=True)

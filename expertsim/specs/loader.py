@@ -12,6 +12,7 @@ from typing import Any
 from expertsim.errors import SpecError
 from expertsim.specs.hardware import CpuSpec, GpuSpec, HardwareSpec, LinkSpec, StorageSpec
 from expertsim.specs.model import ModelSpec
+from expertsim.specs.runtime import RuntimeSpec
 
 _PRESETS = resources.files("expertsim.specs") / "presets"
 
@@ -37,6 +38,10 @@ def list_models() -> list[str]:
 
 def list_hardware() -> list[str]:
     return _preset_names("hardware")
+
+
+def list_runtimes() -> list[str]:
+    return _preset_names("runtimes")
 
 
 def _read_toml(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
@@ -148,6 +153,41 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     return hardware_from_dict(data, name=Path(str(name_or_path)).stem)
 
 
+def runtime_from_dict(data: dict, name: str = "custom") -> RuntimeSpec:
+    data = dict(data)
+    data.setdefault("name", name)
+    fields = {f.name for f in dataclasses.fields(RuntimeSpec)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise SpecError(f"runtime {data['name']!r}: unknown field(s) {unknown}.{hint} Known: {sorted(fields)}")
+    try:
+        return RuntimeSpec(**data)
+    except TypeError as exc:
+        raise SpecError(f"runtime {data['name']!r}: {exc}") from None
+
+
+def load_runtime(name_or_path: str | Path | RuntimeSpec) -> RuntimeSpec:
+    """A runtime preset by name (``mixtral-offloading``) or a path to a TOML file."""
+    if isinstance(name_or_path, RuntimeSpec):
+        return name_or_path
+    data, _ = _read_toml(name_or_path, "runtimes")
+    return runtime_from_dict(data, name=Path(str(name_or_path)).stem)
+
+
+def apply_runtime_overrides(runtime: RuntimeSpec, overrides: dict[str, Any]) -> RuntimeSpec:
+    """Apply the ``runtime.``-prefixed keys of ``overrides`` (others are ignored)."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] != "runtime":
+            continue
+        if len(parts) != 2:
+            raise SpecError(f"--set {key}: name a runtime field, e.g. runtime.host_us_per_layer=500")
+        runtime = _set_path(runtime, parts[1:], value, key)
+    return runtime
+
+
 def _coerce(value: Any, current: Any, key: str) -> Any:
     if isinstance(value, str) and not isinstance(current, str):
         tomllib = _toml()
@@ -163,6 +203,8 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         value = int(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if current is None and isinstance(value, str) and value in ("true", "false"):
+        value = value == "true"
     return value
 
 
@@ -198,9 +240,11 @@ def apply_overrides(model: ModelSpec, hardware: HardwareSpec, overrides: dict[st
             model = _set_path(model, parts[1:], value, key)
         elif parts[0] in ("gpu", "link", "cpu", "storage"):
             hardware = _set_path(hardware, parts, value, key)
+        elif parts[0] == "runtime":
+            continue  # the runtime's own keys: apply_runtime_overrides
         else:
             raise SpecError(
-                f"--set {key}: keys start with model., gpu., link., cpu. or storage. "
+                f"--set {key}: keys start with model., gpu., link., cpu., storage. or runtime. "
                 f"(e.g. link.bandwidth_gbps=64)"
             )
     return model, hardware

@@ -57,6 +57,12 @@ class ModelSpec:
     d_ff_dense: int = 0
     expert_matrices: int = 3  # SwiGLU: w1, w3, w2; a plain ReLU FFN (Switch) has 2
     expert_params_override: int = 0  # for experts with biases etc.; 0 = matrices*d_model*d_ff
+    # Storage bits per weight, fractional for grouped quantisation (scales and zeros included):
+    # HQQ 2-bit group 16 with 8-bit scale/zero = 3.0, HQQ 3-bit group 64 = 3.45, HQQ 4-bit group 64
+    # = 4.25, GGUF Q4_K_M ~4.5-4.8, Q8_0 8.5, MXFP4 4.25. 0 = the bits of ``dtype``.
+    expert_bits: float = 0.0  # routed experts (what crosses the link and what a cache slot holds)
+    dense_bits: float = 0.0  # every other weight (attention, norms, embeddings, shared experts)
+    kv_bits: float = 0.0  # KV cache entries (kv_bytes_per_token is given at ``dtype``)
     family: str = ""
     source: str = ""
     notes: str = field(default="", compare=False)
@@ -83,6 +89,14 @@ class ModelSpec:
         if self.dense_params < 0 or self.kv_bytes_per_token < 0:
             raise SpecError(f"model {self.name!r}: dense_params and kv_bytes_per_token must be >= 0")
         dtype_bits(self.dtype)
+        for name in ("expert_bits", "dense_bits", "kv_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                    or not 0 <= value <= 64 or 0 < value < 1:
+                raise SpecError(
+                    f"model {self.name!r}: {name} must be 0 (the dtype's bits) or bits per weight in [1, 64], "
+                    f"got {value!r} (e.g. --set model.{name}=4.25)"
+                )
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -95,9 +109,21 @@ class ModelSpec:
             return self.expert_params_override
         return self.expert_matrices * self.d_model * self.d_ff_expert
 
+    @property
+    def expert_storage_bits(self) -> float:
+        """Bits per weight of a routed expert as stored (``expert_bits``, else the dtype's)."""
+        return float(self.expert_bits or dtype_bits(self.dtype))
+
+    @property
+    def experts_quantised(self) -> bool:
+        """Experts stored in fewer bits than the compute dtype: dequantised at compute time."""
+        return self.expert_storage_bits < dtype_bits(self.dtype)
+
     def expert_bytes(self, dtype: str | None = None) -> int:
-        """Bytes of one routed expert's weights in ``dtype`` (default: the model's dtype)."""
-        return int(round(self.expert_params * dtype_bits(dtype or self.dtype) / 8))
+        """Bytes of one routed expert's weights in ``dtype`` (default: as stored, ``expert_bits``
+        or the model's dtype)."""
+        bits = dtype_bits(dtype) if dtype else self.expert_storage_bits
+        return int(round(self.expert_params * bits / 8))
 
     @property
     def shared_expert_params(self) -> int:
@@ -108,10 +134,14 @@ class ModelSpec:
         return dtype_bits(self.dtype) / 8
 
     @property
+    def dense_bytes_per_param(self) -> float:
+        return (self.dense_bits or dtype_bits(self.dtype)) / 8
+
+    @property
     def dense_bytes(self) -> int:
         """Every weight that is not a routed expert (attention, norms, embeddings, shared experts,
-        dense FFN layers): it stays on the GPU."""
-        return int(round(self.dense_params * self.bytes_per_param))
+        dense FFN layers): it stays on the GPU, stored in ``dense_bits`` (default the dtype)."""
+        return int(round(self.dense_params * self.dense_bytes_per_param))
 
     @property
     def total_expert_bytes(self) -> int:
@@ -120,7 +150,7 @@ class ModelSpec:
     @property
     def embedding_bytes(self) -> int:
         """Input embedding table: gathered, not streamed, so it costs no per-layer reads."""
-        return int(self.vocab_size * self.d_model * self.bytes_per_param)
+        return int(self.vocab_size * self.d_model * self.dense_bytes_per_param)
 
     @property
     def dense_bytes_per_layer(self) -> float:
@@ -129,8 +159,15 @@ class ModelSpec:
         return max(self.dense_bytes - self.embedding_bytes, 0) / self.num_layers
 
     @property
+    def kv_bytes_per_token_stored(self) -> float:
+        """KV bytes per token as stored: ``kv_bytes_per_token`` (at ``dtype``) scaled to ``kv_bits``."""
+        if not self.kv_bits:
+            return self.kv_bytes_per_token
+        return self.kv_bytes_per_token * self.kv_bits / dtype_bits(self.dtype)
+
+    @property
     def kv_bytes_per_token_per_layer(self) -> float:
-        return self.kv_bytes_per_token / self.num_layers
+        return self.kv_bytes_per_token_stored / self.num_layers
 
     def expert_flops(self, tokens: int) -> float:
         """FLOPs of one routed expert over ``tokens`` tokens (2 per multiply-add)."""
@@ -153,6 +190,7 @@ class ModelSpec:
             "d_model": self.d_model,
             "d_ff_expert": self.d_ff_expert,
             "dtype": self.dtype,
+            "expert_bits": self.expert_storage_bits,
             "expert_MiB": round(self.expert_bytes() / 2**20, 2),
             "all_experts_GB": round(self.total_expert_bytes / 1e9, 2),
             "dense_GB": round(self.dense_bytes / 1e9, 2),

@@ -1,0 +1,89 @@
+"""RuntimeSpec: what a software stack pays around the roofline (the third spec kind, beside
+models and hardware).
+
+The roofline of :mod:`expertsim.sim.cost` says how long the bytes and FLOPs take. A real serving
+stack adds time the hardware does not dictate, and it decides how copies meet compute. Each
+field is one mechanism, with a unit in its name and a default that changes nothing, so that
+runs on the ``default`` runtime reproduce the numbers documented before runtimes existed:
+
+- ``host_us_per_layer``: host (framework) time per transformer layer per pass that the GPU
+  does *not* hide, in microseconds: PyTorch eager with HuggingFace module calls at batch 1
+  issues tens of small kernels per layer from Python, and a stack that synchronises with the
+  host inside every layer (``.tolist()`` of the routing, as mixtral-offloading and HF Mixtral
+  do) cannot run ahead of the GPU, so this time adds to the layer's GPU time. CUDA graphs or a
+  fused engine make it about zero.
+- ``host_us_per_expert``: the same per routed expert computed in a layer (the expert module
+  call: indexing the expert's tokens, its GEMM kernels, the weighted index-add).
+- ``copy_stream``: ``"copy"`` = expert copies run on their own CUDA stream and overlap
+  compute; ``"compute"`` = copies are queued on the compute stream (``non_blocking=True``
+  copies on the current stream), so a copy starts only after the kernel before it, and no
+  kernel runs while it is in flight.
+- ``writeback``: an evicted expert is copied back to host memory (device-to-host, on the same
+  stream as the copy that replaces it) before its slot is reused: a *swap*, not an overwrite.
+- ``pinned_host``: host-side expert buffers pinned (true) or pageable (false); unset = the
+  hardware's ``link.pinned``.
+
+Host times are per host at the speed of the machine the source measured on: the hardware spec's
+``cpu.host_speed`` (relative single-thread speed, default 1.0) divides them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from expertsim.errors import SpecError
+
+COPY_STREAMS = ("copy", "compute")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    host_us_per_layer: float = 0.0  # µs of exposed host time per transformer layer per pass
+    host_us_per_expert: float = 0.0  # µs of exposed host time per routed expert computed in a layer
+    copy_stream: str = "copy"  # "copy" (own stream, overlaps compute) | "compute" (serialised with kernels)
+    writeback: bool = False  # evicted expert copied back to host (D2H) before its slot is reused
+    pinned_host: bool | None = None  # None: the hardware's link.pinned
+    source: str = ""
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("host_us_per_layer", "host_us_per_expert"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise SpecError(f"runtime {self.name!r}: {name} must be a finite number >= 0 (microseconds), "
+                                f"got {value!r} (set it with --set runtime.{name}=VALUE)")
+        if self.copy_stream not in COPY_STREAMS:
+            raise SpecError(f"runtime {self.name!r}: copy_stream must be 'copy' or 'compute', got "
+                            f"{self.copy_stream!r} (--set runtime.copy_stream=copy)")
+        if not isinstance(self.writeback, bool):
+            raise SpecError(f"runtime {self.name!r}: writeback must be true or false, got {self.writeback!r}")
+        if self.pinned_host is not None and not isinstance(self.pinned_host, bool):
+            raise SpecError(f"runtime {self.name!r}: pinned_host must be true or false, got {self.pinned_host!r}")
+
+    @property
+    def serialises_copies(self) -> bool:
+        return self.copy_stream == "compute"
+
+    @property
+    def fast_engine_ok(self) -> bool:
+        """Whether the fast engine reproduces runs on this runtime: host times fold into the
+        cost model's compute terms; copy semantics (compute stream, write-back) need the DES."""
+        return not self.serialises_copies and not self.writeback
+
+    def summary(self) -> dict:
+        return {"name": self.name, "host_us_per_layer": self.host_us_per_layer,
+                "host_us_per_expert": self.host_us_per_expert, "copy_stream": self.copy_stream,
+                "writeback": self.writeback, "pinned_host": self.pinned_host}
+
+    def describe(self) -> str:
+        """One line for a run's printed assumptions."""
+        if self == RuntimeSpec(name=self.name, source=self.source):
+            return (f"runtime {self.name}: no framework time, copies on their own stream overlap compute, "
+                    f"no write-back (the roofline alone)")
+        copies = ("copies queued on the compute stream (no copy/compute overlap)" if self.serialises_copies
+                  else "copies on their own stream")
+        return (f"runtime {self.name}: {self.host_us_per_layer:g} us host time per layer + "
+                f"{self.host_us_per_expert:g} us per expert call (exposed, divided by cpu.host_speed); {copies}; "
+                + ("evicted experts written back to host" if self.writeback else "no write-back")
+                + (f"; {'pinned' if self.pinned_host else 'pageable'} host buffers" if self.pinned_host is not None else ""))
