@@ -177,7 +177,8 @@ def fit_group(rows: list[dict], fit_params: list[str], jobs: int = 1,
     import numpy as np
     from scipy.optimize import least_squares
 
-    start = np.array([max(_current_value(rows[0]["config"], k), 1e-9) for k in fit_params])
+    # In log space: a parameter at 0 (no overhead) starts from 100 of its unit instead.
+    start = np.array([_current_value(rows[0]["config"], k) or 100.0 for k in fit_params])
 
     def residuals(logp):
         params = dict(zip(fit_params, np.exp(logp).tolist()))

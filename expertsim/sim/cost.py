@@ -36,7 +36,8 @@ Roofline terms:
   their own bytes and pay ``DEQUANT_FLOPS_PER_PARAM`` per parameter at compute time (fused).
 - Runtime (:class:`~expertsim.specs.runtime.RuntimeSpec`): the stack's exposed host time is added
   to the compute terms it belongs to, divided by ``cpu.host_speed``: ``host_us_per_layer`` to
-  each dense layer, ``host_us_per_expert`` to each GPU expert call. Copy semantics (compute
+  each dense layer, ``host_us_per_expert`` to each GPU expert call; its kernel time beyond the
+  roofline (``kernel_us_per_layer``, ``kernel_us_per_expert``) likewise, undivided. Copy semantics (compute
   stream, write-back) are the engine's (:mod:`expertsim.sim.engine`); ``pinned_host`` picks the
   link's pinned or pageable rate.
 
@@ -185,6 +186,8 @@ class CostModel:
         speed = self.hardware.cpu.host_speed
         object.__setattr__(self, "host_layer_ns", _ns(self.runtime.host_us_per_layer * 1e-6 / speed))
         object.__setattr__(self, "host_expert_ns", _ns(self.runtime.host_us_per_expert * 1e-6 / speed))
+        object.__setattr__(self, "kernel_layer_ns", _ns(self.runtime.kernel_us_per_layer * 1e-6))
+        object.__setattr__(self, "kernel_expert_ns", _ns(self.runtime.kernel_us_per_expert * 1e-6))
         if self.link_curve is None:
             curve = getattr(self.hardware.link, "bandwidth_curve", None)
             if curve:
@@ -269,7 +272,7 @@ class CostModel:
         else:
             flops = m.expert_flops(tokens) + DEQUANT_FLOPS_PER_PARAM * m.expert_params
             t = self._roofline_ns(m.expert_bytes(low_precision_dtype), flops, m.dtype)
-        t += self.host_expert_ns
+        t += self.host_expert_ns + self.kernel_expert_ns
         self._memo[key] = t
         return t
 
@@ -300,7 +303,7 @@ class CostModel:
             else:
                 flops = m.dense_flops_per_layer(tokens, 0) + 4.0 * m.num_heads * m.head_dim * attention_pairs
             t = self._roofline_ns(nbytes, flops, m.dtype)
-        t += self.host_layer_ns
+        t += self.host_layer_ns + self.kernel_layer_ns
         if len(self._memo) < 200_000:
             self._memo[key] = t
         return t
@@ -322,7 +325,7 @@ class CostModel:
         t_mem = nbytes / (gpu.hbm_bandwidth_gbps * 1e9 * gpu.memory_efficiency)
         t_flop = flops / (gpu.peak_flops(m.dtype) * gpu.compute_efficiency)
         seconds = gpu.launch_overhead_us * 1e-6 + np.maximum(t_mem, t_flop)
-        return np.where(tokens > 0, np.rint(seconds * 1e9).astype(np.int64) + self.host_layer_ns, 0).astype(np.int64)
+        return np.where(tokens > 0, np.rint(seconds * 1e9).astype(np.int64) + self.host_layer_ns + self.kernel_layer_ns, 0).astype(np.int64)
 
     def router_time_ns(self, tokens: int) -> int:
         """The router GEMM alone (d_model x experts), for the printout: the engine charges it

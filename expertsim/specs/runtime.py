@@ -14,6 +14,11 @@ runs on the ``default`` runtime reproduce the numbers documented before runtimes
   fused engine make it about zero.
 - ``host_us_per_expert``: the same per routed expert computed in a layer (the expert module
   call: indexing the expert's tokens, its GEMM kernels, the weighted index-add).
+- ``kernel_us_per_layer`` / ``kernel_us_per_expert``: GPU time of the stack's own kernels
+  beyond the roofline, per layer and per expert call, in microseconds: tens of tiny eager
+  kernels that are launch-latency bound, or quantised GEMV kernels (e.g. HQQ's Triton 2/3-bit
+  kernels at batch 1) far from the memory roofline. It is stream time: copies queued on the
+  compute stream cannot overlap it (host time can).
 - ``copy_stream``: ``"copy"`` = expert copies run on their own CUDA stream and overlap
   compute; ``"compute"`` = copies are queued on the compute stream (``non_blocking=True``
   copies on the current stream), so a copy starts only after the kernel before it, and no
@@ -41,6 +46,8 @@ class RuntimeSpec:
     name: str
     host_us_per_layer: float = 0.0  # µs of exposed host time per transformer layer per pass
     host_us_per_expert: float = 0.0  # µs of exposed host time per routed expert computed in a layer
+    kernel_us_per_layer: float = 0.0  # µs of GPU stream time per layer beyond the roofline
+    kernel_us_per_expert: float = 0.0  # µs of GPU stream time per expert call beyond the roofline
     copy_stream: str = "copy"  # "copy" (own stream, overlaps compute) | "compute" (serialised with kernels)
     writeback: bool = False  # evicted expert copied back to host (D2H) before its slot is reused
     pinned_host: bool | None = None  # None: the hardware's link.pinned
@@ -48,7 +55,7 @@ class RuntimeSpec:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("host_us_per_layer", "host_us_per_expert"):
+        for name in ("host_us_per_layer", "host_us_per_expert", "kernel_us_per_layer", "kernel_us_per_expert"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SpecError(f"runtime {self.name!r}: {name} must be a finite number >= 0 (microseconds), "
@@ -73,7 +80,8 @@ class RuntimeSpec:
 
     def summary(self) -> dict:
         return {"name": self.name, "host_us_per_layer": self.host_us_per_layer,
-                "host_us_per_expert": self.host_us_per_expert, "copy_stream": self.copy_stream,
+                "host_us_per_expert": self.host_us_per_expert, "kernel_us_per_layer": self.kernel_us_per_layer,
+                "kernel_us_per_expert": self.kernel_us_per_expert, "copy_stream": self.copy_stream,
                 "writeback": self.writeback, "pinned_host": self.pinned_host}
 
     def describe(self) -> str:
@@ -84,6 +92,8 @@ class RuntimeSpec:
         copies = ("copies queued on the compute stream (no copy/compute overlap)" if self.serialises_copies
                   else "copies on their own stream")
         return (f"runtime {self.name}: {self.host_us_per_layer:g} us host time per layer + "
-                f"{self.host_us_per_expert:g} us per expert call (exposed, divided by cpu.host_speed); {copies}; "
+                f"{self.host_us_per_expert:g} us per expert call (exposed, divided by cpu.host_speed); "
+                f"{self.kernel_us_per_layer:g} us GPU stream time per layer + {self.kernel_us_per_expert:g} us per "
+                f"expert call beyond the roofline; {copies}; "
                 + ("evicted experts written back to host" if self.writeback else "no write-back")
                 + (f"; {'pinned' if self.pinned_host else 'pageable'} host buffers" if self.pinned_host is not None else ""))
