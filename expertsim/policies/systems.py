@@ -410,6 +410,8 @@ class Fiddler(ComposedSystem):
 
     description = "static hot set from a profile; misses on the CPU when cheaper"
 
+    runtime = "fiddler"
+
     def __init__(self, profile: str | None = None, profile_fraction: float = 0.25):
         self.profile, self.profile_fraction = profile, float(profile_fraction)
         super().__init__(StaticHotSet(profile, profile_fraction), miss=CpuWhenCheaper())
