@@ -53,7 +53,7 @@ def sweep(
 def results(
     out: Path = typer.Argument(..., help="A sweep output directory."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
-    filter_: str = typer.Option(None, "--filter", help="A polars expression, e.g. \"pl.col('policy') == 'lru'\"."),
+    filter_: str = typer.Option(None, "--filter", help="A SQL condition on the columns, e.g. \"policy = 'lru' AND \\\"link.bandwidth_gbps\\\" >= 64\" (quote names with a dot)."),
     columns: str = typer.Option(None, "--columns", "-c", help="Comma-separated columns (default: a readable subset)."),
     all_columns: bool = typer.Option(False, "--all", help="Every column."),
     sort: str = typer.Option(None, "--sort", help="Sort by this column."),

@@ -1,12 +1,11 @@
 """Result tables: one row a run (run_id, status, error, config columns, metrics), via polars.
 
 ``results_frame(DIR)`` reads ``DIR/runs/*.json``; ``write_results(DIR)`` rebuilds
-``DIR/results.parquet`` from them. ``apply_filter`` evaluates a polars expression typed on the
-command line with only ``pl`` in scope and no attribute access to private names.
+``DIR/results.parquet`` from them. ``apply_filter`` keeps the rows where a SQL condition typed on
+the command line holds (polars SQL, never Python ``eval``).
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -109,51 +108,40 @@ def load_results(out_dir: str | Path):
 
 
 # --- filters typed on the command line ------------------------------------------------------
-_ALLOWED_NODES = (
-    ast.Expression, ast.Call, ast.Attribute, ast.Name, ast.Load, ast.Constant, ast.Compare,
-    ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.List, ast.Tuple, ast.keyword,
-    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
-    ast.And, ast.Or, ast.Not, ast.Invert, ast.USub, ast.UAdd,
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr,
-    ast.BitXor,
-)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
-def parse_expression(text: str):
-    """A polars expression from ``text`` with only ``pl`` in scope, e.g.
-    ``pl.col('policy') == 'lru'``. Rejects names other than ``pl``, private attributes
-    (``__class__``), lambdas, comprehensions and subscripts."""
+def parse_filter(text: str):
+    """A polars expression from a SQL ``WHERE`` condition typed on the command line, e.g.
+    ``status = 'ok' AND "link.bandwidth_gbps" >= 64`` (quote column names that hold a dot).
+
+    Parsed by polars' SQL front end (``pl.sql_expr``): a condition, never Python, so the user's
+    text cannot run code; table functions and subqueries are not expressions and are refused."""
     import polars as pl
 
+    if not text.strip():
+        raise ConfigError("--filter is empty; give a SQL condition such as \"status = 'ok'\"")
     try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        raise ConfigError(f"--filter {text!r} is not a Python expression: {exc.msg}") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED_NODES):
-            raise ConfigError(f"--filter {text!r}: {type(node).__name__} is not allowed; use polars "
-                              f"expressions such as pl.col('policy') == 'lru'")
-        if isinstance(node, ast.Name) and node.id != "pl":
-            raise ConfigError(f"--filter {text!r}: only `pl` is in scope, not {node.id!r}")
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            raise ConfigError(f"--filter {text!r}: private attribute {node.attr!r} is not allowed")
-    try:
-        expr = eval(compile(tree, "<filter>", "eval"), {"__builtins__": {}}, {"pl": pl})  # noqa: S307
-    except Exception as exc:  # noqa: BLE001 - report any evaluation error as the user's
-        raise ConfigError(f"--filter {text!r}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(expr, pl.Expr):
-        raise ConfigError(f"--filter {text!r} is not a polars expression (got {type(expr).__name__})")
-    return expr
+        return pl.sql_expr(text)
+    except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a bad condition
+        hint = (" (a SQL condition, not Python: write status = 'ok', not pl.col('status') == 'ok')"
+                if "pl." in text else "")
+        raise ConfigError(f"--filter {text!r} is not a SQL condition: {_first_line(exc)}{hint}; "
+                          f"e.g. --filter \"status = 'ok' AND policy = 'lru'\"") from None
 
 
 def apply_filter(frame, text: str | None):
-    if not text:
+    """The rows of ``frame`` where the SQL condition ``text`` holds (all rows when empty)."""
+    if text is None:
         return frame
-    expr = parse_expression(text)
+    expr = parse_filter(text)
     try:
         return frame.filter(expr)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--filter {text!r} failed on the results: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - an unknown column, a type mismatch, ...
+        raise ConfigError(f"--filter {text!r} failed on the results: {_first_line(exc)}; "
+                          f"columns: {', '.join(frame.columns)}") from None
 
 
 def format_frame(frame, fmt: str) -> str:
