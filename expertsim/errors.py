@@ -1,4 +1,8 @@
 """Errors expertsim raises for bad input. Each message names the bad value and the fix."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class ExpertSimError(ValueError):
@@ -19,3 +23,30 @@ class PolicyError(ExpertSimError):
 
 class ConfigError(ExpertSimError):
     """A simulation configuration cannot run (cache too small, memory overflow, ...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can span many lines)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+
+@contextmanager
+def foreign_errors(error: type[ExpertSimError], what: str, fix: str) -> Iterator[None]:
+    """Turn any failure of third-party code inside the block into one ``error``:
+    ``"{what} ({cause}); {fix}"``.
+
+    Our own errors pass through unchanged, and so do KeyboardInterrupt, SystemExit and
+    GeneratorExit. Everything else becomes one line, including a Rust panic from polars (pyo3's
+    PanicException derives from BaseException, not Exception) and a MemoryError from a header
+    that claims a huge size."""
+    try:
+        yield
+    except (ExpertSimError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the point: nothing foreign escapes as a traceback
+        raise error(f"{what} ({first_line(exc)}); {fix}") from None
