@@ -50,3 +50,21 @@ def foreign_errors(error: type[ExpertSimError], what: str, fix: str) -> Iterator
         raise
     except BaseException as exc:  # noqa: BLE001 - the point: nothing foreign escapes as a traceback
         raise error(f"{what} ({first_line(exc)}); {fix}") from None
+
+
+def check_option_number(option: str, value: float | None, *, low: float = 0.0, strict: bool = True,
+                        high: float | None = None, unit: str = "") -> float | None:
+    """A numeric command-line option: None passes; otherwise a finite number above ``low``
+    (or at least ``low`` when not ``strict``) and at most ``high``, else one ConfigError that
+    names the option, the value and its unit."""
+    if value is None:
+        return None
+    unit_text = f" {unit}" if unit else ""
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    if high is not None:
+        bound += f" and <= {high:g}"
+    ok = value == value and value not in (float("inf"), float("-inf")) and \
+        (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        raise ConfigError(f"{option} {value!r}{unit_text}: give a finite number {bound}{unit_text}")
+    return value

@@ -15,7 +15,7 @@ def sweep(
     study: Path = typer.Argument(..., help="Study TOML (see examples/ and expertsim.analysis.study)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (runs/, results.parquet); resumable."),
     backend: str = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Parallel runs (default: all local cores)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Parallel runs (default: all local cores)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan", help="Print the number of runs (and how many are done) and exit."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run failed runs again."),
@@ -57,7 +57,7 @@ def results(
     columns: str = typer.Option(None, "--columns", "-c", help="Comma-separated columns (default: a readable subset)."),
     all_columns: bool = typer.Option(False, "--all", help="Every column."),
     sort: str = typer.Option(None, "--sort", help="Sort by this column."),
-    limit: int = typer.Option(0, "--limit", help="At most this many rows (0: all)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many rows (default: all)."),
 ) -> None:
     """Print a sweep's results, one row a run (run_id, status, config columns, metrics)."""
     from expertsim.analysis.results import apply_filter, format_frame, load_results, select_columns

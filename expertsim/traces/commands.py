@@ -37,12 +37,12 @@ def trace_capture(
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     model_path: Optional[str] = typer.Option(None, "--model-path", help="A local Hugging Face checkpoint directory (read offline)."),
     tiny: Optional[str] = typer.Option(None, "--tiny", help="A model preset: capture a tiny random model of its family (untrained; tests and demos)."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Greedy decode tokens per prompt (0: prefill only)."),
-    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    spec_depth: int = typer.Option(0, "--spec-depth", help="Record speculative routing for d = 1..D layers ahead."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy decode tokens per prompt (0: prefill only)."),
+    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    spec_depth: int = typer.Option(0, "--spec-depth", min=0, help="Record speculative routing for d = 1..D layers ahead."),
     router_probs: bool = typer.Option(False, "--router-probs", help="Record the full router scores (float16)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Record routing from a transformers MoE model (needs the torch extra)."""
     from expertsim.traces.capture import capture_from_files
@@ -60,7 +60,7 @@ def trace_import(
     fmt: str = typer.Option(..., "--format", help="vllm, moe-lightning, parquet, csv or numpy."),
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model preset to check the shape against."),
-    num_experts: Optional[int] = typer.Option(None, "--num-experts"),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=65536, help="Routed experts per layer (1..65536)."),
     truncate_ragged: bool = typer.Option(False, "--truncate-ragged", help="Cut layers of unequal length to the shortest."),
     phase: str = typer.Option("decode", "--phase", help="Phase of a plain numpy array's tokens."),
 ) -> None:
@@ -94,13 +94,13 @@ def trace_fit(
 def trace_synth(
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     fit: Optional[str] = typer.Option(None, "--fit", help="A fit JSON, or a shipped fit: mixtral-8x7b, llama4-maverick."),
-    requests: int = typer.Option(8, "--requests"),
-    seed: int = typer.Option(0, "--seed"),
+    requests: int = typer.Option(8, "--requests", min=1),
+    seed: int = typer.Option(0, "--seed", min=0),
     uniform: bool = typer.Option(False, "--uniform", help="Uniform independent routing (no fit)."),
     zipf: Optional[float] = typer.Option(None, "--zipf", help="Zipf(A) popularity per layer (no fit)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model preset for --uniform/--zipf shapes."),
-    prefill_tokens: int = typer.Option(16, "--prefill-tokens", help="For --uniform/--zipf."),
-    decode_tokens: int = typer.Option(64, "--decode-tokens", help="For --uniform/--zipf."),
+    prefill_tokens: int = typer.Option(16, "--prefill-tokens", min=0, help="For --uniform/--zipf."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="For --uniform/--zipf."),
     compare: bool = typer.Option(False, "--compare", help="Print the sample's LRU curve next to the fit's real one."),
 ) -> None:
     """Sample a synthetic trace from a fit, or a uniform / Zipf baseline."""
@@ -197,7 +197,7 @@ def trace_split(
     train: str = typer.Option(..., "--train", help="Output of the training requests."),
     held_out: str = typer.Option(..., "--held-out", help="Output of the held-out requests."),
     fraction: float = typer.Option(0.8, "--fraction", help="Share of requests in the training set."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Split by request into training and held-out traces."""
     from expertsim.traces import read_trace
@@ -215,7 +215,7 @@ def trace_slice(
     requests: Optional[str] = typer.Option(None, "--requests", help="START:END over the trace's requests."),
     layers: Optional[str] = typer.Option(None, "--layers", help="START:END over MoE layers."),
     phase: str = typer.Option("all", "--phase"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1),
 ) -> None:
     """A part of a trace: some requests, layers, one phase, or the first tokens."""
     from expertsim.traces import read_trace
@@ -244,7 +244,7 @@ def trace_fit_report(
     trace: List[str] = typer.Option(..., "--trace", help="The real trace the fit was made from (repeat)."),
     out: str = typer.Option(..., "--out", help="Markdown output."),
     html: Optional[str] = typer.Option(None, "--html", help="Also write the curves as a plotly HTML figure."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Real vs synthetic LRU hit rates at every cache size (markdown table, optional figure)."""
     from expertsim.errors import TraceError
