@@ -294,9 +294,11 @@ def simulate_command(
 
     Without a cache size, the system's default: the GPU memory left after dense weights, the KV
     cache and the workspace (systems with a fixed layout use their own)."""
-    from expertsim.errors import ConfigError, check_option_number
+    from expertsim.errors import ConfigError, check_option_number, check_output_path
     from expertsim.sim import SimOptions
 
+    if timeline is not None:
+        check_output_path(timeline, "--timeline")
     tr = _load_trace(trace)
     if requests:
         tr = tr.head_requests(requests)
@@ -315,9 +317,11 @@ def simulate_command(
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
+        from expertsim.errors import foreign_errors
         from expertsim.sim.metrics import write_chrome_trace
 
-        write_chrome_trace(result.timeline, timeline)
+        with foreign_errors(ConfigError, f"cannot write --timeline {timeline!r}", "choose another path"):
+            write_chrome_trace(result.timeline, timeline)
     if as_json:
         echo_json({**result.metrics, "config": result.config, "assumptions": result.assumptions})
         return

@@ -68,3 +68,34 @@ def check_option_number(option: str, value: float | None, *, low: float = 0.0, s
     if not ok:
         raise ConfigError(f"{option} {value!r}{unit_text}: give a finite number {bound}{unit_text}")
     return value
+
+
+def check_output_path(path, option: str, *, folder: bool = False):
+    """Where ``option`` will write (a file, or a folder when ``folder``): raise ConfigError
+    unless it can be created there. Catches the usual mistakes before any work is done: a parent
+    that is a regular file, a file where a folder is wanted (and the reverse), a read-only place.
+    Returns the path as a ``Path``."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if str(path).strip() == "":
+        raise ConfigError(f"{option} is empty; give a path")
+    if target.exists():
+        if folder and not target.is_dir():
+            raise ConfigError(f"{option} {str(path)!r} is a file, not a folder; give a folder path")
+        if not folder and target.is_dir():
+            raise ConfigError(f"{option} {str(path)!r} is a folder; give a file path")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{option} {str(path)!r} is not writable; choose another path")
+        return target
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {str(path)!r}: {str(parent)!r} is a file, so nothing can be "
+                          f"created under it; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {str(path)!r}: folder {str(parent)!r} is not writable; "
+                          f"choose another path")
+    return target

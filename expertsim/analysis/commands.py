@@ -24,8 +24,10 @@ def sweep(
     """Run a study's grid of configurations in parallel; an interrupted sweep resumes where it stopped."""
     from expertsim.analysis.study import load_study
     from expertsim.analysis.sweep import plan, run_sweep
+    from expertsim.errors import check_output_path
 
     st = load_study(study)
+    check_output_path(out, "--out", folder=True)
     todo, done = plan(st, out if out.is_dir() else None, retry_errors=retry_errors)
     if plan_only:
         typer.echo(f"{len(st)} runs in {study}: {done} finished in {out}, {len(todo)} to run")
@@ -82,7 +84,11 @@ def report(
 ) -> None:
     """Write one self-contained HTML report (works offline) of a sweep directory."""
     from expertsim.analysis.report import write_report
+    from expertsim.errors import ConfigError, check_output_path
 
+    if not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
+    check_output_path(path if path is not None else out / "report.html", "--path")
     typer.echo(str(write_report(out, path, validation)))
 
 

@@ -8,6 +8,8 @@ import json
 
 import typer
 
+from expertsim.errors import ConfigError, check_option_number, check_output_path
+
 # Per-device defaults: the CPU emulation shrinks the model hard and stores fp32 (bf16 GEMMs are
 # slow on most CPUs) behind an emulated 1 GB/s link, so that copies cost several expert
 # computes, as over PCIe; a GPU keeps Mixtral's full expert width in its own dtype.
@@ -19,9 +21,12 @@ DEVICE_DEFAULTS = {
 }
 
 
-def _defaults(device: str, **given):
-    from expertsim.errors import ConfigError
+def _check_numbers(experts_scale: float | None, link_gbps: float | None) -> None:
+    check_option_number("--experts-scale", experts_scale, high=1e3, unit="x")
+    check_option_number("--link-gbps", link_gbps, high=1e6, unit="GB/s")
 
+
+def _defaults(device: str, **given):
     if device not in DEVICE_DEFAULTS:
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     return {k: (given[k] if given.get(k) is not None else v) for k, v in DEVICE_DEFAULTS[device].items()}
@@ -61,6 +66,8 @@ def calibrate_command(
     from expertsim.real_runner.shrink import shrink_model
     from expertsim.specs import load_model
 
+    _check_numbers(experts_scale, link_gbps)
+    check_output_path(out, "--out")
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps)
     spec = shrink_model(load_model(model), layers=d["layers"], experts_scale=d["experts_scale"], dtype=d["dtype"])
     dev = make_device(device, link_gbps=d["link_gbps"], clock=clock if device == "cpu" else "wall")
@@ -103,8 +110,22 @@ def validate_command(
     rate) and whether it ranks the policies as measured (Kendall tau)."""
     from expertsim.validate import prepare_slice, validate
 
+    _check_numbers(experts_scale, link_gbps)
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps,
                   max_tokens=max_tokens, repeats=repeats)
+    if export:
+        check_output_path(export, "--export")
+    else:
+        check_output_path(out, "--out", folder=True)
+    if not measured:
+        # Per-token latency errors need decode tokens: say so now, not NaN after the replay.
+        _, sliced = prepare_slice(model, trace, layers=d["layers"], experts_scale=d["experts_scale"],
+                                  max_tokens=d["max_tokens"], dtype=d["dtype"])
+        if not (sliced.phase == 1).any():
+            raise ConfigError(
+                f"the slice of {trace or 'the synthetic trace'} (first {d['max_tokens']} tokens) has no "
+                f"decode tokens, so there is no per-token latency to validate; raise --max-tokens or "
+                f"pick a trace with decode tokens")
     if export:
         from expertsim.real_runner.shrink import write_bundle
 

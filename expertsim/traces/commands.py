@@ -10,10 +10,22 @@ trace_app = typer.Typer(help="Routing traces: info, import, capture, statistics,
                         no_args_is_help=True)
 
 
-def _write(trace, out: str) -> None:
+def _out(path: str | None, option: str = "--out") -> str | None:
+    """Check an output path before any work (a parent that is a file, a read-only folder)."""
+    from expertsim.errors import check_output_path
+
+    if path is not None:
+        check_output_path(path, option)
+    return path
+
+
+def _write(trace, out: str, option: str = "--out") -> None:
+    from expertsim.errors import ConfigError, foreign_errors
     from expertsim.traces import write_trace
 
-    path = write_trace(trace, out)
+    _out(out, option)
+    with foreign_errors(ConfigError, f"cannot write {option} {out!r}", "choose another path"):
+        path = write_trace(trace, out)
     typer.echo(f"wrote {path}: {trace!r}")
 
 
@@ -47,6 +59,7 @@ def trace_capture(
     """Record routing from a transformers MoE model (needs the torch extra)."""
     from expertsim.traces.capture import capture_from_files
 
+    _out(out)
     trace = capture_from_files(prompts_path=prompts, model_path=model_path, tiny=tiny,
                                max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                                batch_size=batch_size, spec_depth=spec_depth, router_probs=router_probs,
@@ -67,6 +80,7 @@ def trace_import(
     """Convert a public routing format to an expertsim trace."""
     from expertsim.traces.importers import import_trace
 
+    _out(out)
     trace = import_trace(fmt, files, model=model, num_experts=num_experts,
                          truncate_ragged=truncate_ragged, phase=phase)
     _write(trace, out)
@@ -83,6 +97,7 @@ def trace_fit(
     from expertsim.traces import read_trace
     from expertsim.traces.synth import fit_trace, save_fit
 
+    _out(out)
     fit = fit_trace(read_trace(path), phase=phase, model=model)
     save_fit(fit, out)
     t = fit["targets"]
@@ -107,6 +122,9 @@ def trace_synth(
     from expertsim.errors import TraceError
     from expertsim.traces import synth
 
+    _out(out)
+    if zipf is not None and not (zipf > 0 and zipf < float("inf")):
+        raise TraceError(f"--zipf {zipf!r}: give a finite exponent > 0, e.g. --zipf 1.2")
     chosen = [x for x in (fit is not None, uniform, zipf is not None) if x]
     if len(chosen) != 1:
         raise TraceError("give exactly one of --fit FIT.json, --uniform or --zipf A")
@@ -142,6 +160,7 @@ def trace_stats_cmd(
     from expertsim.traces import read_trace
     from expertsim.traces.stats import trace_stats
 
+    _out(html, "--html")
     trace = read_trace(path)
     st = trace_stats(trace, phase=phase)
     if html:
@@ -203,9 +222,11 @@ def trace_split(
     from expertsim.traces import read_trace
     from expertsim.traces.ops import split_requests
 
+    _out(train, "--train")
+    _out(held_out, "--held-out")
     a, b = split_requests(read_trace(path), fraction, seed=seed)
-    _write(a, train)
-    _write(b, held_out)
+    _write(a, train, "--train")
+    _write(b, held_out, "--held-out")
 
 
 @trace_app.command("slice")
@@ -221,6 +242,7 @@ def trace_slice(
     from expertsim.traces import read_trace
     from expertsim.traces.ops import slice_trace
 
+    _out(out)
     _write(slice_trace(read_trace(path), requests=requests, layers=layers, phase=phase,
                        max_tokens=max_tokens), out)
 
@@ -235,6 +257,7 @@ def trace_concat(
     from expertsim.traces import read_trace
     from expertsim.traces.ops import concat
 
+    _out(out)
     _write(concat([read_trace(p) for p in paths], renumber=renumber), out)
 
 
@@ -252,6 +275,8 @@ def trace_fit_report(
 
     if len(fit) != len(trace):
         raise TraceError(f"give one --trace per --fit (got {len(fit)} fits, {len(trace)} traces)")
+    _out(out)
+    _out(html, "--html")
     md, curves = fit_report(list(zip(fit, trace)), seed=seed)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
