@@ -53,7 +53,12 @@ def results_frame(out_dir: str | Path):
 
     from expertsim.analysis.sweep import iter_records
 
-    rows = [record_row(r) for r in iter_records(out_dir)]
+    rows = []
+    for record in iter_records(out_dir):
+        try:
+            rows.append(record_row(record))
+        except (KeyError, TypeError, AttributeError):  # a hand-edited record: leave it out
+            continue
     if not rows:
         return pl.DataFrame({"run_id": [], "status": []}, schema={"run_id": pl.String, "status": pl.String})
     columns: list[str] = []
@@ -94,6 +99,8 @@ def load_results(out_dir: str | Path):
     """The results table, rebuilt when a run file is newer than results.parquet."""
     import polars as pl
 
+    from expertsim.errors import foreign_errors
+
     out = Path(out_dir)
     if not out.is_dir():
         raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
@@ -103,8 +110,22 @@ def load_results(out_dir: str | Path):
     if not path.is_file() or path.stat().st_mtime < newest:
         if not runs.is_dir():
             raise ConfigError(f"{str(out)!r} has neither results.parquet nor runs/: not a sweep directory")
-        write_results(out)
-    return pl.read_parquet(path)
+        with foreign_errors(ConfigError, f"cannot build a results table from {str(runs)!r}",
+                            "remove the files there that are not run records"):
+            write_results(out)
+
+    with foreign_errors(ConfigError, f"cannot read {str(path)!r} as a results table",
+                        "delete it; `expertsim results` rebuilds it from runs/*.json"):
+        frame = pl.read_parquet(path)
+    if frame.height == 0 and runs.is_dir():
+        from expertsim.analysis.sweep import torn_run_files
+
+        torn = torn_run_files(out)
+        if torn:
+            raise ConfigError(f"{str(runs)!r} holds {len(torn)} file(s) but no readable run record "
+                              f"(first: {torn[0].name}); is this a sweep directory? Run the sweep again "
+                              f"to redo torn runs")
+    return frame
 
 
 # --- filters typed on the command line ------------------------------------------------------
