@@ -26,8 +26,8 @@ def sweep(
     from expertsim.analysis.sweep import plan, run_sweep
     from expertsim.errors import check_output_path
 
-    st = load_study(study)
     check_output_path(out, "--out", folder=True)
+    st = load_study(study)
     todo, done = plan(st, out if out.is_dir() else None, retry_errors=retry_errors)
     if plan_only:
         typer.echo(f"{len(st)} runs in {study}: {done} finished in {out}, {len(todo)} to run")

@@ -346,7 +346,10 @@ def load_study(path: str | Path) -> Study:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"study {str(path)!r} is not valid TOML: {exc}") from None
-    study = expand(data, base_dir=path.resolve().parent, name=path.stem)
+    try:
+        study = expand(data, base_dir=path.resolve().parent, name=path.stem)
+    except ConfigError as exc:
+        raise ConfigError(f"study {str(path)!r}: {exc}") from None
     study.source_text = text
     study.path = str(path)
     return study
