@@ -36,16 +36,53 @@ def first_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def foreign_errors(error: type[ExpertSimError], what: str, fix: str) -> Iterator[None]:
+def _native_stderr_held() -> Iterator[None]:
+    """Hold what native code writes to file descriptor 2 during the block: shown afterwards when
+    the block succeeds, dropped when it fails (a Rust panic prints its message and backtrace there
+    before Python sees the exception, and the user gets our one line instead)."""
+    import os
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (an embedded interpreter)
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
+@contextmanager
+def foreign_errors(error: type[ExpertSimError], what: str, fix: str, *,
+                   hold_native_stderr: bool = False) -> Iterator[None]:
     """Turn any failure of third-party code inside the block into one ``error``:
     ``"{what} ({cause}); {fix}"``.
 
     Our own errors pass through unchanged, and so do KeyboardInterrupt, SystemExit and
     GeneratorExit. Everything else becomes one line, including a Rust panic from polars (pyo3's
     PanicException derives from BaseException, not Exception) and a MemoryError from a header
-    that claims a huge size."""
+    that claims a huge size. With ``hold_native_stderr`` what native code prints meanwhile (a
+    panic's message and backtrace) is dropped when the block fails."""
     try:
-        yield
+        if hold_native_stderr:
+            with _native_stderr_held():
+                yield
+        else:
+            yield
     except (ExpertSimError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - the point: nothing foreign escapes as a traceback

@@ -115,7 +115,8 @@ def load_results(out_dir: str | Path):
             write_results(out)
 
     with foreign_errors(ConfigError, f"cannot read {str(path)!r} as a results table",
-                        "delete it; `expertsim results` rebuilds it from runs/*.json"):
+                        "delete it; `expertsim results` rebuilds it from runs/*.json",
+                        hold_native_stderr=True):
         frame = pl.read_parquet(path)
     if frame.height == 0 and runs.is_dir():
         from expertsim.analysis.sweep import torn_run_files

@@ -52,7 +52,8 @@ def _columns_k(names: list[str], prefix: str) -> list[str]:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     pl = _polars()
-    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace", NOT_PARQUET_FIX):
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         raw = pl.read_parquet_metadata(str(path))
     return {k[len(_META_PREFIX):]: v for k, v in raw.items() if k.startswith(_META_PREFIX)}
 
@@ -270,7 +271,8 @@ def read_trace(path: str | Path, *, num_experts: int | None = None) -> RoutingTr
     if path.is_dir():
         raise TraceError(f"trace path {str(path)!r} is a directory; give a .parquet file")
     metadata = read_metadata(path)
-    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace", NOT_PARQUET_FIX):
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         df = pl.read_parquet(path)
     metadata.setdefault("path", str(path))
     metadata.setdefault("source", path.name)

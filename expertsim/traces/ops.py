@@ -140,7 +140,8 @@ def lazy_info(path: str | Path) -> dict:
     from expertsim.errors import foreign_errors
     from expertsim.traces.io import NOT_PARQUET_FIX
 
-    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace", NOT_PARQUET_FIX):
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         return _lazy_info(path)
 
 
@@ -187,7 +188,8 @@ def read_requests(path: str | Path, requests: list[int] | None = None, *, layers
     lf = scan_trace(path)
     if requests is not None:
         lf = lf.filter(pl.col("request").is_in(list(requests)))
-    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace", NOT_PARQUET_FIX):
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         df = lf.collect()
     if df.height == 0:
         raise TraceError(f"{path}: none of requests {list(requests or [])[:8]} is in the trace")
