@@ -233,6 +233,7 @@ _EXTRA_RE = re.compile(r"x_(.+)_(\d+)")
 
 def _read_extras(df, num_tokens: int, num_layers: int, source: str) -> dict:
     """Extras arrays from their columns (see the module docstring)."""
+    pl = _polars()
     groups: dict[str, list[tuple[int, str]]] = {}
     singles = []
     for name in df.columns:
@@ -251,9 +252,14 @@ def _read_extras(df, num_tokens: int, num_layers: int, source: str) -> dict:
             raise TraceError(f"{source}: extra {key!r} columns {[c for _, c in cols]} have gaps")
         if any(df[c].null_count() for _, c in cols):
             raise TraceError(f"{source}: extra {key!r} has missing values")
-        if key == "router_probs" and not all(df[c].dtype.is_numeric() for _, c in cols):
-            raise TraceError(f"{source}: router probability columns prob_* must be numeric; "
-                             f"drop them or write them as Float32")
+        if key == "router_probs":
+            if not all(df[c].dtype.is_numeric() for _, c in cols):
+                raise TraceError(f"{source}: router probability columns prob_* must be numeric; "
+                                 f"drop them or write them as Float32")
+            for _, c in cols:
+                p = pl.col(c).cast(pl.Float64)
+                _first_bad(df, ~p.is_finite() | (p < 0) | (p > 1), source, c,
+                           "router probabilities are finite and in [0, 1]", "drop the prob_* columns")
         arr = np.stack([df[c].to_numpy() for _, c in cols], axis=1).reshape(num_tokens, num_layers, len(cols))
         extras[key] = arr.astype(np.float16) if key == "router_probs" else arr
     for name in singles:
