@@ -132,10 +132,10 @@ def check_params(cls: type, params: dict, what: str) -> None:
         if key not in accepted and not takes_any:
             close = difflib.get_close_matches(key, list(accepted), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise PolicyError(f"{what}: unknown parameter --param {key}={value!r}.{hint} "
+            raise PolicyError(f"{what}: bad parameters: unknown {key}={value!r}.{hint} "
                               f"Parameters: {', '.join(accepted) or 'none'}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise PolicyError(f"{what}: --param {key}={value!r} is not a finite number")
+            raise PolicyError(f"{what}: bad parameters: {key}={value!r} is not a finite number")
         default = accepted[key].default if key in accepted else inspect.Parameter.empty
         if default is inspect.Parameter.empty or default is None:
             continue
@@ -152,7 +152,7 @@ def check_params(cls: type, params: dict, what: str) -> None:
         elif isinstance(default, str) and not isinstance(value, str):
             expected = "text"
         if expected:
-            raise PolicyError(f"{what}: --param {key}={value!r} must be {expected} "
+            raise PolicyError(f"{what}: bad parameters: {key}={value!r} must be {expected} "
                               f"(default {default!r})")
 
 

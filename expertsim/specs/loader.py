@@ -231,8 +231,9 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
 # Every number a user can give in a spec (TOML or --set) with its range and unit, checked once
 # after loading and after overrides, so a value that would overflow the integer-nanosecond cost
 # model (a bandwidth of 1e-30 GB/s), allocate nothing (0-byte experts) or poison arithmetic
-# (inf, nan) is one error here and never a crash later. (integer?, low, high, unit);
-# a range written "0 | low..high" allows 0 as "off".
+# (nan; inf where it is not an idealisation) is one error here and never a crash later.
+# (integer?, low, high, unit). Rates (GB/s, TFLOP/s) may also be +inf: an ideal part that costs
+# no time, which the cost model supports (the tests use it to isolate copies from compute).
 _MODEL_NUMBERS: dict[str, tuple[bool, float, float, str]] = {
     "num_layers": (True, 1, 4096, "layers"),
     "num_experts": (True, 1, 65536, "routed experts per MoE layer"),
@@ -271,6 +272,7 @@ _HARDWARE_NUMBERS: dict[str, tuple[bool, float, float, str]] = {
     "storage.bandwidth_gbps": (False, 0, 1e6, "GB/s (0: no storage tier)"),
     "storage.latency_us": (False, 0, 1e7, "us"),
 }
+_IDEAL_UNITS = {"GB/s", "TFLOP/s"}
 # Fields that may be 0 ("off") but are otherwise at least a minimum rate.
 _ZERO_OR_RATE = {"link.pageable_bandwidth_gbps", "storage.bandwidth_gbps"}
 
@@ -285,6 +287,8 @@ def check_number(key: str, value: Any, rule: tuple[bool, float, float, str], own
                         f"in {low:g}..{high:g} {unit} ({fix})")
     if integer and not isinstance(value, int):
         raise SpecError(f"{owner}: {key}={value!r} must be an integer ({unit}), in {low:g}..{high:g}; {fix}")
+    if value == math.inf and unit in _IDEAL_UNITS:
+        return
     if not math.isfinite(value):
         raise SpecError(f"{owner}: {key}={value!r} is not finite; give a number in {low:g}..{high:g} {unit} ({fix})")
     floor = low
