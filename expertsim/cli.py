@@ -127,7 +127,7 @@ def _load_trace(path: str | None):
 
 
 def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: float | None):
-    from expertsim.errors import ConfigError
+    from expertsim.errors import ConfigError, check_option_number
     from expertsim.policies import CacheConfig
 
     given = [v is not None for v in (per_layer, global_slots, cache_gb)]
@@ -138,8 +138,7 @@ def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: flo
     if global_slots is not None:
         return CacheConfig(global_slots=global_slots)
     if cache_gb is not None:
-        if cache_gb < 0:
-            raise ConfigError(f"--cache-gb {cache_gb} must be >= 0")
+        check_option_number("--cache-gb", cache_gb, strict=False, high=1e6, unit="GB")
         return CacheConfig(budget_bytes=int(cache_gb * 1e9))
     return None
 
@@ -170,7 +169,8 @@ def _policy(policy: str | None, system: str | None, plugins: list[str] | None, p
     for plugin in plugins or []:
         load_plugin(plugin)
     if policy and system:
-        raise PolicyError("give --policy (an eviction policy) or --system (a named system), not both")
+        raise PolicyError(f"give --policy (an eviction policy) or --system (a named system), not both "
+                          f"(got --policy {policy} and --system {system})")
     kwargs = _policy_params(params)
     if system:
         return make_system(system, **kwargs)
@@ -180,8 +180,8 @@ def _policy(policy: str | None, system: str | None, plugins: list[str] | None, p
 PARAM = typer.Option(None, "--param", help="A policy/system parameter KEY=VALUE (repeatable), e.g. --param accuracy=0.9.")
 
 
-PER_LAYER = typer.Option(None, "--per-layer", help="Expert cache slots per MoE layer.")
-GLOBAL_SLOTS = typer.Option(None, "--global-slots", help="Expert cache slots in one pool over all layers.")
+PER_LAYER = typer.Option(None, "--per-layer", min=0, help="Expert cache slots per MoE layer.")
+GLOBAL_SLOTS = typer.Option(None, "--global-slots", min=0, help="Expert cache slots in one pool over all layers.")
 CACHE_GB = typer.Option(None, "--cache-gb", help="Expert cache as a byte budget in GB (1e9 bytes).")
 PLUGIN = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable).")
 TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace.")
@@ -190,7 +190,7 @@ TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Defa
 @app.command("cache")
 def cache_command(
     trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: built-in synthetic."),
-    policy: str = typer.Option("lru", "--policy", "-p", help="Eviction policy or system name."),
+    policy: str = typer.Option(None, "--policy", "-p", help="Eviction policy (default lru)."),
     system: str = typer.Option(None, "--system", help="A named system instead of --policy."),
     per_layer: int = PER_LAYER,
     global_slots: int = GLOBAL_SLOTS,
@@ -205,10 +205,14 @@ def cache_command(
     as_json: bool = typer.Option(False, "--json", help='Print {"hit_rate", "hits", "misses", ...} as JSON.'),
 ) -> None:
     """Replay a trace's expert accesses through the expert cache alone (no timing): hit rate."""
+    from expertsim.errors import ConfigError
     from expertsim.sim.cache_replay import replay_cache
 
+    if cache_gb is not None and not model:
+        raise ConfigError(f"--cache-gb {cache_gb} needs --model: a byte budget holds as many experts as "
+                          f"the model's expert size allows (or give --per-layer / --global-slots)")
     tr = _load_trace(trace)
-    sys_obj = _policy(policy if not system else None, system, plugin, param)
+    sys_obj = _policy(policy, system, plugin, param)
     m = None
     if model:
         from expertsim.specs import load_model
@@ -264,7 +268,7 @@ def _simulation(model, hardware, trace, policy, system, per_layer, global_slots,
 
     overrides = parse_set_options(sets)
     m, h = apply_overrides(load_model(model), load_hardware(hardware), overrides)
-    sys_obj = _policy(policy if not system else None, system, plugin, params)
+    sys_obj = _policy(policy, system, plugin, params)
     runtime_sets = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
     if runtime_sets:  # --set runtime.X=... on the run's runtime (--runtime, else the system's own)
         from expertsim.sim.cost import runtime_for
@@ -285,16 +289,16 @@ def simulate_command(
     global_slots: int = GLOBAL_SLOTS,
     cache_gb: float = CACHE_GB,
     sets: list[str] = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens (cut at a pass boundary)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Simulate only the first N tokens (cut at a pass boundary)."),
     timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
-    requests: int = typer.Option(None, "--requests", help="Simulate only the first N requests of the trace."),
-    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent requests: continuous batching with at most N requests per iteration."),
+    requests: int = typer.Option(None, "--requests", min=1, help="Simulate only the first N requests of the trace."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Concurrent requests: continuous batching with at most N requests per iteration."),
     rate: float = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends)."),
     offline: bool = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning)."),
-    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Chunked prefill: at most N prompt tokens per request per iteration."),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=1, help="Chunked prefill: at most N prompt tokens per request per iteration."),
     copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
     profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Poisson arrivals."),
     link_queue: str = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner)."),
     engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
     runtime: str = typer.Option(None, "--runtime", help="Software stack (expertsim specs list): its framework time and copy semantics. Default: a named system's own stack, else 'default' (the roofline alone)."),
@@ -306,9 +310,11 @@ def simulate_command(
 
     Without a cache size, the system's default: the GPU memory left after dense weights, the KV
     cache and the workspace (systems with a fixed layout use their own)."""
-    from expertsim.errors import ConfigError
+    from expertsim.errors import ConfigError, check_option_number, check_output_path
     from expertsim.sim import SimOptions
 
+    if timeline is not None:
+        check_output_path(timeline, "--timeline")
     tr = _load_trace(trace)
     if requests:
         tr = tr.head_requests(requests)
@@ -316,8 +322,8 @@ def simulate_command(
         tr = tr.max_tokens(max_tokens)
     if offline and rate is not None:
         raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
-    if copy_chunk_mb is not None and not copy_chunk_mb > 0:
-        raise ConfigError(f"--copy-chunk-mb must be > 0, got {copy_chunk_mb}")
+    check_option_number("--copy-chunk-mb", copy_chunk_mb, high=1e6, unit="MB")
+    check_option_number("--rate", rate, high=1e9, unit="requests/s")
     options = SimOptions(timeline=timeline is not None, batch=batch,
                          arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
                          rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
@@ -327,9 +333,11 @@ def simulate_command(
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
+        from expertsim.errors import foreign_errors
         from expertsim.sim.metrics import write_chrome_trace
 
-        write_chrome_trace(result.timeline, timeline)
+        with foreign_errors(ConfigError, f"cannot write --timeline {timeline!r}", "choose another path"):
+            write_chrome_trace(result.timeline, timeline)
     if as_json:
         echo_json({**result.metrics, "config": result.config, "assumptions": result.assumptions})
         return
@@ -395,11 +403,32 @@ _register_analysis(app)  # sweep, results, report
 
 
 def main() -> None:
+    """The console entry point: a user error (ours, or a usage error found by click while it
+    parses the options) is one line ``error: ...`` and exit status 2, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except ExpertSimError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: show its help
+            exc.show()
+            sys.exit(0)
+        message = " ".join(exc.format_message().split())
+        cause = exc.__cause__  # typer checks values with pydantic, whose errors hold the input
+        if cause is not None and hasattr(cause, "errors"):
+            try:
+                message += f", got {cause.errors()[0]['input']!r}"
+            except (LookupError, TypeError, ValueError):
+                pass
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {message}{hint}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_nan_weight(tmp_path):
     trace = tiny_trace(weights=True)
     trace.weights[1, 3, 0] = np.nan
     path = write_trace(trace, tmp_path / "nan.parquet")
-    with pytest.raises(TraceError, match=r"gate weight nan .*token 1, layer 3"):
+    with pytest.raises(TraceError, match=r"'weight_0' is nan at row 35 \(request 0, position 1, layer 3\)"):
         read_trace(path)
 
 

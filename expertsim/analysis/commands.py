@@ -15,7 +15,7 @@ def sweep(
     study: Path = typer.Argument(..., help="Study TOML (see examples/ and expertsim.analysis.study)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (runs/, results.parquet); resumable."),
     backend: str = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
-    jobs: int = typer.Option(0, "--jobs", "-j", help="Parallel runs (default: all local cores)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Parallel runs (default: all local cores)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan", help="Print the number of runs (and how many are done) and exit."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run failed runs again."),
@@ -24,7 +24,9 @@ def sweep(
     """Run a study's grid of configurations in parallel; an interrupted sweep resumes where it stopped."""
     from expertsim.analysis.study import load_study
     from expertsim.analysis.sweep import plan, run_sweep
+    from expertsim.errors import check_output_path
 
+    check_output_path(out, "--out", folder=True)
     st = load_study(study)
     todo, done = plan(st, out if out.is_dir() else None, retry_errors=retry_errors)
     if plan_only:
@@ -53,11 +55,11 @@ def sweep(
 def results(
     out: Path = typer.Argument(..., help="A sweep output directory."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
-    filter_: str = typer.Option(None, "--filter", help="A polars expression, e.g. \"pl.col('policy') == 'lru'\"."),
+    filter_: str = typer.Option(None, "--filter", help="A SQL condition on the columns, e.g. \"policy = 'lru' AND \\\"link.bandwidth_gbps\\\" >= 64\" (quote names with a dot)."),
     columns: str = typer.Option(None, "--columns", "-c", help="Comma-separated columns (default: a readable subset)."),
     all_columns: bool = typer.Option(False, "--all", help="Every column."),
     sort: str = typer.Option(None, "--sort", help="Sort by this column."),
-    limit: int = typer.Option(0, "--limit", help="At most this many rows (0: all)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many rows (default: all)."),
 ) -> None:
     """Print a sweep's results, one row a run (run_id, status, config columns, metrics)."""
     from expertsim.analysis.results import apply_filter, format_frame, load_results, select_columns
@@ -82,7 +84,11 @@ def report(
 ) -> None:
     """Write one self-contained HTML report (works offline) of a sweep directory."""
     from expertsim.analysis.report import write_report
+    from expertsim.errors import ConfigError, check_output_path
 
+    if not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
+    check_output_path(path if path is not None else out / "report.html", "--path")
     typer.echo(str(write_report(out, path, validation)))
 
 

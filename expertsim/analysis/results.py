@@ -1,12 +1,11 @@
 """Result tables: one row a run (run_id, status, error, config columns, metrics), via polars.
 
 ``results_frame(DIR)`` reads ``DIR/runs/*.json``; ``write_results(DIR)`` rebuilds
-``DIR/results.parquet`` from them. ``apply_filter`` evaluates a polars expression typed on the
-command line with only ``pl`` in scope and no attribute access to private names.
+``DIR/results.parquet`` from them. ``apply_filter`` keeps the rows where a SQL condition typed on
+the command line holds (polars SQL, never Python ``eval``).
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -54,7 +53,12 @@ def results_frame(out_dir: str | Path):
 
     from expertsim.analysis.sweep import iter_records
 
-    rows = [record_row(r) for r in iter_records(out_dir)]
+    rows = []
+    for record in iter_records(out_dir):
+        try:
+            rows.append(record_row(record))
+        except (KeyError, TypeError, AttributeError):  # a hand-edited record: leave it out
+            continue
     if not rows:
         return pl.DataFrame({"run_id": [], "status": []}, schema={"run_id": pl.String, "status": pl.String})
     columns: list[str] = []
@@ -95,6 +99,8 @@ def load_results(out_dir: str | Path):
     """The results table, rebuilt when a run file is newer than results.parquet."""
     import polars as pl
 
+    from expertsim.errors import foreign_errors
+
     out = Path(out_dir)
     if not out.is_dir():
         raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
@@ -104,56 +110,60 @@ def load_results(out_dir: str | Path):
     if not path.is_file() or path.stat().st_mtime < newest:
         if not runs.is_dir():
             raise ConfigError(f"{str(out)!r} has neither results.parquet nor runs/: not a sweep directory")
-        write_results(out)
-    return pl.read_parquet(path)
+        with foreign_errors(ConfigError, f"cannot build a results table from {str(runs)!r}",
+                            "remove the files there that are not run records"):
+            write_results(out)
+
+    with foreign_errors(ConfigError, f"cannot read {str(path)!r} as a results table",
+                        "delete it; `expertsim results` rebuilds it from runs/*.json",
+                        hold_native_stderr=True):
+        frame = pl.read_parquet(path)
+    if frame.height == 0 and runs.is_dir():
+        from expertsim.analysis.sweep import torn_run_files
+
+        torn = torn_run_files(out)
+        if torn:
+            raise ConfigError(f"{str(runs)!r} holds {len(torn)} file(s) but no readable run record "
+                              f"(first: {torn[0].name}); is this a sweep directory? Run the sweep again "
+                              f"to redo torn runs")
+    return frame
 
 
 # --- filters typed on the command line ------------------------------------------------------
-_ALLOWED_NODES = (
-    ast.Expression, ast.Call, ast.Attribute, ast.Name, ast.Load, ast.Constant, ast.Compare,
-    ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.List, ast.Tuple, ast.keyword,
-    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
-    ast.And, ast.Or, ast.Not, ast.Invert, ast.USub, ast.UAdd,
-    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitAnd, ast.BitOr,
-    ast.BitXor,
-)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
-def parse_expression(text: str):
-    """A polars expression from ``text`` with only ``pl`` in scope, e.g.
-    ``pl.col('policy') == 'lru'``. Rejects names other than ``pl``, private attributes
-    (``__class__``), lambdas, comprehensions and subscripts."""
+def parse_filter(text: str):
+    """A polars expression from a SQL ``WHERE`` condition typed on the command line, e.g.
+    ``status = 'ok' AND "link.bandwidth_gbps" >= 64`` (quote column names that hold a dot).
+
+    Parsed by polars' SQL front end (``pl.sql_expr``): a condition, never Python, so the user's
+    text cannot run code; table functions and subqueries are not expressions and are refused."""
     import polars as pl
 
+    if not text.strip():
+        raise ConfigError("--filter is empty; give a SQL condition such as \"status = 'ok'\"")
     try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        raise ConfigError(f"--filter {text!r} is not a Python expression: {exc.msg}") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED_NODES):
-            raise ConfigError(f"--filter {text!r}: {type(node).__name__} is not allowed; use polars "
-                              f"expressions such as pl.col('policy') == 'lru'")
-        if isinstance(node, ast.Name) and node.id != "pl":
-            raise ConfigError(f"--filter {text!r}: only `pl` is in scope, not {node.id!r}")
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            raise ConfigError(f"--filter {text!r}: private attribute {node.attr!r} is not allowed")
-    try:
-        expr = eval(compile(tree, "<filter>", "eval"), {"__builtins__": {}}, {"pl": pl})  # noqa: S307
-    except Exception as exc:  # noqa: BLE001 - report any evaluation error as the user's
-        raise ConfigError(f"--filter {text!r}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(expr, pl.Expr):
-        raise ConfigError(f"--filter {text!r} is not a polars expression (got {type(expr).__name__})")
-    return expr
+        return pl.sql_expr(text)
+    except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a bad condition
+        hint = (" (a SQL condition, not Python: write status = 'ok', not pl.col('status') == 'ok')"
+                if "pl." in text else "")
+        raise ConfigError(f"--filter {text!r} is not a SQL condition: {_first_line(exc)}{hint}; "
+                          f"e.g. --filter \"status = 'ok' AND policy = 'lru'\"") from None
 
 
 def apply_filter(frame, text: str | None):
-    if not text:
+    """The rows of ``frame`` where the SQL condition ``text`` holds (all rows when empty)."""
+    if text is None:
         return frame
-    expr = parse_expression(text)
+    expr = parse_filter(text)
     try:
         return frame.filter(expr)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--filter {text!r} failed on the results: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - an unknown column, a type mismatch, ...
+        raise ConfigError(f"--filter {text!r} failed on the results: {_first_line(exc)}; "
+                          f"columns: {', '.join(frame.columns)}") from None
 
 
 def format_frame(frame, fmt: str) -> str:

@@ -165,8 +165,12 @@ def _check_keys(where: str, table: dict) -> None:
             options = sim_option_keys()
             if key in options:
                 continue
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(RUN_KEYS | options), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
-                f"{where}: unknown key {key!r}; run keys are {', '.join(sorted(RUN_KEYS))}, a simulator "
+                f"{where}: unknown key {key!r}.{hint} Run keys are {', '.join(sorted(RUN_KEYS))}, a simulator "
                 f"option ({', '.join(sorted(options))}) or a spec override starting with "
                 f"{', '.join(OVERRIDE_PREFIXES)} (e.g. \"link.bandwidth_gbps\")"
             )
@@ -186,8 +190,9 @@ def normalise_config(raw: dict, base_dir: Path | None = None) -> dict:
         raise ConfigError(f"a run has more than one cache size ({', '.join(caches)}); give exactly one")
     for key in caches:
         value = config[key]
-        if value != "max" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"{key} = {value!r}: give a non-negative number or \"max\"")
+        if value != "max" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                               or not value >= 0 or value == float("inf")):
+            raise ConfigError(f"{key} = {value!r}: give a finite non-negative number or \"max\"")
     if not isinstance(config["batch"], int) or config["batch"] < 1:
         raise ConfigError(f"batch = {config['batch']!r}: give an integer >= 1")
     if config["engine"] not in ("auto", "des", "fast"):
@@ -237,6 +242,28 @@ def _fixed_cache_policies(configs: list[dict]) -> set[str]:
     return fixed
 
 
+def _check_specs(configs: list[dict]) -> None:
+    """Every run's model, hardware and spec overrides, loaded once per distinct combination at
+    plan time: a misspelt override key (with a did-you-mean) or an out-of-range number (a zero
+    bandwidth) stops the sweep before it starts, instead of failing every run."""
+    from expertsim.errors import ExpertSimError
+    from expertsim.specs import apply_overrides, load_hardware, load_model
+
+    seen: set[str] = set()
+    for config in configs:
+        overrides = {k: v for k, v in config.items() if is_override(k)}
+        key = json.dumps([config["model"], config["hardware"], overrides], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            apply_overrides(load_model(config["model"]), load_hardware(config["hardware"]), overrides)
+        except ExpertSimError as exc:
+            label = f" (scenario {config['label']!r})" if config.get("label") else ""
+            raise ConfigError(f"study run{label} with model {config['model']!r}, hardware "
+                              f"{config['hardware']!r}: {exc}") from None
+
+
 def expand(data: dict, *, base_dir: Path | None = None, name: str = "study") -> Study:
     """The runs of a study given as a dict (a parsed TOML file)."""
     known = {"name", "description", "baseline", "fixed", "grid", "variants", "output"}
@@ -280,6 +307,7 @@ def expand(data: dict, *, base_dir: Path | None = None, name: str = "study") -> 
                     raw[key] = value
             raw.update(variant)
             configs.append(normalise_config(raw, base_dir))
+    _check_specs(configs)
     fixed_cache = _fixed_cache_policies(configs)
     runs = []
     for config in configs:
@@ -309,12 +337,19 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"study {str(path)!r} is not a text file (it is not UTF-8); give a study "
+                          f"TOML such as examples/mixtral_sweep_200.toml") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"study {str(path)!r} is not valid TOML: {exc}") from None
-    study = expand(data, base_dir=path.resolve().parent, name=path.stem)
+    try:
+        study = expand(data, base_dir=path.resolve().parent, name=path.stem)
+    except ConfigError as exc:
+        raise ConfigError(f"study {str(path)!r}: {exc}") from None
     study.source_text = text
     study.path = str(path)
     return study

@@ -247,22 +247,73 @@ def write_run(out_dir: Path, record: dict) -> Path:
     return path
 
 
-def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
+def read_run(path: Path) -> dict | None:
+    """The record in a run file, or None when the file is torn or not a run record (cut short by
+    a full disk or a copy, edited by hand, or not ours): such a run counts as not done."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if not isinstance(record, dict) or record.get("run_id") != path.stem \
+            or record.get("status") not in ("ok", "error") or not isinstance(record.get("config", {}), dict) \
+            or not isinstance(record.get("metrics", {}), dict):
+        return None
+    return record
+
+
+def _run_files(out_dir: Path) -> list[Path]:
     runs = Path(out_dir) / RUNS_DIR
     if not runs.is_dir():
-        return set()
+        return []
+    return sorted(p for p in runs.glob("*.json") if not p.name.startswith("."))
+
+
+def torn_run_files(out_dir: Path) -> list[Path]:
+    """Run files that cannot be read back as a run record."""
+    return [p for p in _run_files(out_dir) if read_run(p) is None]
+
+
+def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
+    """Ids of the runs whose file reads back whole (torn files are not finished runs)."""
     done = set()
-    for path in runs.glob("*.json"):
-        if path.name.startswith("."):
+    for path in _run_files(out_dir):
+        record = read_run(path)
+        if record is None or (not include_errors and record["status"] != "ok"):
             continue
-        if not include_errors:
-            try:
-                if json.loads(path.read_text()).get("status") != "ok":
-                    continue
-            except (OSError, json.JSONDecodeError):
-                continue
         done.add(path.stem)
     return done
+
+
+def clean_stale_tmp(out_dir: Path) -> list[Path]:
+    """Remove temporary files (``.<name>.<pid>.tmp``) left by killed sweeps whose process is gone."""
+    removed = []
+    out = Path(out_dir)
+    for folder in (out, out / RUNS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            try:
+                pid = int(path.name.rsplit(".", 2)[-2])
+            except (ValueError, IndexError):
+                pid = None
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -409,6 +460,11 @@ def run_sweep(study: Study, out_dir: str | Path, *, backend: str = "local", jobs
 
     out = Path(out_dir)
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    planned = set(study.run_ids)
+    for path in torn_run_files(out):
+        if path.stem in planned:
+            (stream or sys.stderr).write(f"warning: {path} is torn or unreadable; running {path.stem} again\n")
     _write_study_files(study, out)
     todo, skipped = plan(study, out, retry_errors=retry_errors)
     jobs = jobs or os.cpu_count() or 1
@@ -451,11 +507,7 @@ def _write_study_files(study: Study, out: Path) -> None:
 
 
 def iter_records(out_dir: str | Path) -> Iterable[dict]:
-    runs = Path(out_dir) / RUNS_DIR
-    for path in sorted(runs.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            yield json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):  # a torn file cannot exist (atomic), but be safe
-            continue
+    for path in _run_files(Path(out_dir)):
+        record = read_run(path)
+        if record is not None:  # a torn run file is re-run by the next resume, not reported
+            yield record

@@ -75,9 +75,9 @@ def list_policies(
 @policies_app.command("predictor")
 def evaluate_predictor(
     trace: str = typer.Argument(..., help="Routing trace (Parquet)."),
-    distance: int = typer.Option(1, "--distance", "-d", help="Layers ahead (0: whole path before layer 0)."),
+    distance: int = typer.Option(1, "--distance", "-d", min=0, help="Layers ahead (0: whole path before layer 0)."),
     train_fraction: float = typer.Option(0.8, "--train-fraction", help="Fraction of requests to train on."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the request split."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the request split."),
     model: str = typer.Option("ridge", "--model", help="ridge or logistic."),
     phase: str = typer.Option("decode", "--phase", help="Held-out tokens to score: decode, prefill or all."),
 ) -> None:

@@ -62,14 +62,38 @@ def load_plugin(path: str) -> None:
         if not file.is_file():
             raise PolicyError(f"plugin file {path!r} does not exist")
         spec = importlib.util.spec_from_file_location(f"expertsim_plugin_{file.stem}", file)
+        if spec is None or spec.loader is None:
+            raise PolicyError(f"plugin file {path!r} is not an importable Python file; name it *.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:  # noqa: BLE001 - the user's code: report where it failed
+            sys.modules.pop(spec.name, None)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PolicyError(f"plugin {path!r} failed to import: {_where(exc, str(file))}; fix the file "
+                              f"(run `python {path}` to see the full traceback)") from None
     else:
         try:
             importlib.import_module(path)
-        except ImportError as exc:
-            raise PolicyError(f"cannot import plugin module {path!r}: {exc}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise PolicyError(f"cannot import plugin module {path!r}: {_where(exc, None)}") from None
+
+
+def _where(exc: BaseException, file: str | None) -> str:
+    """``file:line: Kind: message`` of an exception raised while importing a plug-in."""
+    import traceback
+
+    if isinstance(exc, SyntaxError):
+        return f"{exc.filename or file}:{exc.lineno}: SyntaxError: {exc.msg}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if file is None or f.filename == file] or frames
+    loc = f"{mine[-1].filename}:{mine[-1].lineno}: " if mine else ""
+    text = str(exc).strip().splitlines()
+    return f"{loc}{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def eviction_names() -> list[str]:
@@ -90,24 +114,70 @@ def _unknown(name: str, kind: str, known: list[str]) -> PolicyError:
     )
 
 
+def check_params(cls: type, params: dict, what: str) -> None:
+    """Parameters against the constructor's signature, before it runs: known names (with a
+    did-you-mean), no NaN or infinity, and the type of the default (a number where the default is
+    a number, an integer where it is an integer, true/false where it is a boolean)."""
+    import inspect
+    import math
+
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    accepted = {n: p for n, p in signature.parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in params.items():
+        if key not in accepted and not takes_any:
+            close = difflib.get_close_matches(key, list(accepted), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise PolicyError(f"{what}: bad parameters: unknown {key}={value!r}.{hint} "
+                              f"Parameters: {', '.join(accepted) or 'none'}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PolicyError(f"{what}: bad parameters: {key}={value!r} is not a finite number")
+        default = accepted[key].default if key in accepted else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        expected = None
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                expected = "true or false"
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                expected = "an integer"
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                expected = "a number"
+        elif isinstance(default, str) and not isinstance(value, str):
+            expected = "text"
+        if expected:
+            raise PolicyError(f"{what}: bad parameters: {key}={value!r} must be {expected} "
+                              f"(default {default!r})")
+
+
+def _construct(cls: type, params: dict, what: str):
+    check_params(cls, params, what)
+    try:
+        return cls(**params)
+    except PolicyError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"{what}: bad parameters {params}: {exc}") from None
+
+
 def make_eviction(name: str, **params):
     _ensure_loaded()
     if name not in EVICTION:
         raise _unknown(name, "eviction policy", sorted(EVICTION))
-    try:
-        return EVICTION[name](**params)
-    except TypeError as exc:
-        raise PolicyError(f"eviction policy {name!r}: bad parameters {params}: {exc}") from None
+    return _construct(EVICTION[name], params, f"eviction policy {name!r}")
 
 
 def make_system(name: str, **params):
     _ensure_loaded()
     if name not in SYSTEMS:
         raise _unknown(name, "system", sorted(SYSTEMS))
-    try:
-        return SYSTEMS[name](**params)
-    except TypeError as exc:
-        raise PolicyError(f"system {name!r}: bad parameters {params}: {exc}") from None
+    return _construct(SYSTEMS[name], params, f"system {name!r}")
 
 
 def make_policy(name: str, **params):

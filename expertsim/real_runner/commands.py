@@ -8,6 +8,8 @@ import json
 
 import typer
 
+from expertsim.errors import ConfigError, check_option_number, check_output_path
+
 # Per-device defaults: the CPU emulation shrinks the model hard and stores fp32 (bf16 GEMMs are
 # slow on most CPUs) behind an emulated 1 GB/s link, so that copies cost several expert
 # computes, as over PCIe; a GPU keeps Mixtral's full expert width in its own dtype.
@@ -19,9 +21,12 @@ DEVICE_DEFAULTS = {
 }
 
 
-def _defaults(device: str, **given):
-    from expertsim.errors import ConfigError
+def _check_numbers(experts_scale: float | None, link_gbps: float | None) -> None:
+    check_option_number("--experts-scale", experts_scale, high=1e3, unit="x")
+    check_option_number("--link-gbps", link_gbps, high=1e6, unit="GB/s")
 
+
+def _defaults(device: str, **given):
     if device not in DEVICE_DEFAULTS:
         raise ConfigError(f"--device must be cuda or cpu, got {device!r}")
     return {k: (given[k] if given.get(k) is not None else v) for k, v in DEVICE_DEFAULTS[device].items()}
@@ -42,11 +47,11 @@ def calibrate_command(
     device: str = typer.Option("cuda", "--device", "-d", help="cuda (a GPU) or cpu (the emulated device)."),
     model: str = typer.Option("mixtral-8x7b", "--model", "-m", help="Model preset or TOML file."),
     out: str = typer.Option("profile.json", "--out", "-o", help="Where to write the profile (JSON)."),
-    layers: int = typer.Option(None, "--layers", help="Keep the first N MoE layers (default: per device)."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Keep the first N MoE layers (default: per device)."),
     experts_scale: float = typer.Option(None, "--experts-scale", help="Scale d_model/d_ff by S (default: per device)."),
     dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: the model's; fp32 on cpu)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Largest pass (tokens) to time."),
-    max_context: int = typer.Option(2048, "--max-context", help="Longest KV length to time."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Largest pass (tokens) to time."),
+    max_context: int = typer.Option(2048, "--max-context", min=1, help="Longest KV length to time."),
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth (GB/s)."),
     clock: str = typer.Option("wall", "--clock", help="cpu only: wall or cpu (the emulated device's own clock)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer points and repetitions (seconds, for CI)."),
@@ -61,6 +66,8 @@ def calibrate_command(
     from expertsim.real_runner.shrink import shrink_model
     from expertsim.specs import load_model
 
+    _check_numbers(experts_scale, link_gbps)
+    check_output_path(out, "--out")
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps)
     spec = shrink_model(load_model(model), layers=d["layers"], experts_scale=d["experts_scale"], dtype=d["dtype"])
     dev = make_device(device, link_gbps=d["link_gbps"], clock=clock if device == "cpu" else "wall")
@@ -84,20 +91,20 @@ def validate_command(
     device: str = typer.Option("cpu", "--device", "-d", help="cpu (emulated device) or cuda (a GPU)."),
     model: str = typer.Option("mixtral-8x7b", "--model", "-m", help="Model preset or TOML file."),
     trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: the built-in synthetic trace."),
-    layers: int = typer.Option(None, "--layers", help="Keep the first N MoE layers (default: 4)."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Keep the first N MoE layers (default: 4)."),
     experts_scale: float = typer.Option(None, "--experts-scale", help="Scale d_model/d_ff by S (default: 1/16 on cpu, 1 on cuda)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Replay the first M tokens of the trace (default: 1000 on cpu, 1200 on cuda)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Replay the first M tokens of the trace (default: 1000 on cpu, 1200 on cuda)."),
     out: str = typer.Option(None, "--out", "-o", help="Folder for the measurements, Parquet results and the HTML scatter (default expertsim-validate; with --published: only when given)."),
     published: str = typer.Option(None, "--published", help="A measurements file (TOML, see ../shared/published/dev.toml): predict every published number with the simulator and compare; no device needed."),
     fit: bool = typer.Option(False, "--fit", help="With --published: fit the file's fit_params per fit group on the rows marked fit = true, then predict the others."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="With --published: simulations in parallel (default: the CPU count)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="With --published: simulations in parallel (default: the CPU count)."),
     policies: str = typer.Option(None, "--policies", help="Comma-separated NAME[:K] (K slots per layer). Default: no-cache, lru:2, lru:4, a prefetching system when registered, all-on-gpu."),
     dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: fp32 on cpu, the model's on cuda)."),
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
     measured: str = typer.Option(None, "--measured", help="A folder written by benchmarks/gpu_validate.sh: predict and compare only."),
     export: str = typer.Option(None, "--export", help="Only write the trace slice and shrunk spec to this .npz (for benchmarks/gpu_validate.sh --bundle)."),
     clock: str = typer.Option("wall", "--clock", help="cpu only: wall (the machine's clock) or cpu (the emulated device's own clock: compute thread CPU time, nominal link; for busy machines)."),
-    repeats: int = typer.Option(None, "--repeats", help="Replay each policy R times; per-pass medians (default: 3 on cpu, 1 on cuda)."),
+    repeats: int = typer.Option(None, "--repeats", min=1, help="Replay each policy R times; per-pass medians (default: 3 on cpu, 1 on cuda)."),
     quick: bool = typer.Option(False, "--quick", help="Quick calibration (CI)."),
     as_json: bool = typer.Option(False, "--json", help="Print median_abs_error, p95_abs_error, total_time_error, kendall_tau and the per-policy list as JSON."),
 ) -> None:
@@ -114,8 +121,22 @@ def validate_command(
     out = out or "expertsim-validate"
     from expertsim.validate import prepare_slice, validate
 
+    _check_numbers(experts_scale, link_gbps)
     d = _defaults(device, layers=layers, experts_scale=experts_scale, dtype=dtype, link_gbps=link_gbps,
                   max_tokens=max_tokens, repeats=repeats)
+    if export:
+        check_output_path(export, "--export")
+    else:
+        check_output_path(out, "--out", folder=True)
+    if not measured:
+        # Per-token latency errors need decode tokens: say so now, not NaN after the replay.
+        _, sliced = prepare_slice(model, trace, layers=d["layers"], experts_scale=d["experts_scale"],
+                                  max_tokens=d["max_tokens"], dtype=d["dtype"])
+        if not (sliced.phase == 1).any():
+            raise ConfigError(
+                f"the slice of {trace or 'the synthetic trace'} (first {d['max_tokens']} tokens) has no "
+                f"decode tokens, so there is no per-token latency to validate; raise --max-tokens or "
+                f"pick a trace with decode tokens")
     if export:
         from expertsim.real_runner.shrink import write_bundle
 
@@ -164,6 +185,8 @@ def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | No
         from expertsim.errors import ConfigError
 
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if out:
+        check_output_path(out, "--out", folder=True)
     report = validate_published(path, fit=fit, jobs=jobs, progress=lambda msg: typer.echo(msg, err=True))
     paths = write_published_report(report, out) if out else {}
     if as_json:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from importlib import resources
 from pathlib import Path
@@ -107,7 +108,7 @@ def model_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     if unknown:
         raise SpecError(f"model {data['name']!r}: unknown field(s) {unknown}; known: {sorted(fields)}")
     try:
-        return ModelSpec(**data)
+        return check_model_numbers(ModelSpec(**data))
     except TypeError as exc:
         raise SpecError(f"model {data['name']!r}: {exc}") from None
 
@@ -133,7 +134,7 @@ def hardware_from_dict(data: dict, name: str = "custom") -> HardwareSpec:
     unknown = sorted(set(data) - {"name", "source"})
     if unknown:
         raise SpecError(f"hardware {data['name']!r}: unknown top-level field(s) {unknown}")
-    return HardwareSpec(**data, **parts)
+    return check_hardware_numbers(HardwareSpec(**data, **parts))
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:
@@ -189,6 +190,9 @@ def apply_runtime_overrides(runtime: RuntimeSpec, overrides: dict[str, Any]) -> 
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(current, dict):
+        example = next(iter(current), "bf16")
+        raise SpecError(f"--set {key}: {key} is a table; set one entry, e.g. --set {key}.{example}=VALUE")
     if isinstance(value, str) and not isinstance(current, str):
         tomllib = _toml()
         try:
@@ -223,7 +227,13 @@ def _set_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
         raise SpecError(f"--set {key}: {type(obj).__name__} has no field {head!r}.{hint}")
     current = getattr(obj, head)
     new_value = _set_path(current, rest, value, key) if rest else _coerce(value, current, key)
-    return dataclasses.replace(obj, **{head: new_value})
+    try:
+        return dataclasses.replace(obj, **{head: new_value})
+    except (TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(f"--set {key}={value!r}: not a valid value for {type(obj).__name__}.{head} "
+                        f"({type(exc).__name__}: {exc})") from None
 
 
 def apply_overrides(model: ModelSpec, hardware: HardwareSpec, overrides: dict[str, Any]) -> tuple[ModelSpec, HardwareSpec]:
@@ -247,7 +257,7 @@ def apply_overrides(model: ModelSpec, hardware: HardwareSpec, overrides: dict[st
                 f"--set {key}: keys start with model., gpu., link., cpu., storage. or runtime. "
                 f"(e.g. link.bandwidth_gbps=64)"
             )
-    return model, hardware
+    return check_model_numbers(model), check_hardware_numbers(hardware)
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:
@@ -259,3 +269,124 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         result[key.strip()] = value.strip()
     return result
+
+
+# --- the numeric boundary ---------------------------------------------------------------------
+# Every number a user can give in a spec (TOML or --set) with its range and unit, checked once
+# after loading and after overrides, so a value that would overflow the integer-nanosecond cost
+# model (a bandwidth of 1e-30 GB/s), allocate nothing (0-byte experts) or poison arithmetic
+# (nan; inf where it is not an idealisation) is one error here and never a crash later.
+# (integer?, low, high, unit). Rates (GB/s, TFLOP/s) may also be +inf: an ideal part that costs
+# no time, which the cost model supports (the tests use it to isolate copies from compute).
+_MODEL_NUMBERS: dict[str, tuple[bool, float, float, str]] = {
+    "num_layers": (True, 1, 4096, "layers"),
+    "num_experts": (True, 1, 65536, "routed experts per MoE layer"),
+    "top_k": (True, 1, 65536, "experts per token"),
+    "d_model": (True, 1, 2**20, "hidden size"),
+    "d_ff_expert": (True, 1, 2**22, "expert FFN width"),
+    "num_heads": (True, 1, 2**16, "attention heads"),
+    "num_kv_heads": (True, 1, 2**16, "KV heads"),
+    "head_dim": (True, 1, 2**16, "elements per head"),
+    "vocab_size": (True, 1, 2**26, "tokens"),
+    "dense_params": (True, 0, 10**14, "parameters"),
+    "kv_bytes_per_token": (True, 0, 2**40, "bytes per token"),
+    "num_shared_experts": (True, 0, 1024, "shared experts"),
+    "d_ff_shared": (True, 0, 2**22, "shared-expert FFN width"),
+    "d_ff_dense": (True, 0, 2**22, "dense FFN width"),
+    "expert_matrices": (True, 1, 16, "weight matrices per expert"),
+    "expert_params_override": (True, 0, 10**13, "parameters per expert (0: matrices x d_model x d_ff)"),
+    "expert_bits": (False, 0, 64, "bits per weight (0: the dtype's)"),
+    "dense_bits": (False, 0, 64, "bits per weight (0: the dtype's)"),
+    "kv_bits": (False, 0, 64, "bits per value (0: the dtype's)"),
+}
+_RATE = (False, 1e-3, 1e6)  # GB/s or TFLOP/s: slower than 1 MB/s would overflow int64 nanoseconds
+_HARDWARE_NUMBERS: dict[str, tuple[bool, float, float, str]] = {
+    "gpu.memory_gb": (False, 1e-3, 1e5, "GB"),
+    "gpu.hbm_bandwidth_gbps": (*_RATE, "GB/s"),
+    "gpu.tflops.*": (*_RATE, "TFLOP/s"),
+    "gpu.compute_efficiency": (False, 1e-3, 1.0, "fraction of peak"),
+    "gpu.memory_efficiency": (False, 1e-3, 1.0, "fraction of peak"),
+    "gpu.launch_overhead_us": (False, 0, 1e6, "us"),
+    "gpu.workspace_gb": (False, 0, 1e5, "GB"),
+    "link.bandwidth_gbps": (*_RATE, "GB/s"),
+    "link.per_copy_overhead_us": (False, 0, 1e6, "us"),
+    "link.pageable_bandwidth_gbps": (False, 0, 1e6, "GB/s (0: half of pinned)"),
+    "link.copy_engines": (True, 1, 64, "copy engines"),
+    "cpu.tflops": (*_RATE, "TFLOP/s"),
+    "cpu.memory_bandwidth_gbps": (*_RATE, "GB/s"),
+    "cpu.memory_gb": (False, 1e-3, 1e7, "GB"),
+    "cpu.efficiency": (False, 1e-3, 1.0, "fraction of peak"),
+    "cpu.host_speed": (False, 1e-3, 1e3, "single-thread speed relative to the runtime's reference host"),
+    "storage.bandwidth_gbps": (False, 0, 1e6, "GB/s (0: no storage tier)"),
+    "storage.latency_us": (False, 0, 1e7, "us"),
+}
+_IDEAL_UNITS = {"GB/s", "TFLOP/s"}
+# Fields that may be 0 ("off") but are otherwise at least a minimum rate.
+_ZERO_OR_RATE = {"link.pageable_bandwidth_gbps", "storage.bandwidth_gbps"}
+
+
+def check_number(key: str, value: Any, rule: tuple[bool, float, float, str], owner: str) -> None:
+    """Raise SpecError unless ``value`` is a finite number (an integer where ``rule`` says so)
+    within the rule's range; the message names the key, the value, the range and its unit."""
+    integer, low, high, unit = rule
+    fix = f"set it in the TOML or with --set {key}=VALUE"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{owner}: {key}={value!r} is not a number; give {'an integer' if integer else 'a number'} "
+                        f"in {low:g}..{high:g} {unit} ({fix})")
+    if integer and not isinstance(value, int):
+        raise SpecError(f"{owner}: {key}={value!r} must be an integer ({unit}), in {low:g}..{high:g}; {fix}")
+    if value == math.inf and unit in _IDEAL_UNITS:
+        return
+    if not math.isfinite(value):
+        raise SpecError(f"{owner}: {key}={value!r} is not finite; give a number in {low:g}..{high:g} {unit} ({fix})")
+    floor = low
+    if key in _ZERO_OR_RATE and value != 0:
+        floor = _RATE[1]
+    if not floor <= value <= high:
+        zero = "0 or " if key in _ZERO_OR_RATE else ""
+        raise SpecError(f"{owner}: {key}={value!r} {unit.split(' (')[0]} is out of range; give {zero}"
+                        f"{floor:g}..{high:g} {unit} ({fix})")
+
+
+def _check_other_numbers(prefix: str, obj: Any, owner: str, known: set[str]) -> None:
+    """Numbers in fields without a rule (added later) must at least be finite."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if key in known or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(f"{owner}: {key}={value!r} is not finite; set a finite number")
+
+
+def check_model_numbers(model: ModelSpec) -> ModelSpec:
+    """The numeric boundary of a model spec (see ``_MODEL_NUMBERS``)."""
+    owner = f"model {model.name!r}"
+    for name, rule in _MODEL_NUMBERS.items():
+        check_number(f"model.{name}", getattr(model, name), rule, owner)
+    if model.top_k > model.num_experts:
+        raise SpecError(f"{owner}: model.top_k={model.top_k} exceeds model.num_experts={model.num_experts}")
+    _check_other_numbers("model.", model, owner, {f"model.{n}" for n in _MODEL_NUMBERS})
+    if model.expert_bytes() <= 0:
+        raise SpecError(f"{owner}: an expert of {model.expert_params} parameters in {model.dtype} is "
+                        f"{model.expert_bytes()} bytes; experts must have a positive size")
+    return model
+
+
+def check_hardware_numbers(hardware: HardwareSpec) -> HardwareSpec:
+    """The numeric boundary of a hardware spec (see ``_HARDWARE_NUMBERS``)."""
+    owner = f"hardware {hardware.name!r}"
+    for key, rule in _HARDWARE_NUMBERS.items():
+        section, name = key.split(".", 1)
+        part = getattr(hardware, section)
+        if name == "tflops.*":
+            for dtype, value in part.tflops.items():
+                check_number(f"gpu.tflops.{dtype}", value, rule, owner)
+            continue
+        check_number(key, getattr(part, name), rule, owner)
+    if hardware.gpu.workspace_gb >= hardware.gpu.memory_gb:
+        raise SpecError(f"{owner}: gpu.workspace_gb={hardware.gpu.workspace_gb} GB leaves nothing of "
+                        f"gpu.memory_gb={hardware.gpu.memory_gb} GB; lower the workspace or raise the memory")
+    for section in ("gpu", "link", "cpu", "storage"):
+        _check_other_numbers(f"{section}.", getattr(hardware, section), owner, set(_HARDWARE_NUMBERS))
+    return hardware

@@ -10,10 +10,22 @@ trace_app = typer.Typer(help="Routing traces: info, import, capture, statistics,
                         no_args_is_help=True)
 
 
-def _write(trace, out: str) -> None:
+def _out(path: str | None, option: str = "--out") -> str | None:
+    """Check an output path before any work (a parent that is a file, a read-only folder)."""
+    from expertsim.errors import check_output_path
+
+    if path is not None:
+        check_output_path(path, option)
+    return path
+
+
+def _write(trace, out: str, option: str = "--out") -> None:
+    from expertsim.errors import ConfigError, foreign_errors
     from expertsim.traces import write_trace
 
-    path = write_trace(trace, out)
+    _out(out, option)
+    with foreign_errors(ConfigError, f"cannot write {option} {out!r}", "choose another path"):
+        path = write_trace(trace, out)
     typer.echo(f"wrote {path}: {trace!r}")
 
 
@@ -37,16 +49,17 @@ def trace_capture(
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     model_path: Optional[str] = typer.Option(None, "--model-path", help="A local Hugging Face checkpoint directory (read offline)."),
     tiny: Optional[str] = typer.Option(None, "--tiny", help="A model preset: capture a tiny random model of its family (untrained; tests and demos)."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Greedy decode tokens per prompt (0: prefill only)."),
-    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    spec_depth: int = typer.Option(0, "--spec-depth", help="Record speculative routing for d = 1..D layers ahead."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=0, help="Greedy decode tokens per prompt (0: prefill only)."),
+    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    spec_depth: int = typer.Option(0, "--spec-depth", min=0, help="Record speculative routing for d = 1..D layers ahead."),
     router_probs: bool = typer.Option(False, "--router-probs", help="Record the full router scores (float16)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Record routing from a transformers MoE model (needs the torch extra)."""
     from expertsim.traces.capture import capture_from_files
 
+    _out(out)
     trace = capture_from_files(prompts_path=prompts, model_path=model_path, tiny=tiny,
                                max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                                batch_size=batch_size, spec_depth=spec_depth, router_probs=router_probs,
@@ -60,13 +73,14 @@ def trace_import(
     fmt: str = typer.Option(..., "--format", help="vllm, moe-lightning, parquet, csv or numpy."),
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model preset to check the shape against."),
-    num_experts: Optional[int] = typer.Option(None, "--num-experts"),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=65536, help="Routed experts per layer (1..65536)."),
     truncate_ragged: bool = typer.Option(False, "--truncate-ragged", help="Cut layers of unequal length to the shortest."),
     phase: str = typer.Option("decode", "--phase", help="Phase of a plain numpy array's tokens."),
 ) -> None:
     """Convert a public routing format to an expertsim trace."""
     from expertsim.traces.importers import import_trace
 
+    _out(out)
     trace = import_trace(fmt, files, model=model, num_experts=num_experts,
                          truncate_ragged=truncate_ragged, phase=phase)
     _write(trace, out)
@@ -83,6 +97,7 @@ def trace_fit(
     from expertsim.traces import read_trace
     from expertsim.traces.synth import fit_trace, save_fit
 
+    _out(out)
     fit = fit_trace(read_trace(path), phase=phase, model=model)
     save_fit(fit, out)
     t = fit["targets"]
@@ -94,19 +109,22 @@ def trace_fit(
 def trace_synth(
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     fit: Optional[str] = typer.Option(None, "--fit", help="A fit JSON, or a shipped fit: mixtral-8x7b, llama4-maverick."),
-    requests: int = typer.Option(8, "--requests"),
-    seed: int = typer.Option(0, "--seed"),
+    requests: int = typer.Option(8, "--requests", min=1),
+    seed: int = typer.Option(0, "--seed", min=0),
     uniform: bool = typer.Option(False, "--uniform", help="Uniform independent routing (no fit)."),
     zipf: Optional[float] = typer.Option(None, "--zipf", help="Zipf(A) popularity per layer (no fit)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model preset for --uniform/--zipf shapes."),
-    prefill_tokens: int = typer.Option(16, "--prefill-tokens", help="For --uniform/--zipf."),
-    decode_tokens: int = typer.Option(64, "--decode-tokens", help="For --uniform/--zipf."),
+    prefill_tokens: int = typer.Option(16, "--prefill-tokens", min=0, help="For --uniform/--zipf."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="For --uniform/--zipf."),
     compare: bool = typer.Option(False, "--compare", help="Print the sample's LRU curve next to the fit's real one."),
 ) -> None:
     """Sample a synthetic trace from a fit, or a uniform / Zipf baseline."""
     from expertsim.errors import TraceError
     from expertsim.traces import synth
 
+    _out(out)
+    if zipf is not None and not (zipf > 0 and zipf < float("inf")):
+        raise TraceError(f"--zipf {zipf!r}: give a finite exponent > 0, e.g. --zipf 1.2")
     chosen = [x for x in (fit is not None, uniform, zipf is not None) if x]
     if len(chosen) != 1:
         raise TraceError("give exactly one of --fit FIT.json, --uniform or --zipf A")
@@ -142,6 +160,7 @@ def trace_stats_cmd(
     from expertsim.traces import read_trace
     from expertsim.traces.stats import trace_stats
 
+    _out(html, "--html")
     trace = read_trace(path)
     st = trace_stats(trace, phase=phase)
     if html:
@@ -197,15 +216,17 @@ def trace_split(
     train: str = typer.Option(..., "--train", help="Output of the training requests."),
     held_out: str = typer.Option(..., "--held-out", help="Output of the held-out requests."),
     fraction: float = typer.Option(0.8, "--fraction", help="Share of requests in the training set."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Split by request into training and held-out traces."""
     from expertsim.traces import read_trace
     from expertsim.traces.ops import split_requests
 
+    _out(train, "--train")
+    _out(held_out, "--held-out")
     a, b = split_requests(read_trace(path), fraction, seed=seed)
-    _write(a, train)
-    _write(b, held_out)
+    _write(a, train, "--train")
+    _write(b, held_out, "--held-out")
 
 
 @trace_app.command("slice")
@@ -215,12 +236,13 @@ def trace_slice(
     requests: Optional[str] = typer.Option(None, "--requests", help="START:END over the trace's requests."),
     layers: Optional[str] = typer.Option(None, "--layers", help="START:END over MoE layers."),
     phase: str = typer.Option("all", "--phase"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1),
 ) -> None:
     """A part of a trace: some requests, layers, one phase, or the first tokens."""
     from expertsim.traces import read_trace
     from expertsim.traces.ops import slice_trace
 
+    _out(out)
     _write(slice_trace(read_trace(path), requests=requests, layers=layers, phase=phase,
                        max_tokens=max_tokens), out)
 
@@ -235,6 +257,7 @@ def trace_concat(
     from expertsim.traces import read_trace
     from expertsim.traces.ops import concat
 
+    _out(out)
     _write(concat([read_trace(p) for p in paths], renumber=renumber), out)
 
 
@@ -244,7 +267,7 @@ def trace_fit_report(
     trace: List[str] = typer.Option(..., "--trace", help="The real trace the fit was made from (repeat)."),
     out: str = typer.Option(..., "--out", help="Markdown output."),
     html: Optional[str] = typer.Option(None, "--html", help="Also write the curves as a plotly HTML figure."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Real vs synthetic LRU hit rates at every cache size (markdown table, optional figure)."""
     from expertsim.errors import TraceError
@@ -252,6 +275,8 @@ def trace_fit_report(
 
     if len(fit) != len(trace):
         raise TraceError(f"give one --trace per --fit (got {len(fit)} fits, {len(trace)} traces)")
+    _out(out)
+    _out(html, "--html")
     md, curves = fit_report(list(zip(fit, trace)), seed=seed)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,10 +28,32 @@ from pathlib import Path
 
 import numpy as np
 
-from expertsim.errors import TraceError
-from expertsim.traces.trace import DECODE, PREFILL, RoutingTrace, expert_dtype
+from expertsim.errors import TraceError, foreign_errors
+from expertsim.traces.trace import DECODE, MAX_EXPERTS, PREFILL, RoutingTrace, expert_dtype
 
 FORMATS = ("vllm", "moe-lightning", "parquet", "csv", "numpy")
+
+
+def _load_numpy(path: Path):
+    """``np.load`` without pickles; any failure (random bytes, a pickled or object array, a
+    truncated file) is one TraceError."""
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a NumPy .npy/.npz array",
+                        "save integer arrays with numpy.save / numpy.savez (no pickled objects)"):
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as z:
+                return {k: z[k] for k in z.files}
+        return loaded
+
+
+def _integers(arr, what: str) -> np.ndarray:
+    """``arr`` when it holds integers; floats (never truncated silently), text and objects are an error."""
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.integer):
+        sample = f" (first value {arr.ravel()[0].item()!r})" if arr.size and arr.dtype != object else ""
+        raise TraceError(f"{what}: expected integers, got dtype {arr.dtype}{sample}; save an integer "
+                         f"array (ids and lengths are never rounded)")
+    return arr
 
 
 def _trace_from_requests(arrays: list[np.ndarray], prompt_lengths, num_experts: int | None,
@@ -54,11 +76,11 @@ def _trace_from_requests(arrays: list[np.ndarray], prompt_lengths, num_experts: 
         if token_ids is not None:
             tids.append(token_ids[r])
     ex = np.concatenate(experts)
-    if ex.size and int(ex.min()) < 0:
-        t, l, j = np.argwhere(ex < 0)[0]
-        raise TraceError(f"{source}: negative expert id {int(ex[t, l, j])} at token {t}, layer {l}")
-    ne = num_experts or (int(ex.max()) + 1 if ex.size else 1)
-    trace = RoutingTrace(experts=ex.astype(expert_dtype(ne)) if int(ex.max()) < ne else ex,
+    if ex.size == 0:
+        raise TraceError(f"{source}: no tokens (the arrays are empty); nothing to import")
+    _check_ids(ex, source, num_experts)
+    ne = num_experts or int(ex.max()) + 1
+    trace = RoutingTrace(experts=ex.astype(expert_dtype(ne)),
                          request=np.concatenate(request), step=np.concatenate(step),
                          position=np.concatenate(position), phase=np.concatenate(phase),
                          num_experts=ne, token_id=np.concatenate(tids) if tids else None,
@@ -67,16 +89,32 @@ def _trace_from_requests(arrays: list[np.ndarray], prompt_lengths, num_experts: 
     return trace
 
 
-def _as_3d(arr: np.ndarray, what: str) -> np.ndarray:
+def _check_ids(ex: np.ndarray, source: str, num_experts: int | None) -> None:
+    """Expert ids in 0..num_experts-1 (and below 65536: ids are stored in 16 bits)."""
+    limit = min(num_experts or MAX_EXPERTS, MAX_EXPERTS)
+    bad = (ex < 0) | (ex >= limit)
+    if bad.any():
+        t, l, j = np.argwhere(bad)[0]
+        raise TraceError(
+            f"{source}: expert id {int(ex[t, l, j])} at token {t}, layer {l} is out of range "
+            f"0..{limit - 1}" + (f" ({num_experts} experts per layer)" if num_experts else
+                                 " (ids are stored in 16 bits)") + "; check the array and --num-experts")
+
+
+def _as_3d(arr, what: str) -> np.ndarray:
+    if isinstance(arr, dict):
+        raise TraceError(f"{what}: a .npz archive; this format reads one array from a .npy file")
     arr = np.asarray(arr)
     if arr.dtype == object:
         raise TraceError(f"{what}: an object (ragged) array; save one integer array per layer or per request")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise TraceError(f"{what}: expert ids must be integers, got dtype {arr.dtype}")
+        raise TraceError(f"{what}: expert ids must be integers, got dtype {arr.dtype}; they are never rounded")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise TraceError(f"{what}: expected shape [tokens, layers, k], got {arr.shape}")
+    if arr.size == 0:
+        raise TraceError(f"{what}: the array is empty (shape {arr.shape}); nothing to import")
     return arr
 
 
@@ -99,13 +137,16 @@ def import_vllm(path: str | Path, *, num_experts: int | None = None, truncate_ra
     path = Path(path)
     source = f"vllm routed experts: {path.name}"
     if path.suffix == ".npy":
-        return _trace_from_requests([_as_3d(np.load(path, allow_pickle=False), str(path))], None,
+        return _trace_from_requests([_as_3d(_load_numpy(path), str(path))], None,
                                     num_experts, source)
     if path.suffix != ".npz":
         raise TraceError(f"{path}: vLLM routed experts are read from .npy or .npz, got {path.suffix!r}")
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    data = _load_numpy(path)
+    if not isinstance(data, dict):
+        raise TraceError(f"{path}: a .npz archive was expected, found a plain array; name it .npy")
     prompts = data.get("prompt_lengths")
+    if prompts is not None:
+        prompts = _integers(prompts, f"{path}:prompt_lengths").ravel()
     per_request = sorted((int(m.group(1)), k) for k in data if (m := re.fullmatch(r"request_(\d+)", k)))
     per_layer = sorted((int(m.group(1)), k) for k in data if (m := re.fullmatch(r"layer_(\d+)", k)))
     if per_request:
@@ -128,18 +169,19 @@ def import_vllm(path: str | Path, *, num_experts: int | None = None, truncate_ra
 def _split_boundaries(flat: np.ndarray, data: dict, path: Path) -> list[np.ndarray]:
     n = len(flat)
     if "request_offsets" in data:
-        off = np.asarray(data["request_offsets"], dtype=np.int64)
+        off = _integers(data["request_offsets"], f"{path}:request_offsets").ravel().astype(np.int64)
     elif "request_lengths" in data:
-        off = np.concatenate([[0], np.cumsum(np.asarray(data["request_lengths"], dtype=np.int64))])
+        lengths = _integers(data["request_lengths"], f"{path}:request_lengths").ravel().astype(np.int64)
+        off = np.concatenate([[0], np.cumsum(lengths)])
     elif "request_ids" in data:
-        ids = np.asarray(data["request_ids"])
+        ids = np.asarray(data["request_ids"]).ravel()
         if len(ids) != n:
             raise TraceError(f"{path}: request_ids has {len(ids)} entries for {n} tokens")
         change = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         off = np.append(change, n)
     else:
         off = np.array([0, n])
-    if off[0] != 0 or off[-1] != n or (np.diff(off) <= 0).any():
+    if len(off) < 2 or off[0] != 0 or off[-1] != n or (np.diff(off) <= 0).any():
         raise TraceError(
             f"{path}: request boundaries {off[:6].tolist()}... do not cover the {n} tokens "
             f"(they must start at 0, increase, and end at {n})"
@@ -174,7 +216,10 @@ def _parse_tensor_text(text: str, start: int, where: str) -> tuple[np.ndarray, i
     widths = {len(v) for v in values}
     if len(widths) > 1:
         raise TraceError(f"{where}: rows of different widths {sorted(widths)} in one tensor")
-    return np.asarray(values, dtype=np.int64), j + 1
+    try:
+        return np.asarray(values, dtype=np.int64), j + 1
+    except OverflowError:
+        raise TraceError(f"{where}: a value does not fit 64 bits; expert and token ids are small integers") from None
 
 
 def parse_moe_lightning(text: str, where: str, *, truncate_ragged: bool = False):
@@ -246,6 +291,9 @@ def import_moe_lightning(paths, *, num_experts: int | None = None, truncate_ragg
     if len(shapes) > 1:
         raise TraceError(f"logs disagree on (layers, k): {sorted(shapes)}; import them separately")
     ex = np.concatenate(experts)
+    if ex.size == 0:
+        raise TraceError(f"{paths[0]}: the log has no routed tokens; nothing to import")
+    _check_ids(ex, "moe-lightning log", num_experts)
     ne = num_experts or int(ex.max()) + 1
     trace = RoutingTrace(experts=ex, request=np.concatenate(request), step=np.concatenate(step),
                          position=np.concatenate(position), phase=np.concatenate(phase), num_experts=ne,
@@ -260,7 +308,7 @@ def import_numpy(path: str | Path, *, num_experts: int | None = None, phase: str
     path = Path(path)
     if phase not in ("prefill", "decode"):
         raise TraceError(f"--phase must be prefill or decode for a plain array, got {phase!r}")
-    arr = _as_3d(np.load(path, allow_pickle=False), str(path))
+    arr = _as_3d(_load_numpy(path), str(path))
     trace = _trace_from_requests([arr], [len(arr)] if phase == "prefill" else None, num_experts,
                                  f"numpy array: {path.name}")
     return trace
@@ -274,10 +322,9 @@ def import_table(path: str | Path, *, num_experts: int | None = None) -> Routing
         return read_trace(path, num_experts=num_experts)
     import polars as pl
 
-    try:
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as CSV",
+                        "give a CSV with a header row of the long trace format"):
         df = pl.read_csv(path)
-    except Exception as exc:
-        raise TraceError(f"cannot read {str(path)!r} as CSV ({type(exc).__name__}: {exc})") from None
     return frame_to_trace(df, num_experts=num_experts, metadata={"source": path.name}, source=str(path))
 
 

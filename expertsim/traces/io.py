@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertsim.errors import TraceError
+from expertsim.errors import TraceError, foreign_errors
 from expertsim.traces.trace import PHASE_NAMES, RoutingTrace, expert_dtype
 
 FORMAT_VERSION = "1"
@@ -52,30 +52,58 @@ def _columns_k(names: list[str], prefix: str) -> list[str]:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     pl = _polars()
-    try:
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         raw = pl.read_parquet_metadata(str(path))
-    except Exception as exc:  # polars raises several types for corrupt files
-        raise TraceError(_not_parquet_message(path, exc)) from None
     return {k[len(_META_PREFIX):]: v for k, v in raw.items() if k.startswith(_META_PREFIX)}
 
 
-def _not_parquet_message(path: str | Path, exc: Exception) -> str:
-    return (
-        f"cannot read {str(path)!r} as a Parquet routing trace ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the file is truncated or not "
-        f"Parquet. Convert other formats with `expertsim trace import`"
-    )
+NOT_PARQUET_FIX = ("the file is truncated or not Parquet; convert other formats with "
+                   "`expertsim trace import`")
+# Expert ids are stored in 16 bits (uint16); steps and positions must fit int32.
+MAX_EXPERTS = 65536
+MAX_LAYERS = 4096
+MAX_INDEX = 2**31 - 1
+MAX_REQUEST = 2**53
 
 
-def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None = None,
-                   source: str = "<frame>") -> RoutingTrace:
-    """Convert a long-format polars DataFrame to a RoutingTrace, with validation."""
+def declared_num_experts(metadata: dict | None, source: str) -> int | None:
+    """``num_experts`` from a trace's metadata: None when absent, else an integer in
+    1..65536 (TraceError otherwise)."""
+    raw = (metadata or {}).get("num_experts")
+    if raw in (None, ""):
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise TraceError(f"{source}: metadata num_experts={raw!r} is not an integer; rewrite the trace "
+                         f"with `expertsim trace import --num-experts N`") from None
+    if not 1 <= value <= MAX_EXPERTS:
+        raise TraceError(f"{source}: metadata num_experts={value} is outside 1..{MAX_EXPERTS}; "
+                         f"rewrite the trace with `expertsim trace import --num-experts N`")
+    return value
+
+
+def _first_bad(df, condition, source: str, col: str, rule: str, fix: str) -> None:
+    """Raise TraceError naming the first row (0-based) where ``condition`` holds, if any."""
+    keys = [c for c in ("request", "position", "layer") if c in df.columns and c != col]
+    bad = df.with_row_index("_row").filter(condition).select("_row", col, *keys).head(1)
+    if bad.height:
+        row = bad.row(0, named=True)
+        where = ", ".join(f"{k} {row[k]}" for k in keys)
+        raise TraceError(f"{source}: column {col!r} is {row[col]!r} at row {row['_row']} ({where}); "
+                         f"{rule}; {fix}")
+
+
+def check_frame(df, *, source: str, num_experts: int | None = None) -> None:
+    """The trace schema, checked before anything is allocated by an id: columns, dtypes, nulls,
+    id ranges and gate weights. The order of tokens (steps, positions) is RoutingTrace.validate's."""
     pl = _polars()
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise TraceError(
             f"{source}: missing column(s) {missing}; a routing trace needs {list(REQUIRED)} "
-            f"(plus expert_1.. for top-k > 1); found {df.columns}"
+            f"(plus expert_1.. for top-k > 1); found {df.columns[:20]}"
         )
     expert_cols = _columns_k(df.columns, "expert")
     weight_cols = _columns_k(df.columns, "weight") if any(c.startswith("weight_") for c in df.columns) else []
@@ -85,21 +113,61 @@ def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None 
         )
     if df.height == 0:
         raise TraceError(f"{source}: the trace has no rows")
-    for col in expert_cols + ["request", "step", "position", "layer"]:
-        if df[col].null_count():
-            raise TraceError(f"{source}: column {col!r} has {df[col].null_count()} missing values")
+    spec_cols = [c for c in df.columns if _SPEC_RE.fullmatch(c)]
+    int_cols = ["request", "step", "position", "layer"] + expert_cols + spec_cols + \
+        (["token_id"] if "token_id" in df.columns else [])
+    for col in int_cols:
         if not df[col].dtype.is_integer():
-            raise TraceError(f"{source}: column {col!r} must be integer, got {df[col].dtype}")
+            raise TraceError(f"{source}: column {col!r} must be integer, got {df[col].dtype}; "
+                             f"write ids as integers")
+    for col in weight_cols:
+        if not df[col].dtype.is_float():
+            raise TraceError(f"{source}: gate weight column {col!r} must be float, got {df[col].dtype}; "
+                             f"write gate weights as Float32 (or drop the weight columns)")
+    if df["phase"].dtype not in (pl.String, pl.Categorical) and not isinstance(df["phase"].dtype, pl.Enum):
+        raise TraceError(f"{source}: column 'phase' must be text ('prefill'/'decode'), got {df['phase'].dtype}")
+    for col in int_cols + ["phase"] + weight_cols:
+        if df[col].null_count():
+            _first_bad(df, pl.col(col).is_null(), source, col, "a trace has no missing values",
+                       "fill or drop those rows")
     phase = df["phase"].unique().cast(pl.String)  # distinct values only: cheap on big traces
     bad_phase = phase.filter(~phase.is_in(list(PHASE_NAMES)))
     if len(bad_phase):
-        raise TraceError(
-            f"{source}: phase must be 'prefill' or 'decode', found {bad_phase[0]!r}"
-        )
-    for col in expert_cols:
-        low = df[col].min()
-        if low is not None and low < 0:
-            raise TraceError(f"{source}: negative expert id {low} in column {col!r}")
+        raise TraceError(f"{source}: phase must be 'prefill' or 'decode', found {bad_phase[0]!r}")
+
+    max_layers = min(MAX_LAYERS, df.height)
+    limit = min(num_experts or MAX_EXPERTS, MAX_EXPERTS)
+    ranges = [("request", MAX_REQUEST, "request ids are integers in 0..2^53"),
+              ("step", MAX_INDEX, "steps count forward passes from 0 (below 2^31)"),
+              ("position", MAX_INDEX, "positions count tokens from 0 (below 2^31)"),
+              ("layer", max_layers - 1, f"MoE layer ids run 0..L-1 with one row per token and layer "
+                                        f"(at most {max_layers} layers in a {df.height}-row trace)")]
+    ranges += [(c, limit - 1, f"expert ids run 0..{limit - 1}"
+                + (f" ({num_experts} experts per layer)" if num_experts else " (16-bit storage)"))
+               for c in expert_cols]
+    # Speculative routing may hold its dtype's largest value as "no such layer".
+    ranges += [(c, MAX_EXPERTS - 1, "speculative expert ids fit 16 bits") for c in spec_cols]
+    stats = df.select(*[pl.col(c).min().alias(f"{c}:min") for c, _, _ in ranges],
+                      *[pl.col(c).max().alias(f"{c}:max") for c, _, _ in ranges]).row(0, named=True)
+    for col, high, rule in ranges:
+        if stats[f"{col}:min"] < 0 or stats[f"{col}:max"] > high:
+            _first_bad(df, (pl.col(col) < 0) | (pl.col(col) > high), source, col, rule,
+                       "fix the trace, or check that it belongs to this model")
+    for col in weight_cols:
+        w = pl.col(col)
+        _first_bad(df, ~w.is_finite() | (w < 0) | (w > 1), source, col,
+                   "gate weights are finite and in [0, 1]", "drop the weight columns or fix the capture")
+
+
+def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None = None,
+                   source: str = "<frame>") -> RoutingTrace:
+    """Convert a long-format polars DataFrame to a RoutingTrace, with validation (``check_frame``
+    first, so a bad id never sizes an allocation)."""
+    pl = _polars()
+    declared = num_experts or declared_num_experts(metadata, source)
+    check_frame(df, source=source, num_experts=declared)
+    expert_cols = _columns_k(df.columns, "expert")
+    weight_cols = _columns_k(df.columns, "weight") if any(c.startswith("weight_") for c in df.columns) else []
 
     layer = df["layer"].to_numpy()
     num_layers = int(layer.max()) + 1
@@ -136,15 +204,10 @@ def frame_to_trace(df, *, num_experts: int | None = None, metadata: dict | None 
     experts = np.stack([df[c].to_numpy() for c in expert_cols], axis=1).reshape(
         n_rows // num_layers, num_layers, len(expert_cols)
     )
-    observed = int(experts.max()) + 1
-    declared = num_experts or int((metadata or {}).get("num_experts", 0) or 0) or observed
-    if observed > declared:
-        raise TraceError(
-            f"{source}: expert id {observed - 1} is out of range for {declared} experts per layer"
-        )
+    declared = declared or int(experts.max()) + 1  # check_frame bounded every id by `declared`
     weights = None
     if weight_cols:
-        weights = np.stack([df[c].cast(pl.Float32).fill_null(float("nan")).to_numpy() for c in weight_cols], axis=1)
+        weights = np.stack([df[c].cast(pl.Float32).to_numpy() for c in weight_cols], axis=1)
         weights = weights.reshape(experts.shape)
     meta = dict(metadata or {})
     meta.setdefault("num_experts", str(declared))
@@ -170,6 +233,7 @@ _EXTRA_RE = re.compile(r"x_(.+)_(\d+)")
 
 def _read_extras(df, num_tokens: int, num_layers: int, source: str) -> dict:
     """Extras arrays from their columns (see the module docstring)."""
+    pl = _polars()
     groups: dict[str, list[tuple[int, str]]] = {}
     singles = []
     for name in df.columns:
@@ -188,6 +252,14 @@ def _read_extras(df, num_tokens: int, num_layers: int, source: str) -> dict:
             raise TraceError(f"{source}: extra {key!r} columns {[c for _, c in cols]} have gaps")
         if any(df[c].null_count() for _, c in cols):
             raise TraceError(f"{source}: extra {key!r} has missing values")
+        if key == "router_probs":
+            if not all(df[c].dtype.is_numeric() for _, c in cols):
+                raise TraceError(f"{source}: router probability columns prob_* must be numeric; "
+                                 f"drop them or write them as Float32")
+            for _, c in cols:
+                p = pl.col(c).cast(pl.Float64)
+                _first_bad(df, ~p.is_finite() | (p < 0) | (p > 1), source, c,
+                           "router probabilities are finite and in [0, 1]", "drop the prob_* columns")
         arr = np.stack([df[c].to_numpy() for _, c in cols], axis=1).reshape(num_tokens, num_layers, len(cols))
         extras[key] = arr.astype(np.float16) if key == "router_probs" else arr
     for name in singles:
@@ -205,10 +277,9 @@ def read_trace(path: str | Path, *, num_experts: int | None = None) -> RoutingTr
     if path.is_dir():
         raise TraceError(f"trace path {str(path)!r} is a directory; give a .parquet file")
     metadata = read_metadata(path)
-    try:
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
         df = pl.read_parquet(path)
-    except Exception as exc:
-        raise TraceError(_not_parquet_message(path, exc)) from None
     metadata.setdefault("path", str(path))
     metadata.setdefault("source", path.name)
     return frame_to_trace(df, num_experts=num_experts, metadata=metadata, source=str(path))

@@ -137,12 +137,25 @@ def scan_trace(path: str | Path):
 
 def lazy_info(path: str | Path) -> dict:
     """Shape of a trace from a streaming aggregation (rows, layers, requests, tokens per phase)."""
+    from expertsim.errors import foreign_errors
+    from expertsim.traces.io import NOT_PARQUET_FIX
+
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
+        return _lazy_info(path)
+
+
+def _lazy_info(path: str | Path) -> dict:
     import polars as pl
 
-    from expertsim.traces.io import read_metadata
+    from expertsim.traces.io import REQUIRED, declared_num_experts, read_metadata
 
+    meta = read_metadata(path)
     lf = scan_trace(path)
     names = lf.collect_schema().names()
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {missing}; a routing trace needs {list(REQUIRED)}")
     k = sum(1 for c in names if c.startswith("expert_"))
     agg = lf.select(
         pl.len().alias("rows"), pl.col("layer").max().alias("max_layer"),
@@ -151,11 +164,15 @@ def lazy_info(path: str | Path) -> dict:
         pl.max_horizontal([pl.col(f"expert_{j}").max() for j in range(k)]).max().alias("max_expert"),
     ).collect()
     row = agg.row(0, named=True)
+    if not row["rows"] or row["max_layer"] is None or row["max_expert"] is None:
+        raise TraceError(f"{path}: the trace has no rows (or only missing layer and expert ids)")
     layers = int(row["max_layer"]) + 1
-    meta = read_metadata(path)
+    if layers < 1:
+        raise TraceError(f"{path}: layer ids are negative (largest {row['max_layer']}); MoE layers count from 0")
+    num_experts = declared_num_experts(meta, str(path)) or int(row["max_expert"]) + 1
     return {"path": str(path), "rows": row["rows"], "layers": layers, "top_k": k,
             "tokens": row["rows"] // layers, "decode_tokens": row["decode_rows"] // layers,
-            "requests": row["requests"], "num_experts": int(meta.get("num_experts", row["max_expert"] + 1)),
+            "requests": row["requests"], "num_experts": num_experts,
             "weights": any(c.startswith("weight_") for c in names), "metadata": meta}
 
 
@@ -165,10 +182,15 @@ def read_requests(path: str | Path, requests: list[int] | None = None, *, layers
 
     from expertsim.traces.io import frame_to_trace, read_metadata
 
+    from expertsim.errors import foreign_errors
+    from expertsim.traces.io import NOT_PARQUET_FIX
+
     lf = scan_trace(path)
     if requests is not None:
         lf = lf.filter(pl.col("request").is_in(list(requests)))
-    df = lf.collect()
+    with foreign_errors(TraceError, f"cannot read {str(path)!r} as a Parquet routing trace",
+                        NOT_PARQUET_FIX, hold_native_stderr=True):
+        df = lf.collect()
     if df.height == 0:
         raise TraceError(f"{path}: none of requests {list(requests or [])[:8]} is in the trace")
     meta = read_metadata(path)

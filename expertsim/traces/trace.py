@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 PREFILL = 0
 DECODE = 1
 PHASE_NAMES = ("prefill", "decode")
+MAX_EXPERTS = 65536  # expert ids are stored in 16 bits
 
 
 def expert_dtype(num_experts: int) -> np.dtype:
@@ -45,7 +46,14 @@ class RoutingTrace:
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer)) \
+                or not 1 <= int(self.num_experts) <= MAX_EXPERTS:
+            raise TraceError(f"num_experts must be an integer in 1..{MAX_EXPERTS} (ids are stored in "
+                             f"16 bits), got {self.num_experts!r}")
+        self.num_experts = int(self.num_experts)
         self.experts = np.asarray(self.experts)
+        if not np.issubdtype(self.experts.dtype, np.integer):
+            raise TraceError(f"expert ids must be integers, got dtype {self.experts.dtype}")
         if self.experts.ndim != 3:
             raise TraceError(
                 f"experts must have shape [tokens, layers, k], got {self.experts.shape}"
@@ -173,6 +181,15 @@ class RoutingTrace:
     # --- validation against a model ------------------------------------------------------
     def check_model(self, model: "ModelSpec", *, allow_smaller_k: bool = False) -> None:
         """Raise TraceError when the trace cannot belong to ``model``."""
+        named = str(self.metadata.get("model") or "")
+        if named and named != model.name and not model.name.startswith(named + "-"):
+            from expertsim.specs import list_models
+
+            if named in list_models():
+                raise TraceError(
+                    f"trace metadata names model {named!r} but --model is {model.name!r}; pick "
+                    f"--model {named} (or the model the trace was captured from)"
+                )
         if self.num_layers != model.num_moe_layers:
             raise TraceError(
                 f"trace has {self.num_layers} MoE layers but model {model.name!r} has "
@@ -209,13 +226,21 @@ class RoutingTrace:
                     f"twice in its top-{self.top_k}: {self.experts[t, l].tolist()}; a top-k has distinct experts"
                 )
         if self.weights is not None:
-            bad = ~np.isfinite(self.weights)
+            bad = ~(np.isfinite(self.weights) & (self.weights >= 0) & (self.weights <= 1))
             if bad.any():
                 t, l, j = np.argwhere(bad)[0]
                 raise TraceError(
-                    f"gate weight {self.weights[t, l, j]} (NaN or infinite) at token {t}, layer {l}, "
-                    f"choice {j}; drop the weight columns or fix the capture"
+                    f"gate weight {self.weights[t, l, j]} at token {t}, layer {l}, choice {j} is not "
+                    f"in [0, 1] (NaN, infinite or out of range); drop the weight columns or fix the capture"
                 )
+        for name in ("request", "step", "position"):
+            arr = getattr(self, name)
+            if int(arr.min()) < 0:
+                t = int(np.flatnonzero(arr < 0)[0])
+                raise TraceError(f"{name} {int(arr[t])} at token {t} is negative; {name}s count from 0")
+        if int(self.phase.max()) > DECODE:
+            t = int(np.flatnonzero(self.phase > DECODE)[0])
+            raise TraceError(f"phase {int(self.phase[t])} at token {t}: 0 is prefill, 1 is decode")
         if (np.diff(self.request_starts()) <= 0).any():
             raise TraceError("trace has an empty request")
         starts = self.request_starts()
@@ -226,3 +251,29 @@ class RoutingTrace:
                 f"request {int(values[counts > 1][0])} appears in more than one block; a trace lists "
                 f"each request's tokens contiguously (sort by request, position)"
             )
+        self._check_order()
+
+    def _check_order(self) -> None:
+        """Within a request, positions strictly increase (so no (request, position, layer) row
+        repeats), steps never decrease, and a decode token is a forward pass of its own (its step
+        differs from its neighbours'); otherwise passes and TPOT are meaningless."""
+        same = self.request[1:] == self.request[:-1]
+        d_pos = np.diff(self.position)
+        d_step = np.diff(self.step)
+        decode = self.phase == DECODE
+        alone = decode[1:] | decode[:-1]
+        rules = (
+            (same & (d_pos <= 0), "position", "positions strictly increase within a request "
+             "(a repeated position is a duplicated token row)"),
+            (same & (d_step < 0), "step", "steps never decrease within a request"),
+            (same & (d_step == 0) & alone, "step", "a decode token is one forward pass: its step "
+             "differs from the tokens before and after it"),
+        )
+        for bad, name, rule in rules:
+            if bad.any():
+                t = int(np.flatnonzero(bad)[0]) + 1
+                raise TraceError(
+                    f"token {t} (request {int(self.request[t])}, position {int(self.position[t])}) has "
+                    f"{name} {int(getattr(self, name)[t])} after {int(getattr(self, name)[t - 1])}: {rule}; "
+                    f"sort the rows by request, position, layer and fix the steps"
+                )

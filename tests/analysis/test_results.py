@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from expertsim.analysis.__main__ import app
-from expertsim.analysis.results import apply_filter, format_frame, parse_expression, results_frame
+from expertsim.analysis.results import apply_filter, format_frame, results_frame
 from expertsim.analysis.study import load_study
 from expertsim.analysis.sweep import run_sweep
 from expertsim.errors import ConfigError
@@ -32,34 +32,52 @@ def sweep_dir(tmp_path_factory):
     "(lambda: 1)()",
     "[c for c in 'ab']",
     "open('/etc/passwd')",
-    "pl.col('policy')['x']",
+    "pl.DataFrame().write_csv('pwned.csv')",
+    "read_csv('/etc/passwd')",
+    "status = ",
+    "   ",
 ])
-def test_filter_rejects_anything_but_polars_expressions(text):
-    with pytest.raises(ConfigError):
-        parse_expression(text)
-
-
-def test_filter_must_be_an_expression():
-    with pytest.raises(ConfigError, match="not a polars expression"):
-        parse_expression("1 + 1")
+def test_filter_is_sql_never_python(text):
+    """Python is not SQL: each fails to parse, or (``pl.__class__`` reads as a struct field of a
+    column named ``pl``) fails on the table; either way one ConfigError and nothing runs."""
+    frame = pl.DataFrame({"status": ["ok"], "x": [1]})
+    with pytest.raises(ConfigError, match="--filter"):
+        apply_filter(frame, text)
 
 
 def test_filter_selects_rows(sweep_dir):
     out, study = sweep_dir
     frame = results_frame(out)
     assert frame.height == len(study)
-    lru = apply_filter(frame, "(pl.col('policy') == 'lru') & (pl.col('status') == 'ok')")
+    lru = apply_filter(frame, "policy = 'lru' AND status = 'ok'")
     assert lru.height == 6 and set(lru["policy"].to_list()) == {"lru"}
-    fast = apply_filter(frame, "pl.col('link.bandwidth_gbps') >= 64")
+    fast = apply_filter(frame, '"link.bandwidth_gbps" >= 64')
     assert set(fast["link.bandwidth_gbps"].to_list()) == {64}
     with pytest.raises(ConfigError, match="failed on the results"):
-        apply_filter(frame, "pl.col('no_such_column') == 1")
+        apply_filter(frame, "no_such_column = 1")
+    with pytest.raises(ConfigError, match="failed on the results"):
+        apply_filter(frame, "1 + 1")  # not a condition
+
+
+def test_malicious_filter_writes_nothing_and_exits_2(sweep_dir, tmp_path, monkeypatch, capsys):
+    from expertsim.cli import main
+
+    out, _ = sweep_dir
+    monkeypatch.chdir(tmp_path)
+    for text in ("pl.DataFrame().write_csv('x')", "__import__('os').system('touch y')"):
+        monkeypatch.setattr("sys.argv", ["expertsim", "results", str(out), "--filter", text])
+        with pytest.raises(SystemExit) as info:
+            main()
+        err = capsys.readouterr().err
+        assert info.value.code == 2
+        assert err.startswith("error: --filter") and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_results_cli_formats(sweep_dir):
     out, study = sweep_dir
     runner = CliRunner()
-    res = runner.invoke(app, ["results", str(out), "--format", "csv", "--filter", "pl.col('status') == 'ok'"])
+    res = runner.invoke(app, ["results", str(out), "--format", "csv", "--filter", "status = 'ok'"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert len(rows) == 10 and {r["status"] for r in rows} == {"ok"}
