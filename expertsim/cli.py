@@ -340,7 +340,8 @@ def compare_command(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Compare policies side by side and write an HTML report. With no arguments: the built-in
-    default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU)."""
+    default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU).
+    The folder has the layout of a sweep's: `expertsim results DIR` and `expertsim report DIR` read it."""
     from expertsim.analysis.compare import run_compare
 
     for p in plugin or []:
@@ -348,10 +349,10 @@ def compare_command(
 
         load_plugin(p)
     report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
-                         systems=systems, max_tokens=max_tokens, out=out,
-                         progress=lambda msg: typer.echo(msg, err=True))
+                         systems=systems, max_tokens=max_tokens, out=out)
     if as_json:
-        echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path)})
+        echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path),
+                   "results": str(report.parquet_path)})
         return
     for line in report.assumptions:
         typer.echo(f"# {line}")

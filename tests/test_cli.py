@@ -37,7 +37,7 @@ def test_compare_default_study_prints_table_and_writes_report(tmp_path):
     result = invoke(["compare", "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[result.stdout.index("{"):])
-    policies = [(r["policy"], r["cache"]) for r in data["rows"]]
+    policies = [(r["policy_label"], r["cache_label"]) for r in data["rows"]]
     assert policies == [("no-cache", "2 slots in one global pool"), ("lru", "2 slots per layer"),
                         ("lru", "3 slots per layer"), ("all-on-gpu", "all experts resident")]
     tpot = [r["tpot_ms"] for r in data["rows"]]
@@ -45,7 +45,10 @@ def test_compare_default_study_prints_table_and_writes_report(tmp_path):
     assert data["rows"][0]["hit_rate"] == 0 and data["rows"][3]["hit_rate"] == 1
     assert any("synthetic" in a for a in data["assumptions"])
     html = (tmp_path / "report.html").read_text()
-    assert html.count('class="plotly-graph-div"') == 3  # TPOT, breakdown, timeline
+    titles = re.findall(r"data-figure='\d+'><h3>([^<]*)</h3>", html)
+    for expected in ("TPOT per configuration", "Latency breakdown", "Timeline: "):
+        assert any(t.startswith(expected) for t in titles), (expected, titles)
+    assert html.count('class="plotly-graph-div"') == len(titles)
     assert not re.search(r"<script[^>]*\bsrc=", html)  # offline: plotly.js inlined, nothing fetched
     assert "Plotly.newPlot" in html and len(html) > 3_000_000
     assert (tmp_path / "results.parquet").stat().st_size > 0
@@ -54,10 +57,10 @@ def test_compare_default_study_prints_table_and_writes_report(tmp_path):
 def test_compare_table_has_units_and_policies(tmp_path):
     result = invoke(["compare", "--out", str(tmp_path), "--max-tokens", "200"])
     assert result.exit_code == 0, result.output
-    header = next(line for line in result.output.splitlines() if line.startswith("policy"))
+    header = next(line for line in result.stdout.splitlines() if line.startswith("policy"))
     for column in ("hit_rate", "TPOT_ms", "tokens_per_s", "GB_over_link", "stall_share"):
         assert column in header
-    assert "starts cold" in result.output
+    assert "starts cold" in result.stdout
 
 
 def test_simulate_json_keys(tmp_path):

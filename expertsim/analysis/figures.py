@@ -115,7 +115,65 @@ def _numeric(frame, column: str) -> bool:
     return column in frame.columns and frame.get_column(column).dtype.is_numeric()
 
 
+def short_labels(frame) -> list[str]:
+    """A short tick label per row: the policy name, only the parameters that tell two runs of
+    the same policy apart, and the cache; the full label belongs in the hover text."""
+    import json
+
+    rows = frame.to_dicts()
+    params = []
+    for row in rows:
+        try:
+            params.append(json.loads(row.get("policy_params") or "{}"))
+        except (TypeError, json.JSONDecodeError):
+            params.append({})
+    labels = []
+    for row, mine in zip(rows, params):
+        name = row.get("policy") or str(row.get("policy_label"))
+        same = [p for r, p in zip(rows, params) if (r.get("policy") or str(r.get("policy_label"))) == name]
+        differ = [k for k in mine if len({json.dumps(p.get(k), default=str) for p in same}) > 1]
+        text = name + (f"({', '.join(f'{k}={_short(mine[k])}' for k in differ)})" if differ else "")
+        if row.get("cache_label"):
+            text += f" · {row['cache_label']}"
+        labels.append(text if len(text) <= 48 else text[:47] + "…")
+    return labels
+
+
+def hover_labels(frame) -> list[str]:
+    """The full description of each row: policy with every parameter, cache, run id."""
+    return [f"{r.get('policy_label')}<br>cache: {r.get('cache_label')}<br>run {r.get('run_id')}"
+            for r in frame.to_dicts()]
+
+
+def bar_height(rows: int, per_row_px: int = 26, chrome_px: int = 160) -> int:
+    """Figure height for horizontal bars: each bar keeps its thickness however many there are."""
+    return max(300, per_row_px * rows + chrome_px)
+
+
 # --- results figures --------------------------------------------------------------------------
+def tpot_bars(frame, max_bars: int = 60):
+    """TPOT of every finished run of one scenario (a comparison), fastest first: horizontal bars
+    with short labels (full parameters on hover), bounds hatched. ``None`` when the runs span
+    several scenarios (the scenario, bandwidth and memory figures show those)."""
+    import polars as pl
+
+    frame = ok_runs(frame)
+    if frame.is_empty() or "tpot_ms" not in frame.columns or varying(frame, exclude=CACHE_COLUMNS):
+        return None
+    frame = frame.sort("tpot_ms").head(max_bars)
+    bound = frame.get_column("policy_label").map_elements(is_bound, return_dtype=pl.Boolean).to_list()
+    tpot = frame.get_column("tpot_ms").to_list()
+    go = _go()
+    fig = go.Figure(go.Bar(
+        y=short_labels(frame), x=tpot, orientation="h", text=[f"{v:.4g}" for v in tpot],
+        textposition="outside", cliponaxis=False, hovertext=hover_labels(frame), hoverinfo="text+x",
+        marker={"color": "#4c78a8", "pattern": {"shape": ["/" if b else "" for b in bound]}}))
+    fig.update_layout(template=_TEMPLATE, title="Decode TPOT per configuration (ms, lower is better)",
+                      xaxis_title="TPOT (ms, log)", xaxis_type="log", height=bar_height(frame.height),
+                      yaxis={"autorange": "reversed", "automargin": True}, showlegend=False)
+    return fig
+
+
 def scenario_bars(frame, column: str = "label", order: list | None = None):
     """Best feasible TPOT (bounds excluded) per scenario (``label``), one panel per combination
     of the other varying columns that the scenario does not determine (e.g. expert dtype)."""

@@ -128,6 +128,9 @@ def collect_figures(out_dir: Path, frame, plan: dict, validation: Path | None = 
     labels = [c.get("label") for c in plan.get("runs", []) if c.get("label") is not None]
     add("Scenarios", F.scenario_bars(frame, order=list(dict.fromkeys(labels))),
         "Lowest TPOT over the feasible policies and cache layouts of each scenario (hover: which).")
+    add("TPOT per configuration", F.tpot_bars(frame),
+        "Mean decode-pass latency of every finished run, fastest first; bounds (oracles, "
+        "capacity-ignoring systems) hatched. Hover: the policy's full parameters and its cache.")
     add("Miss-ratio curve", F.miss_ratio_curve(frame),
         "Hit rate vs expert cache size per policy; dashed lines are bounds (oracles).")
     add("TPOT and throughput vs cache size", F.tpot_throughput_vs_cache(frame),
@@ -187,6 +190,31 @@ def _distinct_traces(plan: dict, limit: int = 3):
         yield name, trace
 
 
+# --- assumptions ------------------------------------------------------------------------------
+def assumption_lines(records: list[dict]) -> tuple[list[str], list[str]]:
+    """The assumptions every finished run states (in the first run's order), and the lines only
+    some runs state, each prefixed with its run's policy and cache."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return [], []
+    sets = [set(r.get("assumptions", [])) for r in ok]
+    common = [a for a in ok[0].get("assumptions", []) if all(a in s for s in sets)]
+    per_run = [a if a.startswith(f"{r.get('policy_label')} ") else f"{r.get('policy_label')} [{r.get('cache_label')}] {a}"
+               for r in ok for a in r.get("assumptions", []) if a not in common]
+    return common, per_run
+
+
+def assumptions_section(records: list[dict]) -> str:
+    common, per_run = assumption_lines(records)
+    if not common and not per_run:
+        return ""
+    parts = ["<h3>Assumptions</h3><ul>" + "".join(f"<li>{_esc(a)}</li>" for a in common) + "</ul>"]
+    if per_run:
+        parts.append(f"<details><summary>Per-run assumptions ({len(per_run)} lines)</summary><ul>"
+                     + "".join(f"<li>{_esc(a)}</li>" for a in per_run) + "</ul></details>")
+    return "".join(parts)
+
+
 # --- provenance -------------------------------------------------------------------------------
 def provenance_section(out_dir: Path, records: list[dict]) -> str:
     import expertsim
@@ -210,10 +238,7 @@ def provenance_section(out_dir: Path, records: list[dict]) -> str:
         [{"trace": t, "sha256": h or "(synthetic)", "path": p} for (t, h), p in sorted(traces.items(), key=str)]))
     parts.append("<h3>Model specs (after overrides)</h3>" + _spec_table(list(models.values())))
     parts.append("<h3>Hardware specs (after overrides)</h3>" + _spec_table(list(hardware.values())))
-    first_ok = next((r for r in records if r.get("status") == "ok"), None)
-    if first_ok:
-        parts.append("<h3>Assumptions (first run)</h3><ul>" +
-                     "".join(f"<li>{_esc(a)}</li>" for a in first_ok.get("assumptions", [])) + "</ul>")
+    parts.append(assumptions_section(records))
     study = out_dir / "study.toml"
     if study.is_file():
         parts.append("<h3>Study file</h3><pre>" + _esc(study.read_text()) + "</pre>")
@@ -265,7 +290,8 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     n_ok = frame.filter(pl.col("status") == "ok").height if "status" in frame.columns else 0
     n_err = frame.height - n_ok
     planned = len(plan.get("runs", []))
-    body = [f"<h1>expertsim study: {_esc(name)}</h1>"]
+    kind = plan.get("kind", "sweep")
+    body = [f"<h1>expertsim {'compare' if kind == 'compare' else 'study'}: {_esc(name)}</h1>"]
     if plan.get("description"):
         body.append(f"<p>{_esc(plan['description'])}</p>")
     body.append(f"<p>{frame.height} runs finished of {planned or frame.height} planned: {n_ok} ok, "

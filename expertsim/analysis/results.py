@@ -17,6 +17,9 @@ RESULTS_FILE = "results.parquet"
 LEAD_COLUMNS = ["run_id", "status", "label", "model", "hardware", "policy", "policy_params",
                 "cache_per_layer", "cache_slots", "cache_gb", "batch", "engine", "scope", "trace",
                 "trace_requests", "trace_phase", "trace_max_tokens", "seed"]
+# Text columns every results table has, typed even when every value is null (no run failed).
+TEXT_COLUMNS = ["run_id", "status", "error", "policy", "policy_label", "cache_label", "engine_used",
+                "timeline_file", "trace_sha256"]
 # Bookkeeping config keys that are not table columns.
 _SKIP_CONFIG = {"trace_path", "timeline", "timeline_iterations"}
 
@@ -56,7 +59,7 @@ def results_frame(out_dir: str | Path):
 
     rows = [record_row(r) for r in iter_records(out_dir)]
     if not rows:
-        return pl.DataFrame({"run_id": [], "status": []}, schema={"run_id": pl.String, "status": pl.String})
+        return pl.DataFrame(schema={c: pl.String for c in TEXT_COLUMNS})
     columns: list[str] = []
     for row in rows:
         for key in row:
@@ -74,10 +77,22 @@ def results_frame(out_dir: str | Path):
                 if r.get(key) is not None:
                     r[key] = str(r[key])
     frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows], infer_schema_length=None)
+    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in TEXT_COLUMNS if c in frame.columns)
     lead = [c for c in LEAD_COLUMNS if c in frame.columns]
     overrides = sorted(c for c in frame.columns if "." in c)
     rest = [c for c in frame.columns if c not in lead and c not in overrides]
-    return frame.select(lead + overrides + rest).sort("run_id")
+    # Rows in the plan's order (the study's grid, or compare's entries), then any others by id.
+    order = {rid: i for i, rid in enumerate(_planned_run_ids(Path(out_dir)))}
+    rank = pl.col("run_id").replace_strict(order, default=len(order), return_dtype=pl.Int64)
+    return frame.select(lead + overrides + rest).sort(rank, pl.col("run_id"))
+
+
+def _planned_run_ids(out_dir: Path) -> list[str]:
+    try:
+        plan = json.loads((out_dir / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [c["run_id"] for c in plan.get("runs", []) if "run_id" in c]
 
 
 def write_results(out_dir: str | Path) -> Path:

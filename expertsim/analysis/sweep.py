@@ -63,7 +63,8 @@ def load_trace(path: str, requests: int | None, phase: str, max_tokens: int | No
 
 
 def _cache_config(config: dict, model, hardware, trace, system):
-    """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV."""
+    """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV;
+    None when the system fixes its own or no size is given (the system's default)."""
     from expertsim.errors import ConfigError
     from expertsim.policies import CacheConfig
 
@@ -71,7 +72,7 @@ def _cache_config(config: dict, model, hardware, trace, system):
         return None  # the system fixes its own
     key = next((k for k in CACHE_KEYS if config.get(k) is not None), None)
     if key is None:
-        raise ConfigError(f"policy {config['policy']!r} needs a cache size: give one of {', '.join(CACHE_KEYS)}")
+        return None  # the system's default, sized by the simulation from the trace (as `simulate`)
     value = config[key]
     if value == "max":
         context = int(trace.position.max()) + 1
@@ -117,7 +118,7 @@ def _sim_options(config: dict):
     return SimOptions(**kwargs)
 
 
-def _simulate(config: dict, model, hardware, system, cache, options, trace):
+def _simulate(config: dict, model, hardware, system, cache, options, trace, progress=None):
     """Run the config's engine: "des" (SimPy, any policy, timelines), "fast" (the replay engine,
     built-in policies; exact same metrics), or "auto" (fast when it supports the run, else des)."""
     from expertsim.errors import ConfigError
@@ -125,7 +126,7 @@ def _simulate(config: dict, model, hardware, system, cache, options, trace):
 
     engine = config.get("engine", "auto")
     if engine == "des" or hasattr(options, "engine"):  # a simulator that dispatches by itself
-        return Simulation(model, hardware, system, cache, options).run(trace)
+        return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
     try:
         from expertsim.sim.fast import simulate_fast, supports_simulation
     except ImportError:
@@ -138,10 +139,10 @@ def _simulate(config: dict, model, hardware, system, cache, options, trace):
     return Simulation(model, hardware, system, cache, options).run(trace)
 
 
-def run_one(config: dict) -> dict:
+def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict:
     """Simulate one config; never raises. Returns a JSON-friendly record: run_id, status
     ("ok"/"error"), error, config, metrics, assumptions, provenance, wall_s, and the timeline
-    columns when the config asks for them."""
+    columns when the config asks for them. ``progress``: the DES's status lines (in-process runs)."""
     t0 = time.perf_counter()
     record: dict = {"run_id": config.get("run_id"), "status": "ok", "error": None,
                     "config": {k: v for k, v in config.items() if k != "run_id"},
@@ -171,7 +172,7 @@ def run_one(config: dict) -> dict:
             "cache_config": None if cache is None else cache.describe(),
             "python": sys.version.split()[0],
         }
-        result = _simulate(config, model, hardware, system, cache, _sim_options(config), trace)
+        result = _simulate(config, model, hardware, system, cache, _sim_options(config), trace, progress)
         metrics = dict(result.metrics)
         m = model
         metrics["cache_experts"] = int(round(metrics["expert_cache_gb"] * 1e9 / m.expert_bytes()))
@@ -435,7 +436,7 @@ def _write_study_files(study: Study, out: Path) -> None:
     """DIR/study.toml (the file as given) and DIR/plan.json (every run's config), for the report."""
     if study.source_text:
         atomic_write_bytes(out / "study.toml", study.source_text.encode())
-    meta = {"name": study.name, "description": study.description, "baseline": study.baseline,
+    meta = {"kind": study.kind, "name": study.name, "description": study.description, "baseline": study.baseline,
             "swept_keys": study.swept_keys, "output": study.output, "runs": study.runs}
     atomic_write_bytes(out / "plan.json", json.dumps(meta, default=_json_default, indent=1).encode())
 
