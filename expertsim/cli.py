@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 
 import typer
 
@@ -139,8 +140,6 @@ def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: flo
 def _policy_params(items: list[str] | None) -> dict:
     """``["accuracy=0.9", "profile=hot.json"]`` -> ``{"accuracy": 0.9, "profile": "hot.json"}``
     (values parsed as TOML: numbers, booleans, quoted strings; anything else stays a string)."""
-    import tomllib
-
     from expertsim.errors import PolicyError
 
     params = {}
@@ -148,11 +147,40 @@ def _policy_params(items: list[str] | None) -> dict:
         if "=" not in item:
             raise PolicyError(f"--param {item!r}: expected KEY=VALUE, e.g. --param accuracy=0.9")
         key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            params[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            params[key] = value
+        params[key] = _toml_value(value)
     return params
+
+
+def _toml_value(text: str):
+    """``"0.9"`` -> 0.9, ``"true"`` -> True, ``'"x"'`` -> "x"; anything else stays the string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(sets: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items as spec overrides, values parsed as TOML (numbers stay numbers)."""
+    from expertsim.specs import parse_set_options
+
+    return {key: _toml_value(value) for key, value in parse_set_options(sets).items()}
+
+
+def _run_options(batch: int, rate: float | None, offline: bool, seed: int, engine: str, link_queue: str) -> dict:
+    """The simulator options that `simulate` and `compare` share (SimOptions fields)."""
+    from expertsim.errors import ConfigError
+
+    if offline and rate is not None:
+        raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
+    return {"batch": batch, "arrival": "offline" if offline else ("poisson" if rate is not None else "closed"),
+            "rate_per_s": rate, "seed": seed, "engine": _choice(engine), "link_queue": _choice(link_queue)}
+
+
+def _choice(value):
+    """An Enum choice's value (typer passes Enum members), or the value itself."""
+    return getattr(value, "value", value)
 
 
 def _policy(policy: str | None, system: str | None, plugins: list[str] | None, params: list[str] | None = None):
@@ -177,6 +205,28 @@ GLOBAL_SLOTS = typer.Option(None, "--global-slots", help="Expert cache slots in 
 CACHE_GB = typer.Option(None, "--cache-gb", help="Expert cache as a byte budget in GB (1e9 bytes).")
 PLUGIN = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable).")
 TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace.")
+SETS = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable).")
+MAX_TOKENS = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens (cut at a pass boundary).")
+REQUESTS = typer.Option(None, "--requests", help="Simulate only the first N requests of the trace.")
+BATCH = typer.Option(1, "--batch", "-b", help="Concurrent requests: continuous batching with at most N requests per iteration.")
+RATE = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends).")
+OFFLINE = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning).")
+SEED = typer.Option(0, "--seed", help="Seed of the Poisson arrivals.")
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    des = "des"
+    fast = "fast"
+
+
+class LinkQueue(str, Enum):
+    priority = "priority"
+    fifo = "fifo"
+
+
+ENGINE = typer.Option(Engine.auto, "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result).")
+LINK_QUEUE = typer.Option(LinkQueue.priority, "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner).")
 
 
 @app.command("cache")
@@ -252,9 +302,9 @@ SUMMARY_COLUMNS = ["policy", "cache", "hit_rate", "tpot_ms", "tokens_per_s", "h2
 def _simulation(model, hardware, trace, policy, system, per_layer, global_slots, cache_gb, sets,
                 plugin, options, params=None):
     from expertsim.sim import Simulation
-    from expertsim.specs import apply_overrides, load_hardware, load_model, parse_set_options
+    from expertsim.specs import apply_overrides, load_hardware, load_model
 
-    m, h = apply_overrides(load_model(model), load_hardware(hardware), parse_set_options(sets))
+    m, h = apply_overrides(load_model(model), load_hardware(hardware), _overrides(sets))
     sys_obj = _policy(policy if not system else None, system, plugin, params)
     return Simulation(m, h, sys_obj, _cache_config(per_layer, global_slots, cache_gb), options=options)
 
@@ -269,19 +319,19 @@ def simulate_command(
     per_layer: int = PER_LAYER,
     global_slots: int = GLOBAL_SLOTS,
     cache_gb: float = CACHE_GB,
-    sets: list[str] = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens (cut at a pass boundary)."),
+    sets: list[str] = SETS,
+    max_tokens: int = MAX_TOKENS,
     timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
-    requests: int = typer.Option(None, "--requests", help="Simulate only the first N requests of the trace."),
-    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent requests: continuous batching with at most N requests per iteration."),
-    rate: float = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends)."),
-    offline: bool = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning)."),
+    requests: int = REQUESTS,
+    batch: int = BATCH,
+    rate: float = RATE,
+    offline: bool = OFFLINE,
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Chunked prefill: at most N prompt tokens per request per iteration."),
     copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
     profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
-    link_queue: str = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner)."),
-    engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
+    seed: int = SEED,
+    link_queue: LinkQueue = LINK_QUEUE,
+    engine: Engine = ENGINE,
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -298,15 +348,12 @@ def simulate_command(
         tr = tr.head_requests(requests)
     if max_tokens:
         tr = tr.max_tokens(max_tokens)
-    if offline and rate is not None:
-        raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
+    run_options = _run_options(batch, rate, offline, seed, engine, link_queue)
     if copy_chunk_mb is not None and not copy_chunk_mb > 0:
         raise ConfigError(f"--copy-chunk-mb must be > 0, got {copy_chunk_mb}")
-    options = SimOptions(timeline=timeline is not None, batch=batch,
-                         arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
-                         rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
+    options = SimOptions(timeline=timeline is not None, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
-                         profile=profile, engine=engine, link_queue=link_queue)
+                         profile=profile, **run_options)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
@@ -329,15 +376,24 @@ def simulate_command(
 
 @app.command("compare")
 def compare_command(
-    model: str = typer.Option(None, "--model", "-m", help="Model preset (default mixtral-8x7b)."),
-    hardware: str = typer.Option(None, "--hardware", "-H", help="Hardware preset (default a40)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model preset or TOML file (default mixtral-8x7b)."),
+    hardware: str = typer.Option(None, "--hardware", "-H", help="Hardware preset or TOML file (default a40)."),
     trace: str = TRACE,
-    policies: list[str] = typer.Option(None, "--policy", "-p", help="POLICY[:K] to compare (repeatable); K = slots per layer."),
+    policies: list[str] = typer.Option(None, "--policy", "-p", help="POLICY[:K] to compare (repeatable); K = slots per layer, default: the system's default cache."),
     systems: str = typer.Option(None, "--systems", help="Comma-separated named systems, or 'all'."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens."),
-    out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html and results.parquet."),
+    sets: list[str] = SETS,
+    max_tokens: int = MAX_TOKENS,
+    requests: int = REQUESTS,
+    batch: int = BATCH,
+    rate: float = RATE,
+    offline: bool = OFFLINE,
+    seed: int = SEED,
+    link_queue: LinkQueue = LINK_QUEUE,
+    engine: Engine = typer.Option(Engine.auto, "--engine", help="auto, des or fast (as simulate). The report's timelines need the DES: with fast there are none."),
+    out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html, results.parquet and runs/ (an earlier comparison there is replaced)."),
     plugin: list[str] = PLUGIN,
-    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows (results.parquet's columns) as JSON."),
 ) -> None:
     """Compare policies side by side and write an HTML report. With no arguments: the built-in
     default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU).
@@ -349,7 +405,9 @@ def compare_command(
 
         load_plugin(p)
     report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
-                         systems=systems, max_tokens=max_tokens, out=out)
+                         systems=systems, max_tokens=max_tokens, requests=requests,
+                         overrides=_overrides(sets), params=_policy_params(param),
+                         options=_run_options(batch, rate, offline, seed, engine, link_queue), out=out)
     if as_json:
         echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path),
                    "results": str(report.parquet_path)})

@@ -52,10 +52,16 @@ class CompareReport:
         return sum(1 for r in self.rows if r["status"] != "ok")
 
     def table_rows(self) -> list[dict]:
+        """The printed table: short policy names (parameters only where two rows differ)."""
+        from expertsim.analysis.results import short_labels
+
         cols = TABLE_COLUMNS + self.extra_columns
         if self.failed:
             cols = cols + [("status", "status"), ("error", "error")]
-        return [{label: row.get(key) for key, label in cols} for row in self.rows]
+        rows = self.rows
+        names = short_labels(rows, cache=False, width=60)
+        return [{label: (name if key == "policy_label" else row.get(key)) for key, label in cols}
+                for name, row in zip(names, rows)]
 
 
 def parse_policy(spec: str) -> tuple[str, int | None]:

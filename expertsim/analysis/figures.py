@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from expertsim.analysis.results import short_labels
+
 # Config columns that can distinguish scenarios (besides spec overrides, which contain a dot).
 SCENARIO_COLUMNS = ["label", "model", "hardware", "batch", "engine", "scope", "trace",
                     "trace_requests", "trace_phase", "trace_max_tokens", "seed",
@@ -115,30 +117,6 @@ def _numeric(frame, column: str) -> bool:
     return column in frame.columns and frame.get_column(column).dtype.is_numeric()
 
 
-def short_labels(frame) -> list[str]:
-    """A short tick label per row: the policy name, only the parameters that tell two runs of
-    the same policy apart, and the cache; the full label belongs in the hover text."""
-    import json
-
-    rows = frame.to_dicts()
-    params = []
-    for row in rows:
-        try:
-            params.append(json.loads(row.get("policy_params") or "{}"))
-        except (TypeError, json.JSONDecodeError):
-            params.append({})
-    labels = []
-    for row, mine in zip(rows, params):
-        name = row.get("policy") or str(row.get("policy_label"))
-        same = [p for r, p in zip(rows, params) if (r.get("policy") or str(r.get("policy_label"))) == name]
-        differ = [k for k in mine if len({json.dumps(p.get(k), default=str) for p in same}) > 1]
-        text = name + (f"({', '.join(f'{k}={_short(mine[k])}' for k in differ)})" if differ else "")
-        if row.get("cache_label"):
-            text += f" · {row['cache_label']}"
-        labels.append(text if len(text) <= 48 else text[:47] + "…")
-    return labels
-
-
 def hover_labels(frame) -> list[str]:
     """The full description of each row: policy with every parameter, cache, run id."""
     return [f"{r.get('policy_label')}<br>cache: {r.get('cache_label')}<br>run {r.get('run_id')}"
@@ -165,7 +143,7 @@ def tpot_bars(frame, max_bars: int = 60):
     tpot = frame.get_column("tpot_ms").to_list()
     go = _go()
     fig = go.Figure(go.Bar(
-        y=short_labels(frame), x=tpot, orientation="h", text=[f"{v:.4g}" for v in tpot],
+        y=short_labels(frame.to_dicts()), x=tpot, orientation="h", text=[f"{v:.4g}" for v in tpot],
         textposition="outside", cliponaxis=False, hovertext=hover_labels(frame), hoverinfo="text+x",
         marker={"color": "#4c78a8", "pattern": {"shape": ["/" if b else "" for b in bound]}}))
     fig.update_layout(template=_TEMPLATE, title="Decode TPOT per configuration (ms, lower is better)",

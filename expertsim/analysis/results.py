@@ -222,3 +222,25 @@ def select_columns(frame, columns: str | None, *, all_columns: bool = False):
     chosen = [c for c in DEFAULT_COLUMNS[:3] if c in frame.columns] + overrides + \
              [c for c in DEFAULT_COLUMNS[3:] if c in frame.columns]
     return frame.select(chosen)
+
+
+def short_labels(rows: list[dict], *, cache: bool = True, width: int = 48) -> list[str]:
+    """A short label per result row: the policy name, only the parameters that tell two rows of
+    the same policy apart, and (``cache``) the cache; the full ``policy_label`` is for hover text
+    and the JSON output."""
+    params = []
+    for row in rows:
+        try:
+            params.append(json.loads(row.get("policy_params") or "{}"))
+        except (TypeError, json.JSONDecodeError):
+            params.append({})
+    names = [row.get("policy") or str(row.get("policy_label")) for row in rows]
+    labels = []
+    for name, row, mine in zip(names, rows, params):
+        same = [p for n, p in zip(names, params) if n == name]
+        differ = [k for k in mine if len({json.dumps(p.get(k), sort_keys=True, default=str) for p in same}) > 1]
+        text = name + (f"({', '.join(f'{k}={mine[k]}' for k in differ)})" if differ else "")
+        if cache and row.get("cache_label"):
+            text += f" · {row['cache_label']}"
+        labels.append(text if len(text) <= width else text[:width - 1] + "…")
+    return labels

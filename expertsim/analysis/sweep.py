@@ -258,44 +258,65 @@ def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
 
 # --- progress ------------------------------------------------------------------------------
 class Progress:
-    """A one-line progress report on stderr: done/total, errors, runs per minute, ETA."""
+    """Progress of a sweep on stderr with rich: done/total, errors, runs per minute, elapsed,
+    ETA, and the run in progress (with the DES's status line when runs are in this process).
+    On a terminal a live bar; elsewhere (a log file, CI) one line at most every
+    ``min_interval_s`` and at the end."""
 
     def __init__(self, total: int, already: int = 0, stream=None, min_interval_s: float = 1.0,
                  errors: int = 0):
+        from rich.console import Console
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
         self.total, self.done, self.errors = total, already, errors
         self.started_with = already
-        self.stream = stream or sys.stderr
         self.t0 = time.monotonic()
         self.last = 0.0
         self.min_interval_s = min_interval_s
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+        self.live = self.console.is_terminal
+        if not self.live:
+            self.console.width = 200  # a log line, not a screen: do not cut the columns
+        self._progress = RichProgress(
+            BarColumn(bar_width=24),
+            TextColumn("{task.completed}/{task.total} runs, {task.fields[errors]} errors, "
+                       "{task.fields[rate]:.1f} runs/min, elapsed"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console, auto_refresh=self.live, transient=False)
+        self._task = self._progress.add_task("", total=total, completed=already, errors=errors, rate=0.0)
+        if self.live:
+            self._progress.start()
 
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.t0
-        new = self.done - self.started_with
-        rate = new / elapsed * 60 if elapsed > 0 and new else 0.0
-        left = self.total - self.done
-        eta = _fmt_s(left / (rate / 60)) if rate else "?"
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "." * (width - filled)
-        return (f"[{bar}] {self.done}/{self.total} runs, {self.errors} errors, "
-                f"{rate:.1f} runs/min, elapsed {_fmt_s(elapsed)}, ETA {eta}")
+    def _refresh(self, force: bool = False) -> None:
+        self._progress.update(self._task, completed=self.done, errors=self.errors, rate=self.runs_per_minute)
+        now = time.monotonic()
+        if not self.live and (force or now - self.last >= self.min_interval_s):
+            self.last = now
+            self.console.print(self._progress.make_tasks_table(self._progress.tasks))
+
+    def start_run(self, name: str) -> None:
+        """The run that starts now (shown beside the bar)."""
+        self._progress.update(self._task, description=name)
+
+    def status(self, line: str) -> None:
+        """A status line of the run in progress (the DES's tokens done)."""
+        description = self._progress.tasks[0].description.split(": ")[0]
+        self._progress.update(self._task, description=f"{description}: {line}")
+        self._refresh()
 
     def update(self, status: str) -> None:
         self.done += 1
         if status != "ok":
             self.errors += 1
-        now = time.monotonic()
-        if now - self.last >= self.min_interval_s or self.done == self.total:
-            self.last = now
-            self.stream.write(("\r" + self.line() + "\x1b[K") if self.tty else self.line() + "\n")
-            self.stream.flush()
+        self._refresh(force=self.done == self.total)
+        self._progress.update(self._task, description="")
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.live:
+            self._refresh()
+            self._progress.stop()
 
     @property
     def runs_per_minute(self) -> float:
@@ -303,18 +324,19 @@ class Progress:
         return (self.done - self.started_with) / elapsed * 60 if elapsed > 0 else 0.0
 
 
-def _fmt_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+def run_name(config: dict) -> str:
+    """A short name of a run for progress lines: its label or policy, and its cache size."""
+    cache = next((f"{k}={config[k]}" for k in CACHE_KEYS if config.get(k) is not None), None)
+    return " ".join(str(x) for x in (config.get("label"), config.get("policy"), cache) if x is not None)
 
 
 # --- backends ------------------------------------------------------------------------------
-def _local(configs: list[dict], jobs: int, on_result: Callable[[dict], None]) -> None:
+def _local(configs: list[dict], jobs: int, on_result: Callable[[dict], None], bar: Progress | None = None) -> None:
     if jobs <= 1:
         for config in configs:
-            on_result(run_one(config))
+            if bar is not None:
+                bar.start_run(run_name(config))
+            on_result(run_one(config, progress=bar.status if bar is not None else None))
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -419,7 +441,7 @@ def run_sweep(study: Study, out_dir: str | Path, *, backend: str = "local", jobs
 
     try:
         if backend == "local":
-            _local(todo, jobs, on_result)
+            _local(todo, jobs, on_result, bar)
         elif backend == "ray":
             _ray(todo, jobs, address, on_result)
         else:

@@ -76,3 +76,42 @@ def test_compare_replaces_its_own_runs_but_never_a_sweeps(compare_dir, tmp_path)
     run_sweep(study, tmp_path / "sweep", jobs=1, progress=False)
     with pytest.raises(ConfigError, match="holds the runs of a sweep"):
         run_compare(policies=["no-cache"], max_tokens=40, out=tmp_path / "sweep", progress=False)
+
+
+def test_compare_cli_takes_simulate_options_and_report_reads_its_folder(tmp_path):
+    """The README's comparison: `--set link.bandwidth_gbps=400 --requests 2`, then `report`."""
+    out = tmp_path / "c"
+    args = ["compare", "--policy", "lru:2", "--policy", "pregated-moe", "--param", "accuracy=0.5",
+            "--set", "link.bandwidth_gbps=400", "--requests", "1", "--max-tokens", "60",
+            "--link-queue", "fifo", "--out", str(out), "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.stdout
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["policy"] for r in rows] == ["lru", "pregated-moe"]
+    assert all(r["link.bandwidth_gbps"] == 400 and r["link_queue"] == "fifo" for r in rows)
+    assert json.loads(rows[1]["policy_params"]) == {"accuracy": 0.5}  # only the system that takes it
+    assert json.loads(rows[0]["policy_params"]) == {}
+    assert rows[0]["trace_requests"] == 1 and rows[0]["decode_tokens"] < 60
+    assert any("400.0 GB/s" in a for a in json.loads(res.stdout)["assumptions"])
+    slow = run_compare(policies=["lru:2"], requests=1, max_tokens=60, out=tmp_path / "slow", progress=False)
+    assert rows[0]["tpot_ms"] < slow.rows[0]["tpot_ms"]  # a faster link, a faster token
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0 and res.stdout.strip() == str(out / "report.html")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "link.bandwith_gbps=4"], "no field 'bandwith_gbps'"),
+    (["--param", "nope=1"], "--param nope: no compared policy or system takes it"),
+    (["--policy", "lur:2"], "unknown policy 'lur'"),
+    (["--offline", "--rate", "2"], "not both"),
+    (["--engine", "quick"], "'quick' is not one of"),
+])
+def test_compare_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, message):
+    from expertsim.cli import main
+
+    monkeypatch.setattr("sys.argv", ["expertsim", "compare", "--out", str(tmp_path / "o"), *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "runs").exists()  # rejected before any run
