@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from typing import Literal
 
 import typer
 
@@ -87,15 +87,11 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     """Show one preset: every field, with its TOML source (and the comments that cite it)."""
     import dataclasses
 
-    from expertsim.specs import list_hardware, load_hardware, load_model
+    from expertsim.specs import load_hardware, load_model
     from expertsim.specs.loader import _PRESETS
 
-    if name in list_hardware():
-        spec = load_hardware(name)
-        kind = "hardware"
-    else:
-        spec = load_model(name)
-        kind = "models"
+    kind = _spec_kind(name)
+    spec = load_hardware(name) if kind == "hardware" else load_model(name)
     typer.echo(f"# {type(spec).__name__} {spec.name}")
     for key, value in dataclasses.asdict(spec).items():
         typer.echo(f"{key} = {value}")
@@ -105,6 +101,37 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     if preset.is_file():
         typer.echo(f"\n# --- preset file {name}.toml ---\n" + preset.read_text())
 
+
+
+def _spec_kind(name: str) -> str:
+    """"hardware" or "models": a TOML file with a [gpu] or [link] table is hardware; a preset
+    name is looked up in both lists; a misspelt name goes to the list it is closest to, so the
+    error names the right kind of preset and its close matches."""
+    import difflib
+    import tomllib
+    from pathlib import Path
+
+    from expertsim.errors import SpecError
+    from expertsim.specs import list_hardware, list_models
+
+    path = Path(name)
+    if name.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise SpecError(f"spec file {name!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"spec {name!r} is not valid TOML: {exc}") from None
+        return "hardware" if {"gpu", "link"} & set(data) else "models"
+    if name in list_hardware():
+        return "hardware"
+    if name in list_models():
+        return "models"
+
+    def closeness(names):
+        return max((difflib.SequenceMatcher(None, name, n).ratio() for n in names), default=0.0)
+
+    return "hardware" if closeness(list_hardware()) > closeness(list_models()) else "models"
 
 
 # --- shared option helpers --------------------------------------------------------------------
@@ -175,12 +202,21 @@ def _run_options(batch: int, rate: float | None, offline: bool, seed: int, engin
     if offline and rate is not None:
         raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
     return {"batch": batch, "arrival": "offline" if offline else ("poisson" if rate is not None else "closed"),
-            "rate_per_s": rate, "seed": seed, "engine": _choice(engine), "link_queue": _choice(link_queue)}
+            "rate_per_s": rate, "seed": seed, "engine": engine, "link_queue": link_queue}
 
 
-def _choice(value):
-    """An Enum choice's value (typer passes Enum members), or the value itself."""
-    return getattr(value, "value", value)
+def _window(text: str) -> tuple[int, int]:
+    """``"10:14"`` -> ``(10, 14)``: iterations from 10, before 14."""
+    from expertsim.errors import ConfigError
+
+    a, sep, b = text.partition(":")
+    try:
+        window = (int(a), int(b))
+    except ValueError:
+        window = None
+    if not sep or window is None or not 0 <= window[0] < window[1]:
+        raise ConfigError(f"--timeline-window {text!r}: give A:B with 0 <= A < B, e.g. 10:14")
+    return window
 
 
 def _policy(policy: str | None, system: str | None, plugins: list[str] | None, params: list[str] | None = None):
@@ -214,19 +250,16 @@ OFFLINE = typer.Option(False, "--offline", help="Throughput mode: every request 
 SEED = typer.Option(0, "--seed", help="Seed of the Poisson arrivals.")
 
 
-class Engine(str, Enum):
-    auto = "auto"
-    des = "des"
-    fast = "fast"
+# Choices as Literal types: --help lists them and the value stays a plain string.
+Engine = Literal["auto", "des", "fast"]
+LinkQueue = Literal["priority", "fifo"]
+Phase = Literal["decode", "prefill", "all"]
+Scope = Literal["request", "global"]
+Semantics = Literal["together", "standard"]
+Partition = Literal["per_layer", "global"]
 
-
-class LinkQueue(str, Enum):
-    priority = "priority"
-    fifo = "fifo"
-
-
-ENGINE = typer.Option(Engine.auto, "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result).")
-LINK_QUEUE = typer.Option(LinkQueue.priority, "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner).")
+ENGINE = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result).")
+LINK_QUEUE = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner).")
 
 
 @app.command("cache")
@@ -238,10 +271,10 @@ def cache_command(
     global_slots: int = GLOBAL_SLOTS,
     cache_gb: float = CACHE_GB,
     model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model (needed for --cache-gb)."),
-    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
-    scope: str = typer.Option("request", "--scope", help="request: empty the cache at each request; global: keep it."),
-    semantics: str = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
-    engine: str = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
+    phase: Phase = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: Scope = typer.Option("request", "--scope", help="request: empty the cache at each request; global: keep it."),
+    semantics: Semantics = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
+    engine: Engine = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help='Print {"hit_rate", "hits", "misses", ...} as JSON.'),
@@ -271,10 +304,10 @@ def cache_command(
 @app.command("mrc")
 def mrc_command(
     trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: built-in synthetic."),
-    partition: str = typer.Option("per_layer", "--partition", help="per_layer (K slots per MoE layer) or global (one pool)."),
-    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
-    scope: str = typer.Option("request", "--scope", help="request: cold at each request; global: kept."),
-    semantics: str = typer.Option("together", "--semantics", help="together or standard (see `expertsim cache`)."),
+    partition: Partition = typer.Option("per_layer", "--partition", help="per_layer (K slots per MoE layer) or global (one pool)."),
+    phase: Phase = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: Scope = typer.Option("request", "--scope", help="request: cold at each request; global: kept."),
+    semantics: Semantics = typer.Option("together", "--semantics", help="together or standard (see `expertsim cache`)."),
     model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model."),
     as_json: bool = typer.Option(False, "--json", help="Print sizes, hit rates and per-layer hit rates as JSON."),
 ) -> None:
@@ -321,7 +354,8 @@ def simulate_command(
     cache_gb: float = CACHE_GB,
     sets: list[str] = SETS,
     max_tokens: int = MAX_TOKENS,
-    timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
+    timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline: .json or .json.gz (Chrome trace, opens in Perfetto) or .parquet (its columns)."),
+    timeline_window: str = typer.Option(None, "--timeline-window", help="Record only iterations A:B (from A, before B) of the timeline, to keep it small, e.g. 10:14."),
     requests: int = REQUESTS,
     batch: int = BATCH,
     rate: float = RATE,
@@ -351,16 +385,23 @@ def simulate_command(
     run_options = _run_options(batch, rate, offline, seed, engine, link_queue)
     if copy_chunk_mb is not None and not copy_chunk_mb > 0:
         raise ConfigError(f"--copy-chunk-mb must be > 0, got {copy_chunk_mb}")
-    options = SimOptions(timeline=timeline is not None, prefill_chunk_tokens=prefill_chunk,
+    if timeline is not None:
+        from expertsim.sim.metrics import timeline_format
+
+        timeline_format(timeline)  # an unknown suffix fails before the run
+    window = _window(timeline_window) if timeline_window else None
+    if window is not None and timeline is None:
+        raise ConfigError("--timeline-window needs --timeline PATH")
+    options = SimOptions(timeline=timeline is not None, timeline_iterations=window, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
                          profile=profile, **run_options)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
-        from expertsim.sim.metrics import write_chrome_trace
+        from expertsim.sim.metrics import write_timeline
 
-        write_chrome_trace(result.timeline, timeline)
+        write_timeline(result.timeline, timeline)
     if as_json:
         echo_json({**result.metrics, "config": result.config, "assumptions": result.assumptions})
         return
@@ -371,7 +412,8 @@ def simulate_command(
     print_table([result.row()], ["batch", "mean_batch", "experts_per_layer_iteration", "e2e_ms",
                                  "peak_gpu_gb", "total_s", "compute_bound_s", "link_bound_s", "wall_s"])
     if timeline:
-        typer.echo(f"timeline: {timeline} (open in https://ui.perfetto.dev or chrome://tracing)")
+        typer.echo(f"timeline: {timeline}" + ("" if timeline.lower().endswith(".parquet") else
+                                               " (open in https://ui.perfetto.dev or chrome://tracing)"))
 
 
 @app.command("compare")
@@ -389,7 +431,7 @@ def compare_command(
     offline: bool = OFFLINE,
     seed: int = SEED,
     link_queue: LinkQueue = LINK_QUEUE,
-    engine: Engine = typer.Option(Engine.auto, "--engine", help="auto, des or fast (as simulate). The report's timelines need the DES: with fast there are none."),
+    engine: Engine = typer.Option("auto", "--engine", help="auto, des or fast (as simulate). The report's timelines need the DES: with fast there are none."),
     out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html, results.parquet and runs/ (an earlier comparison there is replaced)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
@@ -439,10 +481,26 @@ _register_analysis(app)  # sweep, results, report
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
     except ExpertSimError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except typer.Abort:  # Ctrl-C
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        # click's usage errors (a bad option value, a missing argument; typer may vendor click, so
+        # matched by their interface): one line, as every user error, not a framed panel.
+        message, ctx = getattr(exc, "format_message", None), getattr(exc, "ctx", None)
+        if message is None or not isinstance(getattr(exc, "exit_code", None), int):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(exc.exit_code)
+        where = f" (`{ctx.command_path} --help` lists the options)" if ctx is not None else ""
+        typer.echo(f"error: {message()}{where}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

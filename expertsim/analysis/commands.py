@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -14,7 +15,7 @@ import typer
 def sweep(
     study: Path = typer.Argument(..., help="Study TOML (see examples/ and expertsim.analysis.study)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (runs/, results.parquet); resumable."),
-    backend: str = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
+    backend: Literal["local", "ray"] = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
     jobs: int = typer.Option(0, "--jobs", "-j", help="Parallel runs (default: all local cores)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan", help="Print the number of runs (and how many are done) and exit."),
@@ -52,7 +53,7 @@ def sweep(
 
 def results(
     out: Path = typer.Argument(..., help="A sweep output directory."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
+    fmt: Literal["table", "csv", "json", "markdown"] = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
     filter_: str = typer.Option(None, "--filter", help="A polars expression, e.g. \"pl.col('policy') == 'lru'\"."),
     columns: str = typer.Option(None, "--columns", "-c", help="Comma-separated columns (default: a readable subset)."),
     all_columns: bool = typer.Option(False, "--all", help="Every column."),

@@ -82,7 +82,9 @@ class SimOptions:
     profile: str | None = None
     link_curve: dict | None = None  # {"bytes": [...], "gbps": [...]}
     bounds: bool = True  # compute the compute-only and link bounds after the run
-    engine: str = "des"  # des | fast | auto: the fast engine (expertsim.sim.fast) where it reproduces the DES
+    # des | fast | auto: "auto" (as the CLI) runs the fast engine (expertsim.sim.fast) where it
+    # reproduces the DES exactly, else the DES.
+    engine: str = "auto"
 
     def serving_summary(self) -> dict:
         """The serving settings a result reports (both engines)."""
