@@ -106,8 +106,12 @@ def summary_rows(frame, baseline: str | None, order: list | None = None) -> list
     rank = {label: i for i, label in enumerate(order or [])}
     fixed = F.determined_by(frame, "label", scen) if "label" in scen else set()
     keys = [c for c in scen if c not in fixed and c != "label"] + (["label"] if "label" in scen else [])
-    rows.sort(key=lambda r: tuple((0, rank[r[c]], "") if c == "label" and r[c] in rank else (1, 0, str(r[c]))
-                                  for c in keys))
+    def key(row):  # study order for labels, numbers as numbers (12 before 100), then text
+        return tuple((0, rank[row[c]], "") if c == "label" and row[c] in rank else
+                     (1, row[c], "") if isinstance(row[c], (int, float)) and not isinstance(row[c], bool) else
+                     (2, 0, str(row[c])) for c in keys)
+
+    rows.sort(key=key)
     return rows
 
 
