@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 
@@ -435,13 +435,16 @@ def compare_command(
     out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html, results.parquet and runs/ (an earlier comparison there is replaced)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="Also write every figure of the report to OUT/figures/ as svg, pdf or png (needs `pip install kaleido`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows (results.parquet's columns) as JSON."),
 ) -> None:
     """Compare policies side by side and write an HTML report. With no arguments: the built-in
     default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU).
     The folder has the layout of a sweep's: `expertsim results DIR` and `expertsim report DIR` read it."""
     from expertsim.analysis.compare import run_compare
+    from expertsim.analysis.report import check_figure_format
 
+    check_figure_format(figure_format)
     for p in plugin or []:
         from expertsim.policies import load_plugin
 
@@ -449,7 +452,8 @@ def compare_command(
     report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
                          systems=systems, max_tokens=max_tokens, requests=requests,
                          overrides=_overrides(sets), params=_policy_params(param),
-                         options=_run_options(batch, rate, offline, seed, engine, link_queue), out=out)
+                         options=_run_options(batch, rate, offline, seed, engine, link_queue), out=out,
+                         figure_format=figure_format)
     if as_json:
         echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path),
                    "results": str(report.parquet_path)})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 
@@ -21,11 +21,15 @@ def sweep(
     plan_only: bool = typer.Option(False, "--plan", help="Print the number of runs (and how many are done) and exit."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run failed runs again."),
     report: bool = typer.Option(False, "--report", help="Write DIR/report.html when done."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="With --report: also every figure in DIR/figures/ as svg, pdf or png (needs kaleido)."),
 ) -> None:
     """Run a study's grid of configurations in parallel; an interrupted sweep resumes where it stopped."""
     from expertsim.analysis.study import load_study
     from expertsim.analysis.sweep import plan, run_sweep
 
+    from expertsim.analysis.report import check_figure_format
+
+    check_figure_format(figure_format)
     st = load_study(study)
     todo, done = plan(st, out if out.is_dir() else None, retry_errors=retry_errors)
     if plan_only:
@@ -48,7 +52,7 @@ def sweep(
     if report:
         from expertsim.analysis.report import write_report
 
-        typer.echo(f"report: {write_report(out)}", err=True)
+        typer.echo(f"report: {write_report(out, figure_format=figure_format)}", err=True)
 
 
 def results(
@@ -80,11 +84,12 @@ def report(
     out: Path = typer.Argument(..., help="A sweep output directory."),
     path: Path = typer.Option(None, "--path", help="Where to write the HTML (default DIR/report.html)."),
     validation: Path = typer.Option(None, "--validation", help="validation.parquet (or the folder) from `expertsim validate` (default: DIR/validation.parquet if present)."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="Also write every figure to DIR/figures/ as svg, pdf or png (plotly's static export; needs `pip install kaleido`)."),
 ) -> None:
-    """Write one self-contained HTML report (works offline) of a sweep directory."""
+    """Write one self-contained HTML report (works offline) of a sweep or compare directory."""
     from expertsim.analysis.report import write_report
 
-    typer.echo(str(write_report(out, path, validation)))
+    typer.echo(str(write_report(out, path, validation, figure_format)))
 
 
 def register(app: typer.Typer) -> None:

@@ -174,7 +174,8 @@ def compare_study(*, model=None, hardware=None, trace_path=None, policies=None, 
     return study, trace
 
 
-def run_compare(*, out="expertsim-out", progress: bool = True, stream=None, **kwargs) -> CompareReport:
+def run_compare(*, out="expertsim-out", progress: bool = True, stream=None, figure_format: str | None = None,
+                **kwargs) -> CompareReport:
     """Run a comparison (the arguments of :func:`compare_study`) into ``out``: the sweep's layout,
     then ``report.html``."""
     from expertsim.analysis.report import assumption_lines, write_report
@@ -194,7 +195,7 @@ def run_compare(*, out="expertsim-out", progress: bool = True, stream=None, **kw
     assumptions.append(f"trace: {trace.metadata.get('source', kwargs.get('trace_path'))} "
                        f"({trace.num_tokens} tokens, {trace.num_requests} requests)")
     assumptions += [a for a in per_run if "bound" in a]
-    html_path = write_report(outdir)
+    html_path = write_report(outdir, figure_format=figure_format)
     extra = SYSTEM_COLUMNS if kwargs.get("systems") else []
     return CompareReport(frame=frame, records=records, assumptions=assumptions, html_path=html_path,
                          parquet_path=summary.results_path, extra_columns=extra)

@@ -156,7 +156,9 @@ def small_multiples(frame, x: str, ys: list[tuple[str, str]], *, exclude=(), hov
     # Legend: the policy's short name (parameters only where two policies differ); hover: the rest.
     frame = frame.with_columns(pl.Series("series", short_labels(frame.to_dicts(), cache=False, width=60)))
     colors = series_colors(frame.get_column("series").to_list())
-    names = [", ".join(f"{c}={_short(v)}" if c != "label" else str(v) for c, v in zip(facets, key)) for key in keys]
+    names = [", ".join(str(v) if c == "label" else ("the system's own cache" if v is None and c in CACHE_COLUMNS
+                                                      else f"{c}={_short(v)}") for c, v in zip(facets, key))
+             for key in keys]
     if len(ys) > 1:
         rows, cols = len(keys), len(ys)
         # A row per scenario: its name over the first panel; the metrics name the y axes.

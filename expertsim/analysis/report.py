@@ -273,11 +273,52 @@ def _spec_table(specs: list[dict], limit: int = 12) -> str:
 
 
 # --- the page ---------------------------------------------------------------------------------
-def write_report(out_dir: str | Path, path: str | Path | None = None, validation: str | Path | None = None) -> Path:
+FIGURE_FORMATS = ("svg", "pdf", "png")
+
+
+def check_figure_format(fmt: str | None) -> None:
+    """Static export (``--format svg|pdf|png``) goes through plotly's Kaleido; say so before any
+    work when it is missing."""
+    import importlib.util
+
+    from expertsim.errors import ConfigError
+
+    if fmt is None:
+        return
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"--format {fmt!r}: give one of {', '.join(FIGURE_FORMATS)}")
+    if importlib.util.find_spec("kaleido") is None:
+        raise ConfigError(f"--format {fmt} needs Kaleido for plotly's static export: pip install kaleido "
+                          f"(it drives a Chrome/Chromium); without it, each figure's camera button in "
+                          f"report.html downloads it as SVG")
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "figure"
+
+
+def export_figures(figs, folder: Path, fmt: str) -> list[Path]:
+    """Every figure as DIR/figures/NN-title.FMT (plotly's static export via Kaleido)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (title, fig, _) in enumerate(figs):
+        path = folder / f"{i:02d}-{_slug(title)}.{fmt}"
+        fig.write_image(path, format=fmt, width=1100, height=fig.layout.height or 500)
+        paths.append(path)
+    return paths
+
+
+def write_report(out_dir: str | Path, path: str | Path | None = None, validation: str | Path | None = None,
+                 figure_format: str | None = None) -> Path:
     """Write DIR/report.html (or ``path``) and return its path. ``validation``: a
     validation.parquet/.csv (or the `expertsim validate --out` folder) for the predicted vs
-    measured figure; default DIR/validation.parquet or .csv when present."""
+    measured figure; default DIR/validation.parquet or .csv when present. ``figure_format``
+    (svg, pdf or png): also every figure as a file in DIR/figures/ (needs Kaleido)."""
     import plotly.io as pio
+
+    check_figure_format(figure_format)
 
     from expertsim.analysis.results import load_results
     from expertsim.analysis.sweep import iter_records
@@ -312,8 +353,10 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     figs = collect_figures(out, frame, plan, Path(validation) if validation else None)
     body.append("<h2>Figures</h2>")
     for i, (title, fig, caption) in enumerate(figs):
+        # The camera button saves an SVG (vector, for a paper) named after the figure.
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}",
-                          config={"displaylogo": False})
+                          config={"displaylogo": False,
+                                  "toImageButtonOptions": {"format": "svg", "filename": _slug(title)}})
         body.append(f"<div class='figure' id='figure-{i}' data-figure='{i}'><h3>{_esc(title)}</h3>{div}"
                     f"<p class='caption'>{_esc(caption)}</p></div>")
     if n_err:
@@ -329,4 +372,6 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     from expertsim.analysis.sweep import atomic_write_bytes
 
     atomic_write_bytes(target, page.encode())
+    if figure_format:
+        export_figures(figs, out / "figures", figure_format)
     return target
