@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 import typer
 
+from expertsim.console import print_table  # noqa: F401  (re-exported for the commands modules)
 from expertsim.errors import ExpertSimError
 
 app = typer.Typer(
@@ -42,28 +43,6 @@ def _json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """A plain aligned text table (units are in the column names)."""
-    if not rows:
-        typer.echo("(no rows)")
-        return
-    columns = columns or list(rows[0])
-
-    def fmt(v):
-        if isinstance(v, float):
-            if v != v:
-                return "-"
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    typer.echo("  ".join("-" * w for w in widths))
-    for row in cells:
-        typer.echo("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 
 
 @specs_app.command("list")

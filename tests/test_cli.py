@@ -206,3 +206,17 @@ def test_predictor_learner_is_not_called_model():
 def test_help_lists_the_choices():
     result = invoke(["simulate", "--help"])
     assert "auto|des|fast" in result.stdout and "priority|fifo" in result.stdout
+
+
+def test_console_table_is_rich_plain_text():
+    from expertsim.console import format_value, render_table
+
+    text = render_table([{"policy": "lru [2 slots]", "TPOT_ms": 633.61, "GB": 123456.7, "x": None},
+                         {"policy": "no-cache", "TPOT_ms": 966.0, "GB": float("nan"), "x": "ok"}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["policy", "TPOT_ms", "GB", "x"] and set(lines[1]) <= {"-", " "}
+    assert lines[2].startswith("lru [2 slots]")  # brackets are text, not rich markup
+    assert lines[2].index("633.6") + len("633.6") == lines[3].index("966") + len("966")  # right-aligned
+    assert "123,457" in lines[2] and lines[3].split()[-2:] == ["-", "ok"]
+    assert "\x1b" not in text  # no colour codes
+    assert [format_value(v) for v in (None, float("nan"), 0.123456, 2e5, 3)] == ["-", "-", "0.1235", "200,000", "3"]

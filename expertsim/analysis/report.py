@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from expertsim.analysis import figures as F
+from expertsim.console import format_value
 
 REPORT_FILE = "report.html"
 
@@ -37,12 +38,7 @@ def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if value != value:
-            return "-"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return "-" if value is None else str(value)
+_fmt = format_value
 
 
 def html_table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -173,33 +173,22 @@ def apply_filter(frame, text: str | None):
 
 def format_frame(frame, fmt: str) -> str:
     """The table as text: table (aligned), csv, json (records) or markdown."""
+    from expertsim.console import format_value, render_table
+
     if fmt == "csv":
         return frame.write_csv()
     if fmt == "json":
         return json.dumps(frame.to_dicts(), indent=1, default=str, allow_nan=True)
-    if fmt in ("markdown", "table"):
+    if fmt == "table":  # keep lines readable: long messages are cut (csv/json keep them whole)
+        return render_table(frame.to_dicts(), frame.columns, right_align=False, max_cell=90)
+    if fmt == "markdown":
         rows = frame.to_dicts()
         cols = frame.columns
         if not rows:
             return "(no rows)"
-
-        def cell(v):
-            if v is None:
-                return "-"
-            if isinstance(v, float):
-                return "-" if v != v else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}")
-            return str(v)
-
-        cells = [[cell(r[c]) for c in cols] for r in rows]
-        if fmt == "table":  # keep lines readable: long messages are cut (csv/json keep them whole)
-            cells = [[v if len(v) <= 90 else v[:87] + "..." for v in row] for row in cells]
-        if fmt == "markdown":
-            out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-            return "\n".join(out)
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        cells = [[format_value(r[c]).replace("|", "\\|") for c in cols] for r in rows]
+        out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+        out += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(out)
     raise ConfigError(f"--format must be table, csv, json or markdown, got {fmt!r}")
 
