@@ -39,7 +39,7 @@ def main() -> None:
     for name in args.systems.split(","):
         def run():
             return Simulation(model, hardware, make_system(name), CacheConfig(per_layer=4),
-                              options=SimOptions(bounds=False)).run(dataclasses.replace(trace))
+                              options=SimOptions(bounds=False, engine="des")).run(dataclasses.replace(trace))
 
         walls, floors = [], []
         for _ in range(args.repeat):

@@ -117,7 +117,7 @@ def main() -> None:
     # The DES, counting SimPy's own events.
     with SimpyEventCounter() as counter:
         t0 = time.perf_counter()
-        des = Simulation(model, hardware, make_policy("lru"), cfg, options=SimOptions()).run(
+        des = Simulation(model, hardware, make_policy("lru"), cfg, options=SimOptions(engine="des")).run(
             dataclasses.replace(des_trace))
         wall = time.perf_counter() - t0
     ev = events(des.metrics, model)
@@ -142,7 +142,7 @@ def main() -> None:
     if args.profile:
         small = trace.head_requests(2)
         out["profile_des"] = profile(lambda: Simulation(model, hardware, make_policy("lru"), cfg,
-                                                        options=SimOptions()).run(dataclasses.replace(small)))
+                                                        options=SimOptions(engine="des")).run(dataclasses.replace(small)))
         out["profile_fast"] = profile(lambda: run_fast(trace))
         print(out["profile_des"])
         print(out["profile_fast"])

@@ -4,7 +4,8 @@ Use it from any command with ``--plugin examples/my_policy.py`` (or package it a
 entry point in the ``expertsim.policies`` group), then name it like a built-in:
 
     expertsim policies list --plugin examples/my_policy.py
-    expertsim replay --plugin examples/my_policy.py --policy mru --trace T.parquet --per-layer 4
+    expertsim cache --plugin examples/my_policy.py --policy mru --trace T.parquet --per-layer 4
+    expertsim simulate --plugin examples/my_policy.py --policy mru --per-layer 2
 
 or from Python:
 

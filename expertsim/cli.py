@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Literal, Optional
 
 import typer
 
+from expertsim.console import print_table  # noqa: F401  (re-exported for the commands modules)
 from expertsim.errors import ExpertSimError
 
 app = typer.Typer(
@@ -43,28 +45,6 @@ def _json_default(value):
     return str(value)
 
 
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """A plain aligned text table (units are in the column names)."""
-    if not rows:
-        typer.echo("(no rows)")
-        return
-    columns = columns or list(rows[0])
-
-    def fmt(v):
-        if isinstance(v, float):
-            if v != v:
-                return "-"
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    typer.echo("  ".join("-" * w for w in widths))
-    for row in cells:
-        typer.echo("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
-
-
 @specs_app.command("list")
 def specs_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the model, hardware and runtime presets."""
@@ -89,20 +69,17 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     """Show one preset: every field, with its TOML source (and the comments that cite it)."""
     import dataclasses
 
-    from expertsim.specs import list_hardware, load_hardware, load_model
+    from expertsim.specs import load_hardware, load_model
     from expertsim.specs.loader import _PRESETS
 
     from expertsim.specs import list_runtimes, load_runtime
 
-    if name in list_hardware():
-        spec = load_hardware(name)
-        kind = "hardware"
-    elif name in list_runtimes():
-        spec = load_runtime(name)
+    if name in list_runtimes():
         kind = "runtimes"
+        spec = load_runtime(name)
     else:
-        spec = load_model(name)
-        kind = "models"
+        kind = _spec_kind(name)
+        spec = load_hardware(name) if kind == "hardware" else load_model(name)
     typer.echo(f"# {type(spec).__name__} {spec.name}")
     for key, value in dataclasses.asdict(spec).items():
         typer.echo(f"{key} = {value}")
@@ -112,6 +89,37 @@ def specs_show(name: str = typer.Argument(..., help="A preset name or a path to 
     if preset.is_file():
         typer.echo(f"\n# --- preset file {name}.toml ---\n" + preset.read_text())
 
+
+
+def _spec_kind(name: str) -> str:
+    """"hardware" or "models": a TOML file with a [gpu] or [link] table is hardware; a preset
+    name is looked up in both lists; a misspelt name goes to the list it is closest to, so the
+    error names the right kind of preset and its close matches."""
+    import difflib
+    import tomllib
+    from pathlib import Path
+
+    from expertsim.errors import SpecError
+    from expertsim.specs import list_hardware, list_models
+
+    path = Path(name)
+    if name.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise SpecError(f"spec file {name!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"spec {name!r} is not valid TOML: {exc}") from None
+        return "hardware" if {"gpu", "link"} & set(data) else "models"
+    if name in list_hardware():
+        return "hardware"
+    if name in list_models():
+        return "models"
+
+    def closeness(names):
+        return max((difflib.SequenceMatcher(None, name, n).ratio() for n in names), default=0.0)
+
+    return "hardware" if closeness(list_hardware()) > closeness(list_models()) else "models"
 
 
 # --- shared option helpers --------------------------------------------------------------------
@@ -146,8 +154,6 @@ def _cache_config(per_layer: int | None, global_slots: int | None, cache_gb: flo
 def _policy_params(items: list[str] | None) -> dict:
     """``["accuracy=0.9", "profile=hot.json"]`` -> ``{"accuracy": 0.9, "profile": "hot.json"}``
     (values parsed as TOML: numbers, booleans, quoted strings; anything else stays a string)."""
-    import tomllib
-
     from expertsim.errors import PolicyError
 
     params = {}
@@ -155,11 +161,49 @@ def _policy_params(items: list[str] | None) -> dict:
         if "=" not in item:
             raise PolicyError(f"--param {item!r}: expected KEY=VALUE, e.g. --param accuracy=0.9")
         key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            params[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            params[key] = value
+        params[key] = _toml_value(value)
     return params
+
+
+def _toml_value(text: str):
+    """``"0.9"`` -> 0.9, ``"true"`` -> True, ``'"x"'`` -> "x"; anything else stays the string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(sets: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items as spec overrides, values parsed as TOML (numbers stay numbers)."""
+    from expertsim.specs import parse_set_options
+
+    return {key: _toml_value(value) for key, value in parse_set_options(sets).items()}
+
+
+def _run_options(batch: int, rate: float | None, offline: bool, seed: int, engine: str, link_queue: str) -> dict:
+    """The simulator options that `simulate` and `compare` share (SimOptions fields)."""
+    from expertsim.errors import ConfigError
+
+    if offline and rate is not None:
+        raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
+    return {"batch": batch, "arrival": "offline" if offline else ("poisson" if rate is not None else "closed"),
+            "rate_per_s": rate, "seed": seed, "engine": engine, "link_queue": link_queue}
+
+
+def _window(text: str) -> tuple[int, int]:
+    """``"10:14"`` -> ``(10, 14)``: iterations from 10, before 14."""
+    from expertsim.errors import ConfigError
+
+    a, sep, b = text.partition(":")
+    try:
+        window = (int(a), int(b))
+    except ValueError:
+        window = None
+    if not sep or window is None or not 0 <= window[0] < window[1]:
+        raise ConfigError(f"--timeline-window {text!r}: give A:B with 0 <= A < B, e.g. 10:14")
+    return window
 
 
 def _policy(policy: str | None, system: str | None, plugins: list[str] | None, params: list[str] | None = None):
@@ -185,6 +229,25 @@ GLOBAL_SLOTS = typer.Option(None, "--global-slots", min=0, help="Expert cache sl
 CACHE_GB = typer.Option(None, "--cache-gb", help="Expert cache as a byte budget in GB (1e9 bytes).")
 PLUGIN = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable).")
 TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace.")
+SETS = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable).")
+MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Simulate only the first N tokens (cut at a pass boundary).")
+REQUESTS = typer.Option(None, "--requests", min=1, help="Simulate only the first N requests of the trace.")
+BATCH = typer.Option(1, "--batch", "-b", min=1, help="Concurrent requests: continuous batching with at most N requests per iteration.")
+RATE = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends).")
+OFFLINE = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning).")
+SEED = typer.Option(0, "--seed", min=0, help="Seed of the Poisson arrivals.")
+
+
+# Choices as Literal types: --help lists them and the value stays a plain string.
+Engine = Literal["auto", "des", "fast"]
+LinkQueue = Literal["priority", "fifo"]
+Phase = Literal["decode", "prefill", "all"]
+Scope = Literal["request", "global"]
+Semantics = Literal["together", "standard"]
+Partition = Literal["per_layer", "global"]
+
+ENGINE = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result).")
+LINK_QUEUE = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner).")
 
 
 @app.command("cache")
@@ -196,10 +259,10 @@ def cache_command(
     global_slots: int = GLOBAL_SLOTS,
     cache_gb: float = CACHE_GB,
     model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model (needed for --cache-gb)."),
-    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
-    scope: str = typer.Option("request", "--scope", help="request: empty the cache at each request; global: keep it."),
-    semantics: str = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
-    engine: str = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
+    phase: Phase = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: Scope = typer.Option("request", "--scope", help="request: empty the cache at each request; global: keep it."),
+    semantics: Semantics = typer.Option("together", "--semantics", help="together (a token's experts resident together) or standard (flattened stream, evict on insert)."),
+    engine: Engine = typer.Option("auto", "--engine", help="des|fast|auto: the general LayerServer path or the fast replay (built-in policies)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help='Print {"hit_rate", "hits", "misses", ...} as JSON.'),
@@ -233,10 +296,10 @@ def cache_command(
 @app.command("mrc")
 def mrc_command(
     trace: str = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet); default: built-in synthetic."),
-    partition: str = typer.Option("per_layer", "--partition", help="per_layer (K slots per MoE layer) or global (one pool)."),
-    phase: str = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
-    scope: str = typer.Option("request", "--scope", help="request: cold at each request; global: kept."),
-    semantics: str = typer.Option("together", "--semantics", help="together or standard (see `expertsim cache`)."),
+    partition: Partition = typer.Option("per_layer", "--partition", help="per_layer (K slots per MoE layer) or global (one pool)."),
+    phase: Phase = typer.Option("decode", "--phase", help="Tokens to replay: decode, prefill or all."),
+    scope: Scope = typer.Option("request", "--scope", help="request: cold at each request; global: kept."),
+    semantics: Semantics = typer.Option("together", "--semantics", help="together or standard (see `expertsim cache`)."),
     model: str = typer.Option(None, "--model", "-m", help="Check the trace against this model."),
     as_json: bool = typer.Option(False, "--json", help="Print sizes, hit rates and per-layer hit rates as JSON."),
 ) -> None:
@@ -264,9 +327,9 @@ SUMMARY_COLUMNS = ["policy", "cache", "hit_rate", "tpot_ms", "tokens_per_s", "h2
 def _simulation(model, hardware, trace, policy, system, per_layer, global_slots, cache_gb, sets,
                 plugin, options, params=None):
     from expertsim.sim import Simulation
-    from expertsim.specs import apply_overrides, load_hardware, load_model, parse_set_options
+    from expertsim.specs import apply_overrides, load_hardware, load_model
 
-    overrides = parse_set_options(sets)
+    overrides = _overrides(sets)
     m, h = apply_overrides(load_model(model), load_hardware(hardware), overrides)
     sys_obj = _policy(policy, system, plugin, params)
     runtime_sets = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
@@ -288,19 +351,20 @@ def simulate_command(
     per_layer: int = PER_LAYER,
     global_slots: int = GLOBAL_SLOTS,
     cache_gb: float = CACHE_GB,
-    sets: list[str] = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable)."),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Simulate only the first N tokens (cut at a pass boundary)."),
-    timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline as Chrome trace JSON (Perfetto)."),
-    requests: int = typer.Option(None, "--requests", min=1, help="Simulate only the first N requests of the trace."),
-    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Concurrent requests: continuous batching with at most N requests per iteration."),
-    rate: float = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends)."),
-    offline: bool = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning)."),
+    sets: list[str] = SETS,
+    max_tokens: int = MAX_TOKENS,
+    timeline: str = typer.Option(None, "--timeline", help="Write the copy/compute timeline: .json or .json.gz (Chrome trace, opens in Perfetto) or .parquet (its columns)."),
+    timeline_window: str = typer.Option(None, "--timeline-window", help="Record only iterations A:B (from A, before B) of the timeline, to keep it small, e.g. 10:14."),
+    requests: int = REQUESTS,
+    batch: int = BATCH,
+    rate: float = RATE,
+    offline: bool = OFFLINE,
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=1, help="Chunked prefill: at most N prompt tokens per request per iteration."),
     copy_chunk_mb: float = typer.Option(None, "--copy-chunk-mb", help="Split expert copies into chunks of this many MB (1e6 bytes); a wrong prefetch is dropped between chunks."),
     profile: str = typer.Option(None, "--profile", help="Calibrated cost tables (JSON from `expertsim calibrate`) instead of the roofline."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Poisson arrivals."),
-    link_queue: str = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner)."),
-    engine: str = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result)."),
+    seed: int = SEED,
+    link_queue: LinkQueue = LINK_QUEUE,
+    engine: Engine = ENGINE,
     runtime: str = typer.Option(None, "--runtime", help="Software stack (expertsim specs list): its framework time and copy semantics. Default: a named system's own stack, else 'default' (the roofline alone)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
@@ -320,24 +384,28 @@ def simulate_command(
         tr = tr.head_requests(requests)
     if max_tokens:
         tr = tr.max_tokens(max_tokens)
-    if offline and rate is not None:
-        raise ConfigError("give --rate R (Poisson arrivals) or --offline (all at t=0), not both")
+    run_options = _run_options(batch, rate, offline, seed, engine, link_queue)
     check_option_number("--copy-chunk-mb", copy_chunk_mb, high=1e6, unit="MB")
     check_option_number("--rate", rate, high=1e9, unit="requests/s")
-    options = SimOptions(timeline=timeline is not None, batch=batch,
-                         arrival="offline" if offline else ("poisson" if rate is not None else "closed"),
-                         rate_per_s=rate, seed=seed, prefill_chunk_tokens=prefill_chunk,
+    if timeline is not None:
+        from expertsim.sim.metrics import timeline_format
+
+        timeline_format(timeline)  # an unknown suffix fails before the run
+    window = _window(timeline_window) if timeline_window else None
+    if window is not None and timeline is None:
+        raise ConfigError("--timeline-window needs --timeline PATH")
+    options = SimOptions(timeline=timeline is not None, timeline_iterations=window, prefill_chunk_tokens=prefill_chunk,
                          copy_chunk_bytes=int(copy_chunk_mb * 1e6) if copy_chunk_mb else None,
-                         profile=profile, engine=engine, link_queue=link_queue, runtime=runtime)
+                         profile=profile, runtime=runtime, **run_options)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
         from expertsim.errors import foreign_errors
-        from expertsim.sim.metrics import write_chrome_trace
+        from expertsim.sim.metrics import write_timeline
 
         with foreign_errors(ConfigError, f"cannot write --timeline {timeline!r}", "choose another path"):
-            write_chrome_trace(result.timeline, timeline)
+            write_timeline(result.timeline, timeline)
     if as_json:
         echo_json({**result.metrics, "config": result.config, "assumptions": result.assumptions})
         return
@@ -348,34 +416,51 @@ def simulate_command(
     print_table([result.row()], ["batch", "mean_batch", "experts_per_layer_iteration", "e2e_ms",
                                  "peak_gpu_gb", "total_s", "compute_bound_s", "link_bound_s", "wall_s"])
     if timeline:
-        typer.echo(f"timeline: {timeline} (open in https://ui.perfetto.dev or chrome://tracing)")
+        typer.echo(f"timeline: {timeline}" + ("" if timeline.lower().endswith(".parquet") else
+                                               " (open in https://ui.perfetto.dev or chrome://tracing)"))
 
 
 @app.command("compare")
 def compare_command(
-    model: str = typer.Option(None, "--model", "-m", help="Model preset (default mixtral-8x7b)."),
-    hardware: str = typer.Option(None, "--hardware", "-H", help="Hardware preset (default a40)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model preset or TOML file (default mixtral-8x7b)."),
+    hardware: str = typer.Option(None, "--hardware", "-H", help="Hardware preset or TOML file (default a40)."),
     trace: str = TRACE,
-    policies: list[str] = typer.Option(None, "--policy", "-p", help="POLICY[:K] to compare (repeatable); K = slots per layer."),
+    policies: list[str] = typer.Option(None, "--policy", "-p", help="POLICY[:K] to compare (repeatable); K = slots per layer, default: the system's default cache."),
     systems: str = typer.Option(None, "--systems", help="Comma-separated named systems, or 'all'."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N tokens."),
-    out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html and results.parquet."),
+    sets: list[str] = SETS,
+    max_tokens: int = MAX_TOKENS,
+    requests: int = REQUESTS,
+    batch: int = BATCH,
+    rate: float = RATE,
+    offline: bool = OFFLINE,
+    seed: int = SEED,
+    link_queue: LinkQueue = LINK_QUEUE,
+    engine: Engine = typer.Option("auto", "--engine", help="auto, des or fast (as simulate). The report's timelines need the DES: with fast there are none."),
+    out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html, results.parquet and runs/ (an earlier comparison there is replaced)."),
     plugin: list[str] = PLUGIN,
-    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+    param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="Also write every figure of the report to OUT/figures/ as svg, pdf or png (needs `pip install kaleido`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows (results.parquet's columns) as JSON."),
 ) -> None:
     """Compare policies side by side and write an HTML report. With no arguments: the built-in
-    default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU)."""
+    default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU).
+    The folder has the layout of a sweep's: `expertsim results DIR` and `expertsim report DIR` read it."""
     from expertsim.analysis.compare import run_compare
+    from expertsim.analysis.report import check_figure_format
 
+    check_figure_format(figure_format)
     for p in plugin or []:
         from expertsim.policies import load_plugin
 
         load_plugin(p)
     report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
-                         systems=systems, max_tokens=max_tokens, out=out,
-                         progress=lambda msg: typer.echo(msg, err=True))
+                         systems=systems, max_tokens=max_tokens, requests=requests,
+                         overrides=_overrides(sets), params=_policy_params(param),
+                         options=_run_options(batch, rate, offline, seed, engine, link_queue), out=out,
+                         figure_format=figure_format)
     if as_json:
-        echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path)})
+        echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path),
+                   "results": str(report.parquet_path)})
         return
     for line in report.assumptions:
         typer.echo(f"# {line}")

@@ -54,16 +54,11 @@ def simulate_policy(spec, trace, policy: str, profile: dict, profile_path: str |
 
 
 def kendall_tau(a, b) -> float:
-    """Kendall's tau-b of two equally long sequences (1 = same order, -1 = reversed)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    n = len(a)
-    if n < 2:
-        return float("nan")
-    i, j = np.triu_indices(n, 1)
-    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-    concordant = float((da * db).sum())
-    ta, tb = float((da != 0).sum()), float((db != 0).sum())
-    return concordant / np.sqrt(ta * tb) if ta and tb else float("nan")
+    """Kendall's tau-b of two equally long sequences (1 = same order, -1 = reversed; NaN when
+    either is constant or shorter than 2): scipy.stats.kendalltau."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(a, b).statistic) if len(a) >= 2 else float("nan")
 
 
 def _durations(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:

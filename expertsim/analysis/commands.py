@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal, Optional
 
 import typer
 
@@ -14,12 +15,13 @@ import typer
 def sweep(
     study: Path = typer.Argument(..., help="Study TOML (see examples/ and expertsim.analysis.study)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (runs/, results.parquet); resumable."),
-    backend: str = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
+    backend: Literal["local", "ray"] = typer.Option("local", "--backend", help="local (processes on this machine) or ray."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Parallel runs (default: all local cores)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     plan_only: bool = typer.Option(False, "--plan", help="Print the number of runs (and how many are done) and exit."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Run failed runs again."),
     report: bool = typer.Option(False, "--report", help="Write DIR/report.html when done."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="With --report: also every figure in DIR/figures/ as svg, pdf or png (needs kaleido)."),
 ) -> None:
     """Run a study's grid of configurations in parallel; an interrupted sweep resumes where it stopped."""
     from expertsim.analysis.study import load_study
@@ -27,6 +29,9 @@ def sweep(
     from expertsim.errors import check_output_path
 
     check_output_path(out, "--out", folder=True)
+    from expertsim.analysis.report import check_figure_format
+
+    check_figure_format(figure_format)
     st = load_study(study)
     todo, done = plan(st, out if out.is_dir() else None, retry_errors=retry_errors)
     if plan_only:
@@ -49,12 +54,12 @@ def sweep(
     if report:
         from expertsim.analysis.report import write_report
 
-        typer.echo(f"report: {write_report(out)}", err=True)
+        typer.echo(f"report: {write_report(out, figure_format=figure_format)}", err=True)
 
 
 def results(
     out: Path = typer.Argument(..., help="A sweep output directory."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
+    fmt: Literal["table", "csv", "json", "markdown"] = typer.Option("table", "--format", "-f", help="table, csv, json or markdown."),
     filter_: str = typer.Option(None, "--filter", help="A SQL condition on the columns, e.g. \"policy = 'lru' AND \\\"link.bandwidth_gbps\\\" >= 64\" (quote names with a dot)."),
     columns: str = typer.Option(None, "--columns", "-c", help="Comma-separated columns (default: a readable subset)."),
     all_columns: bool = typer.Option(False, "--all", help="Every column."),
@@ -81,15 +86,16 @@ def report(
     out: Path = typer.Argument(..., help="A sweep output directory."),
     path: Path = typer.Option(None, "--path", help="Where to write the HTML (default DIR/report.html)."),
     validation: Path = typer.Option(None, "--validation", help="validation.parquet (or the folder) from `expertsim validate` (default: DIR/validation.parquet if present)."),
+    figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="Also write every figure to DIR/figures/ as svg, pdf or png (plotly's static export; needs `pip install kaleido`)."),
 ) -> None:
-    """Write one self-contained HTML report (works offline) of a sweep directory."""
+    """Write one self-contained HTML report (works offline) of a sweep or compare directory."""
     from expertsim.analysis.report import write_report
     from expertsim.errors import ConfigError, check_output_path
 
     if not out.is_dir():
         raise ConfigError(f"{str(out)!r} is not a sweep directory (run `expertsim sweep STUDY --out DIR`)")
     check_output_path(path if path is not None else out / "report.html", "--path")
-    typer.echo(str(write_report(out, path, validation)))
+    typer.echo(str(write_report(out, path, validation, figure_format)))
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from expertsim.analysis import figures as F
+from expertsim.console import format_value
 
 REPORT_FILE = "report.html"
 
@@ -37,12 +38,7 @@ def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if value != value:
-            return "-"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return "-" if value is None else str(value)
+_fmt = format_value
 
 
 def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -106,8 +102,12 @@ def summary_rows(frame, baseline: str | None, order: list | None = None) -> list
     rank = {label: i for i, label in enumerate(order or [])}
     fixed = F.determined_by(frame, "label", scen) if "label" in scen else set()
     keys = [c for c in scen if c not in fixed and c != "label"] + (["label"] if "label" in scen else [])
-    rows.sort(key=lambda r: tuple((0, rank[r[c]], "") if c == "label" and r[c] in rank else (1, 0, str(r[c]))
-                                  for c in keys))
+    def key(row):  # study order for labels, numbers as numbers (12 before 100), then text
+        return tuple((0, rank[row[c]], "") if c == "label" and row[c] in rank else
+                     (1, row[c], "") if isinstance(row[c], (int, float)) and not isinstance(row[c], bool) else
+                     (2, 0, str(row[c])) for c in keys)
+
+    rows.sort(key=key)
     return rows
 
 
@@ -128,6 +128,9 @@ def collect_figures(out_dir: Path, frame, plan: dict, validation: Path | None = 
     labels = [c.get("label") for c in plan.get("runs", []) if c.get("label") is not None]
     add("Scenarios", F.scenario_bars(frame, order=list(dict.fromkeys(labels))),
         "Lowest TPOT over the feasible policies and cache layouts of each scenario (hover: which).")
+    add("TPOT per configuration", F.tpot_bars(frame),
+        "Mean decode-pass latency of every finished run, fastest first; bounds (oracles, "
+        "capacity-ignoring systems) hatched. Hover: the policy's full parameters and its cache.")
     add("Miss-ratio curve", F.miss_ratio_curve(frame),
         "Hit rate vs expert cache size per policy; dashed lines are bounds (oracles).")
     add("TPOT and throughput vs cache size", F.tpot_throughput_vs_cache(frame),
@@ -187,6 +190,31 @@ def _distinct_traces(plan: dict, limit: int = 3):
         yield name, trace
 
 
+# --- assumptions ------------------------------------------------------------------------------
+def assumption_lines(records: list[dict]) -> tuple[list[str], list[str]]:
+    """The assumptions every finished run states (in the first run's order), and the lines only
+    some runs state, each prefixed with its run's policy and cache."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return [], []
+    sets = [set(r.get("assumptions", [])) for r in ok]
+    common = [a for a in ok[0].get("assumptions", []) if all(a in s for s in sets)]
+    per_run = [a if a.startswith(f"{r.get('policy_label')} ") else f"{r.get('policy_label')} [{r.get('cache_label')}] {a}"
+               for r in ok for a in r.get("assumptions", []) if a not in common]
+    return common, per_run
+
+
+def assumptions_section(records: list[dict]) -> str:
+    common, per_run = assumption_lines(records)
+    if not common and not per_run:
+        return ""
+    parts = ["<h3>Assumptions</h3><ul>" + "".join(f"<li>{_esc(a)}</li>" for a in common) + "</ul>"]
+    if per_run:
+        parts.append(f"<details><summary>Per-run assumptions ({len(per_run)} lines)</summary><ul>"
+                     + "".join(f"<li>{_esc(a)}</li>" for a in per_run) + "</ul></details>")
+    return "".join(parts)
+
+
 # --- provenance -------------------------------------------------------------------------------
 def provenance_section(out_dir: Path, records: list[dict]) -> str:
     import expertsim
@@ -210,10 +238,7 @@ def provenance_section(out_dir: Path, records: list[dict]) -> str:
         [{"trace": t, "sha256": h or "(synthetic)", "path": p} for (t, h), p in sorted(traces.items(), key=str)]))
     parts.append("<h3>Model specs (after overrides)</h3>" + _spec_table(list(models.values())))
     parts.append("<h3>Hardware specs (after overrides)</h3>" + _spec_table(list(hardware.values())))
-    first_ok = next((r for r in records if r.get("status") == "ok"), None)
-    if first_ok:
-        parts.append("<h3>Assumptions (first run)</h3><ul>" +
-                     "".join(f"<li>{_esc(a)}</li>" for a in first_ok.get("assumptions", [])) + "</ul>")
+    parts.append(assumptions_section(records))
     study = out_dir / "study.toml"
     if study.is_file():
         parts.append("<h3>Study file</h3><pre>" + _esc(study.read_text()) + "</pre>")
@@ -244,11 +269,52 @@ def _spec_table(specs: list[dict], limit: int = 12) -> str:
 
 
 # --- the page ---------------------------------------------------------------------------------
-def write_report(out_dir: str | Path, path: str | Path | None = None, validation: str | Path | None = None) -> Path:
+FIGURE_FORMATS = ("svg", "pdf", "png")
+
+
+def check_figure_format(fmt: str | None) -> None:
+    """Static export (``--format svg|pdf|png``) goes through plotly's Kaleido; say so before any
+    work when it is missing."""
+    import importlib.util
+
+    from expertsim.errors import ConfigError
+
+    if fmt is None:
+        return
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"--format {fmt!r}: give one of {', '.join(FIGURE_FORMATS)}")
+    if importlib.util.find_spec("kaleido") is None:
+        raise ConfigError(f"--format {fmt} needs Kaleido for plotly's static export: pip install kaleido "
+                          f"(it drives a Chrome/Chromium); without it, each figure's camera button in "
+                          f"report.html downloads it as SVG")
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "figure"
+
+
+def export_figures(figs, folder: Path, fmt: str) -> list[Path]:
+    """Every figure as DIR/figures/NN-title.FMT (plotly's static export via Kaleido)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (title, fig, _) in enumerate(figs):
+        path = folder / f"{i:02d}-{_slug(title)}.{fmt}"
+        fig.write_image(path, format=fmt, width=1100, height=fig.layout.height or 500)
+        paths.append(path)
+    return paths
+
+
+def write_report(out_dir: str | Path, path: str | Path | None = None, validation: str | Path | None = None,
+                 figure_format: str | None = None) -> Path:
     """Write DIR/report.html (or ``path``) and return its path. ``validation``: a
     validation.parquet/.csv (or the `expertsim validate --out` folder) for the predicted vs
-    measured figure; default DIR/validation.parquet or .csv when present."""
+    measured figure; default DIR/validation.parquet or .csv when present. ``figure_format``
+    (svg, pdf or png): also every figure as a file in DIR/figures/ (needs Kaleido)."""
     import plotly.io as pio
+
+    check_figure_format(figure_format)
 
     from expertsim.analysis.results import load_results
     from expertsim.analysis.sweep import iter_records
@@ -265,7 +331,8 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     n_ok = frame.filter(pl.col("status") == "ok").height if "status" in frame.columns else 0
     n_err = frame.height - n_ok
     planned = len(plan.get("runs", []))
-    body = [f"<h1>expertsim study: {_esc(name)}</h1>"]
+    kind = plan.get("kind", "sweep")
+    body = [f"<h1>expertsim {'compare' if kind == 'compare' else 'study'}: {_esc(name)}</h1>"]
     if plan.get("description"):
         body.append(f"<p>{_esc(plan['description'])}</p>")
     body.append(f"<p>{frame.height} runs finished of {planned or frame.height} planned: {n_ok} ok, "
@@ -282,8 +349,10 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     figs = collect_figures(out, frame, plan, Path(validation) if validation else None)
     body.append("<h2>Figures</h2>")
     for i, (title, fig, caption) in enumerate(figs):
+        # The camera button saves an SVG (vector, for a paper) named after the figure.
         div = pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}",
-                          config={"displaylogo": False})
+                          config={"displaylogo": False,
+                                  "toImageButtonOptions": {"format": "svg", "filename": _slug(title)}})
         body.append(f"<div class='figure' id='figure-{i}' data-figure='{i}'><h3>{_esc(title)}</h3>{div}"
                     f"<p class='caption'>{_esc(caption)}</p></div>")
     if n_err:
@@ -299,4 +368,6 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     from expertsim.analysis.sweep import atomic_write_bytes
 
     atomic_write_bytes(target, page.encode())
+    if figure_format:
+        export_figures(figs, out / "figures", figure_format)
     return target

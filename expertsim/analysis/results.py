@@ -16,6 +16,9 @@ RESULTS_FILE = "results.parquet"
 LEAD_COLUMNS = ["run_id", "status", "label", "model", "hardware", "policy", "policy_params",
                 "cache_per_layer", "cache_slots", "cache_gb", "batch", "engine", "scope", "trace",
                 "trace_requests", "trace_phase", "trace_max_tokens", "seed"]
+# Text columns every results table has, typed even when every value is null (no run failed).
+TEXT_COLUMNS = ["run_id", "status", "error", "policy", "policy_label", "cache_label", "engine_used",
+                "timeline_file", "trace_sha256"]
 # Bookkeeping config keys that are not table columns.
 _SKIP_CONFIG = {"trace_path", "timeline", "timeline_iterations"}
 
@@ -60,7 +63,7 @@ def results_frame(out_dir: str | Path):
         except (KeyError, TypeError, AttributeError):  # a hand-edited record: leave it out
             continue
     if not rows:
-        return pl.DataFrame({"run_id": [], "status": []}, schema={"run_id": pl.String, "status": pl.String})
+        return pl.DataFrame(schema={c: pl.String for c in TEXT_COLUMNS})
     columns: list[str] = []
     for row in rows:
         for key in row:
@@ -78,10 +81,22 @@ def results_frame(out_dir: str | Path):
                 if r.get(key) is not None:
                     r[key] = str(r[key])
     frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows], infer_schema_length=None)
+    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in TEXT_COLUMNS if c in frame.columns)
     lead = [c for c in LEAD_COLUMNS if c in frame.columns]
     overrides = sorted(c for c in frame.columns if "." in c)
     rest = [c for c in frame.columns if c not in lead and c not in overrides]
-    return frame.select(lead + overrides + rest).sort("run_id")
+    # Rows in the plan's order (the study's grid, or compare's entries), then any others by id.
+    order = {rid: i for i, rid in enumerate(_planned_run_ids(Path(out_dir)))}
+    rank = pl.col("run_id").replace_strict(order, default=len(order), return_dtype=pl.Int64)
+    return frame.select(lead + overrides + rest).sort(rank, pl.col("run_id"))
+
+
+def _planned_run_ids(out_dir: Path) -> list[str]:
+    try:
+        plan = json.loads((out_dir / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [c["run_id"] for c in plan.get("runs", []) if "run_id" in c]
 
 
 def write_results(out_dir: str | Path) -> Path:
@@ -168,33 +183,22 @@ def apply_filter(frame, text: str | None):
 
 def format_frame(frame, fmt: str) -> str:
     """The table as text: table (aligned), csv, json (records) or markdown."""
+    from expertsim.console import format_value, render_table
+
     if fmt == "csv":
         return frame.write_csv()
     if fmt == "json":
         return json.dumps(frame.to_dicts(), indent=1, default=str, allow_nan=True)
-    if fmt in ("markdown", "table"):
+    if fmt == "table":  # keep lines readable: long messages are cut (csv/json keep them whole)
+        return render_table(frame.to_dicts(), frame.columns, right_align=False, max_cell=90)
+    if fmt == "markdown":
         rows = frame.to_dicts()
         cols = frame.columns
         if not rows:
             return "(no rows)"
-
-        def cell(v):
-            if v is None:
-                return "-"
-            if isinstance(v, float):
-                return "-" if v != v else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}")
-            return str(v)
-
-        cells = [[cell(r[c]) for c in cols] for r in rows]
-        if fmt == "table":  # keep lines readable: long messages are cut (csv/json keep them whole)
-            cells = [[v if len(v) <= 90 else v[:87] + "..." for v in row] for row in cells]
-        if fmt == "markdown":
-            out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-            return "\n".join(out)
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        cells = [[format_value(r[c]).replace("|", "\\|") for c in cols] for r in rows]
+        out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+        out += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(out)
     raise ConfigError(f"--format must be table, csv, json or markdown, got {fmt!r}")
 
@@ -217,3 +221,25 @@ def select_columns(frame, columns: str | None, *, all_columns: bool = False):
     chosen = [c for c in DEFAULT_COLUMNS[:3] if c in frame.columns] + overrides + \
              [c for c in DEFAULT_COLUMNS[3:] if c in frame.columns]
     return frame.select(chosen)
+
+
+def short_labels(rows: list[dict], *, cache: bool = True, width: int = 48) -> list[str]:
+    """A short label per result row: the policy name, only the parameters that tell two rows of
+    the same policy apart, and (``cache``) the cache; the full ``policy_label`` is for hover text
+    and the JSON output."""
+    params = []
+    for row in rows:
+        try:
+            params.append(json.loads(row.get("policy_params") or "{}"))
+        except (TypeError, json.JSONDecodeError):
+            params.append({})
+    names = [row.get("policy") or str(row.get("policy_label")) for row in rows]
+    labels = []
+    for name, row, mine in zip(names, rows, params):
+        same = [p for n, p in zip(names, params) if n == name]
+        differ = [k for k in mine if len({json.dumps(p.get(k), sort_keys=True, default=str) for p in same}) > 1]
+        text = name + (f"({', '.join(f'{k}={mine[k]}' for k in differ)})" if differ else "")
+        if cache and row.get("cache_label"):
+            text += f" · {row['cache_label']}"
+        labels.append(text if len(text) <= width else text[:width - 1] + "…")
+    return labels

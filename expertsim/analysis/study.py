@@ -39,10 +39,12 @@ Run keys (in ``[fixed]``, ``[grid]`` or a variant):
 - spec overrides: dotted keys, ``model.dtype``, ``gpu.memory_gb``, ``link.bandwidth_gbps``, ...
   (as ``--set`` on the command line; see ``expertsim.specs.apply_overrides``).
 - ``policy``: a policy or system name (``expertsim policies list``), or ``{ name = ..., param = ... }``.
-- cache size, exactly one of: ``cache_per_layer`` (slots per MoE layer), ``cache_slots`` (one
+- cache size, at most one of: ``cache_per_layer`` (slots per MoE layer), ``cache_slots`` (one
   global pool of expert slots), ``cache_gb`` (one global pool of GB); each may be ``"max"``: the
-  most that fits in GPU memory after dense weights, the KV cache and the workspace. Systems that
-  fix their own cache (no-cache, all-on-gpu) ignore it and run once per scenario.
+  most that fits in GPU memory after dense weights, the KV cache and the workspace. Without one,
+  the system's default (as ``expertsim simulate`` without a size: the GPU memory left, in that
+  system's layout). Systems that fix their own cache (no-cache, all-on-gpu) ignore it and run
+  once per scenario.
 - ``engine``: ``"auto"`` (default: the fast replay engine when it supports the run, which gives
   the same metrics, else the SimPy DES), ``"des"`` or ``"fast"``; the engine that ran is the
   ``engine_used`` column.
@@ -219,6 +221,7 @@ class Study:
     source_text: str = ""
     path: str = ""
     swept_keys: list[str] = field(default_factory=list)
+    kind: str = "sweep"  # "sweep" (a study file) or "compare" (`expertsim compare`)
 
     @property
     def run_ids(self) -> list[str]:

@@ -63,17 +63,16 @@ def load_trace(path: str, requests: int | None, phase: str, max_tokens: int | No
 
 
 def _cache_config(config: dict, model, hardware, trace, system):
-    """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV."""
+    """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV;
+    None when the system fixes its own or no size is given (the system's default)."""
     from expertsim.errors import ConfigError
-    from expertsim.policies import CacheConfig, System
+    from expertsim.policies import CacheConfig
 
     if system.cache_config(model) is not None:
         return None  # the system fixes its own
     key = next((k for k in CACHE_KEYS if config.get(k) is not None), None)
-    if key is None and type(system).default_cache_config is not System.default_cache_config:
-        return None  # a named system sizes its own cache by default (Fiddler, SE-MoE, ...)
     if key is None:
-        raise ConfigError(f"policy {config['policy']!r} needs a cache size: give one of {', '.join(CACHE_KEYS)}")
+        return None  # the system's default, sized by the simulation from the trace (as `simulate`)
     value = config[key]
     if value == "max":
         context = int(trace.position.max()) + 1
@@ -119,7 +118,7 @@ def _sim_options(config: dict):
     return SimOptions(**kwargs)
 
 
-def _simulate(config: dict, model, hardware, system, cache, options, trace):
+def _simulate(config: dict, model, hardware, system, cache, options, trace, progress=None):
     """Run the config's engine: "des" (SimPy, any policy, timelines), "fast" (the replay engine,
     built-in policies; exact same metrics), or "auto" (fast when it supports the run, else des)."""
     from expertsim.errors import ConfigError
@@ -127,7 +126,7 @@ def _simulate(config: dict, model, hardware, system, cache, options, trace):
 
     engine = config.get("engine", "auto")
     if engine == "des" or hasattr(options, "engine"):  # a simulator that dispatches by itself
-        return Simulation(model, hardware, system, cache, options).run(trace)
+        return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
     try:
         from expertsim.sim.fast import simulate_fast, supports_simulation
     except ImportError:
@@ -140,10 +139,10 @@ def _simulate(config: dict, model, hardware, system, cache, options, trace):
     return Simulation(model, hardware, system, cache, options).run(trace)
 
 
-def run_one(config: dict) -> dict:
+def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict:
     """Simulate one config; never raises. Returns a JSON-friendly record: run_id, status
     ("ok"/"error"), error, config, metrics, assumptions, provenance, wall_s, and the timeline
-    columns when the config asks for them."""
+    columns when the config asks for them. ``progress``: the DES's status lines (in-process runs)."""
     t0 = time.perf_counter()
     record: dict = {"run_id": config.get("run_id"), "status": "ok", "error": None,
                     "config": {k: v for k, v in config.items() if k != "run_id"},
@@ -180,7 +179,7 @@ def run_one(config: dict) -> dict:
             from expertsim.specs import apply_runtime_overrides
 
             options.runtime = apply_runtime_overrides(runtime_for(system, options.runtime), runtime_overrides)
-        result = _simulate(config, model, hardware, system, cache, options, trace)
+        result = _simulate(config, model, hardware, system, cache, options, trace, progress)
         metrics = dict(result.metrics)
         m = model
         metrics["cache_experts"] = int(round(metrics["expert_cache_gb"] * 1e9 / m.expert_bytes()))
@@ -318,44 +317,65 @@ def _alive(pid: int) -> bool:
 
 # --- progress ------------------------------------------------------------------------------
 class Progress:
-    """A one-line progress report on stderr: done/total, errors, runs per minute, ETA."""
+    """Progress of a sweep on stderr with rich: done/total, errors, runs per minute, elapsed,
+    ETA, and the run in progress (with the DES's status line when runs are in this process).
+    On a terminal a live bar; elsewhere (a log file, CI) one line at most every
+    ``min_interval_s`` and at the end."""
 
     def __init__(self, total: int, already: int = 0, stream=None, min_interval_s: float = 1.0,
                  errors: int = 0):
+        from rich.console import Console
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
         self.total, self.done, self.errors = total, already, errors
         self.started_with = already
-        self.stream = stream or sys.stderr
         self.t0 = time.monotonic()
         self.last = 0.0
         self.min_interval_s = min_interval_s
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+        self.live = self.console.is_terminal
+        if not self.live:
+            self.console.width = 200  # a log line, not a screen: do not cut the columns
+        self._progress = RichProgress(
+            BarColumn(bar_width=24),
+            TextColumn("{task.completed}/{task.total} runs, {task.fields[errors]} errors, "
+                       "{task.fields[rate]:.1f} runs/min, elapsed"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console, auto_refresh=self.live, transient=False)
+        self._task = self._progress.add_task("", total=total, completed=already, errors=errors, rate=0.0)
+        if self.live:
+            self._progress.start()
 
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.t0
-        new = self.done - self.started_with
-        rate = new / elapsed * 60 if elapsed > 0 and new else 0.0
-        left = self.total - self.done
-        eta = _fmt_s(left / (rate / 60)) if rate else "?"
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "." * (width - filled)
-        return (f"[{bar}] {self.done}/{self.total} runs, {self.errors} errors, "
-                f"{rate:.1f} runs/min, elapsed {_fmt_s(elapsed)}, ETA {eta}")
+    def _refresh(self, force: bool = False) -> None:
+        self._progress.update(self._task, completed=self.done, errors=self.errors, rate=self.runs_per_minute)
+        now = time.monotonic()
+        if not self.live and (force or now - self.last >= self.min_interval_s):
+            self.last = now
+            self.console.print(self._progress.make_tasks_table(self._progress.tasks))
+
+    def start_run(self, name: str) -> None:
+        """The run that starts now (shown beside the bar)."""
+        self._progress.update(self._task, description=name)
+
+    def status(self, line: str) -> None:
+        """A status line of the run in progress (the DES's tokens done)."""
+        description = self._progress.tasks[0].description.split(": ")[0]
+        self._progress.update(self._task, description=f"{description}: {line}")
+        self._refresh()
 
     def update(self, status: str) -> None:
         self.done += 1
         if status != "ok":
             self.errors += 1
-        now = time.monotonic()
-        if now - self.last >= self.min_interval_s or self.done == self.total:
-            self.last = now
-            self.stream.write(("\r" + self.line() + "\x1b[K") if self.tty else self.line() + "\n")
-            self.stream.flush()
+        self._refresh(force=self.done == self.total)
+        self._progress.update(self._task, description="")
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.live:
+            self._refresh()
+            self._progress.stop()
 
     @property
     def runs_per_minute(self) -> float:
@@ -363,18 +383,19 @@ class Progress:
         return (self.done - self.started_with) / elapsed * 60 if elapsed > 0 else 0.0
 
 
-def _fmt_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+def run_name(config: dict) -> str:
+    """A short name of a run for progress lines: its label or policy, and its cache size."""
+    cache = next((f"{k}={config[k]}" for k in CACHE_KEYS if config.get(k) is not None), None)
+    return " ".join(str(x) for x in (config.get("label"), config.get("policy"), cache) if x is not None)
 
 
 # --- backends ------------------------------------------------------------------------------
-def _local(configs: list[dict], jobs: int, on_result: Callable[[dict], None]) -> None:
+def _local(configs: list[dict], jobs: int, on_result: Callable[[dict], None], bar: Progress | None = None) -> None:
     if jobs <= 1:
         for config in configs:
-            on_result(run_one(config))
+            if bar is not None:
+                bar.start_run(run_name(config))
+            on_result(run_one(config, progress=bar.status if bar is not None else None))
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -484,7 +505,7 @@ def run_sweep(study: Study, out_dir: str | Path, *, backend: str = "local", jobs
 
     try:
         if backend == "local":
-            _local(todo, jobs, on_result)
+            _local(todo, jobs, on_result, bar)
         elif backend == "ray":
             _ray(todo, jobs, address, on_result)
         else:
@@ -501,7 +522,7 @@ def _write_study_files(study: Study, out: Path) -> None:
     """DIR/study.toml (the file as given) and DIR/plan.json (every run's config), for the report."""
     if study.source_text:
         atomic_write_bytes(out / "study.toml", study.source_text.encode())
-    meta = {"name": study.name, "description": study.description, "baseline": study.baseline,
+    meta = {"kind": study.kind, "name": study.name, "description": study.description, "baseline": study.baseline,
             "swept_keys": study.swept_keys, "output": study.output, "runs": study.runs}
     atomic_write_bytes(out / "plan.json", json.dumps(meta, default=_json_default, indent=1).encode())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from typing import Literal
 
 import typer
 
@@ -78,8 +79,8 @@ def evaluate_predictor(
     distance: int = typer.Option(1, "--distance", "-d", min=0, help="Layers ahead (0: whole path before layer 0)."),
     train_fraction: float = typer.Option(0.8, "--train-fraction", help="Fraction of requests to train on."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the request split."),
-    model: str = typer.Option("ridge", "--model", help="ridge or logistic."),
-    phase: str = typer.Option("decode", "--phase", help="Held-out tokens to score: decode, prefill or all."),
+    predictor_model: Literal["ridge", "logistic"] = typer.Option("ridge", "--predictor-model", help="The predictor's learner: ridge (regression on routing features) or logistic (one classifier per expert). Not the MoE model (--model elsewhere): the trace fixes that."),
+    phase: Literal["decode", "prefill", "all"] = typer.Option("decode", "--phase", help="Held-out tokens to score: decode, prefill or all."),
 ) -> None:
     """Train a learned expert predictor on a split of TRACE's requests and print its precision
     and recall on the held-out requests (JSON)."""
@@ -89,10 +90,11 @@ def evaluate_predictor(
 
     tr = read_trace(trace)
     train, held = split_requests(tr, train_fraction, seed=seed)
+    model = predictor_model
     pred = RoutePredictor(distances=(distance,) if distance > 0 else (), path=distance == 0, model=model)
     pred.fit(train)
     result = pred.evaluate(held, distance=distance, phase=phase)
     result["per_layer_precision_at_k"] = [round(x, 4) for x in result["per_layer_precision_at_k"]]
     result.update({"trace": trace, "train_requests": train.num_requests, "held_out_requests": held.num_requests,
-                   "model": model, "seed": seed})
+                   "predictor_model": model, "seed": seed})
     typer.echo(json.dumps({k: (float(v) if hasattr(v, "dtype") else v) for k, v in result.items()}, indent=2))

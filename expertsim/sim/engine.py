@@ -85,7 +85,9 @@ class SimOptions:
     # None = the system's own runtime (a named system's released stack; "default" otherwise).
     runtime: object = None
     bounds: bool = True  # compute the compute-only and link bounds after the run
-    engine: str = "des"  # des | fast | auto: the fast engine (expertsim.sim.fast) where it reproduces the DES
+    # des | fast | auto: "auto" (as the CLI) runs the fast engine (expertsim.sim.fast) where it
+    # reproduces the DES exactly, else the DES.
+    engine: str = "auto"
 
     def serving_summary(self) -> dict:
         """The serving settings a result reports (both engines)."""

@@ -39,9 +39,40 @@ class Timeline:
             "bytes": pl.Int64})
 
 
+TIMELINE_SUFFIXES = (".json", ".json.gz", ".parquet")
+
+
+def timeline_format(path) -> str:
+    """The format a timeline path asks for by its suffix: ``.json`` (Chrome trace JSON),
+    ``.json.gz`` (the same, gzipped) or ``.parquet`` (the timeline's columns)."""
+    from expertsim.errors import ConfigError
+
+    name = str(path).lower()
+    for suffix in sorted(TIMELINE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise ConfigError(f"--timeline {str(path)!r}: give a .json or .json.gz file (Chrome trace, opens in "
+                      f"Perfetto) or a .parquet file (the timeline's columns)")
+
+
+def write_timeline(timeline: "Timeline | None", path) -> None:
+    """Write a timeline in the format its suffix names (see :func:`timeline_format`)."""
+    from pathlib import Path
+
+    fmt = timeline_format(path)
+    if timeline is None:
+        raise ValueError("the run recorded no timeline; run with SimOptions(timeline=True)")
+    if fmt == ".parquet":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        timeline.to_frame().write_parquet(path)
+    else:
+        write_chrome_trace(timeline, path)
+
+
 def write_chrome_trace(timeline: "Timeline | None", path) -> None:
     """Write a timeline as Chrome trace-event JSON (opens in Perfetto / chrome://tracing):
-    one track per resource, times in microseconds."""
+    one track per resource, times in microseconds; gzipped when ``path`` ends in ``.gz``."""
+    import gzip
     import json
     from pathlib import Path
 
@@ -59,7 +90,8 @@ def write_chrome_trace(timeline: "Timeline | None", path) -> None:
         })
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    data = json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
 
 
 ITERATION_COLUMNS = ("iteration", "request", "requests", "phase", "tokens", "decode_tokens", "start_ns", "end_ns",

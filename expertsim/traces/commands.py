@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -70,7 +70,7 @@ def trace_capture(
 @trace_app.command("import")
 def trace_import(
     files: List[str] = typer.Argument(..., help="Input file(s); several only for moe-lightning logs."),
-    fmt: str = typer.Option(..., "--format", help="vllm, moe-lightning, parquet, csv or numpy."),
+    fmt: Literal["vllm", "moe-lightning", "parquet", "csv", "numpy"] = typer.Option(..., "--format", help="vllm, moe-lightning, parquet, csv or numpy."),
     out: str = typer.Option(..., "--out", help="Output trace (.parquet)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model preset to check the shape against."),
     num_experts: Optional[int] = typer.Option(None, "--num-experts", min=1, max=65536, help="Routed experts per layer (1..65536)."),
@@ -153,7 +153,7 @@ def trace_stats_cmd(
     path: str = typer.Argument(..., help="A routing trace (.parquet)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     html: Optional[str] = typer.Option(None, "--html", help="Write plotly figures to this HTML file."),
-    phase: str = typer.Option("decode", "--phase", help="decode, prefill or all."),
+    phase: Literal["decode", "prefill", "all"] = typer.Option("decode", "--phase", help="decode, prefill or all."),
 ) -> None:
     """Locality statistics: popularity, reuse, LRU hit-rate curve, cross-layer predictability."""
     from expertsim.cli import echo_json, print_table

@@ -198,12 +198,13 @@ def reuse_distance_histogram(trace: RoutingTrace, *, phase: str = "decode") -> d
 
 
 def default_cache_sizes(num_experts: int, top_k: int = 1) -> list[int]:
-    """Every size up to 16 experts; above, powers of two, quarters of the layer and k, 2k, 4k."""
+    """Every size from top-k to 16 experts; above, powers of two, quarters of the layer and k,
+    2k, 4k. Never below top-k: such a cache cannot hold one token's experts."""
     if num_experts <= 16:
-        return list(range(1, num_experts + 1))
+        return list(range(max(top_k, 1), num_experts + 1))
     sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, num_experts // 4, num_experts // 2,
                     3 * num_experts // 4, num_experts, top_k, 2 * top_k, 4 * top_k})
-    return [s for s in sizes if 1 <= s <= num_experts]
+    return [s for s in sizes if max(top_k, 1) <= s <= num_experts]
 
 
 def trace_stats(trace: RoutingTrace, *, phase: str = "decode", cache_sizes=None) -> dict:

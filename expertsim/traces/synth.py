@@ -113,8 +113,9 @@ def fit_trace(trace: RoutingTrace, *, phase: str | None = None, model: str | Non
 
     from expertsim.traces.stats import lru_hit_curve, reuse_next_token
 
-    sizes = list(range(1, num_experts + 1)) if num_experts <= 16 else \
-        sorted({1, 2, 4, 8, 16, 32, 64, num_experts // 2, num_experts} & set(range(1, num_experts + 1)))
+    # Sizes from top-k up: a smaller cache cannot hold one token's experts.
+    sizes = list(range(k, num_experts + 1)) if num_experts <= 16 else \
+        sorted({k, 2, 4, 8, 16, 32, 64, num_experts // 2, num_experts} & set(range(k, num_experts + 1)))
     curve = lru_hit_curve(sub, sizes, phase="all")
     single = sub.num_requests == sub.num_tokens
     targets = {"phase": phase, "lru_hit_curve": curve,
@@ -443,7 +444,7 @@ def fit_report(pairs: list[tuple[str, str]], *, seed: int = 0) -> tuple[str, lis
         real = read_trace(real_path)
         phase = fit["targets"]["phase"]
         sample = synth_from_fit(fit, real.num_requests, seed=seed)
-        sizes = list(range(1, fit["num_experts"] + 1))
+        sizes = list(range(int(fit["top_k"]), fit["num_experts"] + 1))
         r = lru_hit_curve(real, sizes, phase=phase)["hit_rate"]
         s = lru_hit_curve(sample, sizes, phase=phase)["hit_rate"]
         err = [abs(a - b) for a, b in zip(r, s)]

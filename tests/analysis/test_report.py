@@ -194,3 +194,44 @@ def test_report_when_every_run_failed(tmp_path):
     text = write_report(tmp_path / "out").read_text()
     assert "2 runs finished of 2 planned: 0 ok, 2 failed" in text and "Failed runs" in text
     assert _figure_titles(text) == ["Trace locality: popularity (default)", "Trace locality: reuse distance (default)"]
+
+
+def test_figures_export_as_svg_or_say_what_is_missing(report_dir, tmp_path):
+    """`--format svg` writes every figure through plotly's static export (Kaleido); without
+    Kaleido it fails with one line before writing anything. The HTML's camera button saves SVG."""
+    import importlib.util
+
+    from expertsim.errors import ConfigError
+
+    out, _, path = report_dir
+    assert '"toImageButtonOptions": {"format": "svg", "filename": "miss-ratio-curve"}' in path.read_text()
+    if importlib.util.find_spec("kaleido") is None:
+        with pytest.raises(ConfigError, match="--format svg needs Kaleido"):
+            write_report(out, tmp_path / "r.html", figure_format="svg")
+        assert not (tmp_path / "r.html").exists() and not (out / "figures").exists()
+        return
+    write_report(out, tmp_path / "r.html", figure_format="svg")
+    svgs = sorted((out / "figures").glob("*.svg"))
+    assert len(svgs) == len(EXPECTED_FIGURES) and all(p.read_text().startswith("<svg") for p in svgs)
+
+
+def test_line_figures_are_small_multiples_not_spaghetti(report_dir):
+    from expertsim.analysis.results import load_results
+
+    out, _, _ = report_dir
+    frame = load_results(out)
+    fig = F.tpot_vs_bandwidth(frame)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    policies = {t.name for t in lines}
+    assert policies == {"lru", "belady (bound)", "no-cache"}  # one series per policy, not per configuration
+    assert sum(t.showlegend for t in lines) == len(policies)  # each once in the legend
+    colors = {}
+    for t in lines:
+        assert colors.setdefault(t.name, t.line.color) == t.line.color  # the same colour in every panel
+    panels = {(t.xaxis, t.yaxis) for t in lines}
+    assert len(panels) >= 4 and fig.layout.height >= 300 * 2  # memory x cache size panels, height grows
+    breakdown = F.latency_breakdown(frame)
+    stall = next(t for t in breakdown.data if t.name == "stall on copies")
+    assert stall.marker.color == F.BREAKDOWN_COLORS["stall on copies"] == "#d62728"
+    assert max(len(y) for y in stall.y) <= 76 and len(set(stall.y)) == len(stall.y)  # short, distinct
+    assert breakdown.layout.height == F.bar_height(len(stall.y))

@@ -36,7 +36,7 @@ def assert_same_run(des, fast_result):
 
 
 def both(model, hardware, policy, cfg, trace, options):
-    des = Simulation(model, hardware, make_policy(policy), cfg, options=dataclasses.replace(options)).run(
+    des = Simulation(model, hardware, make_policy(policy), cfg, options=dataclasses.replace(options, engine="des")).run(
         dataclasses.replace(trace))
     assert supports_simulation(make_policy(policy), cfg, options, model=model, hardware=hardware)
     got = simulate_fast(model, hardware, make_policy(policy), cfg, dataclasses.replace(trace),
@@ -60,7 +60,7 @@ def test_random_runs_equal_des(trace, kind, size, policy, scope, arrival, chunk,
     if not supports_simulation(make_policy(policy), cfg, options, model=model, hardware=hardware):
         return  # a built-in system whose hooks changed: left to the DES (see test_fast_replay)
     try:
-        des = Simulation(model, hardware, make_policy(policy), cfg, options=dataclasses.replace(options)).run(
+        des = Simulation(model, hardware, make_policy(policy), cfg, options=dataclasses.replace(options, engine="des")).run(
             dataclasses.replace(trace))
     except ConfigError as exc:
         with pytest.raises(ConfigError) as info:

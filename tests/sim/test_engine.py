@@ -24,7 +24,7 @@ def zero_compute(**link):
 def run(hw, policy="lru", cache=CacheConfig(per_layer=2), trace=None, **options):
     trace = trace if trace is not None else synthetic_trace()
     sim = Simulation(tiny_model(), hw, make_policy(policy) if isinstance(policy, str) else policy, cache,
-                     options=SimOptions(**options))
+                     options=SimOptions(**{"engine": "des", **options}))  # the reference engine
     return sim.run(trace)
 
 

@@ -82,7 +82,7 @@ def test_cli_stats_json_synth_split(tmp_path):
     r = run_cli("stats", str(out), "--json", "--html", str(tmp_path / "s.html"))
     assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
-    assert st["layers"] == 32 and len(st["lru_hit_curve"]["hit_rate"]) == 8
+    assert st["layers"] == 32 and st["lru_hit_curve"]["cache_sizes"] == list(range(2, 9))  # K >= top-k
     assert st["reuse_next_token"] == pytest.approx(reuse_next_token(read_trace(out)))
     assert "plotly" in (tmp_path / "s.html").read_text()
     r = run_cli("split", str(out), "--train", str(tmp_path / "a.parquet"), "--held-out", str(tmp_path / "b.parquet"))

@@ -126,3 +126,14 @@ def test_llama_and_deepseek_match_their_readme(llama_trace, deepseek_trace):
     assert [round(h, 4) for h in lru_hit_curve(llama_trace, [1, 4, 16])["hit_rate"]] == [0.3273, 0.5452, 0.7415]
     ds = lru_hit_curve(deepseek_trace, [6, 12, 24], phase="prefill")["hit_rate"]
     assert [round(h, 4) for h in ds] == [0.2617, 0.3928, 0.5821]
+
+
+def test_stats_and_fit_list_no_cache_smaller_than_top_k(tmp_path):
+    """A cache of fewer slots than top-k cannot hold one token's experts: no such row."""
+    from expertsim.traces.stats import default_cache_sizes, trace_stats
+    from expertsim.traces.synth import fit_trace
+
+    trace = random_trace(0, k=2)
+    assert trace_stats(trace, phase="all")["lru_hit_curve"]["cache_sizes"] == [2, 3, 4, 5, 6]
+    assert fit_trace(trace, phase="decode")["targets"]["lru_hit_curve"]["cache_sizes"] == [2, 3, 4, 5, 6]
+    assert min(default_cache_sizes(128, 8)) == 8 and 4 not in default_cache_sizes(128, 8)
