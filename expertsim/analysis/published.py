@@ -180,8 +180,10 @@ def fit_group(rows: list[dict], fit_params: list[str], jobs: int = 1,
     # In log space: a parameter at 0 (no overhead) starts from 100 of its unit instead.
     start = np.array([_current_value(rows[0]["config"], k) or 100.0 for k in fit_params])
 
-    def residuals(z):  # z = log(parameter / start): steps are relative changes of each parameter
-        params = dict(zip(fit_params, (start * np.exp(z)).tolist()))
+    # y = 1 + log(parameter / start): a finite-difference step of diff_step x y is a ~2% change of
+    # each parameter (the simulator's times are integer ns, so tiny steps would see no change).
+    def residuals(y):
+        params = dict(zip(fit_params, (start * np.exp(y - 1.0)).tolist()))
         records = _run_all([_with_params(r["config"], params) for r in rows], jobs, None)
         out = []
         for row, rec in zip(rows, records):
@@ -193,8 +195,8 @@ def fit_group(rows: list[dict], fit_params: list[str], jobs: int = 1,
                      f"{float(np.sqrt(np.mean(np.square(out)))):.4f}")
         return np.array(out)
 
-    result = least_squares(residuals, np.zeros(len(fit_params)), diff_step=0.02, max_nfev=10 * (len(fit_params) + 1))
-    return dict(zip(fit_params, (start * np.exp(result.x)).tolist()))
+    result = least_squares(residuals, np.ones(len(fit_params)), diff_step=0.02, max_nfev=10 * (len(fit_params) + 1))
+    return dict(zip(fit_params, (start * np.exp(result.x - 1.0)).tolist()))
 
 
 def _ratio(row: dict, predicted_speed: float) -> float:

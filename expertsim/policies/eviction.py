@@ -451,8 +451,9 @@ class ActivationPriority(EvictionPolicy):
         still 0 (the request has not reached that layer), so without this a global pool evicts
         each prefetch with the next admission, before its use (precision 0.03, slower than no
         prefetch); MoE-Infinity keeps prefetched experts until the layer that asked for them runs."""
-        layer = candidates // self._E
-        waiting = self._cache.prefetched[candidates] & (layer > self.current_layer)
+        prefetched = getattr(self._cache, "prefetched", None)  # an ExpertCache (tests may pass a stand-in)
+        waiting = np.zeros(len(candidates), dtype=bool) if prefetched is None else \
+            prefetched[candidates] & (candidates // self._E > self.current_layer)
         if waiting.any() and not waiting.all():
             candidates = candidates[~waiting]
         return _lowest(self.priorities(candidates), candidates, self.last[candidates])

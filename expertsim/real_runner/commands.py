@@ -115,8 +115,6 @@ def validate_command(
         _validate_published(published, fit=fit, jobs=jobs, out=out, as_json=as_json)
         return
     if fit:
-        from expertsim.errors import ConfigError
-
         raise ConfigError("--fit needs --published FILE (a measurements file with fit_params)")
     out = out or "expertsim-validate"
     from expertsim.validate import prepare_slice, validate
@@ -181,10 +179,6 @@ def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | No
 
     from expertsim.analysis.published import validate_published, write_published_report
 
-    if jobs is not None and jobs < 1:
-        from expertsim.errors import ConfigError
-
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if out:
         check_output_path(out, "--out", folder=True)
     report = validate_published(path, fit=fit, jobs=jobs, progress=lambda msg: typer.echo(msg, err=True))

@@ -204,8 +204,9 @@ def test_a_gate_weight_policy_on_a_trace_without_weights_says_so(name, reads):
 
 
 def test_a_speculating_system_on_a_trace_without_speculation_says_so():
-    """mixtral-offloading's speculative prefetch needs the trace's recorded next-layer guess
-    (spec_d1); without it the system is plain LRU, and the output must say so."""
+    """mixtral-offloading's speculative prefetch reads the trace's recorded next-layer guess
+    (spec_d1); without it the guess is modelled (a stated recall, issue 12 item 5) and the output
+    says so; with speculation="none" and no record it is plain LRU."""
     from expertsim.sim import Simulation
     from expertsim.specs import load_hardware, load_model
 
@@ -214,11 +215,16 @@ def test_a_speculating_system_on_a_trace_without_speculation_says_so():
     experts[:, :, 1] = (experts[:, :, 0] + 1) % 8
     spec = np.roll(experts, -1, axis=1).astype(np.uint8)  # the guess for layer l+1, made at layer l
 
-    def notes(trace):
-        result = Simulation(model, hw, make_system("mixtral-offloading"), CacheConfig(per_layer=3)).run(trace)
-        return [a for a in result.assumptions if "speculative routing" in a], result.metrics["prefetch_copies"]
+    def notes(trace, **params):
+        result = Simulation(model, hw, make_system("mixtral-offloading", **params), CacheConfig(per_layer=3)).run(trace)
+        return [a for a in result.assumptions if "speculative routing" in a], result.metrics
 
-    bare, copies = notes(make_trace(experts, 8))
-    assert len(bare) == 1 and "spec_d1" in bare[0] and copies == 0
-    recorded, copies = notes(make_trace(experts, 8, extras={"spec_d1": spec}))
-    assert recorded == [] and copies > 0
+    bare, metrics = notes(make_trace(experts, 8))
+    assert len(bare) == 1 and "spec_d1" in bare[0] and "modelled" in bare[0] and "0.8" in bare[0]
+    assert metrics["prefetch_copies"] > 0
+    perfect, perfect_metrics = notes(make_trace(experts, 8), recall=1.0)
+    assert perfect_metrics["prefetch_precision"] == 1.0 >= metrics["prefetch_precision"]
+    off, off_metrics = notes(make_trace(experts, 8), speculation="none")
+    assert off == [] and off_metrics["prefetch_copies"] == 0
+    recorded, rec_metrics = notes(make_trace(experts, 8, extras={"spec_d1": spec}))
+    assert recorded == [] and rec_metrics["prefetch_copies"] > 0
