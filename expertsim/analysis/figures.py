@@ -488,6 +488,8 @@ def reuse_distance_figure(trace, title: str = "Reuse (stack) distance"):
 def published_scatter(report: dict):
     """Predicted vs published speed (tokens/s), log-log, with the y = x line and +-25% band; one
     colour per source paper, hover with the row id and ratio."""
+    import math
+
     import plotly.graph_objects as go
 
     rows = [r for r in report["rows"] if r["predicted"] == r["predicted"]]  # finite
@@ -512,7 +514,7 @@ def published_scatter(report: dict):
             hovertemplate="%{text}<br>published %{x:.3g} tok/s<br>predicted %{y:.3g} tok/s<extra></extra>"))
     fig.update_layout(
         title="Predicted vs published end-to-end speed (log-log; dashed: y = x, dotted: +25% / -20%)",
-        xaxis=dict(title="published speed (tokens/s)", type="log"),
-        yaxis=dict(title="predicted speed (tokens/s)", type="log", scaleanchor="x"),
-        height=560, template="plotly_white", legend=dict(orientation="h", y=-0.18))
+        xaxis=dict(title="published speed (tokens/s)", type="log", range=[math.log10(lo), math.log10(hi)]),
+        yaxis=dict(title="predicted speed (tokens/s)", type="log", range=[math.log10(lo), math.log10(hi)]),
+        height=600, width=760, template="plotly_white", legend=dict(orientation="h", y=-0.18))
     return fig
