@@ -236,6 +236,7 @@ BATCH = typer.Option(1, "--batch", "-b", min=1, help="Concurrent requests: conti
 RATE = typer.Option(None, "--rate", help="Requests arrive at R per second (Poisson, seeded); default: closed loop (a request arrives when one ends).")
 OFFLINE = typer.Option(False, "--offline", help="Throughput mode: every request queued at t=0 (MoE-Lightning).")
 SEED = typer.Option(0, "--seed", min=0, help="Seed of the Poisson arrivals.")
+RUNTIME = typer.Option(None, "--runtime", help="Software stack (`expertsim specs list`): its host and kernel time and copy semantics. Default: a named system's own stack, else 'default' (the roofline alone).")
 
 
 # Choices as Literal types: --help lists them and the value stays a plain string.
@@ -365,7 +366,7 @@ def simulate_command(
     seed: int = SEED,
     link_queue: LinkQueue = LINK_QUEUE,
     engine: Engine = ENGINE,
-    runtime: str = typer.Option(None, "--runtime", help="Software stack (expertsim specs list): its framework time and copy semantics. Default: a named system's own stack, else 'default' (the roofline alone)."),
+    runtime: str = RUNTIME,
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -436,6 +437,7 @@ def compare_command(
     seed: int = SEED,
     link_queue: LinkQueue = LINK_QUEUE,
     engine: Engine = typer.Option("auto", "--engine", help="auto, des or fast (as simulate). The report's timelines need the DES: with fast there are none."),
+    runtime: str = RUNTIME,
     out: str = typer.Option("expertsim-out", "--out", "-o", help="Folder for report.html, results.parquet and runs/ (an earlier comparison there is replaced)."),
     plugin: list[str] = PLUGIN,
     param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
@@ -456,7 +458,8 @@ def compare_command(
     report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
                          systems=systems, max_tokens=max_tokens, requests=requests,
                          overrides=_overrides(sets), params=_policy_params(param),
-                         options=_run_options(batch, rate, offline, seed, engine, link_queue), out=out,
+                         options={**_run_options(batch, rate, offline, seed, engine, link_queue), "runtime": runtime},
+                         out=out,
                          figure_format=figure_format)
     if as_json:
         echo_json({"rows": report.rows, "assumptions": report.assumptions, "report": str(report.html_path),

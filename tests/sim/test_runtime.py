@@ -134,3 +134,24 @@ def test_e2e_rate_counts_each_requests_first_token_and_the_prefill_time():
     assert m["e2e_tokens_per_s"] < m["tokens_per_s"]
     assert m["prefill_tokens_per_s"] > 0
     assert any(a.startswith("runtime default") for a in result.assumptions)
+
+
+def test_cli_runtime_option_set_keys_and_specs_listing():
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertsim.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["simulate", "--policy", "lru", "--per-layer", "2", "--max-tokens", "60",
+                                 "--runtime", "mixtral-offloading", "--set", "runtime.host_us_per_layer=100",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["config"]["runtime"] == "mixtral-offloading"
+    assert any("100 us host time per layer" in a for a in data["assumptions"])
+    listing = json.loads(runner.invoke(app, ["specs", "list", "--json"]).stdout)
+    assert {"default", "mixtral-offloading", "fiddler"} <= {r["name"] for r in listing["runtimes"]}
+    shown = runner.invoke(app, ["specs", "show", "mixtral-offloading"])
+    assert shown.exit_code == 0 and "src/expert_cache.py" in shown.stdout
