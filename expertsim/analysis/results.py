@@ -18,7 +18,7 @@ LEAD_COLUMNS = ["run_id", "status", "label", "model", "hardware", "policy", "pol
                 "trace_requests", "trace_phase", "trace_max_tokens", "seed"]
 # Text columns every results table has, typed even when every value is null (no run failed).
 TEXT_COLUMNS = ["run_id", "status", "error", "policy", "policy_label", "cache_label", "engine_used",
-                "timeline_file", "trace_sha256"]
+                "runtime_label", "timeline_file", "trace_sha256"]
 # Bookkeeping config keys that are not table columns.
 _SKIP_CONFIG = {"trace_path", "timeline", "timeline_iterations"}
 
@@ -40,6 +40,7 @@ def record_row(record: dict) -> dict:
         row[key] = value
     row["policy_label"] = record.get("policy_label") or config.get("policy")
     row["engine_used"] = record.get("engine_used")
+    row["runtime_label"] = record.get("runtime_label")  # the software stack the run used
     row["cache_label"] = record.get("cache_label") or (record.get("provenance") or {}).get("cache_config")
     for key, value in record.get("metrics", {}).items():
         row[key] = value
