@@ -55,7 +55,7 @@ def _toml():
 def load_measurements(path: str | Path) -> tuple[list[dict], list[str]]:
     """Rows (each: the measurement's own keys plus ``config``, the normalised run config) and the
     file's ``fit_params``. Every row is checked here, before anything runs."""
-    from expertsim.analysis.study import normalise_config
+    from expertsim.analysis.study import _check_specs, normalise_config
     from expertsim.specs import load_hardware
 
     path = Path(path)
@@ -107,6 +107,7 @@ def load_measurements(path: str | Path) -> tuple[list[dict], list[str]]:
         try:
             config = normalise_config(run, base_dir=base)
             load_hardware(config["hardware"])
+            _check_specs([config])
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a spec error names the value already

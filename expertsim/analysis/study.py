@@ -255,12 +255,19 @@ def _check_specs(configs: list[dict]) -> None:
     seen: set[str] = set()
     for config in configs:
         overrides = {k: v for k, v in config.items() if is_override(k)}
-        key = json.dumps([config["model"], config["hardware"], overrides], sort_keys=True, default=str)
+        key = json.dumps([config["model"], config["hardware"], config.get("runtime"), overrides], sort_keys=True,
+                         default=str)
         if key in seen:
             continue
         seen.add(key)
         try:
             apply_overrides(load_model(config["model"]), load_hardware(config["hardware"]), overrides)
+            runtime_keys = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
+            if config.get("runtime") is not None or runtime_keys:
+                from expertsim.specs import apply_runtime_overrides, load_runtime
+
+                # the runtime's name, and its overridden fields against the runtime fields
+                apply_runtime_overrides(load_runtime(config.get("runtime") or "default"), runtime_keys)
         except ExpertSimError as exc:
             label = f" (scenario {config['label']!r})" if config.get("label") else ""
             raise ConfigError(f"study run{label} with model {config['model']!r}, hardware "

@@ -103,3 +103,16 @@ def test_bad_file_through_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("error: ") and "tok/h" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("runtime", "mixtral-offloadin", "unknown runtime preset 'mixtral-offloadin'. Did you mean mixtral-offloading"),
+    ("runtime.host_us_per_layr", 10, "no field 'host_us_per_layr'. Did you mean host_us_per_layer"),
+    ("runtime.host_us_per_layer", -5, "host_us_per_layer must be a finite number >= 0"),
+    ("model.expert_bits", 0.5, "expert_bits"),
+])
+def test_bad_runtime_and_bits_in_a_measurement_fail_at_load(tmp_path, key, value, message):
+    row = {"id": "a", "value": 1.0, "unit": "tok/s", "policy": "lru", "cache_per_layer": 2,
+           **{k: v for k, v in BASE.items() if k != "trace"}, key: value}
+    with pytest.raises(ConfigError, match=message):
+        load_measurements(write_file(tmp_path / "m.toml", [row]))
