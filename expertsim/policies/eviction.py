@@ -457,3 +457,43 @@ class ActivationPriority(EvictionPolicy):
         if waiting.any() and not waiting.all():
             candidates = candidates[~waiting]
         return _lowest(self.priorities(candidates), candidates, self.last[candidates])
+
+
+@register_eviction("sequence-activation")
+class SequenceActivation(EvictionPolicy):
+    """DAOP's data-aware placement (Zhang et al., "DAOP: Data-Aware Offloading and Predictive
+    Pre-Calculation for Efficient MoE Inference", arXiv 2501.10375, Sec. 3): the expert the
+    current sequence has routed the fewest tokens to leaves (its prompt's activations decide the
+    placement, decode tokens refine it); ties: least recently used, then lowest key. Counts start
+    at 0 with each request."""
+
+    description = "fewest tokens of the current sequence routed to it leaves (DAOP)"
+
+    def params(self) -> dict:
+        return {}
+
+    def prepare(self, ctx: RunContext) -> None:
+        n = _num_keys(ctx)
+        self._E = ctx.cache.num_experts
+        self.count = np.zeros(n, dtype=np.int64)
+        self.last = np.zeros(n, dtype=np.int64)
+
+    def on_request_start(self, request: int) -> None:
+        self.count[:] = 0
+
+    def reset(self) -> None:
+        self.count[:] = 0
+        self.last[:] = 0
+
+    def on_layer(self, obs) -> None:
+        keys = obs.layer * self._E + obs.experts.ravel().astype(np.int64)
+        np.add.at(self.count, keys, 1)
+
+    def on_access(self, key, tick, hit, position):
+        self.last[key] = tick
+
+    def on_insert(self, key, tick, position):
+        self.last[key] = max(self.last[key], tick)
+
+    def victim(self, candidates, tick, position):
+        return _lowest(self.count[candidates].astype(np.float64), candidates, self.last[candidates])

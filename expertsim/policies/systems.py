@@ -489,3 +489,51 @@ class SkipOnMiss(ComposedSystem):
 
     def params(self) -> dict:
         return {"max_weight": self.max_weight, "keep_top1": self.keep_top1}
+
+
+class _DaopPlacement(CpuWhenCheaper):
+    """DAOP's miss handling: a missing expert runs on the CPU (no copy on the critical path); at
+    a sequence's prefill, the layer's most-activated experts of the prompt that are not on the GPU
+    are copied in the background (after the layer's own work), evicting the ones the sequence
+    uses least (:class:`SequenceActivation`): the per-sequence placement."""
+
+    name = "daop-placement"
+
+    def __init__(self):
+        super().__init__(always=True, cache_after_cpu=False)
+
+    def params(self) -> dict:
+        return {}
+
+    def background_copies(self, obs, actions):
+        if obs.phase != 0:
+            return []
+        counts = np.bincount(obs.experts.ravel().astype(np.int64), minlength=obs.cache.num_experts)
+        partition = obs.cache.partition(obs.layer)
+        slots = int(obs.cache.capacity[partition] // max(obs.cache.expert_bytes, 1))
+        top = [int(e) for e in np.argsort(-counts, kind="stable")[:slots] if counts[e] > 0]
+        return [e for e in top if not obs.cache.contains(obs.layer, e)]
+
+
+@register_system("daop")
+class DAOP(ComposedSystem):
+    """DAOP (Zhang et al., "DAOP: Data-Aware Offloading and Predictive Pre-Calculation for
+    Efficient MoE Inference", arXiv 2501.10375): per-sequence expert placement between CPU and
+    GPU. Each sequence's prefill places its most-activated experts on the GPU (background copies,
+    :class:`_DaopPlacement`), evicting those it routes the fewest tokens to
+    (:class:`SequenceActivation`); every expert not on the GPU runs on the CPU. DAOP's predictive
+    pre-calculation (the next layer's CPU experts started early from the current hidden state) is
+    not modelled: CPU experts start at their own layer, so this is a conservative DAOP, and the
+    run's assumptions say so."""
+
+    description = "per-sequence placement at prefill; experts not on the GPU run on the CPU"
+
+    def __init__(self):
+        from expertsim.policies.eviction import SequenceActivation
+
+        super().__init__(SequenceActivation(), miss=_DaopPlacement())
+
+    def trace_notes(self, trace) -> list[str]:
+        return super().trace_notes(trace) + [
+            "daop: the predictive pre-calculation of the next layer's CPU experts is not modelled (CPU "
+            "experts start at their own layer): a conservative DAOP"]
