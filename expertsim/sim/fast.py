@@ -312,6 +312,27 @@ def _timing_kernel(gstart, hit, release, tokens, expert_ns, copy_ns, groups_per_
     return dur, stall, compute, hits, accesses
 
 
+def _serial_timing(gstart, hit, tokens, expert_ns, copy_ns, host_ns, groups_per_pass):
+    """:func:`_timing_kernel` for a runtime that queues copies on the compute stream (the DES's
+    serial path): a miss's copy starts at its turn and overlaps only the expert call's host time
+    (``host_ns`` = min(host time, the call's time)), so each miss costs its compute plus
+    max(0, copy - host) of stall, and a hit its compute; nothing overlaps across items."""
+    n_groups = len(gstart) - 1
+    n_passes = n_groups // groups_per_pass
+    t = expert_ns[tokens]
+    host = np.minimum(host_ns, t)
+    stall_i = np.where(hit, 0, np.maximum(copy_ns - host, 0))
+    group_of = np.repeat(np.arange(n_groups), np.diff(gstart))
+    pass_of = group_of // groups_per_pass
+
+    def per_pass(values):
+        return np.bincount(pass_of, weights=values, minlength=n_passes).astype(np.int64) if len(values) else \
+            np.zeros(n_passes, dtype=np.int64)
+
+    return (per_pass(t + stall_i), per_pass(stall_i), per_pass(t), per_pass(hit.astype(np.int64)),
+            per_pass(np.ones(len(t), dtype=np.int64)))
+
+
 @_njit
 def _stream_kernel(keys, capacity, policy):
     """Classic evict-on-insert replay of one key stream through one cache of ``capacity``
@@ -1125,8 +1146,12 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
         expert_ns[t] = cost.expert_time_ns(t)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
-    layer_ns, stall_it, compute_it, hits_it, all_it = _timing_kernel(groups.start, hit, release, groups.tokens,
-                                                                     expert_ns, copy_ns, num_layers)
+    if sim.runtime.serialises_copies:  # copies on the compute stream (runtime copy_stream = "compute")
+        layer_ns, stall_it, compute_it, hits_it, all_it = _serial_timing(
+            groups.start, hit, groups.tokens, expert_ns, copy_ns, cost.host_expert_ns, num_layers)
+    else:
+        layer_ns, stall_it, compute_it, hits_it, all_it = _timing_kernel(groups.start, hit, release, groups.tokens,
+                                                                         expert_ns, copy_ns, num_layers)
     ntok = sched.stop - sched.start
     span = int(sched.context.max()) + 1 if num_iters else 1
     pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs

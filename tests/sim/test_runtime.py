@@ -82,9 +82,35 @@ def test_copies_on_the_compute_stream_do_not_overlap_compute():
     assert round(m["total_s"] * 1e9) == expected_ns
     assert overlap.metrics["total_s"] < m["total_s"]
     assert overlap.metrics["hits"] == m["hits"] and overlap.metrics["h2d_gb"] == m["h2d_gb"]
-    # the fast engine does not claim these semantics: auto falls back to the DES
-    assert run("no-cache", None, trace=trace, runtime=RuntimeSpec(name="s", copy_stream="compute"),
+    # a write-back needs the DES: auto falls back to it
+    assert run("no-cache", None, trace=trace, runtime=RuntimeSpec(name="s", copy_stream="compute", writeback=True),
                engine="auto").config["engine"] == "des"
+
+
+@pytest.mark.parametrize("policy, cache", [("lru", CacheConfig(per_layer=2)), ("lru", CacheConfig(per_layer=3)),
+                                           ("fifo", CacheConfig(per_layer=2)), ("no-cache", None),
+                                           ("lru", CacheConfig(global_slots=5))])
+@pytest.mark.parametrize("host_us", [0.0, 30.0, 5000.0])
+def test_fast_engine_equals_the_des_with_copies_on_the_compute_stream(policy, cache, host_us):
+    """The fast engine's closed form for compute-stream copies (each miss: its compute plus the
+    part of its copy its own host time does not cover) against the DES, every metric."""
+    rt = RuntimeSpec(name="s", copy_stream="compute", host_us_per_layer=200.0, host_us_per_expert=host_us,
+                     kernel_us_per_layer=50.0)
+    trace = synthetic_trace(num_requests=3, prompt=5, decode=7, experts=4, seed=3)
+    des = run(policy, cache, runtime=rt, trace=trace, engine="des")
+    fast = run(policy, cache, runtime=rt, trace=trace, engine="fast")
+    assert fast.config["engine"] == "fast"
+    skip = {"wall_s"}
+    for key, value in des.metrics.items():
+        if key in skip:
+            continue
+        other = fast.metrics[key]
+        if isinstance(value, float) and value != value:
+            assert other != other, key
+        elif value is None or isinstance(value, str):
+            assert other == value, key
+        else:
+            assert other == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
 def test_write_back_copies_every_evicted_expert_home():
