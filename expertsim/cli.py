@@ -228,7 +228,7 @@ PER_LAYER = typer.Option(None, "--per-layer", min=0, help="Expert cache slots pe
 GLOBAL_SLOTS = typer.Option(None, "--global-slots", min=0, help="Expert cache slots in one pool over all layers.")
 CACHE_GB = typer.Option(None, "--cache-gb", help="Expert cache as a byte budget in GB (1e9 bytes).")
 PLUGIN = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable).")
-TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace.")
+TRACE = typer.Option(None, "--trace", "-t", help="Routing trace (.parquet). Default: the built-in synthetic Mixtral trace. In simulate, 'uniform': uniform top-k routing sized from the model (--prompt-tokens, --decode-tokens).")
 SETS = typer.Option(None, "--set", help="Override a spec field, e.g. --set link.bandwidth_gbps=64 (repeatable).")
 MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Simulate only the first N tokens (cut at a pass boundary).")
 REQUESTS = typer.Option(None, "--requests", min=1, help="Simulate only the first N requests of the trace.")
@@ -370,6 +370,8 @@ def simulate_command(
     plugin: list[str] = PLUGIN,
     param: list[str] = PARAM,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=0, max=10_000_000, help="With --trace uniform: prompt (prefill) tokens of the request."),
+    decode_tokens: int = typer.Option(128, "--decode-tokens", min=0, max=10_000_000, help="With --trace uniform: decode tokens of the request."),
 ) -> None:
     """Simulate one configuration (model x hardware x policy x cache) on a trace.
 
@@ -380,11 +382,7 @@ def simulate_command(
 
     if timeline is not None:
         check_output_path(timeline, "--timeline")
-    tr = _load_trace(trace)
-    if requests:
-        tr = tr.head_requests(requests)
-    if max_tokens:
-        tr = tr.max_tokens(max_tokens)
+    tr = None if trace == "uniform" else _load_trace(trace)
     run_options = _run_options(batch, rate, offline, seed, engine, link_queue)
     check_option_number("--copy-chunk-mb", copy_chunk_mb, high=1e6, unit="MB")
     check_option_number("--rate", rate, high=1e9, unit="requests/s")
@@ -400,6 +398,16 @@ def simulate_command(
                          profile=profile, runtime=runtime, **run_options)
     sim = _simulation(model, hardware, tr, policy, system, per_layer, global_slots, cache_gb, sets,
                       plugin, options, param)
+    if tr is None:  # --trace uniform: sized from the model after its --set overrides (top_k)
+        from expertsim.traces.synth import uniform_trace
+
+        m = sim.model
+        tr = uniform_trace(m.num_moe_layers, m.num_experts, m.top_k, prompt_tokens, decode_tokens,
+                           seed=seed, model=m.name)
+    if requests:
+        tr = tr.head_requests(requests)
+    if max_tokens:
+        tr = tr.max_tokens(max_tokens)
     result = sim.run(tr, progress=lambda msg: typer.echo(msg, err=True))
     if timeline:
         from expertsim.errors import foreign_errors

@@ -52,7 +52,9 @@ Run keys (in ``[fixed]``, ``[grid]`` or a variant):
   warm across requests, the default; ``"request"``: emptied per request), ``seed`` (default 0).
 - ``trace``: a Parquet path (absolute, relative to the study file, or a file name in the shared
   traces folder: ``$EXPERTSIM_SHARED_TRACES`` or ``<repo>/../shared/traces``), or ``"default"``
-  (the built-in synthetic Mixtral trace). Slices: ``trace_requests`` (first N requests),
+  (the built-in synthetic Mixtral trace), or ``"uniform"`` (uniform top-k routing per token and
+  layer, seeded, sized from the run's model: ``trace_prompt_tokens`` then ``trace_decode_tokens``
+  tokens, default 128 each). Slices: ``trace_requests`` (first N requests),
   ``trace_phase`` (``"all"``, ``"decode"``, ``"prefill"``), ``trace_max_tokens`` (first N tokens,
   cut at a pass boundary); applied in that order.
 - any other simulator option (a field of ``expertsim.sim.SimOptions``, e.g. ``arrival``,
@@ -95,7 +97,10 @@ DEFAULTS: dict[str, Any] = {
     "trace_max_tokens": None,
 }
 CACHE_KEYS = ("cache_per_layer", "cache_slots", "cache_gb")
-RUN_KEYS = set(DEFAULTS) | set(CACHE_KEYS) | {"label"}
+# The synthetic ``trace = "uniform"`` (uniform top-k routing sized from the run's model) takes its
+# lengths from these keys; not in DEFAULTS, so the run ids of other traces do not change.
+UNIFORM_TRACE_KEYS = {"trace_prompt_tokens": 128, "trace_decode_tokens": 128}
+RUN_KEYS = set(DEFAULTS) | set(CACHE_KEYS) | {"label"} | set(UNIFORM_TRACE_KEYS)
 OVERRIDE_PREFIXES = ("model.", "gpu.", "link.", "cpu.", "storage.", "runtime.")
 # Keys that change what is recorded, not what is simulated: left out of the run id.
 UNHASHED_KEYS = ("trace_path", "timeline", "timeline_iterations")
@@ -125,7 +130,7 @@ def shared_traces_dir() -> Path | None:
 
 def resolve_trace(name: str, base_dir: Path | None = None) -> str:
     """The path a ``trace`` value names ("default" stays "default")."""
-    if name == "default" or name.startswith("synth:"):
+    if name in ("default", "uniform") or name.startswith("synth:"):
         return name
     path = Path(name).expanduser()
     tried = [path]
@@ -202,6 +207,19 @@ def normalise_config(raw: dict, base_dir: Path | None = None) -> dict:
     if config["trace_phase"] not in ("all", "decode", "prefill"):
         raise ConfigError(f"trace_phase = {config['trace_phase']!r}: give all, decode or prefill")
     config["trace_path"] = resolve_trace(str(config["trace"]), base_dir)
+    if config["trace_path"] == "uniform":
+        for key, default in UNIFORM_TRACE_KEYS.items():
+            value = config.setdefault(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000_000:
+                raise ConfigError(f"{key} = {value!r}: give an integer number of tokens in 0..10000000")
+        if config["trace_prompt_tokens"] + config["trace_decode_tokens"] < 1:
+            raise ConfigError("trace = \"uniform\" needs at least one token: set trace_prompt_tokens or "
+                              "trace_decode_tokens >= 1")
+    else:
+        given = [k for k in UNIFORM_TRACE_KEYS if k in config]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to trace = \"uniform\" (this run's trace is "
+                              f"{config['trace']!r}); remove them or use the uniform trace")
     # A trace given by path is identified by its file name in the run id, so a study moved with
     # its traces keeps its ids; the resolved path travels as trace_path.
     if config["trace_path"] not in ("default",) and not config["trace"].startswith("synth:"):

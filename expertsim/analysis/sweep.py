@@ -62,6 +62,28 @@ def load_trace(path: str, requests: int | None, phase: str, max_tokens: int | No
     return trace
 
 
+@functools.lru_cache(maxsize=4)
+def _uniform_trace(layers: int, experts: int, top_k: int, prompt: int, decode: int, seed: int, model: str):
+    from expertsim.traces.synth import uniform_trace
+
+    return uniform_trace(layers, experts, top_k, prompt, decode, seed=seed, model=model)
+
+
+def trace_for(config: dict, model):
+    """The trace a run's config names, sliced as it asks; ``trace = "uniform"`` is generated for
+    ``model`` (after its overrides: ``model.top_k`` changes the routing)."""
+    trace_path = config.get("trace_path", config.get("trace", "default"))
+    if trace_path == "uniform":
+        trace = _uniform_trace(model.num_moe_layers, model.num_experts, model.top_k,
+                               int(config.get("trace_prompt_tokens", 128)), int(config.get("trace_decode_tokens", 128)),
+                               int(config.get("seed", 0)), model.name)
+        if config.get("trace_max_tokens") is not None:
+            trace = trace.max_tokens(int(config["trace_max_tokens"]))
+        return trace.only_phase(config.get("trace_phase", "all"))
+    return load_trace(trace_path, config.get("trace_requests"), config.get("trace_phase", "all"),
+                      config.get("trace_max_tokens"), int(config.get("seed", 0)))
+
+
 def _cache_config(config: dict, model, hardware, trace, system):
     """The CacheConfig a run asks for; "max" = the most that fits next to dense weights + KV;
     None when the system fixes its own or no size is given (the system's default)."""
@@ -157,14 +179,13 @@ def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict
         overrides = {k: v for k, v in config.items() if is_override(k)}
         model, hardware = apply_overrides(model, hardware, overrides)
         trace_path = config.get("trace_path", config.get("trace", "default"))
-        trace = load_trace(trace_path, config.get("trace_requests"), config.get("trace_phase", "all"),
-                           config.get("trace_max_tokens"), int(config.get("seed", 0)))
+        trace = trace_for(config, model)
         trace = dataclasses.replace(trace)  # check_model mutates; keep the cached one pristine
         system = make_policy(config["policy"], **config.get("policy_params", {}))
         cache = _cache_config(config, model, hardware, trace, system)
         record["provenance"] = {
             "expertsim_version": expertsim.__version__,
-            "trace_sha256": None if trace_path == "default" else file_sha256(trace_path),
+            "trace_sha256": None if trace_path in ("default", "uniform") else file_sha256(trace_path),
             "trace_tokens": trace.num_tokens,
             "trace_requests": trace.num_requests,
             "model_spec": dataclasses.asdict(model),

@@ -31,6 +31,9 @@ class MissAction(enum.Enum):
     CPU = "cpu"  # compute the expert on the host CPU (Fiddler); activations cross the link
     LOW_PRECISION = "low_precision"  # copy a low-bit version instead (HOBBIT)
     SKIP = "skip"  # drop the expert; its gate mass is reported as dropped
+    # Copy the expert's weights for this pass only (a staging buffer outside the cache), compute it
+    # on the GPU, drop it: llama.cpp's op offload of large batches, KTransformers' layerwise prefill.
+    STREAM = "stream"
 
 
 @dataclass(frozen=True)

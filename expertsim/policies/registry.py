@@ -47,6 +47,7 @@ def _ensure_loaded() -> None:
         _loaded_builtins = True
         importlib.import_module("expertsim.policies.eviction")
         importlib.import_module("expertsim.policies.systems")
+        importlib.import_module("expertsim.policies.hybrid")
     if not _loaded_entry_points:
         _loaded_entry_points = True
         from importlib.metadata import entry_points

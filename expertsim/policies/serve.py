@@ -68,6 +68,7 @@ class LayerPlan:
     dropped_gate_mass: float = 0.0
     degraded_gate_mass: float = 0.0
     cpu_experts: int = 0
+    streamed_experts: int = 0  # MissAction.STREAM: copied for this pass only (the engine times them)
     prefetch_issued: int = 0
 
 
@@ -187,6 +188,8 @@ class LayerServer:
                     plan.cpu_experts += 1
                 elif action is MissAction.SKIP:
                     plan.dropped_gate_mass += item.gate_mass
+                elif action is MissAction.STREAM:
+                    plan.streamed_experts += 1
                 else:  # pragma: no cover - enum is closed
                     raise ConfigError(f"unknown miss action {action!r}")
             if item.low_precision:

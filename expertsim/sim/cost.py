@@ -32,6 +32,9 @@ Roofline terms:
 - ``cpu_expert_time_ns(tokens)`` = max(expert bytes / CPU memory bw, FLOPs / (CPU FLOP/s of the
   model dtype x eff)) plus the activations' two small copies over the link (to the host and back).
   ``cpu.tflops_by_dtype`` gives the instruction set's rate per dtype (bf16 without AVX512_BF16).
+  The runtime scales both terms (``cpu_bandwidth_fraction``, ``cpu_flops_fraction``, the GEMM's
+  ``cpu_gemm_dtype``) and a multi-socket host multiplies them by ``cpu.socket_scale`` (NUMA
+  placement). ``cpu_layer_time_ns`` is a layer's CPU experts as one job (activations once).
 - Quantised experts (``model.expert_bits`` below the dtype's bits) are stored, copied and read in
   their own bytes and pay ``DEQUANT_FLOPS_PER_PARAM`` per parameter at compute time (fused).
 - Runtime (:class:`~expertsim.specs.runtime.RuntimeSpec`): the stack's exposed host time is added
@@ -341,10 +344,11 @@ class CostModel:
             return 0
         if self.profile is not None:
             return int(round(self.profile.ns_1d("cpu_expert", tokens) * self.profile.expert_scale))
-        cpu, m = self.hardware.cpu, self.model
-        t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9)
-        t_flop = m.expert_flops(tokens) / (cpu.gemm_flops(m.dtype) * cpu.efficiency)
-        return _ns(max(t_mem, t_flop))
+        cpu, m, rt = self.hardware.cpu, self.model, self.runtime
+        sockets = cpu.socket_scale(rt.numa_placement == "node")
+        t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9 * rt.cpu_bandwidth_fraction * sockets)
+        rate = cpu.gemm_flops(rt.cpu_gemm_dtype or m.dtype) * cpu.efficiency * rt.cpu_flops_fraction * sockets
+        return _ns(max(t_mem, m.expert_flops(tokens) / rate))
 
     def activation_copy_ns(self, tokens: int) -> int:
         """One direction of the activations a CPU expert needs (tokens x d_model)."""
@@ -357,6 +361,14 @@ class CostModel:
         if tokens <= 0:
             return 0
         return self.cpu_compute_ns(tokens) + 2 * self.activation_copy_ns(tokens)
+
+    def cpu_layer_time_ns(self, expert_tokens: list[int], layer_tokens: int) -> int:
+        """A layer's CPU-resident experts computed on the host as one job (KTransformers,
+        llama.cpp): the layer's activations cross the link once each way (``layer_tokens`` x
+        d_model), then the experts run one after another on all cores (their times add)."""
+        if not expert_tokens:
+            return 0
+        return 2 * self.activation_copy_ns(layer_tokens) + sum(self.cpu_compute_ns(t) for t in expert_tokens)
 
     # --- summary -------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -173,8 +173,10 @@ class Simulation:
                     f"use --engine des or auto"
                 )
         memory = self.memory_check(longest)
+        # A hybrid system never copies a miss into its cache (CPU or streamed): no top-k floor.
+        copies_misses = not getattr(self.system, "cpu_per_layer", False)
         cache = ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), self.cache_config,
-                            self.system.eviction, top_k=m.top_k)
+                            self.system.eviction, top_k=m.top_k if copies_misses else 0)
         num_requests = len(trace.request_starts()) - 1
         arrivals = arrival_times_ns(num_requests, opts.arrival, rate_per_s=opts.rate_per_s, seed=opts.seed,
                                     timestamps_ns=opts.arrival_times_ns)
@@ -427,6 +429,27 @@ class _DesRun:
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
         done.succeed()
 
+    def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
+        with self.cpu.request() as req:
+            yield req
+            start = self.env.now
+            t = self.cost.cpu_layer_time_ns(expert_tokens, layer_tokens)
+            yield self.env.timeout(t)
+            self.totals["cpu_ns"] += t
+            self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
+        done.succeed()
+
+    def _stream(self, it, layer, nbytes, done: simpy.Event):
+        """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
+        engine = yield from self._take(self.engines, 0)
+        start = self.env.now
+        yield self.env.timeout(self.cost.transfer_time_ns(nbytes))
+        self.engines.release(engine)
+        self.totals["h2d_bytes"] += nbytes
+        self.totals["copies"] += 1
+        self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
+        done.succeed()
+
     # --- memory ---------------------------------------------------------------------------
     def _check_kv(self, it: Iteration) -> None:
         """KV held during the iteration: every running request's context, the iteration's
@@ -562,6 +585,18 @@ class _DesRun:
         cpu_done = []
         stall = 0
         lowp = self.sim.system.low_precision_dtype
+        # Hybrid systems (policies/hybrid.py): a layer's CPU experts run as one host job, and its
+        # streamed experts arrive in one copy (the layer's tensor) before any of them computes.
+        cpu_per_layer = getattr(self.sim.system, "cpu_per_layer", False)
+        if cpu_per_layer:
+            cpu_tokens = [item.tokens for item in plan.items if item.action is MissAction.CPU]
+            if cpu_tokens:
+                cpu_done.append(env.event())
+                env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
+        stream_done = None
+        if plan.streamed_experts:
+            stream_done = env.event()
+            env.process(self._stream(it, layer, plan.streamed_experts * self.sim.model.expert_bytes(), stream_done))
         for idx, item in enumerate(plan.items):
             done = compute_done.get(idx)
             if idx in deferred:  # on the compute stream: issued now, after the kernels before it
@@ -572,9 +607,10 @@ class _DesRun:
                     done.succeed()
                 continue
             if item.action is MissAction.CPU:
-                cpu = env.event()
-                env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu))
-                cpu_done.append(cpu)
+                if not cpu_per_layer:
+                    cpu = env.event()
+                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu))
+                    cpu_done.append(cpu)
                 if done is not None:
                     done.succeed()
                 continue
@@ -583,6 +619,11 @@ class _DesRun:
             if host:  # the expert call's host work overlaps the copies in flight on the stream
                 yield env.timeout(host)
                 stall += yield from self._drain_stream(it, layer)
+            if item.action is MissAction.STREAM and not stream_done.triggered:
+                t0 = env.now
+                yield stream_done
+                stall += env.now - t0
+                self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
             copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
             if copy is not None and not copy.done.triggered:
                 t0 = env.now

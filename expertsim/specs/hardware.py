@@ -100,15 +100,54 @@ class CpuSpec:
     # Single-thread speed of the host relative to the machine a runtime's host times were measured
     # on (dimensionless, 1.0 = the same): framework time per layer divides by it.
     host_speed: float = 1.0
+    # The host's make-up (issue 17; optional, defaults describe one socket and change nothing).
+    # With ``sockets`` > 1, ``tflops``, ``tflops_by_dtype`` and ``memory_bandwidth_gbps`` are
+    # per socket (one NUMA node); what the sockets give together depends on where the weights
+    # sit (:meth:`socket_scale`).
+    sockets: int = 1
+    cores: int = 0  # physical cores per socket (0 = not given; informational)
+    isa: tuple = ()  # instruction-set features, e.g. ("avx2", "avx512", "avx512_bf16", "amx")
+    memory_channels: int = 0  # DRAM channels per socket (0 = not given)
+    memory_mts: float = 0.0  # DRAM transfer rate, MT/s (e.g. DDR5-4800 = 4800; 0 = not given)
+    # Throughput of all sockets relative to one when the weights are placed per NUMA node
+    # (copied onto every node, each socket reads its own): a second socket gives about 1.4x, not
+    # 2x (KTransformers' DeepSeek-V3 tutorial: 8.73 -> 12.21 tok/s decode, 54.2 -> 82.9 prefill).
+    numa_speedup: float = 1.4
+    # The same when the weights are NOT placed per node (one copy, threads on every socket):
+    # half the reads cross the socket link. 1.0 = no better and no worse than one socket.
+    numa_unplaced_factor: float = 1.0
 
     def __post_init__(self) -> None:
         _positive("cpu spec", tflops=self.tflops, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
-                  memory_gb=self.memory_gb, efficiency=self.efficiency, host_speed=self.host_speed)
+                  memory_gb=self.memory_gb, efficiency=self.efficiency, host_speed=self.host_speed,
+                  numa_speedup=self.numa_speedup, numa_unplaced_factor=self.numa_unplaced_factor)
+        _non_negative("cpu spec", memory_mts=self.memory_mts)
+        for name in ("sockets", "cores", "memory_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "sockets" else 0):
+                raise SpecError(f"cpu spec: {name} must be an integer >= {1 if name == 'sockets' else 0}, got "
+                                f"{value!r} (set it with --set cpu.{name}=VALUE)")
+        if isinstance(self.isa, str) or not all(isinstance(f, str) for f in self.isa):
+            raise SpecError(f"cpu spec: isa must be a list of feature names, e.g. [\"avx512\", \"amx\"], got "
+                            f"{self.isa!r}")
+        object.__setattr__(self, "isa", tuple(f.lower() for f in self.isa))
         for dtype, value in self.tflops_by_dtype.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0 \
                     or value == float("inf"):
                 raise SpecError(f"cpu spec: tflops_by_dtype.{dtype} must be a positive number (TFLOP/s), got "
                                 f"{value!r} (set it with --set cpu.tflops_by_dtype.{dtype}=VALUE)")
+
+    @property
+    def theoretical_bandwidth_gbps(self) -> float:
+        """Channels x MT/s x 8 bytes per socket (0 when the channels or the rate are not given)."""
+        return self.memory_channels * self.memory_mts * 8 / 1e3
+
+    def socket_scale(self, placed_per_node: bool) -> float:
+        """What all sockets give relative to one (1.0 with one socket): ``numa_speedup`` when
+        the weights are placed per node, else ``numa_unplaced_factor``."""
+        if self.sockets <= 1:
+            return 1.0
+        return self.numa_speedup if placed_per_node else self.numa_unplaced_factor
 
     def gemm_flops(self, dtype: str) -> float:
         """Sustained FLOP/s of an expert GEMM with ``dtype`` weights (before ``efficiency``)."""

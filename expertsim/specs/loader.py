@@ -317,6 +317,12 @@ _HARDWARE_NUMBERS: dict[str, tuple[bool, float, float, str]] = {
     "cpu.memory_gb": (False, 1e-3, 1e7, "GB"),
     "cpu.efficiency": (False, 1e-3, 1.0, "fraction of peak"),
     "cpu.host_speed": (False, 1e-3, 1e3, "single-thread speed relative to the runtime's reference host"),
+    "cpu.sockets": (True, 1, 16, "sockets"),
+    "cpu.cores": (True, 0, 4096, "cores per socket (0: not given)"),
+    "cpu.memory_channels": (True, 0, 64, "DRAM channels per socket (0: not given)"),
+    "cpu.memory_mts": (False, 0, 1e5, "MT/s (0: not given)"),
+    "cpu.numa_speedup": (False, 1e-3, 16, "throughput of all sockets / one, weights placed per node"),
+    "cpu.numa_unplaced_factor": (False, 1e-3, 16, "throughput of all sockets / one, weights not placed per node"),
     "storage.bandwidth_gbps": (False, 0, 1e6, "GB/s (0: no storage tier)"),
     "storage.latency_us": (False, 0, 1e7, "us"),
 }

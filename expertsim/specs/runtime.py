@@ -28,6 +28,20 @@ runs on the ``default`` runtime reproduce the numbers documented before runtimes
 - ``pinned_host``: host-side expert buffers pinned (true) or pageable (false); unset = the
   hardware's ``link.pinned``.
 
+CPU expert kernels (issue 17: systems that compute routed experts on the host):
+
+- ``cpu_bandwidth_fraction``: the fraction of the host's sustained memory bandwidth
+  (``cpu.memory_bandwidth_gbps``) the stack's CPU expert kernels reach at decode (quantised
+  GEMV kernels are memory-bound but do not stream at the STREAM rate); 1.0 = the full rate.
+- ``cpu_flops_fraction``: the same for the GEMM rate of prefill on the CPU (compute-bound), a
+  fraction of ``cpu.gemm_flops(cpu_gemm_dtype) x cpu.efficiency``.
+- ``cpu_gemm_dtype``: the arithmetic the CPU kernels run in (a key of ``cpu.tflops_by_dtype``,
+  e.g. ``"int8"`` for AVX512-VNNI dot products of GGUF blocks, ``"bf16"`` for AMX); empty = the
+  model's dtype.
+- ``numa_placement``: ``"node"`` = expert weights copied onto every NUMA node, each socket reads
+  its own (KTransformers ``USE_NUMA=1``): the sockets give ``cpu.numa_speedup``; ``"none"`` =
+  one copy (``cpu.numa_unplaced_factor``).
+
 Host times are per host at the speed of the machine the source measured on: the hardware spec's
 ``cpu.host_speed`` (relative single-thread speed, default 1.0) divides them.
 """
@@ -39,6 +53,7 @@ from dataclasses import dataclass, field
 from expertsim.errors import SpecError
 
 COPY_STREAMS = ("copy", "compute")
+NUMA_PLACEMENTS = ("none", "node")
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,10 @@ class RuntimeSpec:
     copy_stream: str = "copy"  # "copy" (own stream, overlaps compute) | "compute" (serialised with kernels)
     writeback: bool = False  # evicted expert copied back to host (D2H) before its slot is reused
     pinned_host: bool | None = None  # None: the hardware's link.pinned
+    cpu_bandwidth_fraction: float = 1.0  # of cpu.memory_bandwidth_gbps reached by the CPU expert kernels
+    cpu_flops_fraction: float = 1.0  # of cpu.gemm_flops(cpu_gemm_dtype) x cpu.efficiency reached at prefill
+    cpu_gemm_dtype: str = ""  # arithmetic of the CPU kernels (cpu.tflops_by_dtype key); "" = the model dtype
+    numa_placement: str = "none"  # "node": weights copied per NUMA node; "none": one copy
     source: str = ""
     notes: str = field(default="", compare=False)
 
@@ -60,6 +79,18 @@ class RuntimeSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SpecError(f"runtime {self.name!r}: {name} must be a finite number >= 0 (microseconds), "
                                 f"got {value!r} (set it with --set runtime.{name}=VALUE)")
+        for name in ("cpu_bandwidth_fraction", "cpu_flops_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 < value <= 1:
+                raise SpecError(f"runtime {self.name!r}: {name} must be a fraction in (0, 1], got {value!r} "
+                                f"(set it with --set runtime.{name}=VALUE)")
+        if not isinstance(self.cpu_gemm_dtype, str):
+            raise SpecError(f"runtime {self.name!r}: cpu_gemm_dtype must be a dtype name such as \"int8\" or \"bf16\", "
+                            f"got {self.cpu_gemm_dtype!r}")
+        if self.numa_placement not in NUMA_PLACEMENTS:
+            raise SpecError(f"runtime {self.name!r}: numa_placement must be 'none' or 'node', got "
+                            f"{self.numa_placement!r} (--set runtime.numa_placement=node)")
         if self.copy_stream not in COPY_STREAMS:
             raise SpecError(f"runtime {self.name!r}: copy_stream must be 'copy' or 'compute', got "
                             f"{self.copy_stream!r} (--set runtime.copy_stream=copy)")
@@ -83,7 +114,9 @@ class RuntimeSpec:
         return {"name": self.name, "host_us_per_layer": self.host_us_per_layer,
                 "host_us_per_expert": self.host_us_per_expert, "kernel_us_per_layer": self.kernel_us_per_layer,
                 "kernel_us_per_expert": self.kernel_us_per_expert, "copy_stream": self.copy_stream,
-                "writeback": self.writeback, "pinned_host": self.pinned_host}
+                "writeback": self.writeback, "pinned_host": self.pinned_host,
+                "cpu_bandwidth_fraction": self.cpu_bandwidth_fraction, "cpu_flops_fraction": self.cpu_flops_fraction,
+                "cpu_gemm_dtype": self.cpu_gemm_dtype, "numa_placement": self.numa_placement}
 
     def describe(self) -> str:
         """One line for a run's printed assumptions."""
@@ -97,4 +130,9 @@ class RuntimeSpec:
                 f"{self.kernel_us_per_layer:g} us GPU stream time per layer + {self.kernel_us_per_expert:g} us per "
                 f"expert call beyond the roofline; {copies}; "
                 + ("evicted experts written back to host" if self.writeback else "no write-back")
-                + (f"; {'pinned' if self.pinned_host else 'pageable'} host buffers" if self.pinned_host is not None else ""))
+                + (f"; {'pinned' if self.pinned_host else 'pageable'} host buffers" if self.pinned_host is not None else "")
+                + (f"; CPU expert kernels at {self.cpu_bandwidth_fraction:g} of the host memory bandwidth and "
+                   f"{self.cpu_flops_fraction:g} of its {self.cpu_gemm_dtype or 'model-dtype'} GEMM rate, weights "
+                   + ("per NUMA node" if self.numa_placement == "node" else "in one NUMA copy")
+                   if (self.cpu_bandwidth_fraction, self.cpu_flops_fraction, self.cpu_gemm_dtype, self.numa_placement)
+                   != (1.0, 1.0, "", "none") else ""))

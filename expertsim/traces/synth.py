@@ -482,3 +482,42 @@ def fit_report_figure(curves: list, path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(out, include_plotlyjs=True, full_html=True)
     return out
+
+
+def uniform_trace(num_layers: int, num_experts: int, top_k: int, prompt_tokens: int, decode_tokens: int, *,
+                  num_requests: int = 1, seed: int = 0, model: str = "?") -> RoutingTrace:
+    """Uniform top-k routing per token and MoE layer, seeded: every token picks ``top_k`` distinct
+    experts uniformly at random, independently per layer (the ``trace = "uniform"`` run key, for
+    models without a captured trace). Each request has ``prompt_tokens`` prefill tokens then
+    ``decode_tokens`` decode tokens. Memory is the trace itself (tokens x layers x k small ints):
+    the k-subsets come from Floyd's algorithm, k draws per row, not a sort over all experts."""
+    for name, value in (("layers", num_layers), ("experts", num_experts), ("top_k", top_k),
+                        ("requests", num_requests)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise TraceError(f"uniform trace: {name} must be an integer >= 1, got {value!r}")
+    for name, value in (("trace_prompt_tokens", prompt_tokens), ("trace_decode_tokens", decode_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 10_000_000:
+            raise TraceError(f"uniform trace: {name} must be an integer in 0..10000000, got {value!r}")
+    if prompt_tokens + decode_tokens < 1:
+        raise TraceError("uniform trace: give at least one token (trace_prompt_tokens + trace_decode_tokens >= 1)")
+    if top_k > num_experts:
+        raise TraceError(f"uniform trace: top_k={top_k} exceeds experts={num_experts}")
+    rng = np.random.default_rng(seed)
+    per = prompt_tokens + decode_tokens
+    rows = num_requests * per * num_layers
+    chosen = np.empty((rows, top_k), dtype=np.int64)
+    # Floyd: for j = E-k .. E-1 draw t in [0, j]; take t unless already taken, else j (never taken yet).
+    for i, j in enumerate(range(num_experts - top_k, num_experts)):
+        t = rng.integers(0, j + 1, size=rows)
+        taken = (chosen[:, :i] == t[:, None]).any(axis=1) if i else np.zeros(rows, dtype=bool)
+        chosen[:, i] = np.where(taken, j, t)
+    experts = chosen.reshape(num_requests * per, num_layers, top_k).astype(expert_dtype(num_experts))
+    request = np.repeat(np.arange(num_requests), per)
+    position = np.tile(np.arange(per), num_requests)
+    phase = np.where(position < prompt_tokens, PREFILL, DECODE)
+    step = np.where(phase == PREFILL, 0, position - prompt_tokens + (1 if prompt_tokens else 0))
+    return RoutingTrace(experts=experts, request=request, step=step, position=position, phase=phase,
+                        num_experts=num_experts,
+                        metadata={"model": model, "synthetic": "uniform", "seed": str(seed),
+                                  "source": f"synthetic: uniform top-{top_k} routing per token and layer, "
+                                            f"{prompt_tokens} prompt + {decode_tokens} decode tokens, seed {seed}"})
