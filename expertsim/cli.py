@@ -462,12 +462,14 @@ from expertsim.policies.commands import policies_app  # noqa: E402
 
 app.add_typer(policies_app, name="policies")
 
-from expertsim.real_runner.commands import calibrate_command, validate_command  # noqa: E402
+from expertsim.real_runner.commands import calibrate_command  # noqa: E402
 
 app.command("calibrate")(calibrate_command)
-app.command("validate")(validate_command)
 
 from expertsim.analysis.commands import register as _register_analysis  # noqa: E402
+from expertsim.analysis.commands import validate_command  # noqa: E402
+
+app.command("validate")(validate_command)  # the simulator against the real runner (both engines)
 
 _register_analysis(app)  # sweep, results, report
 

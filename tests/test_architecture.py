@@ -210,6 +210,8 @@ def test_layer_table_is_read_and_covers_every_module():
     for layer, may in allowed.items():
         unknown = may - set(allowed)
         assert not unknown, f"docs/architecture.md: layer {layer} may import unknown layers {unknown}"
+    stale = [p for p in prefixes if not any(m == p or m.startswith(p + ".") for m in MODULES)]
+    assert not stale, f"docs/architecture.md's layer table names modules that do not exist: {stale}"
     missing = [m for m in MODULES if layer_of(m, prefixes) is None]
     assert not missing, (f"modules in no layer of docs/architecture.md's table: {missing}; add them to "
                          f"the row of the layer they belong to")
