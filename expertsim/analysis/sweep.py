@@ -128,24 +128,12 @@ def _sim_options(config: dict):
 
 
 def _simulate(config: dict, model, hardware, system, cache, options, trace, progress=None):
-    """Run the config's engine: "des" (SimPy, any policy, timelines), "fast" (the replay engine,
-    built-in policies; exact same metrics), or "auto" (fast when it supports the run, else des)."""
-    from expertsim.errors import ConfigError
+    """Run the config. ``Simulation.run`` picks the engine by ``options.engine``: "des" (SimPy,
+    any policy, timelines), "fast" (the replay engine, built-in policies; exactly the same
+    metrics) or "auto" (fast when it supports the run, else des)."""
     from expertsim.sim import Simulation
 
-    engine = config.get("engine", "auto")
-    if engine == "des" or hasattr(options, "engine"):  # a simulator that dispatches by itself
-        return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
-    try:
-        from expertsim.sim.fast import simulate_fast, supports_simulation
-    except ImportError:
-        if engine == "fast":
-            raise ConfigError("engine = \"fast\": this expertsim has no fast engine; use \"des\"") from None
-        return Simulation(model, hardware, system, cache, options).run(trace)
-    if engine == "fast" or supports_simulation(system, cache or system.cache_config(model), options,
-                                               model=model, hardware=hardware):
-        return simulate_fast(model, hardware, system, cache or system.cache_config(model), trace, options)
-    return Simulation(model, hardware, system, cache, options).run(trace)
+    return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
 
 
 def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict:
