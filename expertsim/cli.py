@@ -5,13 +5,12 @@ and exit with status 2, never a traceback.
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Literal, Optional
 
 import typer
 
-from expertsim.console import print_table  # noqa: F401  (re-exported for the commands modules)
+from expertsim.console import echo_json, print_table
 from expertsim.errors import ExpertSimError
 
 app = typer.Typer(
@@ -29,20 +28,6 @@ app = typer.Typer(
 
 specs_app = typer.Typer(help="Model and hardware presets (TOML shipped with expertsim).", no_args_is_help=True)
 app.add_typer(specs_app, name="specs")
-
-
-def echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 @specs_app.command("list")
@@ -488,12 +473,14 @@ from expertsim.policies.commands import policies_app  # noqa: E402
 
 app.add_typer(policies_app, name="policies")
 
-from expertsim.real_runner.commands import calibrate_command, validate_command  # noqa: E402
+from expertsim.real_runner.commands import calibrate_command  # noqa: E402
 
 app.command("calibrate")(calibrate_command)
-app.command("validate")(validate_command)
 
 from expertsim.analysis.commands import register as _register_analysis  # noqa: E402
+from expertsim.analysis.commands import validate_command  # noqa: E402
+
+app.command("validate")(validate_command)  # the simulator against the real runner (both engines)
 
 _register_analysis(app)  # sweep, results, report
 

@@ -1,4 +1,5 @@
-"""Console output shared by every command: one number formatter and plain-text tables (rich).
+"""Console output shared by every command: one number formatter, plain-text tables (rich) and
+JSON on stdout.
 
 Tables are for a terminal and for pasting into notes: no colours, no frame, a dashed line under
 the header, numbers right-aligned; units are in the column names.
@@ -6,6 +7,7 @@ the header, numbers right-aligned; units are in the column names.
 from __future__ import annotations
 
 import io
+import json
 
 from rich import box
 from rich.console import Console
@@ -53,3 +55,21 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     import typer
 
     typer.echo(render_table(rows, columns))
+
+
+def echo_json(obj) -> None:
+    """Print ``obj`` as indented JSON to stdout; numpy scalars and arrays as numbers and lists,
+    anything else JSON does not know as its ``str``."""
+    import typer
+
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

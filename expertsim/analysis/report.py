@@ -317,7 +317,7 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     check_figure_format(figure_format)
 
     from expertsim.analysis.results import load_results
-    from expertsim.analysis.sweep import iter_records
+    from expertsim.analysis.runs import iter_records
 
     out = Path(out_dir)
     frame = load_results(out)
@@ -365,7 +365,7 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, validation
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>expertsim: {_esc(name)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
     target = Path(path) if path else out / REPORT_FILE
-    from expertsim.analysis.sweep import atomic_write_bytes
+    from expertsim.analysis.runs import atomic_write_bytes
 
     atomic_write_bytes(target, page.encode())
     if figure_format:

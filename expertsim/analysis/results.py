@@ -55,7 +55,7 @@ def results_frame(out_dir: str | Path):
     """All runs of a sweep directory as a polars DataFrame (config columns first)."""
     import polars as pl
 
-    from expertsim.analysis.sweep import iter_records
+    from expertsim.analysis.runs import iter_records
 
     rows = []
     for record in iter_records(out_dir):
@@ -135,7 +135,7 @@ def load_results(out_dir: str | Path):
                         hold_native_stderr=True):
         frame = pl.read_parquet(path)
     if frame.height == 0 and runs.is_dir():
-        from expertsim.analysis.sweep import torn_run_files
+        from expertsim.analysis.runs import torn_run_files
 
         torn = torn_run_files(out)
         if torn:

@@ -17,11 +17,20 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
+from expertsim.analysis.runs import (  # noqa: F401  (iter_records, read_run, ...: re-exported)
+    RUNS_DIR,
+    _json_default,
+    atomic_write_bytes,
+    clean_stale_tmp,
+    finished_run_ids,
+    iter_records,
+    read_run,
+    torn_run_files,
+    write_run,
+)
 from expertsim.analysis.study import CACHE_KEYS, Study, is_override
-
-RUNS_DIR = "runs"
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -141,24 +150,12 @@ def _sim_options(config: dict):
 
 
 def _simulate(config: dict, model, hardware, system, cache, options, trace, progress=None):
-    """Run the config's engine: "des" (SimPy, any policy, timelines), "fast" (the replay engine,
-    built-in policies; exact same metrics), or "auto" (fast when it supports the run, else des)."""
-    from expertsim.errors import ConfigError
+    """Run the config. ``Simulation.run`` picks the engine by ``options.engine``: "des" (SimPy,
+    any policy, timelines), "fast" (the replay engine, built-in policies; exactly the same
+    metrics) or "auto" (fast when it supports the run, else des)."""
     from expertsim.sim import Simulation
 
-    engine = config.get("engine", "auto")
-    if engine == "des" or hasattr(options, "engine"):  # a simulator that dispatches by itself
-        return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
-    try:
-        from expertsim.sim.fast import simulate_fast, supports_simulation
-    except ImportError:
-        if engine == "fast":
-            raise ConfigError("engine = \"fast\": this expertsim has no fast engine; use \"des\"") from None
-        return Simulation(model, hardware, system, cache, options).run(trace)
-    if engine == "fast" or supports_simulation(system, cache or system.cache_config(model), options,
-                                               model=model, hardware=hardware):
-        return simulate_fast(model, hardware, system, cache or system.cache_config(model), trace, options)
-    return Simulation(model, hardware, system, cache, options).run(trace)
+    return Simulation(model, hardware, system, cache, options).run(trace, progress=progress)
 
 
 def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict:
@@ -222,118 +219,6 @@ def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict
             record["traceback"] = traceback.format_exc(limit=8)
     record["wall_s"] = time.perf_counter() - t0
     return record
-
-
-# --- result files --------------------------------------------------------------------------
-def _json_default(value):
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(value)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_run(out_dir: Path, record: dict) -> Path:
-    """DIR/runs/<run_id>.json (and .timeline.parquet when the record has a timeline), atomically."""
-    runs = Path(out_dir) / RUNS_DIR
-    runs.mkdir(parents=True, exist_ok=True)
-    timeline = record.pop("timeline", None)
-    if timeline is not None:
-        from expertsim.sim.metrics import Timeline
-
-        tl = Timeline()
-        tl.rows = list(zip(*(timeline[c] for c in Timeline.COLUMNS)))
-        path = runs / f"{record['run_id']}.timeline.parquet"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tl.to_frame().write_parquet(tmp)
-        os.replace(tmp, path)
-        record["timeline_file"] = path.name
-    path = runs / f"{record['run_id']}.json"
-    atomic_write_bytes(path, json.dumps(record, default=_json_default, allow_nan=True).encode())
-    return path
-
-
-def read_run(path: Path) -> dict | None:
-    """The record in a run file, or None when the file is torn or not a run record (cut short by
-    a full disk or a copy, edited by hand, or not ours): such a run counts as not done."""
-    try:
-        record = json.loads(path.read_bytes())
-    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    if not isinstance(record, dict) or record.get("run_id") != path.stem \
-            or record.get("status") not in ("ok", "error") or not isinstance(record.get("config", {}), dict) \
-            or not isinstance(record.get("metrics", {}), dict):
-        return None
-    return record
-
-
-def _run_files(out_dir: Path) -> list[Path]:
-    runs = Path(out_dir) / RUNS_DIR
-    if not runs.is_dir():
-        return []
-    return sorted(p for p in runs.glob("*.json") if not p.name.startswith("."))
-
-
-def torn_run_files(out_dir: Path) -> list[Path]:
-    """Run files that cannot be read back as a run record."""
-    return [p for p in _run_files(out_dir) if read_run(p) is None]
-
-
-def finished_run_ids(out_dir: Path, *, include_errors: bool = True) -> set[str]:
-    """Ids of the runs whose file reads back whole (torn files are not finished runs)."""
-    done = set()
-    for path in _run_files(out_dir):
-        record = read_run(path)
-        if record is None or (not include_errors and record["status"] != "ok"):
-            continue
-        done.add(path.stem)
-    return done
-
-
-def clean_stale_tmp(out_dir: Path) -> list[Path]:
-    """Remove temporary files (``.<name>.<pid>.tmp``) left by killed sweeps whose process is gone."""
-    removed = []
-    out = Path(out_dir)
-    for folder in (out, out / RUNS_DIR):
-        if not folder.is_dir():
-            continue
-        for path in folder.glob(".*.tmp"):
-            try:
-                pid = int(path.name.rsplit(".", 2)[-2])
-            except (ValueError, IndexError):
-                pid = None
-            if pid is not None and pid != os.getpid() and _alive(pid):
-                continue
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -546,10 +431,3 @@ def _write_study_files(study: Study, out: Path) -> None:
     meta = {"kind": study.kind, "name": study.name, "description": study.description, "baseline": study.baseline,
             "swept_keys": study.swept_keys, "output": study.output, "runs": study.runs}
     atomic_write_bytes(out / "plan.json", json.dumps(meta, default=_json_default, indent=1).encode())
-
-
-def iter_records(out_dir: str | Path) -> Iterable[dict]:
-    for path in _run_files(Path(out_dir)):
-        record = read_run(path)
-        if record is not None:  # a torn run file is re-run by the next resume, not reported
-            yield record

@@ -14,7 +14,7 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.policies.base import EvictionPolicy, LayerObservation, RunContext
-from expertsim.policies.registry import register_eviction
+from expertsim.policies.registration import register_eviction
 
 
 def _num_keys(ctx: RunContext) -> int:

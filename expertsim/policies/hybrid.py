@@ -36,7 +36,7 @@ from expertsim.policies.base import LayerDecision, LayerObservation, MissAction,
     free_expert_memory_bytes
 from expertsim.policies.cache import CacheConfig
 from expertsim.policies.eviction import LRU
-from expertsim.policies.registry import register_system
+from expertsim.policies.registration import register_system
 
 
 class HybridSystem(System):

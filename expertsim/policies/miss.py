@@ -161,13 +161,3 @@ class SkipMisses(MissHandler):
             top = np.argmax(w, axis=1)
             heavy |= set(obs.experts[np.arange(n), top].astype(np.int64).tolist())
         return {int(e): MissAction.SKIP for e in missing_experts(obs).tolist() if int(e) not in heavy}
-
-
-MISS_HANDLERS = {"copy": MissHandler, "cpu": CpuWhenCheaper, "hobbit": GateThresholdPrecision,
-                 "skip": SkipMisses}
-
-
-def make_miss_handler(name: str, **params) -> MissHandler:
-    if name not in MISS_HANDLERS:
-        raise PolicyError(f"unknown miss handling {name!r}; known: {', '.join(MISS_HANDLERS)}")
-    return MISS_HANDLERS[name](**params)

@@ -13,32 +13,17 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable
 
 from expertsim.errors import PolicyError
+# The tables and decorators live one module down, so that the policy modules that register
+# themselves do not import this one (which imports them): re-exported here for callers.
+from expertsim.policies.registration import EVICTION, SYSTEMS, register_eviction, register_system
 
-EVICTION: dict[str, type] = {}
-SYSTEMS: dict[str, type] = {}
+__all__ = ["EVICTION", "SYSTEMS", "register_eviction", "register_system", "load_plugin", "eviction_names",
+           "system_names", "check_params", "make_eviction", "make_system", "make_policy"]
+
 _loaded_builtins = False
 _loaded_entry_points = False
-
-
-def register_eviction(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        EVICTION[name] = cls
-        return cls
-
-    return deco
-
-
-def register_system(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        SYSTEMS[name] = cls
-        return cls
-
-    return deco
 
 
 def _ensure_loaded() -> None:

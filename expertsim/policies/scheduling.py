@@ -141,6 +141,3 @@ def cache_aware_order(obs: LayerObservation) -> list[int]:
             group.append(0)
     idx = sorted(range(len(obs.needed)), key=lambda i: (group[i], -int(obs.tokens_per_expert[i]), int(obs.needed[i])))
     return [int(obs.needed[i]) for i in idx]
-
-
-SCHEDULERS = {"fifo": FifoScheduler, "route-group": RouteGroupScheduler, "cache-aware": CacheAwareScheduler}

@@ -35,7 +35,7 @@ from expertsim.policies.prefetch import (
     PregatedPrefetch,
     SpeculativePrefetch,
 )
-from expertsim.policies.registry import register_system
+from expertsim.policies.registration import register_system
 from expertsim.policies.scheduling import FifoScheduler, RouteGroupScheduler, RouteTracker, cache_aware_order
 
 

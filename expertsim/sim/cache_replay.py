@@ -12,7 +12,6 @@ one they see. Two semantics:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,62 +19,11 @@ from expertsim.errors import ConfigError
 from expertsim.policies import AccessPlan, CacheConfig, ExpertCache, RunContext, System
 from expertsim.policies.serve import LayerServer
 from expertsim.sim.cost import CostModel
+# The result and the checks every cache replay shares (the fast one too): re-exported here.
+from expertsim.sim.replay_setup import CacheReplayResult, prepare_replay, replay_view  # noqa: F401
 from expertsim.sim.workload import Iteration, build_access_plan, iterations_batch1
 from expertsim.specs import HardwareSpec, ModelSpec
 from expertsim.traces import RoutingTrace
-
-
-@dataclass
-class CacheReplayResult:
-    hits: int
-    misses: int
-    wall_s: float
-    per_layer_hits: np.ndarray
-    per_layer_misses: np.ndarray
-
-    @property
-    def accesses(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.accesses if self.accesses else float("nan")
-
-    def to_dict(self) -> dict:
-        return {"hit_rate": self.hit_rate, "hits": self.hits, "misses": self.misses,
-                "accesses": self.accesses, "wall_s": self.wall_s}
-
-
-def replay_view(trace: RoutingTrace, *, phase: str, scope: str, semantics: str) -> RoutingTrace:
-    """Check the replay options and keep the phase's tokens (every cache replay: general, fast,
-    one-pass miss-ratio curves)."""
-    if scope not in ("request", "global"):
-        raise ConfigError(f"--scope must be 'request' or 'global', got {scope!r}")
-    if semantics not in ("together", "standard"):
-        raise ConfigError(f"--semantics must be 'together' or 'standard', got {semantics!r}")
-    view = trace.only_phase(phase)
-    if view.num_tokens == 0:
-        raise ConfigError(f"the trace has no {phase} tokens; use --phase all or prefill")
-    return view
-
-
-def prepare_replay(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,
-                   model: ModelSpec | None, phase: str, scope: str, semantics: str):
-    """Checks and inputs shared by the general and the fast cache replay: the phase's tokens,
-    the layer/expert counts (the model's when given), bytes per expert, and the cache size
-    (the system's own when it fixes one). Returns (view, num_layers, num_experts, expert_bytes,
-    cache_config)."""
-    view = replay_view(trace, phase=phase, scope=scope, semantics=semantics)
-    num_experts = view.num_experts
-    if model is not None:
-        view.check_model(model)
-        num_experts = model.num_experts
-    expert_bytes = model.expert_bytes() if model is not None else 1
-    fixed = system.cache_config(model) if model is not None else None
-    cache_config = fixed or cache_config
-    if cache_config is None:
-        raise ConfigError("give a cache size: --per-layer K or --global-slots N")
-    return view, view.num_layers, num_experts, expert_bytes, cache_config
 
 
 def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig | None, *,

@@ -848,7 +848,7 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
     """The fast path of :func:`expertsim.sim.cache_replay.replay_cache`: the same hits and
     misses, per layer and in total. ``per_token``: every token its own pass (the cache replay's
     definition), else the trace's passes (a prefill pass needs the union of its experts)."""
-    from expertsim.sim.cache_replay import CacheReplayResult, prepare_replay
+    from expertsim.sim.replay_setup import CacheReplayResult, prepare_replay
 
     kind = _builtin_kind(system)
     if kind is None:
@@ -1102,8 +1102,8 @@ def _bounds_metrics(cost, model, misses: int, *, dense_total_ns: int, expert_tot
 def simulate_fast(model, hardware, system, cache_config, trace, options):
     """The fast engine's :class:`~expertsim.sim.metrics.RunResult`: the same metrics as
     ``Simulation(model, hardware, system, cache_config, options).run(trace)`` (engine "fast")."""
-    from expertsim.sim.engine import Simulation
     from expertsim.sim.metrics import summarise
+    from expertsim.sim.setup import RunSetup
 
     if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
         raise ConfigError(
@@ -1112,7 +1112,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
             f"arrivals, whole-expert copies on one copy engine, no timeline); use --engine des"
         )
     wall0 = time.perf_counter()
-    sim = Simulation(model, hardware, system, cache_config, options=options)
+    sim = RunSetup(model, hardware, system, cache_config, options=options)
     m, opts, cost = model, options, sim.cost
     trace.check_model(m)
     memory = sim.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
@@ -1201,7 +1201,7 @@ def replay_parquet_fast(path, cache_config, *, phase: str = "decode", scope: str
     without holding the trace."""
     import polars as pl
 
-    from expertsim.sim.cache_replay import CacheReplayResult
+    from expertsim.sim.replay_setup import CacheReplayResult
 
     if phase not in ("decode", "prefill", "all"):
         raise ConfigError(f"phase must be prefill, decode or all, got {phase!r}")

@@ -103,7 +103,7 @@ def stack_distances(trace, *, partition: str = "per_layer", phase: str = "decode
     """(distances, layer of each access, AccessGroups) for the cache replay's access order."""
     if partition not in ("per_layer", "global"):
         raise ConfigError(f"partition must be 'per_layer' or 'global', got {partition!r}")
-    from expertsim.sim.cache_replay import replay_view
+    from expertsim.sim.replay_setup import replay_view
 
     view = replay_view(trace, phase=phase, scope=scope, semantics=semantics)
     E = int(num_experts or view.num_experts)

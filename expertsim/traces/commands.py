@@ -156,7 +156,7 @@ def trace_stats_cmd(
     phase: Literal["decode", "prefill", "all"] = typer.Option("decode", "--phase", help="decode, prefill or all."),
 ) -> None:
     """Locality statistics: popularity, reuse, LRU hit-rate curve, cross-layer predictability."""
-    from expertsim.cli import echo_json, print_table
+    from expertsim.console import echo_json, print_table
     from expertsim.traces import read_trace
     from expertsim.traces.stats import trace_stats
 

@@ -18,7 +18,8 @@ TINY = {"layers": 1, "experts_scale": 1 / 32, "dtype": "fp32", "max_tokens": 40}
 def _app():
     import typer
 
-    from expertsim.real_runner.commands import calibrate_command, validate_command
+    from expertsim.analysis.commands import validate_command
+    from expertsim.real_runner.commands import calibrate_command
 
     app = typer.Typer()
     app.command("calibrate")(calibrate_command)
@@ -27,7 +28,7 @@ def _app():
 
 
 def test_kendall_tau():
-    from expertsim.validate import kendall_tau
+    from expertsim.analysis.validate import kendall_tau
 
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
@@ -35,7 +36,7 @@ def test_kendall_tau():
 
 
 def test_validate_end_to_end_cpu(tmp_path):
-    from expertsim.validate import validate
+    from expertsim.analysis.validate import validate
 
     report, paths = validate(device="cpu", model="mixtral-8x7b", trace_path=None, out=tmp_path,
                              policies=["no-cache", "lru:2", "all-on-gpu"], link_gbps=1.0, quick=True, **TINY)
@@ -101,7 +102,7 @@ def test_cli_calibrate_writes_a_profile_the_simulator_reads(tmp_path):
 def test_gpu_script_on_the_cpu_path(tmp_path):
     """benchmarks/gpu_validate.sh with --device cpu on a tiny bundle; then predictions from its folder."""
     from expertsim.real_runner import write_bundle
-    from expertsim.validate import compare_measured, prepare_slice
+    from expertsim.analysis.validate import compare_measured, prepare_slice
 
     spec, trace = prepare_slice("mixtral-8x7b", None, layers=1, experts_scale=1 / 32, max_tokens=30, dtype="fp32")
     bundle = write_bundle(tmp_path / "slice.npz", trace, spec, {"layers": 1})
@@ -119,7 +120,7 @@ def test_gpu_script_on_the_cpu_path(tmp_path):
 
 @pytest.mark.shared
 def test_validate_shared_mixtral_trace_slice(tmp_path, mixtral_trace_path):
-    from expertsim.validate import validate
+    from expertsim.analysis.validate import validate
 
     report, _ = validate(device="cpu", model="mixtral-8x7b", trace_path=str(mixtral_trace_path), out=tmp_path,
                          policies=["no-cache", "lru:2", "lru:4", "all-on-gpu"], link_gbps=1.0, quick=True,

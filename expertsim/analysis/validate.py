@@ -1,8 +1,9 @@
 """Validation of the simulator against the real runner: the same trace slice, model and policies,
 simulated with the calibrated profile and replayed on a device, compared pass by pass.
 
-It sits at the package top because it needs both engines (``analysis -> sim, real_runner``),
-which never import each other. Measuring (``expertsim.real_runner.measure``) may happen on
+It lives in ``analysis`` because it needs both engines (``analysis -> sim, real_runner``), which
+never import each other; its command (``expertsim validate``) is in
+:mod:`expertsim.analysis.commands`. Measuring (``expertsim.real_runner.measure``) may happen on
 another machine (``benchmarks/gpu_validate.sh``); :func:`compare_measured` then needs only the
 folder it wrote.
 
