@@ -132,3 +132,31 @@ def test_simulate_ktransformers_on_a_uniform_trace_reports_prefill_and_decode_sp
     metrics = json.loads(result.stdout)
     assert metrics["prefill_tokens_per_s"] > 0 and metrics["tokens_per_s"] > 0
     assert metrics["tokens_per_s"] < metrics["prefill_tokens_per_s"]
+
+
+def test_cpu_kernel_by_expert_format_changes_only_that_format():
+    """FP8 experts at full width run kt-kernel's FP8->BF16 kernel (cpu_kernels_by_format.fp8);
+    GGUF-quantised experts keep the int8 path."""
+    import dataclasses
+
+    from expertsim.sim.cost import CostModel
+    from expertsim.specs import load_hardware, load_model, load_runtime
+
+    hw = load_hardware("rtx4090-48g-2x-xeon8488c")
+    rt = load_runtime("ktransformers")
+    assert rt.cpu_kernel("fp8")[0] == "bf16" and rt.cpu_kernel("quantised") == ("int8", rt.cpu_flops_fraction)
+    plain = dataclasses.replace(rt, cpu_kernels_by_format={})
+    fp8 = dataclasses.replace(load_model("minimax-m2.1"), expert_bits=8.0)
+    q4 = dataclasses.replace(fp8, expert_bits=4.8)
+    assert CostModel(fp8, hw, runtime=rt).cpu_compute_ns(256) != CostModel(fp8, hw, runtime=plain).cpu_compute_ns(256)
+    assert CostModel(q4, hw, runtime=rt).cpu_compute_ns(256) == CostModel(q4, hw, runtime=plain).cpu_compute_ns(256)
+
+
+def test_cpu_kernels_by_format_rejects_bad_fraction():
+    import pytest
+
+    from expertsim.errors import SpecError
+    from expertsim.specs.loader import runtime_from_dict
+
+    with pytest.raises(SpecError, match="flops_fraction"):
+        runtime_from_dict({"cpu_kernels_by_format": {"fp8": {"flops_fraction": 2.0}}})
