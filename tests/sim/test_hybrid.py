@@ -160,3 +160,31 @@ def test_cpu_kernels_by_format_rejects_bad_fraction():
 
     with pytest.raises(SpecError, match="flops_fraction"):
         runtime_from_dict({"cpu_kernels_by_format": {"fp8": {"flops_fraction": 2.0}}})
+
+
+def test_model_top_k_override_runs_ktransformers_six_of_eight_mode():
+    """KTransformers' 6-of-8 experts mode: --set model.top_k=6 routes 6 experts per token (the
+    uniform trace is sized from the overridden model) and decode reads fewer expert bytes."""
+    def decode(top_k: int) -> dict:
+        result = CliRunner().invoke(app, ["simulate", "--system", "ktransformers", "-m", "qwen3-30b-a3b", "-H",
+                                          "rtx4090-48g-2x-xeon8488c", "--trace", "uniform", "--prompt-tokens", "0",
+                                          "--decode-tokens", "4", "--set", f"model.top_k={top_k}", "--json"])
+        assert result.exit_code == 0, result.stdout
+        return json.loads(result.stdout)
+
+    six, eight = decode(6), decode(8)
+    assert six["tokens_per_s"] > eight["tokens_per_s"]
+    result = CliRunner().invoke(app, ["simulate", "--system", "ktransformers", "-m", "qwen3-30b-a3b", "-H",
+                                      "rtx4090-48g-2x-xeon8488c", "--trace", "uniform", "--set", "model.top_k=0"])
+    assert isinstance(result.exception, SpecError) and "top_k" in str(result.exception)  # main(): exit 2
+
+
+@pytest.mark.parametrize("name,moe_layers,experts,top_k,total_b", [
+    ("kimi-k2", 60, 384, 8, 1026.4), ("gpt-oss-120b", 36, 128, 4, 116.8), ("deepseek-v3", 58, 256, 8, 671.0)])
+def test_large_model_presets_match_their_public_configs(name, moe_layers, experts, top_k, total_b):
+    from expertsim.specs import load_model
+
+    m = load_model(name)
+    assert (m.num_moe_layers, m.num_experts, m.top_k) == (moe_layers, experts, top_k)
+    # Expert parameters plus the true dense count (the preset comments) give the published total.
+    assert abs(m.num_moe_layers * m.num_experts * m.expert_params / 1e9 - total_b) / total_b < 0.03
