@@ -33,7 +33,8 @@ Roofline terms:
   model dtype x eff)) plus the activations' two small copies over the link (to the host and back).
   ``cpu.tflops_by_dtype`` gives the instruction set's rate per dtype (bf16 without AVX512_BF16).
   The runtime scales both terms (``cpu_bandwidth_fraction``, ``cpu_flops_fraction``, the GEMM's
-  ``cpu_gemm_dtype``) and a multi-socket host multiplies them by ``cpu.socket_scale`` (NUMA
+  ``cpu_gemm_dtype``; per expert format ``cpu_kernels_by_format``, e.g. FP8 weights on a
+  different kernel from GGUF blocks) and a multi-socket host multiplies them by ``cpu.socket_scale`` (NUMA
   placement). ``cpu_layer_time_ns`` is a layer's CPU experts as one job (activations once).
 - Quantised experts (``model.expert_bits`` below the dtype's bits) are stored, copied and read in
   their own bytes and pay ``DEQUANT_FLOPS_PER_PARAM`` per parameter at compute time (fused).
@@ -347,7 +348,8 @@ class CostModel:
         cpu, m, rt = self.hardware.cpu, self.model, self.runtime
         sockets = cpu.socket_scale(rt.numa_placement == "node")
         t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9 * rt.cpu_bandwidth_fraction * sockets)
-        rate = cpu.gemm_flops(rt.cpu_gemm_dtype or m.dtype) * cpu.efficiency * rt.cpu_flops_fraction * sockets
+        gemm_dtype, fraction = rt.cpu_kernel("quantised" if m.experts_quantised else m.dtype)
+        rate = cpu.gemm_flops(gemm_dtype or m.dtype) * cpu.efficiency * fraction * sockets
         return _ns(max(t_mem, m.expert_flops(tokens) / rate))
 
     def activation_copy_ns(self, tokens: int) -> int:

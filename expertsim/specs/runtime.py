@@ -38,6 +38,13 @@ CPU expert kernels (issue 17: systems that compute routed experts on the host):
 - ``cpu_gemm_dtype``: the arithmetic the CPU kernels run in (a key of ``cpu.tflops_by_dtype``,
   e.g. ``"int8"`` for AVX512-VNNI dot products of GGUF blocks, ``"bf16"`` for AMX); empty = the
   model's dtype.
+- ``cpu_kernels_by_format``: per expert storage format, the kernel the stack runs instead of the
+  default one: ``{ fp8 = { gemm_dtype = "bf16", flops_fraction = 0.1 } }``. The format of a run's
+  experts is the model's dtype when they are stored at its full width (``"fp8"`` for FP8 weights
+  at 8 bits), else ``"quantised"`` (GGUF-style blocks below the dtype's width). Missing formats
+  use ``cpu_gemm_dtype`` / ``cpu_flops_fraction``. KTransformers' kt-kernel converts FP8 weights
+  to BF16 tile by tile before its AMX-BF16 GEMM (kt-kernel/operators/amx/fp8-moe.hpp:27), a
+  different rate from its int8 (GGUF / llamafile) path.
 - ``numa_placement``: ``"node"`` = expert weights copied onto every NUMA node, each socket reads
   its own (KTransformers ``USE_NUMA=1``): the sockets give ``cpu.numa_speedup``; ``"none"`` =
   one copy (``cpu.numa_unplaced_factor``).
@@ -70,6 +77,7 @@ class RuntimeSpec:
     cpu_flops_fraction: float = 1.0  # of cpu.gemm_flops(cpu_gemm_dtype) x cpu.efficiency reached at prefill
     cpu_gemm_dtype: str = ""  # arithmetic of the CPU kernels (cpu.tflops_by_dtype key); "" = the model dtype
     numa_placement: str = "none"  # "node": weights copied per NUMA node; "none": one copy
+    cpu_kernels_by_format: dict = field(default_factory=dict)  # format -> {gemm_dtype, flops_fraction}
     source: str = ""
     notes: str = field(default="", compare=False)
 
@@ -88,6 +96,20 @@ class RuntimeSpec:
         if not isinstance(self.cpu_gemm_dtype, str):
             raise SpecError(f"runtime {self.name!r}: cpu_gemm_dtype must be a dtype name such as \"int8\" or \"bf16\", "
                             f"got {self.cpu_gemm_dtype!r}")
+        if not isinstance(self.cpu_kernels_by_format, dict):
+            raise SpecError(f"runtime {self.name!r}: cpu_kernels_by_format must be a table such as "
+                            f"{{ fp8 = {{ gemm_dtype = \"bf16\", flops_fraction = 0.1 }} }}, got {self.cpu_kernels_by_format!r}")
+        for fmt, kernel in self.cpu_kernels_by_format.items():
+            if not isinstance(kernel, dict) or set(kernel) - {"gemm_dtype", "flops_fraction"}:
+                raise SpecError(f"runtime {self.name!r}: cpu_kernels_by_format.{fmt} must be a table with gemm_dtype "
+                                f"and/or flops_fraction, got {kernel!r}")
+            frac = kernel.get("flops_fraction", 1.0)
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not math.isfinite(frac) or not 0 < frac <= 1:
+                raise SpecError(f"runtime {self.name!r}: cpu_kernels_by_format.{fmt}.flops_fraction must be a fraction "
+                                f"in (0, 1], got {frac!r}")
+            if not isinstance(kernel.get("gemm_dtype", ""), str):
+                raise SpecError(f"runtime {self.name!r}: cpu_kernels_by_format.{fmt}.gemm_dtype must be a dtype name "
+                                f"such as \"bf16\", got {kernel.get('gemm_dtype')!r}")
         if self.numa_placement not in NUMA_PLACEMENTS:
             raise SpecError(f"runtime {self.name!r}: numa_placement must be 'none' or 'node', got "
                             f"{self.numa_placement!r} (--set runtime.numa_placement=node)")
@@ -116,7 +138,15 @@ class RuntimeSpec:
                 "kernel_us_per_expert": self.kernel_us_per_expert, "copy_stream": self.copy_stream,
                 "writeback": self.writeback, "pinned_host": self.pinned_host,
                 "cpu_bandwidth_fraction": self.cpu_bandwidth_fraction, "cpu_flops_fraction": self.cpu_flops_fraction,
-                "cpu_gemm_dtype": self.cpu_gemm_dtype, "numa_placement": self.numa_placement}
+                "cpu_gemm_dtype": self.cpu_gemm_dtype, "numa_placement": self.numa_placement,
+                "cpu_kernels_by_format": dict(self.cpu_kernels_by_format)}
+
+    def cpu_kernel(self, expert_format: str) -> tuple[str, float]:
+        """(GEMM dtype, flops fraction) of the CPU expert kernel for ``expert_format``
+        (``"fp8"``, ``"quantised"``, ...): the format's entry, else the runtime-wide fields."""
+        kernel = self.cpu_kernels_by_format.get(expert_format, {})
+        return str(kernel.get("gemm_dtype", self.cpu_gemm_dtype)), float(kernel.get("flops_fraction",
+                                                                                    self.cpu_flops_fraction))
 
     def describe(self) -> str:
         """One line for a run's printed assumptions."""

@@ -132,3 +132,59 @@ def test_simulate_ktransformers_on_a_uniform_trace_reports_prefill_and_decode_sp
     metrics = json.loads(result.stdout)
     assert metrics["prefill_tokens_per_s"] > 0 and metrics["tokens_per_s"] > 0
     assert metrics["tokens_per_s"] < metrics["prefill_tokens_per_s"]
+
+
+def test_cpu_kernel_by_expert_format_changes_only_that_format():
+    """FP8 experts at full width run kt-kernel's FP8->BF16 kernel (cpu_kernels_by_format.fp8);
+    GGUF-quantised experts keep the int8 path."""
+    import dataclasses
+
+    from expertsim.sim.cost import CostModel
+    from expertsim.specs import load_hardware, load_model, load_runtime
+
+    hw = load_hardware("rtx4090-48g-2x-xeon8488c")
+    rt = load_runtime("ktransformers")
+    assert rt.cpu_kernel("fp8")[0] == "bf16" and rt.cpu_kernel("quantised") == ("int8", rt.cpu_flops_fraction)
+    plain = dataclasses.replace(rt, cpu_kernels_by_format={})
+    fp8 = dataclasses.replace(load_model("minimax-m2.1"), expert_bits=8.0)
+    q4 = dataclasses.replace(fp8, expert_bits=4.8)
+    assert CostModel(fp8, hw, runtime=rt).cpu_compute_ns(256) != CostModel(fp8, hw, runtime=plain).cpu_compute_ns(256)
+    assert CostModel(q4, hw, runtime=rt).cpu_compute_ns(256) == CostModel(q4, hw, runtime=plain).cpu_compute_ns(256)
+
+
+def test_cpu_kernels_by_format_rejects_bad_fraction():
+    import pytest
+
+    from expertsim.errors import SpecError
+    from expertsim.specs.loader import runtime_from_dict
+
+    with pytest.raises(SpecError, match="flops_fraction"):
+        runtime_from_dict({"cpu_kernels_by_format": {"fp8": {"flops_fraction": 2.0}}})
+
+
+def test_model_top_k_override_runs_ktransformers_six_of_eight_mode():
+    """KTransformers' 6-of-8 experts mode: --set model.top_k=6 routes 6 experts per token (the
+    uniform trace is sized from the overridden model) and decode reads fewer expert bytes."""
+    def decode(top_k: int) -> dict:
+        result = CliRunner().invoke(app, ["simulate", "--system", "ktransformers", "-m", "qwen3-30b-a3b", "-H",
+                                          "rtx4090-48g-2x-xeon8488c", "--trace", "uniform", "--prompt-tokens", "0",
+                                          "--decode-tokens", "4", "--set", f"model.top_k={top_k}", "--json"])
+        assert result.exit_code == 0, result.stdout
+        return json.loads(result.stdout)
+
+    six, eight = decode(6), decode(8)
+    assert six["tokens_per_s"] > eight["tokens_per_s"]
+    result = CliRunner().invoke(app, ["simulate", "--system", "ktransformers", "-m", "qwen3-30b-a3b", "-H",
+                                      "rtx4090-48g-2x-xeon8488c", "--trace", "uniform", "--set", "model.top_k=0"])
+    assert isinstance(result.exception, SpecError) and "top_k" in str(result.exception)  # main(): exit 2
+
+
+@pytest.mark.parametrize("name,moe_layers,experts,top_k,total_b", [
+    ("kimi-k2", 60, 384, 8, 1026.4), ("gpt-oss-120b", 36, 128, 4, 116.8), ("deepseek-v3", 58, 256, 8, 671.0)])
+def test_large_model_presets_match_their_public_configs(name, moe_layers, experts, top_k, total_b):
+    from expertsim.specs import load_model
+
+    m = load_model(name)
+    assert (m.num_moe_layers, m.num_experts, m.top_k) == (moe_layers, experts, top_k)
+    # Expert parameters plus the true dense count (the preset comments) give the published total.
+    assert abs(m.num_moe_layers * m.num_experts * m.expert_params / 1e9 - total_b) / total_b < 0.03
