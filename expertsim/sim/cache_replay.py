@@ -89,22 +89,43 @@ def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig 
                          model.expert_bytes(system.low_precision_dtype) if model is not None else 1)
     per_hits = np.zeros(num_layers, dtype=np.int64)
     per_misses = np.zeros(num_layers, dtype=np.int64)
-    current = None
+    for _, layer, plan_l in serve_layers(iterations, source, system, cache, server, scope=scope,
+                                         layer_index=layer_index):
+        per_hits[layer] += plan_l.hits
+        per_misses[layer] += plan_l.misses
+    return CacheReplayResult(hits=int(per_hits.sum()), misses=int(per_misses.sum()),
+                             wall_s=time.perf_counter() - t0, per_layer_hits=per_hits,
+                             per_layer_misses=per_misses)
+
+
+def serve_layers(iterations, source: RoutingTrace, system: System, cache: ExpertCache, server: LayerServer, *,
+                 scope: str, layer_index: np.ndarray | None = None):
+    """Walk ``iterations`` through the LayerServer with no timing: at each request's first
+    iteration the cache empties (``scope`` "request") and the system hears of the request; then
+    each MoE layer is observed, served, its copies marked landed, and finished. Yields
+    ``(iteration, layer, plan)`` after the layer is served and before it is finished (the
+    caller reads the plan; the cache is as the layer left it). ``layer_index``: one layer per
+    iteration (the flattened ``standard`` stream), else every layer. Observations carry
+    ``now_ns=0`` and outcomes no times: callers use it for systems whose decisions do not read
+    time (the cache replay, the fast engine's general eviction pass)."""
     from expertsim.policies import LayerOutcome
 
+    num_layers = source.num_layers
+    current = None
     for it in iterations:
         if it.request != current:
             current = it.request
             if scope == "request":
                 cache.reset()
             system.on_request_start(it.request)
-        tokens = np.arange(it.start, it.stop)
+        tokens = it.tokens
+        rows = it.rows
         layers = (int(layer_index[it.start]),) if layer_index is not None else range(num_layers)
         for layer in layers:
             col = 0 if layer_index is not None else layer
-            weights = None if source.weights is None else source.weights[it.start:it.stop, col]
+            weights = None if source.weights is None else source.weights[rows, col]
             obs = server.observe(now_ns=0, iteration=it.index, layer=layer, tokens=tokens,
-                                 experts=source.experts[it.start:it.stop, col], weights=weights,
+                                 experts=source.experts[rows, col], weights=weights,
                                  phase=it.phase, trace=source)
             plan_l, _ = server.serve(obs)
             for item in plan_l.items:
@@ -112,9 +133,5 @@ def replay_cache(trace: RoutingTrace, system: System, cache_config: CacheConfig 
                     cache.mark_resident(layer, item.expert)
             for pf in plan_l.prefetches:
                 cache.mark_resident(pf.layer, pf.expert)
-            per_hits[layer] += plan_l.hits
-            per_misses[layer] += plan_l.misses
+            yield it, layer, plan_l
             server.finish(obs, plan_l, LayerOutcome(layer, plan_l.hits, plan_l.misses, 0, 0, 0))
-    return CacheReplayResult(hits=int(per_hits.sum()), misses=int(per_misses.sum()),
-                             wall_s=time.perf_counter() - t0, per_layer_hits=per_hits,
-                             per_layer_misses=per_misses)

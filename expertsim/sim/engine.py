@@ -75,15 +75,16 @@ class Simulation(RunSetup):
         if self.cache_config is None:
             self.cache_config = self.system.default_cache_config(m, self.hardware, longest * opts.batch)
         if opts.engine != "des":
-            from expertsim.sim import fast
+            from expertsim.sim import fast_general
 
-            if fast.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
-                return fast.simulate_fast(m, self.hardware, self.system, self.cache_config, trace, opts)
+            if fast_general.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
+                return fast_general.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
             if opts.engine == "fast":
                 raise ConfigError(
                     f"the fast engine does not reproduce {self.system.label!r} with these options "
-                    f"(it covers copy-on-miss LRU/FIFO, no-cache and all-on-gpu at batch 1, no timeline); "
-                    f"use --engine des or auto"
+                    f"(it covers copy on miss with any eviction policy, no-cache and all-on-gpu at batch 1, "
+                    f"no timeline; a plug-in eviction policy that overrides on_layer reads the simulated "
+                    f"time, which only the DES has); use --engine des or auto"
                 )
         memory = self.memory_check(longest)
         # A hybrid system never copies a miss into its cache (CPU or streamed): no top-k floor.

@@ -951,8 +951,13 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
     allowed); whole-expert copies; no timeline; any cost profile or link curve. With
     ``hardware`` (and ``model``) also checks the link (one copy engine) and that every expert
     lives in host memory (no storage tier reads)."""
-    if _builtin_kind(system) is None:
-        return False
+    return _builtin_kind(system) is not None and run_supported(system, cache_config, options, model=model,
+                                                                hardware=hardware)
+
+
+def run_supported(system, cache_config, options, *, model=None, hardware=None) -> bool:
+    """The run-level half of :func:`supports_simulation` (options, runtime, link, storage),
+    shared with the general eviction pass (:mod:`expertsim.sim.fast_general`)."""
     from expertsim.sim.cost import runtime_for
 
     if not runtime_for(system, options.runtime).fast_engine_ok:
@@ -1099,13 +1104,17 @@ def _bounds_metrics(cost, model, misses: int, *, dense_total_ns: int, expert_tot
             "compute_bound_ns": compute_ns, "link_bound_ns": int(link_ns)}
 
 
-def simulate_fast(model, hardware, system, cache_config, trace, options):
+def simulate_fast(model, hardware, system, cache_config, trace, options, *, cache_pass=None):
     """The fast engine's :class:`~expertsim.sim.metrics.RunResult`: the same metrics as
-    ``Simulation(model, hardware, system, cache_config, options).run(trace)`` (engine "fast")."""
+    ``Simulation(model, hardware, system, cache_config, options).run(trace)`` (engine "fast").
+    ``cache_pass(setup, trace, groups)``, when given, computes (hit, release, peak_cache_bytes)
+    in place of the LRU/FIFO kernels (the caller has checked the run: see
+    :mod:`expertsim.sim.fast_general`)."""
     from expertsim.sim.metrics import summarise
     from expertsim.sim.setup import RunSetup
 
-    if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
+    if cache_pass is None and not supports_simulation(system, cache_config, options, model=model,
+                                                      hardware=hardware):
         raise ConfigError(
             f"the fast engine does not support policy {system.label!r} with these options (it runs "
             f"the base system with LRU or FIFO, no-cache and all-on-gpu at batch 1, closed or offline "
@@ -1138,9 +1147,13 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     # The bound's Belady replay needs only the groups: with numba (which releases the GIL) it
     # runs on a second thread while the cache and timing kernels run here.
     belady = _Background(_belady_misses, m, groups, sim.cache_config, initial) if opts.bounds and HAVE_NUMBA else None
-    hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
-                                 clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
-                                 initial=initial, refresh=kind != "fifo")
+    if cache_pass is not None:
+        hit, release, peak_bytes = cache_pass(sim, trace, groups)
+    else:
+        hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
+                                     clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
+                                     initial=initial, refresh=kind != "fifo")
+        peak_bytes = int(peak) * expert_bytes
     # Timing: cost tables from the same CostModel, then the kernel.
     expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
     for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
@@ -1182,7 +1195,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options):
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
         columns=columns, totals=totals, timeline=None, memory=memory,
-        cost=cost, scope=opts.scope, peak_cache_bytes=int(peak) * expert_bytes, engine="fast",
+        cost=cost, scope=opts.scope, peak_cache_bytes=peak_bytes, engine="fast",
         requests=requests, decode_latencies_ns=latencies,
         serving=opts.serving_summary(),
         extra=extra,

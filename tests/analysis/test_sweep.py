@@ -57,8 +57,9 @@ def test_auto_engine_matches_the_des():
     same = [json.dumps({k: v for k, v in r["metrics"].items() if k not in drop}, sort_keys=True)
             for r in (auto, des)]  # (NaN-safe comparison)
     assert same[0] == same[1]
-    # Policies the fast engine does not run fall back to the DES.
-    assert run_one(_config(policy="belady", cache_per_layer=3))["engine_used"] == "des"
+    # Every eviction policy runs on the fast engine; systems it does not run (prefetch) fall back to the DES.
+    assert run_one(_config(policy="belady", cache_per_layer=3))["engine_used"] == "fast"
+    assert run_one(_config(policy="se-moe", cache_per_layer=3))["engine_used"] == "des"
     from expertsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="engine"):
