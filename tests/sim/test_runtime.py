@@ -89,7 +89,8 @@ def test_copies_on_the_compute_stream_do_not_overlap_compute():
 
 @pytest.mark.parametrize("policy, cache", [("lru", CacheConfig(per_layer=2)), ("lru", CacheConfig(per_layer=3)),
                                            ("fifo", CacheConfig(per_layer=2)), ("no-cache", None),
-                                           ("lru", CacheConfig(global_slots=5))])
+                                           ("lru", CacheConfig(global_slots=5)), ("lfu", CacheConfig(per_layer=2)),
+                                           ("belady", CacheConfig(global_slots=5))])
 @pytest.mark.parametrize("host_us", [0.0, 30.0, 5000.0])
 def test_fast_engine_equals_the_des_with_copies_on_the_compute_stream(policy, cache, host_us):
     """The fast engine's closed form for compute-stream copies (each miss: its compute plus the
