@@ -408,10 +408,11 @@ class _DesRun:
                 if self.serial:  # host time overlaps the copies in flight; the kernels wait for them
                     host = min(self.cost.host_layer_ns, t_dense)
                     yield env.timeout(host)
+                    self._row("gpu", "dense", it, layer, -1, t0, env.now)  # its host part
                     waited = yield from self._drain_stream(it, layer)
                     stats["stall_ns"] += waited
                     self.totals["stall_ns"] += waited
-                    t0 = env.now - host
+                    t0 = env.now
                     yield env.timeout(t_dense - host)
                 else:
                     yield env.timeout(t_dense)
@@ -455,7 +456,7 @@ class _DesRun:
                       for item in plan.items if item.hit}
         own = {cache.key(layer, e) for e in hit_copies}
         runtime = self.sim.runtime
-        serial = runtime.serialises_copies  # copies queued on the compute stream, in serve order
+        serial = self.serial  # copies queued on the compute stream, in serve order
         writebacks = 0
         if runtime.writeback:
             # Every expert that left the GPU since the last layer (evicted here, or dropped at the
@@ -531,7 +532,9 @@ class _DesRun:
             t = self.cost.expert_time_ns(item.tokens, low_precision_dtype=lowp if item.low_precision else None)
             host = min(self.cost.host_expert_ns, t) if serial else 0
             if host:  # the expert call's host work overlaps the copies in flight on the stream
+                t0 = env.now
                 yield env.timeout(host)
+                self._row("gpu", "expert", it, layer, item.expert, t0, env.now)  # its host part
                 stall += yield from self._drain_stream(it, layer)
             if item.action is MissAction.STREAM and not stream_done.triggered:
                 t0 = env.now
@@ -546,7 +549,7 @@ class _DesRun:
                 self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
             if serial:
                 stall += yield from self._drain_stream(it, layer)
-            t0 = env.now - host
+            t0 = env.now
             yield env.timeout(t - host)
             self.totals["expert_compute_ns"] += t
             self._row("gpu", "expert", it, layer, item.expert, t0, env.now)

@@ -182,3 +182,17 @@ def test_cli_runtime_option_set_keys_and_specs_listing():
     assert {"default", "mixtral-offloading", "fiddler"} <= {r["name"] for r in listing["runtimes"]}
     shown = runner.invoke(app, ["specs", "show", "mixtral-offloading"])
     assert shown.exit_code == 0 and "src/expert_cache.py" in shown.stdout
+
+
+def test_compute_stream_timeline_rows_on_the_gpu_never_overlap():
+    """The GPU row of a run with copies on the compute stream is one sequence: a layer's host part,
+    the stall while its copies land, then its kernels, one after another."""
+    rt = RuntimeSpec(name="s", copy_stream="compute", host_us_per_layer=300.0, host_us_per_expert=200.0)
+    trace = synthetic_trace(num_requests=2, prompt=3, decode=5, experts=4, seed=1)
+    result = Simulation(tiny_model(), tiny_hardware(), make_policy("lru"), CacheConfig(per_layer=2),
+                        SimOptions(runtime=rt, engine="des", timeline=True)).run(trace)
+    frame = result.timeline.to_frame()
+    gpu = frame.filter(frame["resource"] == "gpu").sort("start_ns")
+    start, end = gpu["start_ns"].to_numpy(), gpu["end_ns"].to_numpy()
+    assert len(start) > 0 and (start[1:] >= end[:-1]).all()
+    assert {"dense", "expert", "stall"} <= set(gpu["kind"].to_list())
