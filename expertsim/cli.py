@@ -318,12 +318,10 @@ def _simulation(model, hardware, trace, policy, system, per_layer, global_slots,
     overrides = _overrides(sets)
     m, h = apply_overrides(load_model(model), load_hardware(hardware), overrides)
     sys_obj = _policy(policy, system, plugin, params)
-    runtime_sets = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
-    if runtime_sets:  # --set runtime.X=... on the run's runtime (--runtime, else the system's own)
-        from expertsim.sim.cost import runtime_for
-        from expertsim.specs import apply_runtime_overrides
+    from expertsim.sim.cost import runtime_for
 
-        options.runtime = apply_runtime_overrides(runtime_for(sys_obj, options.runtime), runtime_sets)
+    # --runtime (else the system's own) with --set runtime.X=... applied
+    options.runtime = runtime_for(sys_obj, options.runtime, overrides)
     return Simulation(m, h, sys_obj, _cache_config(per_layer, global_slots, cache_gb), options=options)
 
 

@@ -280,12 +280,12 @@ def _check_specs(configs: list[dict]) -> None:
         seen.add(key)
         try:
             apply_overrides(load_model(config["model"]), load_hardware(config["hardware"]), overrides)
-            runtime_keys = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
-            if config.get("runtime") is not None or runtime_keys:
-                from expertsim.specs import apply_runtime_overrides, load_runtime
+            from expertsim.sim.cost import runtime_for
 
-                # the runtime's name, and its overridden fields against the runtime fields
-                apply_runtime_overrides(load_runtime(config.get("runtime") or "default"), runtime_keys)
+            # the runtime's name, and its runtime.* keys against the runtime's fields (without a
+            # system here: a named system's own runtime has the same fields as "default")
+            if config.get("runtime") is not None or any(k.startswith("runtime.") for k in overrides):
+                runtime_for(None, config.get("runtime"), overrides)
         except ExpertSimError as exc:
             label = f" (scenario {config['label']!r})" if config.get("label") else ""
             raise ConfigError(f"study run{label} with model {config['model']!r}, hardware "

@@ -191,12 +191,9 @@ def run_one(config: dict, progress: Callable[[str], None] | None = None) -> dict
             "python": sys.version.split()[0],
         }
         options = _sim_options(config)
-        runtime_overrides = {k: v for k, v in overrides.items() if k.startswith("runtime.")}
-        if runtime_overrides or options.runtime is not None:
-            from expertsim.sim.cost import runtime_for
-            from expertsim.specs import apply_runtime_overrides
+        from expertsim.sim.cost import runtime_for
 
-            options.runtime = apply_runtime_overrides(runtime_for(system, options.runtime), runtime_overrides)
+        options.runtime = runtime_for(system, options.runtime, overrides)  # with its runtime.* keys
         result = _simulate(config, model, hardware, system, cache, options, trace, progress)
         metrics = dict(result.metrics)
         m = model

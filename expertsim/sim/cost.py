@@ -62,15 +62,16 @@ from expertsim.specs.profile import interp_extrapolate, read_profile_json
 DEQUANT_FLOPS_PER_PARAM = 2.0
 
 
-def runtime_for(system, runtime=None) -> RuntimeSpec:
+def runtime_for(system, runtime=None, overrides: dict | None = None) -> RuntimeSpec:
     """The runtime a run uses: ``runtime`` (a RuntimeSpec, a preset name or a TOML path), else the
     system's own (``System.runtime``: a named system runs on the stack it was released with),
-    else ``default``."""
-    if isinstance(runtime, RuntimeSpec):
-        return runtime
-    from expertsim.specs import load_runtime
+    else ``default``; with the ``runtime.``-prefixed keys of ``overrides`` applied (``--set
+    runtime.X=...``; other keys are ignored)."""
+    from expertsim.specs import apply_runtime_overrides, load_runtime
 
-    return load_runtime(runtime or getattr(system, "runtime", None) or "default")
+    spec = runtime if isinstance(runtime, RuntimeSpec) else \
+        load_runtime(runtime or getattr(system, "runtime", None) or "default")
+    return apply_runtime_overrides(spec, overrides) if overrides else spec
 
 
 def _ns(seconds: float) -> int:
