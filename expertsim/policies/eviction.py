@@ -30,6 +30,13 @@ def _lowest(primary: np.ndarray, candidates: np.ndarray, recency: np.ndarray | N
     return int(candidates[order[0]])
 
 
+def hottest(counts: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` highest ``counts`` (ties: the lowest index), ascending: a static hot
+    set (Fiddler's profile, KTransformers' GPU experts by frequency)."""
+    order = np.lexsort((np.arange(len(counts)), -np.asarray(counts)))
+    return np.sort(order[:max(0, int(n))])
+
+
 def layer_scores(obs: LayerObservation) -> np.ndarray:
     """Per-expert routing score at ``obs.layer``, averaged over the pass's tokens: the full router
     probabilities when the trace recorded them (``extras["router_probs"]``), else the gate weight
@@ -252,8 +259,7 @@ class StaticHotSet(EvictionPolicy):
 
     def hot_keys(self, n: int) -> np.ndarray:
         """The ``n`` keys with the highest profile counts (ties: lowest key)."""
-        order = np.lexsort((np.arange(len(self.counts)), -self.counts))
-        return np.sort(order[:max(0, int(n))])
+        return hottest(self.counts, n)
 
     def on_access(self, key, tick, hit, position):
         self.last[key] = tick

@@ -35,7 +35,7 @@ from expertsim.errors import PolicyError
 from expertsim.policies.base import LayerDecision, LayerObservation, MissAction, RunContext, System, \
     free_expert_memory_bytes
 from expertsim.policies.cache import CacheConfig
-from expertsim.policies.eviction import LRU
+from expertsim.policies.eviction import LRU, hottest
 from expertsim.policies.registration import register_system
 
 
@@ -56,7 +56,9 @@ class HybridSystem(System):
 
     # --- placement (subclasses) ---------------------------------------------------------
     def resident_keys(self, model, counts: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+        """The GPU-resident keys given per-key use counts of the run's trace (None: before the
+        trace is known). Abstract: each hybrid system places its own experts."""
+        raise NotImplementedError  # abstract: KTransformers and llama.cpp each define it
 
     def cache_config(self, model):
         return CacheConfig(global_slots=int(len(self.resident_keys(model, None))))
@@ -133,9 +135,8 @@ class KTransformers(HybridSystem):
             if counts is None or self.placement == "first":
                 best = np.arange(n)
             else:
-                row = counts[layer * model.num_experts:(layer + 1) * model.num_experts]
-                best = np.lexsort((np.arange(model.num_experts), -row))[:n]
-            keys.append(layer * model.num_experts + np.sort(best))
+                best = hottest(counts[layer * model.num_experts:(layer + 1) * model.num_experts], n)
+            keys.append(layer * model.num_experts + best)
         return np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, dtype=np.int64)
 
 

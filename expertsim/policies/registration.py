@@ -13,19 +13,19 @@ EVICTION: dict[str, type] = {}
 SYSTEMS: dict[str, type] = {}
 
 
-def register_eviction(name: str) -> Callable[[type], type]:
+def _register(table: dict[str, type], name: str) -> Callable[[type], type]:
+    """A class decorator that names the class ``name`` and files it in ``table``."""
     def deco(cls: type) -> type:
         cls.name = name
-        EVICTION[name] = cls
+        table[name] = cls
         return cls
 
     return deco
+
+
+def register_eviction(name: str) -> Callable[[type], type]:
+    return _register(EVICTION, name)
 
 
 def register_system(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        SYSTEMS[name] = cls
-        return cls
-
-    return deco
+    return _register(SYSTEMS, name)

@@ -22,7 +22,7 @@ from expertsim.policies.base import (
     free_expert_memory_bytes,
 )
 from expertsim.policies.cache import CacheConfig
-from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
+from expertsim.policies.eviction import FIFO, LRU, StaticHotSet, hottest
 from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
 from expertsim.policies.prefetch import (
     ActivationMatrixPrefetch,
@@ -433,8 +433,7 @@ class Fiddler(ComposedSystem):
         counts = self.eviction.counts.reshape(cache.num_layers, cache.num_experts)
         for layer in range(cache.num_layers):
             n = int(cache.capacity[layer] // cache.expert_bytes)
-            best = np.lexsort((np.arange(cache.num_experts), -counts[layer]))[:n]
-            keys += (layer * cache.num_experts + np.sort(best)).tolist()
+            keys += (layer * cache.num_experts + hottest(counts[layer], n)).tolist()
         return np.asarray(keys, dtype=np.int64)
 
 
