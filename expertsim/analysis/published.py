@@ -30,7 +30,6 @@ values the rows would use; the other rows of the group are then predicted with t
 """
 from __future__ import annotations
 
-import concurrent.futures as futures
 import math
 import os
 import sys
@@ -133,23 +132,20 @@ def _speed(record: dict, metric: str) -> float:
 
 
 def _run_all(configs: list[dict], jobs: int, progress: Callable[[str], None] | None) -> list[dict]:
-    from expertsim.analysis.sweep import run_one
+    """Every config through the sweep's local runner (run_one in worker processes); the records
+    in the configs' order (rows with the same run config share its record)."""
+    from expertsim.analysis.sweep import _local
 
-    if jobs <= 1 or len(configs) <= 1:
-        out = []
-        for i, config in enumerate(configs):
-            out.append(run_one(config))
-            if progress:
-                progress(f"validate: {i + 1}/{len(configs)} runs")
-        return out
-    results: list[dict | None] = [None] * len(configs)
-    with futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        pending = {pool.submit(run_one, c): i for i, c in enumerate(configs)}
-        for done, fut in enumerate(futures.as_completed(pending), 1):
-            results[pending[fut]] = fut.result()
-            if progress:
-                progress(f"validate: {done}/{len(configs)} runs")
-    return results  # type: ignore[return-value]
+    unique = list({c["run_id"]: c for c in configs}.values())
+    records: dict[str, dict] = {}
+
+    def on_result(record: dict) -> None:
+        records[record["run_id"]] = record
+        if progress:
+            progress(f"validate: {len(records)}/{len(unique)} runs")
+
+    _local(unique, min(jobs, len(unique)), on_result)
+    return [records[c["run_id"]] for c in configs]
 
 
 def _current_value(config: dict, key: str) -> float:
