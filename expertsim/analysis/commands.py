@@ -121,6 +121,7 @@ def validate_command(
     published: str = typer.Option(None, "--published", help="A measurements file (TOML, see ../shared/published/dev.toml): predict every published number with the simulator and compare; no device needed."),
     fit: bool = typer.Option(False, "--fit", help="With --published: fit the file's fit_params per fit group on the rows marked fit = true, then predict the others."),
     jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="With --published: simulations in parallel (default: the CPU count)."),
+    rank_tolerance: float = typer.Option(0.01, "--rank-tolerance", min=0.0, max=0.99, help="With --published: published values of one group closer than this relative difference are a tie, not an order to match (0 = compare every pair strictly)."),
     policies: str = typer.Option(None, "--policies", help="Comma-separated NAME[:K] (K slots per layer). Default: no-cache, lru:2, lru:4, a prefetching system when registered, all-on-gpu."),
     dtype: str = typer.Option(None, "--dtype", help="Store experts as fp32, bf16 or fp16 (default: fp32 on cpu, the model's on cuda)."),
     link_gbps: float = typer.Option(None, "--link-gbps", help="cpu only: emulated link bandwidth in GB/s (default 1)."),
@@ -135,7 +136,8 @@ def validate_command(
     calibrated profile, and report the simulator's error (per-token latency, total time, hit
     rate) and whether it ranks the policies as measured (Kendall tau)."""
     if published:
-        _validate_published(published, fit=fit, jobs=jobs, out=out, as_json=as_json)
+        _validate_published(published, fit=fit, jobs=jobs, out=out, as_json=as_json,
+                            rank_tolerance=rank_tolerance)
         return
     if fit:
         raise ConfigError("--fit needs --published FILE (a measurements file with fit_params)")
@@ -196,7 +198,8 @@ def validate_command(
     typer.echo(f"results: {paths['policies']}  per token: {paths['per_token']}  scatter: {paths['html']}")
 
 
-def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | None, as_json: bool) -> None:
+def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | None, as_json: bool,
+                        rank_tolerance: float) -> None:
     """``expertsim validate --published FILE``: the simulator against published measurements."""
     import math
 
@@ -204,13 +207,16 @@ def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | No
 
     if out:
         check_output_path(out, "--out", folder=True)
-    report = validate_published(path, fit=fit, jobs=jobs, progress=lambda msg: typer.echo(msg, err=True))
+    report = validate_published(path, fit=fit, jobs=jobs, progress=lambda msg: typer.echo(msg, err=True),
+                                rank_tolerance=rank_tolerance)
     paths = write_published_report(report, out) if out else {}
     if as_json:
         keep = ("id", "group", "published", "predicted", "unit", "metric", "ratio", "fit", "status", "error",
                 "policy", "hardware", "engine")
         print_json({"file": report["file"], "median_abs_error": report["median_abs_error"],
+                    "median_abs_error_by_metric": report["median_abs_error_by_metric"],
                     "max_abs_error": report["max_abs_error"], "rank_agreement": report["rank_agreement"],
+                    "rank_tolerance": report["rank_tolerance"],
                     "groups": report["groups"], "fitted": report["fitted"], "failed": report["failed"],
                     "rows": [{k: r[k] for k in keep} for r in report["rows"]],
                     "outputs": {k: str(v) for k, v in paths.items()}})
@@ -226,14 +232,19 @@ def _validate_published(path: str, *, fit: bool, jobs: int | None, out: str | No
     for r in rows:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     for g in report["groups"]:
-        typer.echo(f"# group {g['group']}: {'same order as published' if g['same_order'] else 'ORDER DIFFERS'}")
+        verdict = 'same order as published' if g['same_order'] else \
+            'ORDER DIFFERS: ' + ', '.join(f"{a} vs {b}" for a, b in g['misordered'])
+        ties = f" (published ties within {report['rank_tolerance']:.0%}: " + \
+            ", ".join(f"{a} = {b}" for a, b in g['ties']) + ")" if g['ties'] else ""
+        typer.echo(f"# group {g['group']}: {verdict}{ties}")
     for row in report["rows"]:
         if row["status"] != "ok":
             typer.echo(f"# {row['id']} failed: {row['error']}")
     if report["fitted"]:
         for group, values in report["fitted"].items():
             typer.echo(f"# fitted for {group}: " + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
-    typer.echo(f"median |ratio - 1| = {report['median_abs_error']:.3f}; max = {report['max_abs_error']:.3f}; "
+    by_metric = ", ".join(f"{k} {v:.3f}" for k, v in report["median_abs_error_by_metric"].items())
+    typer.echo(f"median |ratio - 1| = {report['median_abs_error']:.3f} ({by_metric}); max = {report['max_abs_error']:.3f}; "
                f"rank agreement = {report['rank_agreement']:.2f} ({len(report['groups'])} groups)")
     for kind, p in paths.items():
         typer.echo(f"{kind}: {p}")

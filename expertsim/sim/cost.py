@@ -191,6 +191,7 @@ class CostModel:
         speed = self.hardware.cpu.host_speed
         object.__setattr__(self, "host_layer_ns", _ns(self.runtime.host_us_per_layer * 1e-6 / speed))
         object.__setattr__(self, "host_expert_ns", _ns(self.runtime.host_us_per_expert * 1e-6 / speed))
+        object.__setattr__(self, "cpu_sync_layer_ns", _ns(self.runtime.cpu_sync_us_per_layer * 1e-6 / speed))
         object.__setattr__(self, "kernel_layer_ns", _ns(self.runtime.kernel_us_per_layer * 1e-6))
         object.__setattr__(self, "kernel_expert_ns", _ns(self.runtime.kernel_us_per_expert * 1e-6))
         if self.link_curve is None:
@@ -368,10 +369,12 @@ class CostModel:
     def cpu_layer_time_ns(self, expert_tokens: list[int], layer_tokens: int) -> int:
         """A layer's CPU-resident experts computed on the host as one job (KTransformers,
         llama.cpp): the layer's activations cross the link once each way (``layer_tokens`` x
-        d_model), then the experts run one after another on all cores (their times add)."""
+        d_model), then the experts run one after another on all cores (their times add), plus the
+        runtime's hand-over and barrier time per CPU layer (``cpu_sync_us_per_layer``)."""
         if not expert_tokens:
             return 0
-        return 2 * self.activation_copy_ns(layer_tokens) + sum(self.cpu_compute_ns(t) for t in expert_tokens)
+        return (2 * self.activation_copy_ns(layer_tokens) + sum(self.cpu_compute_ns(t) for t in expert_tokens)
+                + self.cpu_sync_layer_ns)
 
     # --- summary -------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -45,6 +45,14 @@ CPU expert kernels (issue 17: systems that compute routed experts on the host):
   use ``cpu_gemm_dtype`` / ``cpu_flops_fraction``. KTransformers' kt-kernel converts FP8 weights
   to BF16 tile by tile before its AMX-BF16 GEMM (kt-kernel/operators/amx/fp8-moe.hpp:27), a
   different rate from its int8 (GGUF / llamafile) path.
+- ``cpu_sync_us_per_layer``: host time per layer whose experts run on the CPU, paid once per
+  layer per pass on top of the CPU kernels, in microseconds: handing the layer over to the CPU
+  and back (a GPU stream synchronisation and the activation copies' launch at each of the two
+  backend boundaries) and the CPU thread pool's barriers between the layer's graph nodes. In
+  llama.cpp each CPU expert layer is two graph splits at decode (GPU->CPU and CPU->GPU) and its
+  CPU part is 2 top-k + 4 nodes (3 ``mul_mat_id``, the GLU, the weighting ``mul``, top-k views,
+  top-k - 1 adds: ``build_moe_ffn`` in src/llama-graph.cpp), each followed by a thread barrier
+  (``ggml_barrier``). 0 for a stack that submits the layer's experts as one job.
 - ``numa_placement``: ``"node"`` = expert weights copied onto every NUMA node, each socket reads
   its own (KTransformers ``USE_NUMA=1``): the sockets give ``cpu.numa_speedup``; ``"none"`` =
   one copy (``cpu.numa_unplaced_factor``).
@@ -77,12 +85,14 @@ class RuntimeSpec:
     cpu_flops_fraction: float = 1.0  # of cpu.gemm_flops(cpu_gemm_dtype) x cpu.efficiency reached at prefill
     cpu_gemm_dtype: str = ""  # arithmetic of the CPU kernels (cpu.tflops_by_dtype key); "" = the model dtype
     numa_placement: str = "none"  # "node": weights copied per NUMA node; "none": one copy
+    cpu_sync_us_per_layer: float = 0.0  # µs of host time per CPU-expert layer per pass (hand-over + barriers)
     cpu_kernels_by_format: dict = field(default_factory=dict)  # format -> {gemm_dtype, flops_fraction}
     source: str = ""
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("host_us_per_layer", "host_us_per_expert", "kernel_us_per_layer", "kernel_us_per_expert"):
+        for name in ("host_us_per_layer", "host_us_per_expert", "kernel_us_per_layer", "kernel_us_per_expert",
+                     "cpu_sync_us_per_layer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SpecError(f"runtime {self.name!r}: {name} must be a finite number >= 0 (microseconds), "
@@ -139,6 +149,7 @@ class RuntimeSpec:
                 "writeback": self.writeback, "pinned_host": self.pinned_host,
                 "cpu_bandwidth_fraction": self.cpu_bandwidth_fraction, "cpu_flops_fraction": self.cpu_flops_fraction,
                 "cpu_gemm_dtype": self.cpu_gemm_dtype, "numa_placement": self.numa_placement,
+                "cpu_sync_us_per_layer": self.cpu_sync_us_per_layer,
                 "cpu_kernels_by_format": dict(self.cpu_kernels_by_format)}
 
     def cpu_kernel(self, expert_format: str) -> tuple[str, float]:
@@ -165,4 +176,6 @@ class RuntimeSpec:
                    f"{self.cpu_flops_fraction:g} of its {self.cpu_gemm_dtype or 'model-dtype'} GEMM rate, weights "
                    + ("per NUMA node" if self.numa_placement == "node" else "in one NUMA copy")
                    if (self.cpu_bandwidth_fraction, self.cpu_flops_fraction, self.cpu_gemm_dtype, self.numa_placement)
-                   != (1.0, 1.0, "", "none") else ""))
+                   != (1.0, 1.0, "", "none") else "")
+                + (f"; {self.cpu_sync_us_per_layer:g} us host time per CPU-expert layer (hand-over and thread "
+                   f"barriers, divided by cpu.host_speed)" if self.cpu_sync_us_per_layer else ""))

@@ -116,3 +116,27 @@ def test_bad_runtime_and_bits_in_a_measurement_fail_at_load(tmp_path, key, value
            **{k: v for k, v in BASE.items() if k != "trace"}, key: value}
     with pytest.raises(ConfigError, match=message):
         load_measurements(write_file(tmp_path / "m.toml", [row]))
+
+
+def test_group_order_pairs_ties_and_failed_rows():
+    from expertsim.analysis.published import group_order
+
+    published = {"a": 88.2, "b": 88.5, "c": 81.9, "d": 80.0}
+    # predicted strictly decreasing: a > b is against 88.2 < 88.5, but that pair is a published tie (0.3%)
+    predicted = {"a": 72.8, "b": 72.7, "c": 72.4, "d": 71.9}
+    same, wrong, ties = group_order(published, predicted, tolerance=0.01)
+    assert same and wrong == [] and ties == [("a", "b")]
+    same, wrong, ties = group_order(published, predicted, tolerance=0.0)  # strict: every pair counts
+    assert not same and wrong == [("a", "b")] and ties == []
+    # a real inversion outside the tolerance is still an error
+    same, wrong, _ = group_order(published, {**predicted, "d": 73.0}, tolerance=0.01)
+    assert not same and ("a", "d") in wrong and ("c", "d") in wrong
+    # a failed row (NaN prediction) cannot be in the published order
+    same, wrong, _ = group_order({"a": 1.0, "b": 2.0}, {"a": float("nan"), "b": 2.0})
+    assert not same and wrong == [("a", "b")]
+
+
+def test_rank_tolerance_out_of_range_is_one_line(tmp_path):
+    path = write_file(tmp_path / "m.toml", [{"id": "a", "source": "s", "value": 1.0, "unit": "tok/s", **BASE}])
+    result = CliRunner().invoke(app, ["validate", "--published", str(path), "--rank-tolerance", "1.5"])
+    assert result.exit_code == 2

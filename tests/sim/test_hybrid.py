@@ -49,6 +49,21 @@ def test_ktransformers_decode_computes_every_expert_on_the_cpu_per_layer():
     assert result.metrics["hit_rate"] == 0
 
 
+def test_cpu_sync_time_is_paid_once_per_cpu_layer_per_pass_at_host_speed():
+    trace = synthetic_trace(num_requests=1, prompt=1, decode=2)  # 3 passes x 2 layers, all experts on the CPU
+    _, base = _run(make_policy("llamacpp"), trace)
+    sync = RuntimeSpec(name="s", cpu_sync_us_per_layer=100.0)
+    _, synced = _run(make_policy("llamacpp"), trace, runtime=sync)
+    assert synced.metrics["total_s"] - base.metrics["total_s"] == pytest.approx(3 * 2 * 100e-6, abs=1e-9)
+    # host time: a host twice as fast pays half
+    fast_host = tiny_hardware(cpu=dict(host_speed=2.0))
+    _, fast = _run(make_policy("llamacpp"), trace, hardware=fast_host, runtime=sync)
+    _, fast_base = _run(make_policy("llamacpp"), trace, hardware=fast_host)
+    assert fast.metrics["total_s"] - fast_base.metrics["total_s"] == pytest.approx(3 * 2 * 50e-6, abs=1e-9)
+    with pytest.raises(SpecError, match="cpu_sync_us_per_layer"):
+        RuntimeSpec(name="bad", cpu_sync_us_per_layer=-1.0)
+
+
 def test_ktransformers_streams_a_large_pass_layer_by_layer():
     trace = synthetic_trace(num_requests=1, prompt=3, decode=0)
     sim, result = _run(make_policy("ktransformers", gpu_prefill_token_threshold=3), trace)
