@@ -22,6 +22,9 @@ from expertsim.policies.registry import (
     make_policy,
     make_system,
     register_eviction,
+    register_miss,
+    register_prefetch,
+    register_scheduler,
     register_system,
     system_names,
 )
@@ -30,5 +33,6 @@ __all__ = [
     "AccessPlan", "EvictionPolicy", "LayerDecision", "LayerObservation", "LayerOutcome",
     "MissAction", "PrefetchRequest", "RunContext", "System", "CacheConfig", "ExpertCache",
     "eviction_names", "load_plugin", "make_eviction", "make_policy", "make_system",
-    "register_eviction", "register_system", "system_names",
+    "register_eviction", "register_miss", "register_prefetch", "register_scheduler", "register_system",
+    "system_names",
 ]

@@ -35,7 +35,7 @@ def _summary(cls: type) -> str:
 
 def policy_rows() -> list[dict]:
     """One row per registered eviction policy and system: kind, name, summary, parameters."""
-    from expertsim.policies.registry import EVICTION, SYSTEMS, eviction_names, system_names
+    from expertsim.policies.registry import EVICTION, PARTS, SYSTEMS, eviction_names, system_names
 
     rows = []
     for name in system_names():
@@ -47,6 +47,10 @@ def policy_rows() -> list[dict]:
         cls = EVICTION[name]
         rows.append({"kind": "eviction", "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
                      "oracle": bool(getattr(cls, "oracle", False))})
+    for kind in ("prefetch", "miss", "scheduler"):
+        for name, cls in sorted(PARTS[kind].items()):
+            rows.append({"kind": kind, "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
+                         "oracle": bool(getattr(cls, "oracle", False))})
     return rows
 
 
@@ -64,10 +68,14 @@ def list_policies(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    for kind, title in (("system", "Systems (--system NAME)"), ("eviction", "Eviction policies (--policy NAME)")):
+    for kind, title in (("system", "Systems (--system NAME)"), ("eviction", "Eviction policies (--policy NAME)"),
+                        ("prefetch", "Prefetchers (--system compose --param prefetch=NAME)"),
+                        ("miss", "Miss handlers (--system compose --param miss=NAME)"),
+                        ("scheduler", "Batch schedulers (--system compose --param scheduler=NAME)")):
         typer.echo(title)
         for r in (r for r in rows if r["kind"] == kind):
-            typer.echo(f"  {r['name']:<20} {r['summary']}")
+            summary = r["summary"] if len(r["summary"]) <= 100 else r["summary"][:99].rstrip() + "…"
+            typer.echo(f"  {r['name']:<20} {summary}")
             if r["parameters"]:
                 typer.echo(f"  {'':<20} parameters: {r['parameters']}")
         typer.echo("")

@@ -12,6 +12,7 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.policies.base import LayerObservation, MissAction, Parameterised, RunContext
+from expertsim.policies.registration import register_miss
 
 
 def missing_experts(obs: LayerObservation) -> np.ndarray:
@@ -19,6 +20,7 @@ def missing_experts(obs: LayerObservation) -> np.ndarray:
     return obs.needed[~obs.resident]
 
 
+@register_miss("copy")
 class MissHandler(Parameterised):
     """Stall and copy: every miss waits for a full-precision host-to-device copy (the default of
     every offloading system without a CPU path)."""
@@ -38,6 +40,7 @@ class MissHandler(Parameterised):
         return []
 
 
+@register_miss("cpu")
 class CpuWhenCheaper(MissHandler):
     """Compute a missing expert on the host CPU when the cost model says that is faster than
     copying it and computing it on the GPU: Fiddler (Kamahori et al., arXiv 2402.07033) and DAOP
@@ -104,6 +107,7 @@ def cumulative_levels(experts: np.ndarray, weights: np.ndarray | None, full_thre
     return out
 
 
+@register_miss("hobbit")
 class GateThresholdPrecision(MissHandler):
     """HOBBIT's mixed-precision loading (Tang et al., "HOBBIT: A Mixed Precision Expert
     Offloading System for Fast MoE Inference", arXiv 2411.01433): a missing expert is copied in
@@ -137,6 +141,7 @@ class GateThresholdPrecision(MissHandler):
         return out
 
 
+@register_miss("skip")
 class SkipMisses(MissHandler):
     """Skip missing experts and renormalise the remaining gates (AdapMoE-style adaptive gating,
     Zhong et al., arXiv 2408.10284; Lina and others drop low-weight experts): a miss is skipped

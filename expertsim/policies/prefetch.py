@@ -14,12 +14,14 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.policies.base import LayerObservation, LayerOutcome, Parameterised, PrefetchRequest, RunContext
+from expertsim.policies.registration import register_prefetch
 
 
 def _requests(layer: int, experts, priority: int) -> list[PrefetchRequest]:
     return [PrefetchRequest(layer=int(layer), expert=int(e), priority=int(priority)) for e in experts]
 
 
+@register_prefetch("none")
 class Prefetcher(Parameterised):
     """No prefetch: every expert is loaded on demand."""
 
@@ -49,6 +51,7 @@ class Prefetcher(Parameterised):
         return [t for t in range(first, layer + d + 1) if t < self._L]
 
 
+@register_prefetch("pregated")
 class PregatedPrefetch(Prefetcher):
     """Exact prefetch ``distance`` layers ahead with a given accuracy: the Pre-gated MoE case
     (Hwang et al., ISCA 2024, arXiv 2308.12066), whose trained pre-gate picks layer l+1's experts
@@ -95,6 +98,7 @@ class PregatedPrefetch(Prefetcher):
         return out
 
 
+@register_prefetch("speculative-modelled")
 class ModelledSpeculation(PregatedPrefetch):
     """Next-layer gate speculation when the trace did not record it: the guess for layer l+d is
     the true routing of l+d with each expert kept with probability ``recall`` and otherwise
@@ -112,6 +116,7 @@ class ModelledSpeculation(PregatedPrefetch):
         return {"distance": self.distance, "recall": self.accuracy, "seed": self.seed}
 
 
+@register_prefetch("speculative")
 class SpeculativePrefetch(Prefetcher):
     """Next-layer gate speculation recorded in the trace: layer l+d's router applied to layer
     l's hidden state (mixtral-offloading, Eliseev & Mazur, arXiv 2312.17238; HOBBIT; ProMoE
@@ -149,6 +154,7 @@ class SpeculativePrefetch(Prefetcher):
         return _requests(t, guess, self.distance)
 
 
+@register_prefetch("ring")
 class LayerRingPrefetch(Prefetcher):
     """Whole next layer(s): SE-MoE's ring memory (Shen et al., arXiv 2205.14336). At layer l every
     expert of layers l+1 .. l+depth (wrapping to the next pass's first layers) is loaded; with a
@@ -172,6 +178,7 @@ class LayerRingPrefetch(Prefetcher):
         return out
 
 
+@register_prefetch("eam")
 class ActivationMatrixPrefetch(Prefetcher):
     """MoE-Infinity's request-level history matching (Xue et al., arXiv 2401.14361): each finished
     request leaves its expert activation matrix (EAM, layers x experts counts) in a history of at
@@ -232,6 +239,7 @@ class ActivationMatrixPrefetch(Prefetcher):
         return out
 
 
+@register_prefetch("learned")
 class LearnedPrefetch(Prefetcher):
     """Prefetch the experts a learned predictor (:mod:`expertsim.policies.predictors`) expects
     ``distance`` layers ahead: the union over the pass's tokens of each token's predicted top-k
@@ -272,6 +280,7 @@ class LearnedPrefetch(Prefetcher):
         return out
 
 
+@register_prefetch("path")
 class PathPrefetch(LearnedPrefetch):
     """ExpertFlow's routing-path prediction (He et al., arXiv 2410.17954): before the first MoE
     layer the whole path (every layer's experts) is predicted from the token id and the previous

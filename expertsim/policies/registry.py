@@ -17,10 +17,25 @@ from pathlib import Path
 from expertsim.errors import PolicyError
 # The tables and decorators live one module down, so that the policy modules that register
 # themselves do not import this one (which imports them): re-exported here for callers.
-from expertsim.policies.registration import EVICTION, SYSTEMS, register_eviction, register_system
+from expertsim.policies.registration import (
+    EVICTION,
+    MISS,
+    PARTS,
+    PREFETCH,
+    SCHEDULERS,
+    SYSTEMS,
+    _construct,
+    check_params,
+    register_eviction,
+    register_miss,
+    register_prefetch,
+    register_scheduler,
+    register_system,
+)
 
-__all__ = ["EVICTION", "SYSTEMS", "register_eviction", "register_system", "load_plugin", "eviction_names",
-           "system_names", "check_params", "make_eviction", "make_system", "make_policy"]
+__all__ = ["EVICTION", "PREFETCH", "MISS", "SCHEDULERS", "SYSTEMS", "PARTS", "register_eviction",
+           "register_prefetch", "register_miss", "register_scheduler", "register_system", "load_plugin",
+           "eviction_names", "system_names", "check_params", "make_eviction", "make_system", "make_policy"]
 
 _loaded_builtins = False
 _loaded_entry_points = False
@@ -33,6 +48,7 @@ def _ensure_loaded() -> None:
         importlib.import_module("expertsim.policies.eviction")
         importlib.import_module("expertsim.policies.systems")
         importlib.import_module("expertsim.policies.hybrid")
+        importlib.import_module("expertsim.policies.compose")
     if not _loaded_entry_points:
         _loaded_entry_points = True
         from importlib.metadata import entry_points
@@ -98,58 +114,6 @@ def _unknown(name: str, kind: str, known: list[str]) -> PolicyError:
     return PolicyError(
         f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)} (`expertsim policies list`)"
     )
-
-
-def check_params(cls: type, params: dict, what: str) -> None:
-    """Parameters against the constructor's signature, before it runs: known names (with a
-    did-you-mean), no NaN or infinity, and the type of the default (a number where the default is
-    a number, an integer where it is an integer, true/false where it is a boolean)."""
-    import inspect
-    import math
-
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return
-    accepted = {n: p for n, p in signature.parameters.items()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    for key, value in params.items():
-        if key not in accepted and not takes_any:
-            close = difflib.get_close_matches(key, list(accepted), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise PolicyError(f"{what}: bad parameters: unknown {key}={value!r}.{hint} "
-                              f"Parameters: {', '.join(accepted) or 'none'}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PolicyError(f"{what}: bad parameters: {key}={value!r} is not a finite number")
-        default = accepted[key].default if key in accepted else inspect.Parameter.empty
-        if default is inspect.Parameter.empty or default is None:
-            continue
-        expected = None
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                expected = "true or false"
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                expected = "an integer"
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                expected = "a number"
-        elif isinstance(default, str) and not isinstance(value, str):
-            expected = "text"
-        if expected:
-            raise PolicyError(f"{what}: bad parameters: {key}={value!r} must be {expected} "
-                              f"(default {default!r})")
-
-
-def _construct(cls: type, params: dict, what: str):
-    check_params(cls, params, what)
-    try:
-        return cls(**params)
-    except PolicyError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise PolicyError(f"{what}: bad parameters {params}: {exc}") from None
 
 
 def make_eviction(name: str, **params):

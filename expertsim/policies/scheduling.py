@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from expertsim.policies.base import LayerObservation
+from expertsim.policies.registration import register_scheduler
 
 
 class RouteTracker:
@@ -43,6 +44,7 @@ class RouteTracker:
         return {int(r): self.route(r) for r in requests}
 
 
+@register_scheduler("fifo")
 class FifoScheduler:
     """First come, first served: the ``max_batch`` oldest ready requests (vLLM/Orca default)."""
 
@@ -59,6 +61,7 @@ class FifoScheduler:
         return f"{type(self).__name__}()"
 
 
+@register_scheduler("route-group")
 class RouteGroupScheduler(FifoScheduler):
     """ExpertFlow's token scheduler (He et al., arXiv 2410.17954): regroup pending tokens so that
     a batch's tokens share experts. Greedy: start from the oldest request; repeatedly add the
@@ -103,6 +106,7 @@ class RouteGroupScheduler(FifoScheduler):
         return len(np.unique(np.concatenate(keys))) if keys else 0
 
 
+@register_scheduler("cache-aware")
 class CacheAwareScheduler(FifoScheduler):
     """Cache-aware batching: after the oldest request, the requests whose predicted experts are
     most resident on the GPU run first (fewest predicted misses; ties: older first). Requests
