@@ -89,3 +89,23 @@ def test_readme_table_names_each_systems_runtime():
     assert set(rows) == set(builtin_systems())
     for name, runtime in rows.items():
         assert runtime == SYSTEMS[name].runtime, name
+
+
+def test_cli_lists_each_systems_runtime_and_every_preset():
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertsim.cli import app
+
+    result = CliRunner().invoke(app, ["policies", "list", "--json"])
+    assert result.exit_code == 0, result.stdout
+    rows = {r["name"]: r for r in json.loads(result.stdout) if r["kind"] == "system"}
+    for name in builtin_systems():
+        assert rows[name]["runtime"] == SYSTEMS[name].runtime
+    listing = CliRunner().invoke(app, ["specs", "list"])
+    assert listing.exit_code == 0
+    names = {line.split()[0] for line in listing.stdout.split("Runtimes", 1)[1].splitlines()[3:] if line.strip()}
+    assert {SYSTEMS[n].runtime for n in builtin_systems()} <= names
+    shown = CliRunner().invoke(app, ["specs", "show", "daop"])
+    assert shown.exit_code == 0 and "writeback = True" in shown.stdout and "modeling_daop.py" in shown.stdout
