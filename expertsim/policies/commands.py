@@ -42,7 +42,8 @@ def policy_rows() -> list[dict]:
         cls = SYSTEMS[name]
         oracle = getattr(cls, "oracle", False)
         rows.append({"kind": "system", "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
-                     "oracle": oracle if isinstance(oracle, bool) else "when a part is"})
+                     "oracle": oracle if isinstance(oracle, bool) else "when a part is",
+                     "runtime": getattr(cls, "runtime", "default")})
     for name in eviction_names():
         cls = EVICTION[name]
         rows.append({"kind": "eviction", "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
@@ -59,7 +60,8 @@ def list_policies(
     plugin: list[str] = typer.Option(None, "--plugin", help="Import a policy plug-in file or module first (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
-    """Named systems and eviction policies, with one-line descriptions and parameters."""
+    """Named systems (with the runtime each runs on by default) and eviction policies, with one-line
+    descriptions and parameters."""
     from expertsim.policies import load_plugin
 
     for p in plugin or []:
@@ -78,6 +80,8 @@ def list_policies(
             typer.echo(f"  {r['name']:<20} {summary}")
             if r["parameters"]:
                 typer.echo(f"  {'':<20} parameters: {r['parameters']}")
+            if r.get("runtime"):
+                typer.echo(f"  {'':<20} runtime: {r['runtime']}")
         typer.echo("")
 
 

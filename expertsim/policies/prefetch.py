@@ -156,7 +156,7 @@ class SpeculativePrefetch(Prefetcher):
 
 @register_prefetch("ring")
 class LayerRingPrefetch(Prefetcher):
-    """Whole next layer(s): SE-MoE's ring memory (Shen et al., arXiv 2205.14336). At layer l every
+    """Whole next layer(s): SE-MoE's ring memory (Shen et al., arXiv 2205.10034). At layer l every
     expert of layers l+1 .. l+depth (wrapping to the next pass's first layers) is loaded; with a
     cache of (depth+1) layers of experts and FIFO eviction the buffers form a ring."""
 

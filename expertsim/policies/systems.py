@@ -270,6 +270,8 @@ class CacheMoE(ComposedSystem):
     2312.17238). ``cpu="always"`` or ``"cheaper"`` (only when the cost model says the CPU wins)."""
 
     description = "per-layer LRU; misses computed on the CPU, copied in the background"
+    # No released code (a composition): Fiddler's stack, runtimes/cache-moe.toml says why.
+    runtime = "cache-moe"
 
     def __init__(self, cpu: str = "always"):
         if cpu not in ("always", "cheaper"):
@@ -309,11 +311,12 @@ class MixtralOffloading(ComposedSystem):
 @register_system("se-moe")
 class SEMoE(ComposedSystem):
     """SE-MoE (Shen et al., "SE-MoE: A Scalable and Efficient Mixture-of-Experts Distributed
-    Training and Inference System", arXiv 2205.14336): a ring of ``depth + 1`` layer buffers;
+    Training and Inference System", arXiv 2205.10034): a ring of ``depth + 1`` layer buffers;
     while layer l computes, every expert of layers l+1 .. l+depth loads; FIFO frees the oldest
     layer's buffer. Default cache: the ring (capped by free GPU memory)."""
 
     description = "ring of layer buffers: whole next layer(s) prefetched, FIFO"
+    runtime = "se-moe"
 
     def __init__(self, depth: int = 1):
         self.depth = int(depth)
@@ -336,6 +339,7 @@ class PregatedMoE(ComposedSystem):
     ``minimal=True`` gives the paper's memory footprint: two layers' active experts."""
 
     description = "pre-gate prefetch of layer l+1 at layer l (accuracy parameter; oracle)"
+    runtime = "pregated-moe"  # FasterTransformer, copy stream, pinned (ranggihwang/Pregated_MoE)
 
     def __init__(self, accuracy: float = 1.0, distance: int = 1, minimal: bool = False, seed: int = 0):
         self.accuracy, self.distance, self.minimal, self.seed = float(accuracy), int(distance), bool(minimal), int(seed)
@@ -362,6 +366,7 @@ class ExpertFlow(ComposedSystem):
     ``train_fraction`` of the run's requests."""
 
     description = "learned route prediction + adaptive prefetch distance + route-grouped batches"
+    runtime = "expertflow"  # code not found: HF eager assumed (runtimes/expertflow.toml)
 
     def __init__(self, prefetch: str = "adaptive", max_distance: int = 3, train_fraction: float = 0.5,
                  reallocate_every: int = 16):
@@ -390,6 +395,7 @@ class MoEInfinity(ComposedSystem):
     ahead), cache priority from activation ratio, frequency and layer proximity."""
 
     description = "activation-matrix matching prefetch + activation-aware cache priority"
+    runtime = "moe-infinity"  # HF eager + C++ expert dispatcher (EfficientMoE/MoE-Infinity)
 
     def __init__(self, depth: int = 2, history: int = 128):
         from expertsim.policies.eviction import ActivationPriority
@@ -445,6 +451,7 @@ class Hobbit(ComposedSystem):
     recorded it (``speculation``); LRU eviction."""
 
     description = "mixed precision on miss by gate weight (full / int4 / skip) + speculation"
+    runtime = "hobbit"  # built on llama.cpp (arXiv 2411.01433)
 
     def __init__(self, full_threshold: float = 0.6, low_threshold: float = 0.9, speculation: str = "auto"):
         self.full_threshold, self.low_threshold, self.speculation = float(full_threshold), float(low_threshold), speculation
@@ -463,6 +470,7 @@ class ProMoE(ComposedSystem):
     the first ``train_fraction`` of the run's requests), LRU cache, cache-aware serve order."""
 
     description = "learned predictor prefetch d layers ahead + LRU"
+    runtime = "promoe"  # code not found (runtimes/promoe.toml)
 
     def __init__(self, distance: int = 2, train_fraction: float = 0.5):
         self.distance, self.train_fraction = int(distance), float(train_fraction)
@@ -481,6 +489,7 @@ class SkipOnMiss(ComposedSystem):
     is reported. LRU eviction."""
 
     description = "skip low-weight misses (dropped gate mass reported) + LRU"
+    runtime = "adapmoe"  # AdapMoE's released code: mixtral-offloading's stack + a copy stream
 
     def __init__(self, max_weight: float = 0.3, keep_top1: bool = True):
         self.max_weight, self.keep_top1 = float(max_weight), bool(keep_top1)
@@ -526,6 +535,7 @@ class DAOP(ComposedSystem):
     run's assumptions say so."""
 
     description = "per-sequence placement at prefill; experts not on the GPU run on the CPU"
+    runtime = "daop"  # HF loop derived from Fiddler's; swaps write the evicted expert back
 
     def __init__(self):
         from expertsim.policies.eviction import SequenceActivation
