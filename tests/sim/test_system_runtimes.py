@@ -18,7 +18,7 @@ from expertsim.specs import list_runtimes, load_runtime
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # Not released systems but the two ends of the scale: they keep the roofline alone.
-BASELINES = {"no-cache", "all-on-gpu"}
+BASELINES = {"no-cache", "all-on-gpu", "compose"}  # no released stack: the roofline (compose: any runtime with --runtime)
 
 
 def builtin_systems() -> list[str]:
