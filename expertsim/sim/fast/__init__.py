@@ -38,12 +38,13 @@ to the reference engines.
 """
 from __future__ import annotations
 
+from expertsim.policies.base import next_use_positions
 from expertsim.sim.fast.groups import AccessGroups, groups_from_passes
 from expertsim.sim.fast.jit import HAVE_NUMBA
 from expertsim.sim.fast.lru import new_lru_state, run_lru
 from expertsim.sim.fast.replay import replay_cache_fast, replay_parquet_fast
 from expertsim.sim.fast.simulate import simulate_fast
-from expertsim.sim.fast.stream import STREAM_POLICIES, next_use_positions, replay_stream
+from expertsim.sim.fast.stream import STREAM_POLICIES, replay_stream
 from expertsim.sim.fast.support import run_supported, supports_cache_replay, supports_simulation
 
 __all__ = ["HAVE_NUMBA", "AccessGroups", "groups_from_passes", "new_lru_state", "run_lru", "replay_cache_fast",

@@ -30,9 +30,6 @@ from expertsim.errors import ConfigError
 from expertsim.sim.fast import support
 from expertsim.sim.fast.simulate import simulate_fast
 
-# System hooks the engines call; the base System's must all be in place (an eviction-only run).
-_SYSTEM_HOOKS = ("prepare", "on_request_start", "select_batch", "on_layer", "on_layer_end",
-                 "initial_residents", "cache_config")
 
 
 def _builtin_eviction(cls) -> bool:
@@ -50,7 +47,7 @@ def eviction_kind(system) -> str | None:
     eviction = getattr(system, "eviction", None)
     if type(system) is not System or not isinstance(eviction, EvictionPolicy):
         return None
-    for hook in _SYSTEM_HOOKS:
+    for hook in support.SYSTEM_HOOKS:  # the base System's must all be in place (an eviction-only run)
         if getattr(type(system), hook) is not getattr(System, hook):
             return None
     cls = type(eviction)

@@ -80,16 +80,6 @@ def _stream_kernel(keys, capacity, policy):
     return hit
 
 
-def next_use_positions(keys: np.ndarray) -> np.ndarray:
-    """next_use[p] = the next position > p with the same key (len(keys) if none)."""
-    n = len(keys)
-    nxt = np.full(n, n, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
-    same = keys[order[1:]] == keys[order[:-1]]
-    nxt[order[:-1][same]] = order[1:][same]
-    return nxt
-
-
 def replay_stream(keys: np.ndarray, capacity: int, policy: str = "lru") -> np.ndarray:
     """Hit mask of a classic (evict-on-insert, one cache) replay of ``keys``: LRU, FIFO or Belady
     (evict the entry whose next use is farthest). The stream the ``standard`` semantics replay."""

@@ -11,8 +11,8 @@ from expertsim.errors import ConfigError
 # The System hooks the engines call, and which of them each built-in system may override with
 # the behaviour the kernels reproduce. A system whose class overrides any other hook (say, a
 # reload of its residents at each request) is left to the reference engines.
-_HOOKS = ("prepare", "on_request_start", "select_batch", "on_layer", "on_layer_end", "initial_residents",
-          "cache_config")
+SYSTEM_HOOKS = ("prepare", "on_request_start", "select_batch", "on_layer", "on_layer_end", "initial_residents",
+                "cache_config")
 _OVERRIDES = {"lru": (), "fifo": (), "no-cache": ("cache_config", "on_layer_end"),
               "all-on-gpu": ("cache_config", "initial_residents")}
 
@@ -36,7 +36,7 @@ def _builtin_kind(system) -> str | None:
         kind = "all-on-gpu"
     if kind is None:
         return None
-    for hook in _HOOKS:
+    for hook in SYSTEM_HOOKS:
         if hook not in _OVERRIDES[kind] and getattr(type(system), hook) is not getattr(System, hook):
             return None
     return kind
