@@ -2,7 +2,7 @@
 as a plain copy-on-miss system, Mixtral-8x7B on an A40, 3 slots per layer, the first 3,000
 tokens of the shared Mixtral trace (cut at a pass boundary), batch 1, closed loop, cache kept
 across requests, bounds on (the default). LRU and FIFO take the compiled cache kernels; every
-other policy the general pass (expertsim.sim.fast_general: the system's own ExpertCache and
+other policy the general pass (expertsim.sim.fast.general: the system's own ExpertCache and
 LayerServer once, then the compiled timing kernels). Checks that both engines give the same
 metrics and iteration records.
 

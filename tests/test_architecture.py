@@ -1,6 +1,6 @@
 """The plan of the house: no import cycle among expertsim's modules, no arrow against the layers
 declared in docs/architecture.md, the real runner never reaches the simulator, and no module over
-600 lines (except those listed below, not yet split).
+600 lines (no exceptions: a module that grows past it is split by concern).
 
 Imports are read from the source (``ast``), not by importing: module-level imports, imports inside
 functions, ``from . import x``, relative imports, and ``importlib.import_module("expertsim....")``
@@ -25,12 +25,6 @@ import expertsim
 PACKAGE_DIR = Path(expertsim.__file__).resolve().parent
 DESIGN = PACKAGE_DIR.parent / "docs" / "architecture.md"
 MAX_LINES = 600
-
-# Modules over MAX_LINES that are not yet split (issue 15). Do not add to this list: split the
-# module instead. Remove an entry when its module is split.
-OVER_LIMIT_ALLOWED = {
-    "expertsim.sim.fast",  # ~1,240 lines, ten concerns: to be split into named kernels (issue 15)
-}
 
 
 def _module_files() -> dict[str, Path]:
@@ -274,17 +268,8 @@ def test_reach_follows_parent_packages():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_module_length(module):
     lines = len(MODULES[module].read_text().splitlines())
-    if module in OVER_LIMIT_ALLOWED:
-        return
     assert lines <= MAX_LINES, (f"{module} has {lines} lines (limit {MAX_LINES}): split it by concern "
-                                f"rather than adding it to OVER_LIMIT_ALLOWED")
-
-
-def test_over_limit_allow_list_is_current():
-    """An entry whose module is gone or back under the limit must leave the list."""
-    stale = [m for m in OVER_LIMIT_ALLOWED
-             if m not in MODULES or len(MODULES[m].read_text().splitlines()) <= MAX_LINES]
-    assert not stale, f"remove from OVER_LIMIT_ALLOWED (gone or now <= {MAX_LINES} lines): {stale}"
+                                f"into a package of modules (as expertsim/sim/fast/)")
 
 
 def test_public_api_faces():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from expertsim.errors import ConfigError
-from expertsim.policies import CacheConfig, ExpertCache, make_policy
+from expertsim.policies import CacheConfig, ExpertCache, eviction_names, make_eviction, make_policy
 from expertsim.policies.eviction import LRU
 from expertsim.sim.cache_replay import replay_cache
 from expertsim.traces import RoutingTrace
@@ -86,30 +86,35 @@ def random_case(draw):
     return decode_trace(rows, experts, requests), config
 
 
-class CheckingLRU(LRU):
-    """LRU that checks the cache's invariants every time it is asked for a victim."""
-
+def checking(name: str):
+    """The registered eviction policy ``name``, subclassed to check the cache's invariants every
+    time it is asked for a victim (every registered policy: a new one is covered by itself)."""
     def prepare(self, ctx):
-        super().prepare(ctx)
-        self.cache = ctx.cache
+        super(cls, self).prepare(ctx)
+        self.checked_cache = ctx.cache
 
     def victim(self, candidates, tick, position):
-        assert (self.cache.used <= self.cache.capacity).all()
-        assert (self.cache.pins[candidates] == 0).all()
-        return super().victim(candidates, tick, position)
+        assert (self.checked_cache.used <= self.checked_cache.capacity).all()
+        assert (self.checked_cache.pins[candidates] == 0).all()
+        return super(cls, self).victim(candidates, tick, position)
+
+    base = type(make_eviction(name))
+    cls = type(f"Checking{base.__name__}", (base,), {"prepare": prepare, "victim": victim})
+    return cls()
 
 
 @settings(max_examples=150, deadline=None)
-@given(random_case(), st.sampled_from(["together", "standard"]), st.sampled_from(["request", "global"]))
-def test_hits_plus_misses_equal_accesses_and_capacity_holds(case, semantics, scope):
+@given(random_case(), st.sampled_from(["together", "standard"]), st.sampled_from(["request", "global"]),
+       st.sampled_from(eviction_names()))
+def test_hits_plus_misses_equal_accesses_and_capacity_holds(case, semantics, scope, policy):
     from expertsim.policies.base import System
 
     trace, config = case
-    system = System(CheckingLRU())
+    system = System(checking(policy))
     result = replay_cache(trace, system, config, semantics=semantics, scope=scope, engine="des")
     n, layers, k = trace.experts.shape
     assert result.hits + result.misses == n * layers * k  # distinct experts per token and layer
-    cache = system.eviction.cache
+    cache = system.eviction.checked_cache
     assert (cache.used <= cache.capacity).all()
     if config.per_layer is not None:
         for layer in range(layers):

@@ -106,12 +106,20 @@ class AccessPlan:
 
     def next_use(self) -> np.ndarray:
         """next_use[p] = the next position > p that looks up keys[p] again (len(keys) if none)."""
-        n = len(self.keys)
-        nxt = np.full(n, n, dtype=np.int64)
-        order = np.lexsort((np.arange(n), self.keys))
-        same = self.keys[order[1:]] == self.keys[order[:-1]]
-        nxt[order[:-1][same]] = order[1:][same]
-        return nxt
+        return next_use_positions(self.keys)
+
+
+def next_use_positions(keys: np.ndarray) -> np.ndarray:
+    """next_use[p] = the next position > p with the same key as ``keys[p]`` (len(keys) if none):
+    the oracles' input (Belady, the bounds, the stream replay's libCacheSim file). One stable sort
+    by key; consecutive positions of a key link up."""
+    keys = np.asarray(keys)
+    n = len(keys)
+    nxt = np.full(n, n, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
 
 
 class Parameterised:

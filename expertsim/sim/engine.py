@@ -75,7 +75,7 @@ class Simulation(RunSetup):
         if self.cache_config is None:
             self.cache_config = self.system.default_cache_config(m, self.hardware, longest * opts.batch)
         if opts.engine != "des":
-            from expertsim.sim import fast_general
+            from expertsim.sim.fast import general as fast_general
 
             if fast_general.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
                 return fast_general.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)

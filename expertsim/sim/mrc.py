@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertsim.errors import ConfigError
-from expertsim.sim.fast import AccessGroups, _append, _clear_list, _njit, _resets, _unlink, groups_from_passes
+from expertsim.sim.fast.groups import AccessGroups, _resets, groups_from_passes
+from expertsim.sim.fast.jit import _njit
+from expertsim.sim.fast.lru import _append, _clear_list, _unlink
 
 
 @_njit

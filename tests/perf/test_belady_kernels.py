@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertsim.sim import fast
+from expertsim.sim.fast import belady, simulate
 from expertsim.sim.bounds import belady_misses
 from expertsim.sim.workload import AccessPlan
 
@@ -34,7 +35,7 @@ def test_set_belady_kernels_equal_reference(groups, per_layer, slots, initial):
     want = belady_misses(AccessPlan(keys=keys_a, num_experts=E), partitions=parts, slots=slots,
                          initial_residents=init, steps=np.array(steps, dtype=np.int64))
     init_a = np.array(init, dtype=np.int64)
-    for kernel in (fast._set_belady_small, fast._set_belady_kernel):
+    for kernel in (belady._set_belady_small, belady._set_belady_kernel):
         for impl in ((kernel, kernel.py_func) if fast.HAVE_NUMBA else (kernel,)):
             assert impl(keys_a, start_a, gpart, parts, slots, L * E, init_a) == want, impl
 
@@ -43,6 +44,6 @@ def test_background_call_returns_and_reraises():
     """The bound's replay runs on a second thread: its value comes back, and so does its error."""
     import pytest
 
-    assert fast._Background(lambda a, b: a + b, 2, 3).result() == 5
+    assert simulate._Background(lambda a, b: a + b, 2, 3).result() == 5
     with pytest.raises(ZeroDivisionError):
-        fast._Background(lambda: 1 / 0).result()
+        simulate._Background(lambda: 1 / 0).result()

@@ -1,4 +1,4 @@
-"""The fast engine's general eviction pass (expertsim.sim.fast_general) equals the SimPy DES on
+"""The fast engine's general eviction pass (expertsim.sim.fast.general) equals the SimPy DES on
 every metric and every iteration record, for every built-in eviction policy and for eviction-only
 plug-ins."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from expertsim.policies.base import EvictionPolicy
 from expertsim.policies.eviction import LFU
 from expertsim.policies.registry import eviction_names
 from expertsim.sim import SimOptions, Simulation
-from expertsim.sim import fast_general
+from expertsim.sim.fast import general as fast_general
 
 EVICTION = eviction_names()
 

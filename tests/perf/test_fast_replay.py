@@ -11,6 +11,7 @@ from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, System, make_policy
 from expertsim.policies.eviction import LRU
 from expertsim.sim import fast
+from expertsim.sim.fast import lru
 from expertsim.sim.cache_replay import replay_cache
 
 # General path on the full shared Mixtral MTBench trace (decode, request scope, per-layer LRU,
@@ -129,7 +130,7 @@ def test_pure_python_kernels_agree(monkeypatch):
     trace = make_trace([[(0, 5), (1, 1), (1, 1), (0, 3), (1, 1)], [(1, 1)] * 6], 3, 6, 2, 7)
     cfg = CacheConfig(per_layer=3)
     want = replay_cache(trace, make_policy("lru"), cfg, engine="fast", phase="all")
-    monkeypatch.setattr(fast, "_lru_steps", fast._lru_steps.py_func)
+    monkeypatch.setattr(lru, "_lru_steps", lru._lru_steps.py_func)  # _lru_kernel calls it by name
     got = replay_cache(trace, make_policy("lru"), cfg, engine="fast", phase="all")
     assert (got.hits, got.misses) == (want.hits, want.misses)
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from expertsim.sim import fast
+from expertsim.sim.fast import groups
 
 
 def reference(experts, pass_starts, num_experts):
@@ -36,8 +37,8 @@ def test_groups_kernel_equals_numpy_and_definition(data, num_experts, layers, k,
     want_keys, want_tokens, want_start = reference(experts, pass_starts, num_experts)
     layer = np.tile(np.arange(layers, dtype=np.int64), len(lengths))
     pass_index = np.repeat(np.arange(len(lengths), dtype=np.int64), layers)
-    numpy_groups = fast._groups_numpy(experts, pass_starts, num_experts, layer, pass_index)
-    kernels = [fast._groups_kernel.py_func] + ([fast._groups_kernel] if fast.HAVE_NUMBA else [])
+    numpy_groups = groups._groups_numpy(experts, pass_starts, num_experts, layer, pass_index)
+    kernels = [groups._groups_kernel.py_func] + ([groups._groups_kernel] if fast.HAVE_NUMBA else [])
     for kernel in kernels:
         keys, tokens, start = kernel(np.ascontiguousarray(experts), pass_starts, num_experts)
         assert keys.tolist() == want_keys and tokens.tolist() == want_tokens and start.tolist() == want_start
@@ -55,7 +56,7 @@ def test_shared_trace_groups_equal_numpy(mixtral_trace):
     E = mixtral_trace.num_experts
     L = mixtral_trace.num_layers
     got = fast.groups_from_passes(mixtral_trace.experts, starts, E)
-    want = fast._groups_numpy(mixtral_trace.experts, starts, E, got.layer, got.pass_index)
+    want = groups._groups_numpy(mixtral_trace.experts, starts, E, got.layer, got.pass_index)
     for name in ("keys", "tokens", "start"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
     assert len(got.start) == (len(starts) - 1) * L + 1

@@ -7,37 +7,14 @@ accesses) through the fast engine, which the perf tests hold equal to the genera
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.sim.cache_replay import replay_cache
 
-lcs = pytest.importorskip("libcachesim")
+from eviction_counts import flattened_keys, libcachesim_counts
 
-
-def flattened_keys(trace) -> np.ndarray:
-    """Requests in order, then positions, then layers, then expert ids ascending;
-    key = layer x experts + expert."""
-    n, layers, k = trace.experts.shape
-    layer = np.arange(layers, dtype=np.int64)[None, :, None]
-    return (layer * trace.num_experts + np.sort(trace.experts, axis=2).astype(np.int64)).ravel()
-
-
-def libcachesim_counts(cache_cls, slots: int, keys: np.ndarray) -> tuple[int, int]:
-    never = np.iinfo(np.int64).max
-    next_access = np.full(len(keys), never, dtype=np.int64)
-    last: dict[int, int] = {}
-    for i in range(len(keys) - 1, -1, -1):
-        next_access[i] = last.get(int(keys[i]), never)
-        last[int(keys[i])] = i
-    cache = cache_cls(slots)
-    hits = 0
-    for i, key in enumerate(keys.tolist()):
-        # obj_id 0 is reserved in libCacheSim: shift keys by one.
-        hits += cache.get(lcs.Request(obj_size=1, obj_id=key + 1, clock_time=i,
-                                      next_access_vtime=int(next_access[i])))
-    return hits, len(keys) - hits
+pytest.importorskip("libcachesim")
 
 
 @pytest.mark.shared
@@ -50,7 +27,7 @@ def test_counts_equal_libcachesim(mixtral_trace, name, cache_cls, engine, slots)
     view = mixtral_trace.head_requests(2).only_phase("decode")
     keys = flattened_keys(view)
     assert len(keys) == 18_880
-    expected = libcachesim_counts(getattr(lcs, cache_cls), slots, keys)
+    expected = libcachesim_counts(cache_cls, slots, keys)
     result = replay_cache(view, make_policy(name), CacheConfig(global_slots=slots), semantics="standard",
                           phase="decode", scope="global", engine=engine)
     assert (result.hits, result.misses) == expected
@@ -70,9 +47,9 @@ def test_whole_decode_trace_equals_libcachesim(mixtral_trace, slots):
     keys = flattened_keys(view)
     assert len(keys) == 895_872
     for name, cache_cls in (("lru", "LRU"), ("fifo", "FIFO")):
-        expected = libcachesim_counts(getattr(lcs, cache_cls), slots, keys)
+        expected = libcachesim_counts(cache_cls, slots, keys)
         result = replay_cache(view, make_policy(name), CacheConfig(global_slots=slots), semantics="standard",
                               phase="decode", scope="global", engine="fast")
         assert (result.hits, result.misses) == expected, name
     hits = int(replay_stream(keys, slots, "belady").sum())
-    assert (hits, len(keys) - hits) == libcachesim_counts(lcs.Belady, slots, keys)
+    assert (hits, len(keys) - hits) == libcachesim_counts("Belady", slots, keys)

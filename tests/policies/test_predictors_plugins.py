@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expertsim.policies import CacheConfig, load_plugin, make_policy, make_system, system_names
+from expertsim.policies import CacheConfig, eviction_names, load_plugin, make_policy, make_system, system_names
 from expertsim.policies.predictors import RoutePredictor, training_requests
 from expertsim.sim.cache_replay import replay_cache
 
@@ -145,7 +145,7 @@ def test_policies_list_command_shows_every_policy():
 
     result = CliRunner().invoke(policies_app, ["list", "--plugin", str(REPO / "examples" / "my_policy.py")])
     assert result.exit_code == 0, result.output
-    for name in system_names() + ["lru", "belady", "mru", "eam-priority"]:
+    for name in system_names() + eviction_names() + ["mru"]:  # every registered policy, and the plug-in
         assert f"  {name} " in result.output, name
     assert "parameters: accuracy=1.0" in result.output
 

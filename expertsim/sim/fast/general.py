@@ -2,14 +2,14 @@
 
 At batch 1 with copy on miss, no prefetch and one copy engine, a run's timing depends on the
 cache only through two arrays per access (in the access groups' order, see
-:class:`~expertsim.sim.fast.AccessGroups`): whether the lookup hit, and which earlier item's
+:class:`~expertsim.sim.fast.groups.AccessGroups`): whether the lookup hit, and which earlier item's
 compute a copy waits for (``release``: the room it reuses was freed mid-layer). Hits and
 evictions never depend on time (the :class:`~expertsim.policies.cache.ExpertCache` changes only
 at logical points), so the two arrays can be computed first, by the very objects the DES drives:
 the system's :class:`~expertsim.policies.cache.ExpertCache` and
 :class:`~expertsim.policies.serve.LayerServer`, walked layer by layer with no timing
 (:func:`expertsim.sim.cache_replay.serve_layers`). The timing kernels of
-:mod:`expertsim.sim.fast` then turn them into the run's records. LRU and FIFO keep their compiled
+:mod:`expertsim.sim.fast.timing` then turn them into the run's records. LRU and FIFO keep their compiled
 cache kernels; every other eviction policy takes this path, about one Python serve per (pass,
 MoE layer), without SimPy's events.
 
@@ -27,11 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.errors import ConfigError
-from expertsim.sim import fast
+from expertsim.sim.fast import support
+from expertsim.sim.fast.simulate import simulate_fast
 
-# System hooks the engines call; the base System's must all be in place (an eviction-only run).
-_SYSTEM_HOOKS = ("prepare", "on_request_start", "select_batch", "on_layer", "on_layer_end",
-                 "initial_residents", "cache_config")
 
 
 def _builtin_eviction(cls) -> bool:
@@ -49,7 +47,7 @@ def eviction_kind(system) -> str | None:
     eviction = getattr(system, "eviction", None)
     if type(system) is not System or not isinstance(eviction, EvictionPolicy):
         return None
-    for hook in _SYSTEM_HOOKS:
+    for hook in support.SYSTEM_HOOKS:  # the base System's must all be in place (an eviction-only run)
         if getattr(type(system), hook) is not getattr(System, hook):
             return None
     cls = type(eviction)
@@ -62,20 +60,20 @@ def eviction_kind(system) -> str | None:
 
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
     """True when :func:`simulate` reproduces the SimPy engine exactly: what
-    :func:`expertsim.sim.fast.supports_simulation` accepts, and the base System over any eviction
+    :func:`expertsim.sim.fast.support.supports_simulation` accepts, and the base System over any eviction
     policy :func:`eviction_kind` accepts, under the same run conditions (batch 1, closed or
     offline arrivals, whole-expert copies on one copy engine, no timeline, no storage tier)."""
-    if fast.supports_simulation(system, cache_config, options, model=model, hardware=hardware):
+    if support.supports_simulation(system, cache_config, options, model=model, hardware=hardware):
         return True
-    return eviction_kind(system) is not None and fast.run_supported(system, cache_config, options, model=model,
+    return eviction_kind(system) is not None and support.run_supported(system, cache_config, options, model=model,
                                                                     hardware=hardware)
 
 
 def simulate(model, hardware, system, cache_config, trace, options):
     """The fast engine's RunResult for any run :func:`supports_simulation` accepts: the compiled
     LRU/FIFO path where it applies, else the general cache pass (:func:`general_cache_pass`)."""
-    if fast.supports_simulation(system, cache_config, options, model=model, hardware=hardware):
-        return fast.simulate_fast(model, hardware, system, cache_config, trace, options)
+    if support.supports_simulation(system, cache_config, options, model=model, hardware=hardware):
+        return simulate_fast(model, hardware, system, cache_config, trace, options)
     if not supports_simulation(system, cache_config, options, model=model, hardware=hardware):
         raise ConfigError(
             f"the fast engine does not support policy {system.label!r} with these options (it runs the base "
@@ -83,7 +81,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
             f"batch 1, closed or offline arrivals, whole-expert copies on one copy engine, no timeline); "
             f"use --engine des"
         )
-    return fast.simulate_fast(model, hardware, system, cache_config, trace, options, cache_pass=general_cache_pass)
+    return simulate_fast(model, hardware, system, cache_config, trace, options, cache_pass=general_cache_pass)
 
 
 def general_cache_pass(setup, trace, groups):
