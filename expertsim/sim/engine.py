@@ -17,7 +17,7 @@ Resources:
 A layer's expert computes wait for their copies, so copies of later experts overlap the compute
 of earlier ones; the time the compute stream waits is the stall.
 
-The engine asks the :class:`~expertsim.sim.serving.ContinuousBatcher` for each iteration (batch
+The engine asks the :class:`~expertsim.sim.batching.ContinuousBatcher` for each iteration (batch
 1 by default: the trace's passes in order) and walks it model layer by layer. At each MoE layer
 the shared :class:`LayerServer` applies the system's decisions to the shared
 :class:`ExpertCache` logically; this module only attaches times, all of them from
@@ -39,7 +39,7 @@ from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
-from expertsim.sim.serving import ContinuousBatcher, arrival_times_ns, plan_iterations
+from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
 from expertsim.sim.setup import RunSetup, SimOptions  # noqa: F401  (SimOptions: re-exported)
 from expertsim.sim.workload import Iteration, build_access_plan
 from expertsim.traces import RoutingTrace

@@ -159,7 +159,7 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
 
     ``requests`` (the batcher's per-request records: arrival, first token, finish) and
     ``decode_latencies_ns`` (per decode token, the duration of the iteration that produced it)
-    come from :class:`expertsim.sim.serving.ContinuousBatcher`; without them (an engine without
+    come from :class:`expertsim.sim.batching.ContinuousBatcher`; without them (an engine without
     serving) TTFT counts from each request's first pass and TPOT from decode-pass durations,
     which is the same at batch 1. ``extra`` (bounds) is merged into the metrics."""
     num_iterations = len(columns["start_ns"])

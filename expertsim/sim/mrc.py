@@ -12,7 +12,7 @@ layer) is below K. One pass computes every distance; the curve is their cumulati
 within a layer. ``partition="global"``: one pool of K slots over all layers (sizes top-k ..
 layers x experts). ``semantics="standard"`` replays the flattened stream (each access alone,
 sizes from 1), as :func:`expertsim.sim.cache_replay.replay_cache` does. Results equal the
-per-size replays exactly (tests/perf/test_mrc.py).
+per-size replays exactly (tests/sim/fast/test_mrc.py).
 """
 from __future__ import annotations
 

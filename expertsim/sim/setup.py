@@ -15,7 +15,7 @@ from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, System
 from expertsim.sim.cost import CostModel, CostProfile, LinkCurve, runtime_for
 from expertsim.sim.memory import GpuMemory
-from expertsim.sim.serving import ARRIVAL_MODES
+from expertsim.sim.batching import ARRIVAL_MODES
 from expertsim.specs import HardwareSpec, ModelSpec
 
 
@@ -25,7 +25,7 @@ class SimOptions:
     timeline: bool = False  # record every copy/compute/stall
     timeline_iterations: tuple[int, int] | None = None  # record only iterations in [a, b)
     check_memory: bool = True  # fail when dense + KV + cache exceed GPU memory
-    # Serving (expertsim.sim.serving): concurrent requests and how they arrive.
+    # Serving (expertsim.sim.batching): concurrent requests and how they arrive.
     batch: int = 1  # maximum requests per iteration (continuous batching)
     arrival: str = "closed"  # closed | offline | poisson (poisson needs rate_per_s)
     rate_per_s: float | None = None

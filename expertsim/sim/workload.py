@@ -1,7 +1,7 @@
 """Workload: how a trace's tokens are grouped into iterations (forward passes) for an engine.
 
 At batch 1 an iteration is one pass of one request, a contiguous block ``start:stop`` of the
-trace. Under continuous batching (:mod:`expertsim.sim.serving`) an iteration gathers the next
+trace. Under continuous batching (:mod:`expertsim.sim.batching`) an iteration gathers the next
 pass (or prefill chunk) of several requests, so its tokens are a list of trace rows
 (``token_index``); ``rows`` indexes the trace arrays either way.
 """

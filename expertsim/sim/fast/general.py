@@ -90,7 +90,7 @@ def general_cache_pass(setup, trace, groups):
     from expertsim.policies import ExpertCache, RunContext
     from expertsim.policies.serve import LayerServer
     from expertsim.sim.cache_replay import serve_layers
-    from expertsim.sim.serving import arrival_times_ns, plan_iterations
+    from expertsim.sim.batching import arrival_times_ns, plan_iterations
     from expertsim.sim.workload import build_access_plan
 
     m, opts, system = setup.model, setup.options, setup.system

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from perfhelpers import small_traces, tiny_hardware, tiny_model
+from fasthelpers import small_traces, tiny_hardware, tiny_model
 from test_fast_simulate import assert_same_run
 
 from expertsim.errors import ConfigError
@@ -82,7 +82,7 @@ class _LayerAware(LFU):
 
 
 def test_eviction_only_plugin_runs_fast_and_equals_des():
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     trace = make_trace([[(0, 4), (1, 1), (1, 1), (1, 1)], [(0, 3), (1, 1), (1, 1)]], 3, 6, 2, seed=5)
     model, hardware = tiny_model(3, 6, 2), tiny_hardware()
@@ -97,7 +97,7 @@ def test_eviction_only_plugin_runs_fast_and_equals_des():
 
 
 def test_plugin_that_reads_observations_stays_on_des():
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     trace = make_trace([[(0, 3), (1, 1), (1, 1)]], 2, 4, 2, seed=1)
     model, hardware = tiny_model(2, 4, 2), tiny_hardware()

@@ -8,7 +8,7 @@ from simhelpers import synthetic_trace, tiny_hardware, tiny_model
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, System, make_policy
 from expertsim.sim import SimOptions, Simulation
-from expertsim.sim.serving import ContinuousBatcher, arrival_times_ns, plan_iterations
+from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
 from expertsim.sim.workload import build_access_plan, iterations_batch1
 
 

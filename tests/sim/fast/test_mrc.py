@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from perfhelpers import small_traces
+from fasthelpers import small_traces
 
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.sim.cache_replay import replay_cache

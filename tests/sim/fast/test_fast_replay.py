@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from perfhelpers import small_traces
+from fasthelpers import small_traces
 
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, System, make_policy
@@ -115,7 +115,7 @@ def test_refuses_a_builtin_system_whose_hooks_changed(monkeypatch):
 
 
 def replay_cache_fast_unsupported():
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     trace = make_trace([[(1, 1)]], 1, 4, 2, 0)
     replay_cache(trace, System(type("Other", (LRU,), {})()), CacheConfig(per_layer=2), engine="fast")
@@ -125,7 +125,7 @@ def test_pure_python_kernels_agree(monkeypatch):
     """Without numba the kernels run as Python: same results (checked through py_func)."""
     if not fast.HAVE_NUMBA:
         pytest.skip("numba absent: the kernels already run as Python")
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     trace = make_trace([[(0, 5), (1, 1), (1, 1), (0, 3), (1, 1)], [(1, 1)] * 6], 3, 6, 2, 7)
     cfg = CacheConfig(per_layer=3)
@@ -138,7 +138,7 @@ def test_pure_python_kernels_agree(monkeypatch):
 @pytest.mark.parametrize("cfg", [CacheConfig(per_layer=3), CacheConfig(global_slots=7)])
 @pytest.mark.parametrize("phase,scope", [("decode", "request"), ("all", "global"), ("prefill", "request")])
 def test_streamed_parquet_replay_equals_in_memory(tmp_path, cfg, phase, scope):
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     from expertsim.traces import write_trace
 
@@ -156,7 +156,7 @@ def test_streamed_parquet_replay_refuses_expert_ids_out_of_range(tmp_path):
     """The streamed replay reads Parquet without building a RoutingTrace: it checks the ids
     itself before the compiled kernels index arrays with them."""
     import polars as pl
-    from perfhelpers import make_trace
+    from fasthelpers import make_trace
 
     from expertsim.traces import write_trace
 
@@ -177,7 +177,7 @@ def test_streamed_parquet_replay_refuses_expert_ids_out_of_range(tmp_path):
 def test_random_configs_with_a_model_equal_general_path(trace, scope, semantics, policy, size):
     """With a model the systems fix their own caches (no-cache: top-k per layer; all-on-gpu:
     everything resident at the start) and budgets are in bytes."""
-    from perfhelpers import tiny_model
+    from fasthelpers import tiny_model
 
     model = tiny_model(trace.num_layers, trace.num_experts, trace.top_k)
     cfg = CacheConfig(budget_bytes=(trace.top_k + size) * model.expert_bytes() + 5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from perfhelpers import small_traces, tiny_hardware, tiny_model
+from fasthelpers import small_traces, tiny_hardware, tiny_model
 
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, System, make_policy
