@@ -68,7 +68,7 @@ def routing_profile(trace, fraction: float = 0.25) -> np.ndarray:
     return counts
 
 
-def load_profile(path: str | Path, num_layers: int, num_experts: int) -> np.ndarray:
+def load_hot_set_profile(path: str | Path, num_layers: int, num_experts: int) -> np.ndarray:
     """A profile file: ``.npy`` array or ``.json`` ``{"counts": [[...], ...]}``, shape
     ``[layers, experts]``."""
     path = Path(path)
@@ -249,7 +249,7 @@ class StaticHotSet(EvictionPolicy):
     def prepare(self, ctx: RunContext) -> None:
         L, E = ctx.cache.num_layers, ctx.cache.num_experts
         if self.profile is not None:
-            counts = load_profile(self.profile, L, E)
+            counts = load_hot_set_profile(self.profile, L, E)
         else:
             counts = np.zeros((L, E))
             prof = routing_profile(ctx.trace, self.profile_fraction)

@@ -50,7 +50,7 @@ def _request_grid(request: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int
     return row, col, int(row[-1]) + 1 if n else 0, int(col.max()) + 1 if n else 0
 
 
-def stack_distances(experts: np.ndarray, request: np.ndarray, num_experts: int) -> np.ndarray:
+def token_stack_distances(experts: np.ndarray, request: np.ndarray, num_experts: int) -> np.ndarray:
     """Stack distance of every lookup, ``[tokens, layers, k]`` int32 (``COLD`` for first uses).
 
     ``experts`` are the tokens of one phase in trace order; the history restarts with each
@@ -92,7 +92,7 @@ def lru_hits(trace: RoutingTrace, cache_sizes, *, phase: str = "decode") -> np.n
     """Hit counts ``[len(cache_sizes), layers]`` of the per-layer LRU cache ("together"
     semantics, see the module docstring) and, as the second value, lookups per layer."""
     sub = _phase_trace(trace, phase)
-    dist = stack_distances(sub.experts, sub.request, sub.num_experts)
+    dist = token_stack_distances(sub.experts, sub.request, sub.num_experts)
     return _hits_from_distances(dist, cache_sizes, sub.top_k), sub.num_tokens * sub.top_k
 
 
@@ -189,7 +189,7 @@ def working_set(trace: RoutingTrace, *, phase: str = "decode") -> np.ndarray:
 def reuse_distance_histogram(trace: RoutingTrace, *, phase: str = "decode") -> dict:
     """Share of lookups at each stack distance 0..experts-1, plus first uses ("cold")."""
     sub = _phase_trace(trace, phase)
-    dist = stack_distances(sub.experts, sub.request, sub.num_experts)
+    dist = token_stack_distances(sub.experts, sub.request, sub.num_experts)
     cold = dist == COLD
     hist = np.bincount(dist[~cold].ravel(), minlength=sub.num_experts)[: sub.num_experts]
     total = dist.size
@@ -213,7 +213,7 @@ def trace_stats(trace: RoutingTrace, *, phase: str = "decode", cache_sizes=None)
     sizes = default_cache_sizes(sub.num_experts, sub.top_k) if cache_sizes is None else list(cache_sizes)
     pop = popularity(sub, phase="all")
     ent = _entropy_bits(pop, axis=1)
-    dist = stack_distances(sub.experts, sub.request, sub.num_experts)
+    dist = token_stack_distances(sub.experts, sub.request, sub.num_experts)
     hits = _hits_from_distances(dist, sizes, sub.top_k)
     lookups = sub.num_tokens * sub.top_k
     single = len(np.unique(sub.request)) == sub.num_tokens

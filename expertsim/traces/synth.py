@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from expertsim.errors import TraceError
-from expertsim.traces.stats import COLD, _phase_trace, stack_distances
+from expertsim.traces.stats import COLD, _phase_trace, token_stack_distances
 from expertsim.traces.trace import DECODE, PREFILL, RoutingTrace, expert_dtype
 
 FIT_FORMAT = "expertsim-routing-fit"
@@ -67,7 +67,7 @@ def fit_trace(trace: RoutingTrace, *, phase: str | None = None, model: str | Non
     num_experts = sub.num_experts
     if k > num_experts:
         raise TraceError(f"top-{k} routing over {num_experts} experts is impossible")
-    dist = stack_distances(sub.experts, sub.request, num_experts)
+    dist = token_stack_distances(sub.experts, sub.request, num_experts)
     cold = dist == COLD
     n_new = cold.sum(axis=2)  # [n, L]
     # m before each token: distinct experts used by earlier tokens of the request (per layer).
