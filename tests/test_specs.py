@@ -316,3 +316,28 @@ def test_layout_and_missing_field_errors_name_the_field():
                             "cpu": dataclasses.asdict(hw.cpu)})
     with pytest.raises(SpecError, match=r"--set gpu.tflops.bf16=VALUE"):
         dataclasses.replace(hw.gpu, tflops={"bf16": -1.0})
+
+
+def test_cpu_gemm_rate_comes_from_the_spec_else_the_instruction_set():
+    from expertsim.specs.hardware import CpuSpec
+
+    spr = CpuSpec(tflops=4.5, memory_bandwidth_gbps=245.0, isa=("avx512", "avx512_vnni", "avx512_bf16", "amx"))
+    assert spr.gemm_rate("int8")[0] == pytest.approx(18.0)  # VNNI: 4 x fp32
+    assert spr.gemm_rate("bf16")[0] == pytest.approx(72.0)  # AMX-BF16: 16 x fp32
+    assert "AMX-BF16" in spr.gemm_rate("bf16")[1]
+    skylake = CpuSpec(tflops=1.4, memory_bandwidth_gbps=120.0, isa=("avx2", "avx512"))
+    assert skylake.gemm_rate("bf16")[0] == pytest.approx(0.14)  # software conversion
+    assert skylake.gemm_rate("int8")[0] == pytest.approx(1.4)
+    given = CpuSpec(tflops=1.4, memory_bandwidth_gbps=120.0, isa=("avx512",), tflops_by_dtype={"bf16": 0.5})
+    assert given.gemm_rate("bf16") == (0.5, "cpu.tflops_by_dtype.bf16")  # the spec wins
+    bare = CpuSpec(tflops=2.0, memory_bandwidth_gbps=100.0)  # no isa: nothing to derive, the fp32 rate
+    assert bare.gemm_rate("bf16")[0] == 2.0 and bare.gemm_rate("int8")[0] == 2.0
+    assert bare.gemm_flops("fp32") == 2.0e12
+
+
+def test_cpu_isa_names_are_checked():
+    from expertsim.specs.hardware import CpuSpec
+
+    assert CpuSpec(tflops=1.0, memory_bandwidth_gbps=10.0, isa=("AVX512-VNNI",)).isa == ("avx512_vnni",)
+    with pytest.raises(SpecError, match="unknown isa feature 'avx512vnni' .did you mean avx512_vnni"):
+        CpuSpec(tflops=1.0, memory_bandwidth_gbps=10.0, isa=("avx512vnni",))

@@ -354,6 +354,17 @@ class CostModel:
         rate = cpu.gemm_flops(gemm_dtype or m.dtype) * cpu.efficiency * fraction * sockets
         return _ns(max(t_mem, m.expert_flops(tokens) / rate))
 
+    def cpu_rate_note(self) -> str:
+        """One line for a run's assumptions: the host rates its CPU experts ran at, and where the
+        GEMM rate comes from (the spec, or the instruction set)."""
+        cpu, m, rt = self.hardware.cpu, self.model, self.runtime
+        gemm_dtype, fraction = rt.cpu_kernel("quantised" if m.experts_quantised else m.dtype)
+        rate, why = cpu.gemm_rate(gemm_dtype or m.dtype)
+        sockets = cpu.socket_scale(rt.numa_placement == "node")
+        return (f"CPU experts: {cpu.sockets} socket(s) x {cpu.memory_bandwidth_gbps:g} GB/s x "
+                f"{rt.cpu_bandwidth_fraction:g} of it (socket scale {sockets:g}); GEMM {gemm_dtype or m.dtype} at "
+                f"{rate:g} TFLOP/s per socket ({why}) x efficiency {cpu.efficiency:g} x {fraction:g}")
+
     def activation_copy_ns(self, tokens: int) -> int:
         """One direction of the activations a CPU expert needs (tokens x d_model)."""
         m = self.model

@@ -297,6 +297,8 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
                 "system computed experts on the CPU, skipped them or used low-precision copies, so it may "
                 "run below them"
             )
+    if totals.get("cpu_experts") or totals.get("cpu_ns"):
+        assumptions.append(cost.cpu_rate_note())
     assumptions.extend(system.trace_notes(trace))
     if getattr(system, "ignores_capacity", False):
         assumptions.append(f"{system.name} ignores GPU capacity: a bound, not a feasible system")

@@ -130,7 +130,19 @@ class CpuSpec:
         if isinstance(self.isa, str) or not all(isinstance(f, str) for f in self.isa):
             raise SpecError(f"cpu spec: isa must be a list of feature names, e.g. [\"avx512\", \"amx\"], got "
                             f"{self.isa!r}")
-        object.__setattr__(self, "isa", tuple(f.lower() for f in self.isa))
+        isa = tuple(f.lower().replace("-", "_") for f in self.isa)
+        unknown = [f for f in isa if f not in ISA_FEATURES]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(ISA_FEATURES), n=2)
+            raise SpecError(f"cpu spec: unknown isa feature {unknown[0]!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + f"; known: {', '.join(sorted(ISA_FEATURES))}")
+        # AMX comes in tiles per dtype; "amx" means AMX-BF16 and AMX-INT8 (Sapphire Rapids onwards)
+        if "amx_bf16" in isa and "amx" not in isa:
+            isa += ("amx",)
+        object.__setattr__(self, "isa", isa)
         for dtype, value in self.tflops_by_dtype.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0 \
                     or value == float("inf"):
@@ -150,8 +162,47 @@ class CpuSpec:
         return self.numa_speedup if placed_per_node else self.numa_unplaced_factor
 
     def gemm_flops(self, dtype: str) -> float:
-        """Sustained FLOP/s of an expert GEMM with ``dtype`` weights (before ``efficiency``)."""
-        return float(self.tflops_by_dtype.get(dtype, self.tflops)) * 1e12
+        """Sustained FLOP/s of an expert GEMM with ``dtype`` weights (before ``efficiency``): the
+        spec's ``tflops_by_dtype`` entry, else the rate its ``isa`` gives (:meth:`gemm_rate`)."""
+        return self.gemm_rate(dtype)[0] * 1e12
+
+    def gemm_rate(self, dtype: str) -> tuple[float, str]:
+        """(TFLOP/s per socket, where it comes from) for ``dtype`` weights. Without a
+        ``tflops_by_dtype`` entry, the ``isa`` scales the fp32 rate ``tflops`` by the unit that
+        runs the dtype (:data:`ISA_RATE_MULTIPLIERS`, per core and cycle, from Intel's
+        instruction throughputs); without either, the fp32 rate itself."""
+        if dtype in self.tflops_by_dtype:
+            return float(self.tflops_by_dtype[dtype]), f"cpu.tflops_by_dtype.{dtype}"
+        for feature, multiplier, why in ISA_RATE_MULTIPLIERS.get(dtype, ()):
+            if feature == "" or feature in self.isa:
+                if feature == "" and not self.isa:
+                    break  # no instruction set given: nothing to derive from
+                return self.tflops * multiplier, f"{multiplier:g} x the fp32 rate: {why}"
+        return float(self.tflops), "the fp32 rate (cpu.tflops; no tflops_by_dtype entry and no isa)"
+
+
+# The instruction-set feature names a CPU spec's ``isa`` may list (lower case; "-" reads as "_").
+ISA_FEATURES = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "avx512f", "avx512_vnni", "avx_vnni",
+                          "avx512_bf16", "avx512_fp16", "amx", "amx_bf16", "amx_int8", "amx_fp16", "neon", "sve",
+                          "sve2"})
+
+# Per dtype, the first instruction-set feature the CPU has (in this order), the multiplier of the
+# AVX-512 / AVX2 fp32 FMA rate (``cpu.tflops``) it gives, and why. Per core and cycle (Intel 64 and
+# IA-32 Optimization Reference Manual; Intel AMX: 1024 BF16 / 2048 INT8 ops per cycle per core
+# against 64 fp32 FLOP with two AVX-512 FMA units): VPDPBUSD (AVX512-VNNI / AVX-VNNI) does 4 int8
+# multiply-adds per 32-bit lane, VDPBF16PS (AVX512_BF16) 2 bf16 pairs; without them bf16 weights are
+# converted to fp32 in software by PyTorch's reference kernels, far below the fp32 rate (the Xeon
+# 6126 / i9-10900X presets' 0.1). Other dtypes (fp16, fp32) run at ``tflops``.
+# The int8 entry is the VNNI dot-product path the GGUF kernels (llamafile, ggml) run; AMX-INT8 is
+# used by kernels written for it (set tflops_by_dtype.int8 for those).
+ISA_RATE_MULTIPLIERS: dict[str, tuple[tuple[str, float, str], ...]] = {
+    "int8": (("avx512_vnni", 4.0, "AVX512-VNNI int8 dot products (4 per 32-bit lane)"),
+             ("avx_vnni", 4.0, "AVX-VNNI int8 dot products (4 per 32-bit lane)"),
+             ("", 1.0, "no VNNI: int8 dot products at about the fp32 rate")),
+    "bf16": (("amx", 16.0, "AMX-BF16 tiles (1024 FLOP per cycle per core)"),
+             ("avx512_bf16", 2.0, "AVX512_BF16 dot products (2 per 32-bit lane)"),
+             ("", 0.1, "no AVX512_BF16 or AMX: bf16 converted to fp32 in software")),
+}
 
 
 @dataclass(frozen=True)
