@@ -434,6 +434,7 @@ def compare_command(
     param: list[str] = typer.Option(None, "--param", help="KEY=VALUE for every compared policy/system that takes KEY (repeatable), e.g. --param accuracy=0.9."),
     figure_format: Optional[Literal["svg", "pdf", "png"]] = typer.Option(None, "--format", help="Also write every figure of the report to OUT/figures/ as svg, pdf or png (needs `pip install kaleido`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows (results.parquet's columns) as JSON."),
+    jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="Entries run in parallel worker processes (default: the CPU count; 1 with --plugin, whose policies exist only in this process)."),
 ) -> None:
     """Compare policies side by side and write an HTML report. With no arguments: the built-in
     default study (Mixtral-8x7B on an A40, synthetic trace; no cache, LRU 2 and 3, all-on-GPU).
@@ -442,11 +443,18 @@ def compare_command(
     from expertsim.analysis.report import check_figure_format
 
     check_figure_format(figure_format)
+    if plugin and jobs is not None and jobs > 1:
+        from expertsim.errors import ConfigError
+
+        raise ConfigError(f"--jobs {jobs} with --plugin: a plug-in file's policies exist only in this process; "
+                          f"drop --jobs (or register them through the expertsim.policies entry point)")
     for p in plugin or []:
         from expertsim.policies import load_plugin
 
         load_plugin(p)
-    report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
+    import os
+
+    report = run_compare(jobs=1 if plugin else (jobs or os.cpu_count() or 1),model=model, hardware=hardware, trace_path=trace, policies=policies,
                          systems=systems, max_tokens=max_tokens, requests=requests,
                          overrides=_overrides(sets), params=_policy_params(param),
                          options={**_run_options(batch, rate, offline, seed, engine, link_queue), "runtime": runtime},

@@ -92,7 +92,9 @@ def entries(policies: list[str] | None, systems: str | None, params: dict | None
 
     names: list[tuple[str, int | None]] = []
     if systems:
-        chosen = system_names() if systems == "all" else [s.strip() for s in systems.split(",") if s.strip()]
+        # "all": every named system (compose, parts by name, is no system of its own: name it to compare it)
+        chosen = [n for n in system_names() if n != "compose"] if systems == "all" else \
+            [s.strip() for s in systems.split(",") if s.strip()]
         names += [(name, None) for name in chosen]
     names += [parse_policy(spec) for spec in policies or ([] if systems else DEFAULT_POLICIES)]
     params = params or {}
@@ -175,9 +177,11 @@ def compare_study(*, model=None, hardware=None, trace_path=None, policies=None, 
 
 
 def run_compare(*, out="expertsim-out", progress: bool = True, stream=None, figure_format: str | None = None,
-                **kwargs) -> CompareReport:
+                jobs: int = 1, **kwargs) -> CompareReport:
     """Run a comparison (the arguments of :func:`compare_study`) into ``out``: the sweep's layout,
-    then ``report.html``."""
+    then ``report.html``. ``jobs`` > 1 runs the entries in that many worker processes (the sweep's
+    local runner); policies from ``--plugin`` files exist only in this process, so the CLI keeps
+    one job for them."""
     from expertsim.analysis.report import assumption_lines, write_report
     from expertsim.analysis.results import load_results
     from expertsim.analysis.sweep import iter_records, run_sweep
@@ -185,7 +189,8 @@ def run_compare(*, out="expertsim-out", progress: bool = True, stream=None, figu
     study, trace = compare_study(**kwargs)
     outdir = Path(out)
     _prepare_out(outdir)
-    summary = run_sweep(study, outdir, jobs=1, progress=progress, stream=stream)
+    summary = run_sweep(study, outdir, jobs=max(1, min(int(jobs), len(study.runs))), progress=progress,
+                        stream=stream)
     frame = load_results(outdir)
     order = {rid: i for i, rid in enumerate(study.run_ids)}
     records = sorted(iter_records(outdir), key=lambda r: order.get(r["run_id"], len(order)))

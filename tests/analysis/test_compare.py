@@ -105,6 +105,7 @@ def test_compare_cli_takes_simulate_options_and_report_reads_its_folder(tmp_path
     (["--policy", "lur:2"], "unknown policy 'lur'"),
     (["--offline", "--rate", "2"], "not both"),
     (["--engine", "quick"], "'quick' is not one of"),
+    (["--plugin", "examples/my_policy.py", "--policy", "mru:2", "--jobs", "2"], "--jobs 2 with --plugin"),
 ])
 def test_compare_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, message):
     from expertsim.cli import main
@@ -115,3 +116,11 @@ def test_compare_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, mess
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o" / "runs").exists()  # rejected before any run
+
+
+def test_compare_in_worker_processes_equals_one_process(compare_dir, tmp_path):
+    _, one = compare_dir
+    two = run_compare(policies=["lru:2", "lru:7", "no-cache"], max_tokens=120, out=tmp_path / "two",
+                      progress=False, jobs=2)
+    keep = ["policy_label", "cache_label", "status", "tpot_ms", "hit_rate", "h2d_gb", "total_s"]
+    assert two.frame.select(keep).to_dicts() == one.frame.select(keep).to_dicts()
