@@ -85,24 +85,34 @@ class LayerServer:
 
     def observe(self, *, now_ns: int, iteration: int, layer: int, tokens: np.ndarray,
                 experts: np.ndarray, weights: np.ndarray | None, phase: int, trace) -> LayerObservation:
-        if experts.size <= 64:  # a decode token or a small batch: np.unique's overhead dominates
+        if experts.size <= 64:  # a decode token or a small batch: numpy's per-call overhead dominates
             flat = experts.ravel().tolist()
             ids = sorted(set(flat))
             where = {e: i for i, e in enumerate(ids)}
+            inverse = [where[e] for e in flat]
+            count = [0] * len(ids)
+            for i in inverse:
+                count[i] += 1
             needed = np.array(ids, dtype=np.int64)
-            inverse = np.array([where[e] for e in flat], dtype=np.int64).reshape(experts.shape)
+            counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
+            if weights is not None:
+                mass = np.bincount(np.array(inverse, dtype=np.int64), weights=weights.ravel().astype(np.float64),
+                                   minlength=len(ids))
+            state, base = self.cache.state, layer * self.cache.num_experts
+            resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
         else:
             needed, inverse = np.unique(experts, return_inverse=True)
-            inverse = inverse.reshape(experts.shape)
-        counts = np.bincount(inverse.ravel(), minlength=len(needed))
-        if weights is not None:
-            mass = np.bincount(inverse.ravel(), weights=weights.ravel().astype(np.float64), minlength=len(needed))
-        else:
+            inverse = inverse.ravel()
+            needed = needed.astype(np.int64)
+            counts = np.bincount(inverse, minlength=len(needed))
+            if weights is not None:
+                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
+            resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
+        if weights is None:
             mass = counts / experts.shape[1]
-        resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
         return LayerObservation(
             now_ns=now_ns, iteration=iteration, layer=layer, tokens=tokens, experts=experts,
-            weights=weights, needed=needed.astype(np.int64), tokens_per_expert=counts,
+            weights=weights, needed=needed, tokens_per_expert=counts,
             gate_mass=mass, resident=resident, phase=phase, cache=self.cache, trace=trace,
             position=self.position,
         )
@@ -114,20 +124,14 @@ class LayerServer:
         # lists and ints here: a layer needs a handful of experts, where numpy's per-call cost
         # dominates.
         needed = obs.needed.tolist()
-        hit, loading, ticks = [], [], []
-        for e in needed:
-            loading.append(bool(cache.is_loading(layer, e)))
-            hit.append(bool(cache.lookup(layer, e, self.position)))
-            ticks.append(cache.tick)
-            self.position += 1
-            if hit[-1]:
-                cache.pin(layer, e)
+        hit, loading, ticks = cache.lookup_layer(layer, needed, position0)  # pins the hits
+        self.position += len(needed)
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
-        index = {e: i for i, e in enumerate(needed)}
         if decision.order is None:
             order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
         else:
+            index = {e: i for i, e in enumerate(needed)}
             order = [index[int(e)] for e in decision.order]
             if sorted(order) != list(range(len(hit))):
                 raise ConfigError(
@@ -141,9 +145,11 @@ class LayerServer:
         plan = LayerPlan(layer=layer, items=items, prefetches=[], evicted=evicted,
                          hits=sum(hit), misses=len(hit) - sum(hit), position=position0)
         tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
+        base = layer * cache.num_experts
+        miss_actions = decision.miss_actions
         for i in order:
             e = needed[i]
-            key = cache.key(layer, e)
+            key = base + e
             item = ServeItem(expert=e, tokens=int(tokens_per_expert[i]),
                              gate_mass=float(gate_mass[i]), hit=hit[i], action=None,
                              low_precision=bool(cache.entry_low_precision[key]) if hit[i] else False,
@@ -153,7 +159,7 @@ class LayerServer:
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
             else:
-                action = decision.miss_actions.get(e, MissAction.COPY)
+                action = miss_actions.get(e, MissAction.COPY)
                 item.action = action
                 if action in (MissAction.COPY, MissAction.LOW_PRECISION):
                     low = action is MissAction.LOW_PRECISION
@@ -176,9 +182,10 @@ class LayerServer:
                         items[released].released = True
                         released += 1
                     # A copy into room freed by an expert of this layer waits for its compute.
-                    for j, other in enumerate(items):
-                        if other.released and cache.key(layer, other.expert) in out:
-                            item.wait_compute = max(item.wait_compute, j)
+                    if released and out:
+                        for j, other in enumerate(items):
+                            if other.released and base + other.expert in out:
+                                item.wait_compute = max(item.wait_compute, j)
                     evicted.extend(out)
                     cache.pin(layer, e)
                     item.copy_bytes = nbytes
@@ -220,9 +227,6 @@ class LayerServer:
 
     def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome) -> None:
         """Release the layer's pins and give the system its feedback."""
-        for item in plan.items:
-            key = self.cache.key(obs.layer, item.expert)
-            if self.cache.pins[key] > 0:
-                self.cache.unpin(obs.layer, item.expert)
+        self.cache.unpin_layer(obs.layer, [item.expert for item in plan.items])
         self.system.on_layer_end(obs, outcome)
 

@@ -211,6 +211,12 @@ class _DesRun:
         self._evictions_seen = 0
         self.stream_copies: list[_Copy] = []
         self._record_iteration = True
+        self.now = 0  # the compute stream's clock: ahead of env.now while nothing else can run (_compute)
+        self.num_experts = m.num_experts
+        self.writeback = sim.runtime.writeback
+        self.wb_bytes = m.expert_bytes()  # a full-precision expert (a write-back, a streamed expert)
+        self.cpu_per_layer = getattr(sim.system, "cpu_per_layer", False)
+        self.lowp = sim.system.low_precision_dtype
 
     def execute(self) -> None:
         self.env.process(self._main())
@@ -310,12 +316,18 @@ class _DesRun:
         waited = 0
         for copy in self.stream_copies:
             if not copy.done.triggered:
+                yield from self._sync()
                 t0 = self.env.now
                 yield copy.done
+                self.now = self.env.now
                 waited += self.env.now - t0
                 self._row("gpu", "stall", it, layer, -1, t0, self.env.now)
         self.stream_copies = []
         return waited
+
+    def _in_flight(self, key: int) -> bool:
+        copy = self.copies.get(key)
+        return copy is not None and not copy.done.triggered
 
     def _take(self, resource, priority: int = 0):
         req = resource.request(priority=priority)
@@ -384,14 +396,16 @@ class _DesRun:
         opts = self.sim.options
         system = self.sim.system
         while not batcher.done:
-            it, started = batcher.next_iteration(env.now)
+            it, started = batcher.next_iteration(self.now)
             if it is None:  # nothing ready: idle until the next arrival
                 t_next = batcher.next_arrival_ns()
-                self.totals["idle_ns"] += t_next - env.now
+                self.totals["idle_ns"] += t_next - self.now
                 yield env.timeout(t_next - env.now)
+                self.now = t_next
                 continue
             for request in started:
                 if opts.scope == "request":
+                    yield from self._sync()
                     self._cancel_evicted(list(self.copies))
                     self.cache.reset()
                 system.on_request_start(request)
@@ -399,25 +413,25 @@ class _DesRun:
             self._check_kv(it)
             window = opts.timeline_iterations
             self._record_iteration = window is None or window[0] <= it.index < window[1]
-            start_iter = env.now
+            start_iter = self.now
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
             tokens = it.tokens
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
-                t0 = env.now
+                t0 = self.now
                 if self.serial:  # host time overlaps the copies in flight; the kernels wait for them
                     host = min(self.cost.host_layer_ns, t_dense)
-                    yield env.timeout(host)
-                    self._row("gpu", "dense", it, layer, -1, t0, env.now)  # its host part
+                    yield from self._compute(host)
+                    self._row("gpu", "dense", it, layer, -1, t0, self.now)  # its host part
                     waited = yield from self._drain_stream(it, layer)
                     stats["stall_ns"] += waited
                     self.totals["stall_ns"] += waited
-                    t0 = env.now
-                    yield env.timeout(t_dense - host)
+                    t0 = self.now
+                    yield from self._compute(t_dense - host)
                 else:
-                    yield env.timeout(t_dense)
+                    yield from self._compute(t_dense)
                 self.totals["dense_compute_ns"] += t_dense
-                self._row("gpu", "dense", it, layer, -1, t0, env.now)
+                self._row("gpu", "dense", it, layer, -1, t0, self.now)
                 moe = self._moe_index.get(layer)
                 if moe is not None:
                     yield from self._moe_layer(it, moe, tokens, stats)
@@ -425,12 +439,34 @@ class _DesRun:
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
                 "decode_tokens": int((self.trace.phase[it.rows] == 1).sum()),
-                "start_ns": start_iter, "end_ns": env.now,
+                "start_ns": start_iter, "end_ns": self.now,
                 **stats,
             })
-            batcher.complete(it, start_iter, env.now)
+            batcher.complete(it, start_iter, self.now)
             if self.progress is not None:
                 self._report(it.num_tokens)
+        yield from self._sync()
+
+    # --- the compute stream's clock -------------------------------------------------------
+    # The main process keeps its own clock, ``self.now``, which may run ahead of SimPy's while
+    # nothing else can happen in between: a compute of ``d`` ns whose end comes strictly before
+    # every other scheduled event is not yielded to SimPy but added to ``self.now``
+    # (:meth:`_compute`); the process catches SimPy up (:meth:`_sync`, one timeout for all the
+    # computes it skipped) before anything that another process can see: starting a copy or a
+    # CPU job, firing or waiting for an event. Nothing else runs before the skipped ends, so every
+    # other event is processed in the same order and at the same time as with one timeout per
+    # compute, and the results are the same; the DES just processes fewer SimPy events.
+    def _compute(self, d: int):
+        """Advance the compute stream by ``d`` ns (see above)."""
+        end = self.now + d
+        if self.env.peek() <= end:
+            yield self.env.timeout(end - self.env.now)
+        self.now = end
+
+    def _sync(self):
+        """Bring SimPy's clock up to the compute stream's (see :meth:`_compute`)."""
+        if self.now > self.env.now:
+            yield self.env.timeout(self.now - self.env.now)
 
     def _report(self, tokens: int) -> None:
         self._tokens_done += tokens
@@ -439,139 +475,151 @@ class _DesRun:
             self._last_report = now
             total = self.trace.num_tokens
             self.progress(f"des: {self._tokens_done:,}/{total:,} tokens ({100 * self._tokens_done / max(total, 1):.0f}%), "
-                          f"{self.env.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
+                          f"{self.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
-        env, trace, cache = self.env, self.trace, self.cache
+        env, trace, cache, copies = self.env, self.trace, self.cache, self.copies
         rows = it.rows
         weights = None if trace.weights is None else trace.weights[rows, layer]
-        obs = self.server.observe(now_ns=env.now, iteration=it.index, layer=layer, tokens=tokens,
+        obs = self.server.observe(now_ns=self.now, iteration=it.index, layer=layer, tokens=tokens,
                                   experts=trace.experts[rows, layer], weights=weights,
                                   phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
-        layer_start = env.now
+        items, prefetches = plan.items, plan.prefetches
+        layer_start = self.now
+        base = layer * self.num_experts  # cache.key(layer, e) == base + e
+        serial = self.serial  # copies queued on the compute stream, in serve order
         # A hit released mid-layer to make room can be evicted by this very layer; its copy (a
         # prefetch still in flight) must land before its compute all the same: keep it.
-        hit_copies = {item.expert: self.copies.get(cache.key(layer, item.expert))
-                      for item in plan.items if item.hit}
-        own = {cache.key(layer, e) for e in hit_copies}
-        runtime = self.sim.runtime
-        serial = self.serial  # copies queued on the compute stream, in serve order
+        hit_copies = {item.expert: copies.get(base + item.expert) for item in items if item.hit}
+        own = {base + e for e in hit_copies}
+        copy_items = [idx for idx, item in enumerate(items) if item.copy_bytes]
         writebacks = 0
-        if runtime.writeback:
+        if self.writeback:
             # Every expert that left the GPU since the last layer (evicted here, or dropped at the
             # end of a layer as no-cache does) is copied back, except copies still in flight.
-            in_flight = sum(1 for key in plan.evicted if (c := self.copies.get(key)) is not None
-                            and not c.done.triggered)
+            in_flight = sum(1 for key in plan.evicted if self._in_flight(key))
             writebacks = cache.evictions - self._evictions_seen - in_flight
         self._evictions_seen = cache.evictions
-        wb_bytes = self.sim.model.expert_bytes()
-
-        def take_writeback() -> int:
-            nonlocal writebacks
-            if writebacks <= 0:
-                return 0
-            writebacks -= 1
-            return wb_bytes
-
-        self._cancel_evicted([key for key in plan.evicted if key not in own])
+        # The i-th copy issued at this layer (demand copies in serve order, then prefetches)
+        # carries a write-back while there are some left.
+        wb = [self.wb_bytes if i < writebacks else 0 for i in range(len(copy_items) + len(prefetches))]
+        cancel = [key for key in plan.evicted if key not in own]
+        promote = {idx: copy for idx, item in enumerate(items) if item.hit and item.loading_at_lookup
+                   and (copy := hit_copies[item.expert]) is not None and not copy.done.triggered
+                   and copy.priority > 0}
+        cpu_per_layer = self.cpu_per_layer
+        if (promote or plan.streamed_experts or (cpu_per_layer and plan.cpu_experts)
+                or (not serial and (prefetches or copy_items)) or any(self._in_flight(key) for key in cancel)):
+            # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
+            # processes see it, so it happens at SimPy's time
+            yield from self._sync()
+        self._cancel_evicted(cancel)
         for key in plan.evicted:
             if key in own:
-                self.copies.pop(key, None)
+                copies.pop(key, None)
         # Compute-done events only for the items a copy waits for (room they release).
-        compute_done = {item.wait_compute: env.event() for item in plan.items
-                        if item.copy_bytes and item.wait_compute >= 0}
-        # Demand copies, in serve order, then prefetches.
-        for item in plan.items:
-            if item.hit and item.loading_at_lookup:
-                copy = hit_copies.get(item.expert)
-                if copy is not None and not copy.done.triggered and copy.priority > 0:
-                    copy.priority = 0  # needed now: a queued or in-flight prefetch becomes a demand copy
+        compute_done = {items[idx].wait_compute: env.event() for idx in copy_items if items[idx].wait_compute >= 0}
+        # Demand copies, in serve order, then prefetches (with copies on the compute stream: each
+        # demand copy just before its kernel, the prefetches after the layer's kernels).
+        if promote or not serial:
+            i = 0
+            for idx, item in enumerate(items):
+                copy = promote.get(idx)
+                if copy is not None:  # needed now: a queued or in-flight prefetch becomes a demand copy
+                    copy.priority = 0
                     if not copy.promote.triggered:
                         copy.promote.succeed()
-            if item.copy_bytes and not serial:
-                after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
-                self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, take_writeback())
-        deferred = {idx: take_writeback() for idx, item in enumerate(plan.items) if item.copy_bytes and serial}
-        prefetch_wb = [take_writeback() for _ in plan.prefetches]
+                if item.copy_bytes and not serial:
+                    after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
+                    self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, wb[i])
+                    i += 1
         if not serial:
-            for pf, wb in zip(plan.prefetches, prefetch_wb):
-                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+            self._start_prefetches(it, prefetches, wb[len(copy_items):])
+        deferred = {idx: wb[i] for i, idx in enumerate(copy_items)} if serial else {}
         cpu_done = []
         stall = 0
-        lowp = self.sim.system.low_precision_dtype
         # Hybrid systems (policies/hybrid.py): a layer's CPU experts run as one host job, and its
         # streamed experts arrive in one copy (the layer's tensor) before any of them computes.
-        cpu_per_layer = getattr(self.sim.system, "cpu_per_layer", False)
-        if cpu_per_layer:
-            cpu_tokens = [item.tokens for item in plan.items if item.action is MissAction.CPU]
-            if cpu_tokens:
-                cpu_done.append(env.event())
-                env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
+        if cpu_per_layer and plan.cpu_experts:
+            cpu_done.append(env.event())
+            cpu_tokens = [item.tokens for item in items if item.action is MissAction.CPU]
+            env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
         stream_done = None
         if plan.streamed_experts:
             stream_done = env.event()
-            env.process(self._stream(it, layer, plan.streamed_experts * self.sim.model.expert_bytes(), stream_done))
-        for idx, item in enumerate(plan.items):
-            done = compute_done.get(idx)
+            env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
+        expert_time, host_ns = self.cost.expert_time_ns, self.cost.host_expert_ns if serial else 0
+        computed = 0
+        for idx, item in enumerate(items):
+            done = compute_done.get(idx) if compute_done else None
+            action = item.action
             if idx in deferred:  # on the compute stream: issued now, after the kernels before it
+                yield from self._sync()
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
-            if item.action is MissAction.SKIP:
+            if action is MissAction.SKIP or action is MissAction.CPU:
+                if done is not None or (action is MissAction.CPU and not cpu_per_layer):
+                    yield from self._sync()
+                if action is MissAction.CPU and not cpu_per_layer:
+                    cpu_done.append(env.event())
+                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
                 if done is not None:
                     done.succeed()
                 continue
-            if item.action is MissAction.CPU:
-                if not cpu_per_layer:
-                    cpu = env.event()
-                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu))
-                    cpu_done.append(cpu)
-                if done is not None:
-                    done.succeed()
-                continue
-            t = self.cost.expert_time_ns(item.tokens, low_precision_dtype=lowp if item.low_precision else None)
-            host = min(self.cost.host_expert_ns, t) if serial else 0
+            t = expert_time(item.tokens, low_precision_dtype=self.lowp if item.low_precision else None)
+            host = min(host_ns, t)
             if host:  # the expert call's host work overlaps the copies in flight on the stream
-                t0 = env.now
-                yield env.timeout(host)
-                self._row("gpu", "expert", it, layer, item.expert, t0, env.now)  # its host part
+                t0 = self.now
+                yield from self._compute(host)
+                self._row("gpu", "expert", it, layer, item.expert, t0, self.now)  # its host part
                 stall += yield from self._drain_stream(it, layer)
-            if item.action is MissAction.STREAM and not stream_done.triggered:
-                t0 = env.now
-                yield stream_done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
-            copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
+            if action is MissAction.STREAM and not stream_done.triggered:
+                stall += yield from self._wait(stream_done, it, layer, item.expert)
+            copy = hit_copies.get(item.expert) if item.hit else copies.get(base + item.expert)
             if copy is not None and not copy.done.triggered:
-                t0 = env.now
-                yield copy.done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
+                stall += yield from self._wait(copy.done, it, layer, item.expert)
             if serial:
                 stall += yield from self._drain_stream(it, layer)
-            t0 = env.now
-            yield env.timeout(t - host)
-            self.totals["expert_compute_ns"] += t
-            self._row("gpu", "expert", it, layer, item.expert, t0, env.now)
+            t0 = self.now
+            end = t0 + t - host
+            if env.peek() <= end:  # see _compute
+                yield env.timeout(end - env.now)
+            self.now = end
+            computed += t
+            self._row("gpu", "expert", it, layer, item.expert, t0, end)
             if done is not None:
+                yield from self._sync()
                 done.succeed()
-        if serial:  # on the compute stream, after this layer's kernels: they overlap the next host work
-            for pf, wb in zip(plan.prefetches, prefetch_wb):
-                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+        self.totals["expert_compute_ns"] += computed
+        if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
+            yield from self._sync()
+            self._start_prefetches(it, prefetches, wb[len(copy_items):])
         for done in cpu_done:
             if not done.triggered:
-                t0 = env.now
-                yield done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, -1, t0, env.now)
+                stall += yield from self._wait(done, it, layer, -1)
         stats["hits"] += plan.hits
         stats["misses"] += plan.misses
         stats["stall_ns"] += stall
-        stats["experts"] += len(plan.items)
-        self.totals["stall_ns"] += stall
-        self.totals["dropped_gate_mass"] += plan.dropped_gate_mass
-        self.totals["degraded_gate_mass"] += plan.degraded_gate_mass
-        self.totals["cpu_experts"] += plan.cpu_experts
+        stats["experts"] += len(items)
+        totals = self.totals
+        totals["stall_ns"] += stall
+        totals["dropped_gate_mass"] += plan.dropped_gate_mass
+        totals["degraded_gate_mass"] += plan.degraded_gate_mass
+        totals["cpu_experts"] += plan.cpu_experts
         outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
-                               start_ns=layer_start, end_ns=env.now)
+                               start_ns=layer_start, end_ns=self.now)
         self.server.finish(obs, plan, outcome)
+
+    def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int]) -> None:
+        for pf, wb in zip(prefetches, writebacks):
+            self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+
+    def _wait(self, event: simpy.Event, it: Iteration, layer: int, expert: int):
+        """The compute stream waits for ``event`` (a copy, a CPU job): returns the stall in ns."""
+        yield from self._sync()
+        t0 = self.env.now
+        yield event
+        self.now = self.env.now
+        self._row("gpu", "stall", it, layer, expert, t0, self.now)
+        return self.now - t0
