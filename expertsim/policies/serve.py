@@ -31,7 +31,7 @@ from expertsim.policies.base import (
 from expertsim.policies.cache import ExpertCache
 
 
-@dataclass
+@dataclass(slots=True)
 class ServeItem:
     expert: int
     tokens: int  # tokens of the iteration routed to this expert
@@ -46,7 +46,7 @@ class ServeItem:
     released: bool = False  # unpinned mid-layer to make room for a later miss
 
 
-@dataclass
+@dataclass(slots=True)
 class PrefetchItem:
     layer: int
     expert: int
@@ -56,7 +56,7 @@ class PrefetchItem:
     low_precision: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerPlan:
     layer: int
     items: list[ServeItem]

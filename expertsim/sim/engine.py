@@ -45,7 +45,7 @@ from expertsim.sim.workload import Iteration, build_access_plan
 from expertsim.traces import RoutingTrace
 
 
-@dataclass
+@dataclass(slots=True)
 class _Copy:
     """One host-to-device copy in the DES."""
 
@@ -192,6 +192,9 @@ class _DesRun:
         self.cpu = simpy.Resource(self.env, capacity=1)
         m = sim.model
         self.on_storage = storage_resident_keys(m, sim.hardware)
+        self.any_on_storage = bool(self.on_storage.any())
+        self.per_layer_partitions = cache.num_partitions > 1  # cache.partition(layer) == layer
+        self._copy_ns: dict[int, tuple[int, int]] = {}  # chunk bytes -> (engine overhead, wire) ns
         self.chunk_bytes = sim.options.copy_chunk_bytes
         self.memory = sim.gpu_memory()
         self.copies: dict[int, _Copy] = {}  # key -> its latest copy
@@ -234,13 +237,14 @@ class _DesRun:
         """``priority``: 0 for a demand copy, >= 1 for a prefetch (served in issue order anyway
         with ``link_queue="fifo"``). ``writeback_bytes``: an evicted expert copied back to host
         first, on the same engine (a swap, runtime ``writeback``)."""
-        key = self.cache.key(layer, expert)
+        layer = int(layer)
+        key = layer * self.num_experts + int(expert)  # cache.key(layer, expert)
         copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
                      priority=0 if self.fifo_link else priority)
         self.copies[key] = copy
         if self.serial:
             self.stream_copies.append(copy)
-        slot_id = (self.cache.partition(layer), slot)
+        slot_id = (layer if self.per_layer_partitions else 0, slot)
         previous = self.slot_copy.get(slot_id)
         self.slot_copy[slot_id] = copy
         self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
@@ -266,7 +270,7 @@ class _DesRun:
             yield after
         if previous is not None and not previous.done.triggered:
             yield previous.done  # the slot's previous copy must land before this one overwrites it
-        if not copy.cancelled and self.on_storage[copy.key]:
+        if self.any_on_storage and not copy.cancelled and self.on_storage[copy.key]:
             with self.storage.request() as req:  # NVMe -> host bounce buffer first
                 yield req
                 start = env.now
@@ -275,8 +279,14 @@ class _DesRun:
                 self._row("storage", "read", it, layer, expert, start, env.now, nbytes)
         kind = "prefetch" if copy.prefetch else "copy"
         copied = 0
-        for chunk in cost.chunk_sizes(nbytes, self.chunk_bytes):
-            engine = None if copy.cancelled else (yield from self._acquire(self.engines, copy))
+        for chunk in (cost.chunk_sizes(nbytes, self.chunk_bytes) if self.chunk_bytes else (nbytes,)):
+            if copy.cancelled:
+                engine = None
+            elif copy.priority > 0 and not copy.promote.triggered:
+                engine = yield from self._acquire(self.engines, copy)
+            else:  # as _acquire does for a demand copy
+                engine = self.engines.request(priority=0)
+                yield engine
             if engine is not None and copy.cancelled:
                 self.engines.release(engine)
                 engine = None
@@ -291,12 +301,15 @@ class _DesRun:
                 self._row("link", "writeback", it, layer, expert, start, env.now, writeback_bytes)
                 writeback_bytes = 0
             start = env.now
+            times = self._copy_ns.get(chunk)
+            if times is None:
+                times = self._copy_ns[chunk] = (cost.copy_overhead_ns(chunk), cost.copy_wire_ns(chunk))
             if self.wire is None:  # one engine: its overhead then the bytes, nothing comes between
-                yield env.timeout(cost.copy_overhead_ns(chunk) + cost.copy_wire_ns(chunk))
+                yield env.timeout(times[0] + times[1])
             else:
-                yield env.timeout(cost.copy_overhead_ns(chunk))
+                yield env.timeout(times[0])
                 wire = yield from self._take(self.wire, copy.priority)
-                yield env.timeout(cost.copy_wire_ns(chunk))
+                yield env.timeout(times[1])
                 self.wire.release(wire)
             self.engines.release(engine)
             copied += chunk
@@ -414,6 +427,7 @@ class _DesRun:
             window = opts.timeline_iterations
             self._record_iteration = window is None or window[0] <= it.index < window[1]
             start_iter = self.now
+            timeline = self.timeline is not None
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
             tokens = it.tokens
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
@@ -428,13 +442,17 @@ class _DesRun:
                     self.totals["stall_ns"] += waited
                     t0 = self.now
                     yield from self._compute(t_dense - host)
-                else:
-                    yield from self._compute(t_dense)
-                self.totals["dense_compute_ns"] += t_dense
-                self._row("gpu", "dense", it, layer, -1, t0, self.now)
+                else:  # self._compute(t_dense), inline
+                    end = t0 + t_dense
+                    if env.peek() <= end:
+                        yield env.timeout(end - env.now)
+                    self.now = end
+                if timeline:
+                    self._row("gpu", "dense", it, layer, -1, t0, self.now)
                 moe = self._moe_index.get(layer)
                 if moe is not None:
                     yield from self._moe_layer(it, moe, tokens, stats)
+            self.totals["dense_compute_ns"] += t_dense * m.num_layers
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
