@@ -243,11 +243,12 @@ class ExpertCache:
         ``(False, [])`` and changes nothing. ``tick``: the logical time of the lookup that missed
         (so a token's experts get recency in lookup order); default a new tick. ``prefetch``:
         admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
-        key = self.key(layer, expert)
+        layer = int(layer)
+        key = layer * self.num_experts + int(expert)
         if self.state[key] != ABSENT:
             return True, []
         nbytes = self.expert_bytes if nbytes is None else int(nbytes)
-        p = self.partition(layer)
+        p = layer if self.num_partitions > 1 else 0
         capacity = int(self.capacity[p])
         if nbytes > capacity:
             if required:
@@ -259,7 +260,7 @@ class ExpertCache:
         free = capacity - int(self.used[p])
         if free < nbytes:
             candidates = self._candidates(p, key)
-            if not required and int(self.entry_bytes[candidates].sum()) + free < nbytes:
+            if not required and not self._frees(candidates, nbytes - free):
                 return False, []
             evicted = self._make_room(p, nbytes, layer, exclude=key, position=position, candidates=candidates)
         else:
@@ -307,12 +308,22 @@ class ExpertCache:
             mask[exclude - lo] = False
         return lo + np.flatnonzero(mask)
 
+    def _frees(self, candidates: np.ndarray, need: int) -> bool:
+        """Whether evicting every candidate frees at least ``need`` bytes."""
+        entry_bytes, total = self.entry_bytes, 0
+        for key in candidates.tolist():
+            total += int(entry_bytes[key])
+            if total >= need:
+                return True
+        return need <= 0
+
     def _make_room(self, p: int, nbytes: int, layer: int, exclude: int = -1, position: int = -1,
                    candidates: np.ndarray | None = None) -> list[int]:
         """Evict the policy's victims among unpinned entries until ``nbytes`` fit in partition
         ``p``. ``candidates``: the partition's candidates when the caller has just computed them."""
         evicted: list[int] = []
-        while self.capacity[p] - self.used[p] < nbytes:
+        capacity = int(self.capacity[p])
+        while capacity - int(self.used[p]) < nbytes:
             if candidates is None:
                 candidates = self._candidates(p, exclude)
             if len(candidates) == 0:
@@ -339,9 +350,10 @@ class ExpertCache:
         return slot
 
     def _remove(self, key: int) -> None:
-        p = self.partition(key // self.num_experts)
-        self.used[p] -= self.entry_bytes[key]
-        self._used_sum -= int(self.entry_bytes[key])
+        p = key // self.num_experts if self.num_partitions > 1 else 0
+        nbytes = int(self.entry_bytes[key])
+        self.used[p] -= nbytes
+        self._used_sum -= nbytes
         self._free_slots[p].append(int(self.slot[key]))
         self.state[key] = ABSENT
         self.entry_bytes[key] = 0

@@ -496,51 +496,61 @@ class _DesRun:
                           f"{self.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
-        env, trace, cache, copies = self.env, self.trace, self.cache, self.copies
+        env, trace, copies = self.env, self.trace, self.copies
         rows = it.rows
         weights = None if trace.weights is None else trace.weights[rows, layer]
         obs = self.server.observe(now_ns=self.now, iteration=it.index, layer=layer, tokens=tokens,
                                   experts=trace.experts[rows, layer], weights=weights,
                                   phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
-        items, prefetches = plan.items, plan.prefetches
+        items, prefetches, evicted = plan.items, plan.prefetches, plan.evicted
         layer_start = self.now
         base = layer * self.num_experts  # cache.key(layer, e) == base + e
         serial = self.serial  # copies queued on the compute stream, in serve order
-        # A hit released mid-layer to make room can be evicted by this very layer; its copy (a
-        # prefetch still in flight) must land before its compute all the same: keep it.
-        hit_copies = {item.expert: copies.get(base + item.expert) for item in items if item.hit}
-        own = {base + e for e in hit_copies}
-        copy_items = [idx for idx, item in enumerate(items) if item.copy_bytes]
+        # One pass over the items: the copies of the hits (a hit released mid-layer to make room
+        # can be evicted by this very layer; its copy, a prefetch still in flight, must land
+        # before its compute all the same: keep it), the hits whose queued or in-flight prefetch
+        # is needed now (promoted to a demand copy), the items that copy.
+        hit_copies, promote, copy_items = {}, {}, []
+        for idx, item in enumerate(items):
+            if item.hit:
+                copy = hit_copies[item.expert] = copies.get(base + item.expert)
+                if (item.loading_at_lookup and copy is not None and not copy.done.triggered
+                        and copy.priority > 0):
+                    promote[idx] = copy
+            elif item.copy_bytes:
+                copy_items.append(idx)
+        cancel = []
+        if evicted:
+            own = {base + e for e in hit_copies}
+            cancel = [key for key in evicted if key not in own]
         writebacks = 0
         if self.writeback:
             # Every expert that left the GPU since the last layer (evicted here, or dropped at the
             # end of a layer as no-cache does) is copied back, except copies still in flight.
-            in_flight = sum(1 for key in plan.evicted if self._in_flight(key))
-            writebacks = cache.evictions - self._evictions_seen - in_flight
-        self._evictions_seen = cache.evictions
+            writebacks = self.cache.evictions - self._evictions_seen - sum(map(self._in_flight, evicted))
+        self._evictions_seen = self.cache.evictions
         # The i-th copy issued at this layer (demand copies in serve order, then prefetches)
         # carries a write-back while there are some left.
-        wb = [self.wb_bytes if i < writebacks else 0 for i in range(len(copy_items) + len(prefetches))]
-        cancel = [key for key in plan.evicted if key not in own]
-        promote = {idx: copy for idx, item in enumerate(items) if item.hit and item.loading_at_lookup
-                   and (copy := hit_copies[item.expert]) is not None and not copy.done.triggered
-                   and copy.priority > 0}
+        wb = [self.wb_bytes if i < writebacks else 0 for i in range(len(copy_items) + len(prefetches))] \
+            if writebacks > 0 else None
         cpu_per_layer = self.cpu_per_layer
         if (promote or plan.streamed_experts or (cpu_per_layer and plan.cpu_experts)
-                or (not serial and (prefetches or copy_items)) or any(self._in_flight(key) for key in cancel)):
+                or (not serial and (prefetches or copy_items)) or any(map(self._in_flight, cancel))):
             # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
             # processes see it, so it happens at SimPy's time
             yield from self._sync()
-        self._cancel_evicted(cancel)
-        for key in plan.evicted:
-            if key in own:
-                copies.pop(key, None)
+        if evicted:
+            self._cancel_evicted(cancel)
+            for key in evicted:
+                if key in own:
+                    copies.pop(key, None)
         # Compute-done events only for the items a copy waits for (room they release).
-        compute_done = {items[idx].wait_compute: env.event() for idx in copy_items if items[idx].wait_compute >= 0}
+        compute_done = {items[idx].wait_compute: env.event() for idx in copy_items
+                        if items[idx].wait_compute >= 0}
         # Demand copies, in serve order, then prefetches (with copies on the compute stream: each
         # demand copy just before its kernel, the prefetches after the layer's kernels).
-        if promote or not serial:
+        if promote or (copy_items and not serial):
             i = 0
             for idx, item in enumerate(items):
                 copy = promote.get(idx)
@@ -550,11 +560,12 @@ class _DesRun:
                         copy.promote.succeed()
                 if item.copy_bytes and not serial:
                     after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
-                    self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, wb[i])
+                    self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after,
+                                     wb[i] if wb else 0)
                     i += 1
-        if not serial:
-            self._start_prefetches(it, prefetches, wb[len(copy_items):])
-        deferred = {idx: wb[i] for i, idx in enumerate(copy_items)} if serial else {}
+        if prefetches and not serial:
+            self._start_prefetches(it, prefetches, wb[len(copy_items):] if wb else None)
+        deferred = {idx: wb[i] if wb else 0 for i, idx in enumerate(copy_items)} if serial else None
         cpu_done = []
         stall = 0
         # Hybrid systems (policies/hybrid.py): a layer's CPU experts run as one host job, and its
@@ -568,11 +579,12 @@ class _DesRun:
             stream_done = env.event()
             env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
         expert_time, host_ns = self.cost.expert_time_ns, self.cost.host_expert_ns if serial else 0
+        timeline = self.timeline is not None
         computed = 0
         for idx, item in enumerate(items):
             done = compute_done.get(idx) if compute_done else None
             action = item.action
-            if idx in deferred:  # on the compute stream: issued now, after the kernels before it
+            if deferred and idx in deferred:  # on the compute stream: issued now, after the kernels before it
                 yield from self._sync()
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
@@ -601,18 +613,19 @@ class _DesRun:
                 stall += yield from self._drain_stream(it, layer)
             t0 = self.now
             end = t0 + t - host
-            if env.peek() <= end:  # see _compute
+            if env.peek() <= end:  # self._compute(t - host), inline
                 yield env.timeout(end - env.now)
             self.now = end
             computed += t
-            self._row("gpu", "expert", it, layer, item.expert, t0, end)
+            if timeline:
+                self._row("gpu", "expert", it, layer, item.expert, t0, end)
             if done is not None:
                 yield from self._sync()
                 done.succeed()
         self.totals["expert_compute_ns"] += computed
         if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
             yield from self._sync()
-            self._start_prefetches(it, prefetches, wb[len(copy_items):])
+            self._start_prefetches(it, prefetches, wb[len(copy_items):] if wb else None)
         for done in cpu_done:
             if not done.triggered:
                 stall += yield from self._wait(done, it, layer, -1)
@@ -629,9 +642,10 @@ class _DesRun:
                                start_ns=layer_start, end_ns=self.now)
         self.server.finish(obs, plan, outcome)
 
-    def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int]) -> None:
-        for pf, wb in zip(prefetches, writebacks):
-            self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+    def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int] | None) -> None:
+        for i, pf in enumerate(prefetches):
+            self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None,
+                             writebacks[i] if writebacks else 0)
 
     def _wait(self, event: simpy.Event, it: Iteration, layer: int, expert: int):
         """The compute stream waits for ``event`` (a copy, a CPU job): returns the stall in ns."""
