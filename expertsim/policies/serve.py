@@ -142,19 +142,19 @@ class LayerServer:
         items: list[ServeItem] = []
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
-        plan = LayerPlan(layer=layer, items=items, prefetches=[], evicted=evicted,
-                         hits=sum(hit), misses=len(hit) - sum(hit), position=position0)
+        hits = sum(hit)
+        plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
         tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
         for i in order:
             e = needed[i]
             key = base + e
-            item = ServeItem(expert=e, tokens=int(tokens_per_expert[i]),
-                             gate_mass=float(gate_mass[i]), hit=hit[i], action=None,
-                             low_precision=bool(cache.entry_low_precision[key]) if hit[i] else False,
-                             copy_bytes=0, slot=int(cache.slot[key]),
-                             loading_at_lookup=loading[i])
+            # ServeItem(expert, tokens, gate_mass, hit, action, low_precision, copy_bytes, slot,
+            # wait_compute, loading_at_lookup), positional: this runs per expert per layer
+            item = ServeItem(e, int(tokens_per_expert[i]), float(gate_mass[i]), hit[i], None,
+                             bool(cache.entry_low_precision[key]) if hit[i] else False, 0,
+                             int(cache.slot[key]), -1, loading[i])
             if hit[i]:
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
@@ -225,8 +225,15 @@ class LayerServer:
         self.totals["prefetch_issued"] += plan.prefetch_issued
         return plan, decision
 
-    def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome) -> None:
+    @property
+    def wants_outcome(self) -> bool:
+        """Whether the system reads a layer's outcome (overrides ``System.on_layer_end``); when
+        not, an engine may pass None to :meth:`finish`."""
+        return getattr(self.system.on_layer_end, "__func__", None) is not System.on_layer_end
+
+    def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome | None) -> None:
         """Release the layer's pins and give the system its feedback."""
         self.cache.unpin_layer(obs.layer, [item.expert for item in plan.items])
-        self.system.on_layer_end(obs, outcome)
+        if outcome is not None:  # None: the system does not read it (wants_outcome)
+            self.system.on_layer_end(obs, outcome)
 

@@ -220,6 +220,8 @@ class _DesRun:
         self.wb_bytes = m.expert_bytes()  # a full-precision expert (a write-back, a streamed expert)
         self.cpu_per_layer = getattr(sim.system, "cpu_per_layer", False)
         self.lowp = sim.system.low_precision_dtype
+        self.wants_outcome = server.wants_outcome
+        self._expert_ns: dict[int, int] = {}  # tokens -> full-precision expert time (cost.expert_time_ns)
 
     def execute(self) -> None:
         self.env.process(self._main())
@@ -578,7 +580,7 @@ class _DesRun:
         if plan.streamed_experts:
             stream_done = env.event()
             env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
-        expert_time, host_ns = self.cost.expert_time_ns, self.cost.host_expert_ns if serial else 0
+        expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
         computed = 0
         for idx, item in enumerate(items):
@@ -597,7 +599,12 @@ class _DesRun:
                 if done is not None:
                     done.succeed()
                 continue
-            t = expert_time(item.tokens, low_precision_dtype=self.lowp if item.low_precision else None)
+            if item.low_precision:
+                t = expert_time(item.tokens, low_precision_dtype=self.lowp)
+            else:
+                t = expert_ns.get(item.tokens)
+                if t is None:
+                    t = expert_ns[item.tokens] = expert_time(item.tokens)
             host = min(host_ns, t)
             if host:  # the expert call's host work overlaps the copies in flight on the stream
                 t0 = self.now
@@ -639,7 +646,7 @@ class _DesRun:
         totals["degraded_gate_mass"] += plan.degraded_gate_mass
         totals["cpu_experts"] += plan.cpu_experts
         outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
-                               start_ns=layer_start, end_ns=self.now)
+                               start_ns=layer_start, end_ns=self.now) if self.wants_outcome else None
         self.server.finish(obs, plan, outcome)
 
     def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int] | None) -> None:
