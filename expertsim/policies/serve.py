@@ -88,16 +88,20 @@ class LayerServer:
         if experts.size <= 64:  # a decode token or a small batch: numpy's per-call overhead dominates
             flat = experts.ravel().tolist()
             ids = sorted(set(flat))
-            where = {e: i for i, e in enumerate(ids)}
-            inverse = [where[e] for e in flat]
-            count = [0] * len(ids)
-            for i in inverse:
-                count[i] += 1
+            where = None
+            if len(ids) == len(flat):  # one token (its top-k experts are distinct)
+                count = [1] * len(ids)
+            else:
+                where = {e: i for i, e in enumerate(ids)}
+                count = [0] * len(ids)
+                for e in flat:
+                    count[where[e]] += 1
             needed = np.array(ids, dtype=np.int64)
             counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
             if weights is not None:
-                mass = np.bincount(np.array(inverse, dtype=np.int64), weights=weights.ravel().astype(np.float64),
-                                   minlength=len(ids))
+                where = where or {e: i for i, e in enumerate(ids)}
+                inverse = np.array([where[e] for e in flat], dtype=np.int64)
+                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(ids))
             state, base = self.cache.state, layer * self.cache.num_experts
             resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
         else:
@@ -110,12 +114,10 @@ class LayerServer:
             resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
         if weights is None:
             mass = counts / experts.shape[1]
-        return LayerObservation(
-            now_ns=now_ns, iteration=iteration, layer=layer, tokens=tokens, experts=experts,
-            weights=weights, needed=needed, tokens_per_expert=counts,
-            gate_mass=mass, resident=resident, phase=phase, cache=self.cache, trace=trace,
-            position=self.position,
-        )
+        # LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed,
+        # tokens_per_expert, gate_mass, resident, phase, cache, trace, position)
+        return LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed, counts, mass,
+                                resident, phase, self.cache, trace, self.position)
 
     def serve(self, obs: LayerObservation) -> tuple[LayerPlan, LayerDecision]:
         cache, layer = self.cache, obs.layer
