@@ -53,10 +53,10 @@ def _run(monkeypatch, skip: bool, system: str, trace, hw, cache, **options):
        prompt=st.integers(1, 4), decode=st.integers(1, 8), experts=st.integers(4, 6), slots=st.integers(1, 3),
        chunk=st.sampled_from([None, 3_000_000, 5_000_000]), engines=st.integers(1, 2),
        queue=st.sampled_from(["priority", "fifo"]), runtime=st.sampled_from([None, "cache-moe", "daop"]),
-       batch=st.integers(1, 2), fast_compute=st.booleans(), window=st.booleans())
+       batch=st.integers(1, 2), fast_compute=st.booleans(), window=st.booleans(), per_request=st.booleans())
 def test_skipped_computes_give_the_same_results(monkeypatch, system, seed, requests, prompt, decode, experts,
                                                 slots, chunk, engines, queue, runtime, batch, fast_compute,
-                                                window):
+                                                window, per_request):
     trace = synthetic_trace(num_requests=requests, prompt=prompt, decode=decode, layers=3, experts=experts,
                             seed=seed)
     hw = tiny_hardware(link={"copy_engines": engines})
@@ -64,7 +64,8 @@ def test_skipped_computes_give_the_same_results(monkeypatch, system, seed, reque
         hw = tiny_hardware(link={"copy_engines": engines, "bandwidth_gbps": 6.0, "per_copy_overhead_us": 0.0},
                            gpu={"hbm_bandwidth_gbps": 12_000.0})
     options = dict(timeline=True, copy_chunk_bytes=chunk, link_queue=queue, runtime=runtime, batch=batch,
-                   timeline_iterations=(2, 9) if window else None)
+                   timeline_iterations=(2, 9) if window else None,
+                   scope="request" if per_request and batch == 1 else "global")
     reference, events_ref = _run(monkeypatch, False, system, trace, hw, CacheConfig(per_layer=slots), **options)
     skipped, events = _run(monkeypatch, True, system, trace, hw, CacheConfig(per_layer=slots), **options)
     assert skipped == reference
