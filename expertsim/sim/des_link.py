@@ -166,6 +166,14 @@ class LinkProcesses:
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
         copy.done.succeed()
+        yield from self._park()
+
+    def _park(self):
+        """End a process without SimPy's end-of-process event. Nobody waits for these processes,
+        so that event would change nothing but hold back the compute stream's clock (a compute
+        cannot be skipped past a pending event). The process waits instead for an event that
+        never fires and is garbage once the run drops it."""
+        yield self.env.event()
 
     def _in_flight(self, key: int) -> bool:
         copy = self.copies.get(key)
@@ -196,6 +204,7 @@ class LinkProcesses:
             self.totals["cpu_ns"] += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
         done.succeed()
+        yield from self._park()
 
     def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
         with self.cpu.request() as req:
@@ -206,6 +215,7 @@ class LinkProcesses:
             self.totals["cpu_ns"] += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
         done.succeed()
+        yield from self._park()
 
     def _stream(self, it, layer, nbytes, done: simpy.Event):
         """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
@@ -217,3 +227,4 @@ class LinkProcesses:
         self.totals["copies"] += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
         done.succeed()
+        yield from self._park()
