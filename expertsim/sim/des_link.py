@@ -67,7 +67,7 @@ class LinkProcesses:
     whose ``__init__`` sets what they use: ``env``, ``cost``, ``cache``, ``totals``, ``timeline``,
     ``engines``, ``wire``, ``storage``, ``cpu``, ``copies``, ``slot_copy``, ``stream_copies``,
     ``serial``, ``fifo_link``, ``chunk_bytes``, ``on_storage``, ``any_on_storage``,
-    ``num_experts``, ``per_layer_partitions`` and ``_copy_ns``."""
+    ``num_experts``, ``per_layer_partitions``, ``_copy_ns`` and ``SKIP_COMPUTES``."""
 
     # --- timeline -------------------------------------------------------------------------
     def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
@@ -172,8 +172,10 @@ class LinkProcesses:
         """End a process without SimPy's end-of-process event. Nobody waits for these processes,
         so that event would change nothing but hold back the compute stream's clock (a compute
         cannot be skipped past a pending event). The process waits instead for an event that
-        never fires and is garbage once the run drops it."""
-        yield self.env.event()
+        never fires and is garbage once the run drops it. With ``SKIP_COMPUTES`` off (the plain
+        DES the tests compare with) the process just ends."""
+        if self.SKIP_COMPUTES:
+            yield self.env.event()
 
     def _in_flight(self, key: int) -> bool:
         copy = self.copies.get(key)

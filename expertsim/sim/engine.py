@@ -128,8 +128,8 @@ class _DesRun(LinkProcesses):
     """The SimPy processes of one run."""
 
     PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines
-    # False: one SimPy timeout per compute, never skipped (see _compute); the same results, more
-    # events (the tests compare the two).
+    # False: the plain DES, one SimPy timeout per compute (see _compute) and SimPy's own end of
+    # every process (LinkProcesses._park); the same results, more events (the tests compare them).
     SKIP_COMPUTES = True
 
     def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
