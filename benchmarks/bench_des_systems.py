@@ -6,6 +6,9 @@ depend on the machine at all.
 
     python benchmarks/bench_des_systems.py                 # results/des_systems.json
     python benchmarks/bench_des_systems.py --systems lru,promoe --repeat 2
+    python benchmarks/bench_des_systems.py --systems lru --out des_lru    # results/des_lru.json
+
+A name that is not a named system is a plain eviction policy with copy on miss (``lru``).
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default="des_systems", help="results/<OUT>.json")
     args = parser.parse_args()
 
-    from expertsim.policies import CacheConfig, make_system
+    from expertsim.policies import CacheConfig, make_policy
     from expertsim.sim import SimOptions, Simulation
     from expertsim.specs import load_hardware, load_model
     from expertsim.traces import read_trace
@@ -38,7 +42,7 @@ def main() -> None:
     rows = []
     for name in args.systems.split(","):
         def run():
-            return Simulation(model, hardware, make_system(name), CacheConfig(per_layer=4),
+            return Simulation(model, hardware, make_policy(name), CacheConfig(per_layer=4),
                               options=SimOptions(bounds=False, engine="des")).run(dataclasses.replace(trace))
 
         walls, floors = [], []
@@ -58,7 +62,7 @@ def main() -> None:
                "hit_rate": result.metrics["hit_rate"], "prefetch_copies": result.metrics["prefetch_copies"]}
         rows.append(row)
         print(row, flush=True)
-    save("des_systems", {"machine": machine(), "command": " ".join(["python"] + sys.argv),
+    save(args.out, {"machine": machine(), "command": " ".join(["python"] + sys.argv),
                          "setup": f"mixtral-8x7b on a100-80gb-pcie, 4 slots per layer, first {args.requests} "
                                   f"requests, bounds off, best of {args.repeat}", "rows": rows})
 

@@ -141,3 +141,81 @@ def test_preloaded_experts_survive_a_request_scope_reset():
     cache.admit(0, 3)
     cache.reset()
     assert sorted(np.flatnonzero(cache.state).tolist()) == [1, 6]
+
+
+class _Recorder(LRU):
+    """LRU that records every call the cache makes to it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def on_access(self, key, tick, hit, position):
+        self.calls.append(("access", key, tick, bool(hit), position))
+        super().on_access(key, tick, hit, position)
+
+    def on_insert(self, key, tick, position):
+        self.calls.append(("insert", key, tick, position))
+        super().on_insert(key, tick, position)
+
+    def on_evict(self, key):
+        self.calls.append(("evict", key))
+
+
+def _cache(config):
+    policy = _Recorder()
+
+    class Ctx:
+        pass
+
+    cache = ExpertCache(3, 6, 100, config, policy, top_k=2)
+    ctx = Ctx()
+    ctx.cache = cache
+    policy.prepare(ctx)
+    return cache, policy
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 5), min_size=1, max_size=5),
+                                st.booleans()), min_size=1, max_size=40),
+       per_layer=st.sampled_from([None, 3, 4]))
+def test_layer_lookups_and_admissions_equal_the_per_expert_calls(steps, per_layer):
+    """lookup_layer/unpin_layer against the one-expert calls (is_loading, lookup, pin, unpin): the
+    same hits, loading flags, ticks, pins, policy calls, evictions and occupancy; an optional
+    admission is refused exactly when evicting every unpinned entry would not make room."""
+    config = CacheConfig(per_layer=per_layer) if per_layer else CacheConfig(global_slots=5)
+    fast, fast_policy = _cache(config)
+    slow, slow_policy = _cache(config)
+    position = 0
+    for layer, experts, small in steps:
+        ids = sorted(experts)
+        hit, loading, ticks = fast.lookup_layer(layer, ids, position)
+        ref = []
+        for i, e in enumerate(ids):
+            was_loading = bool(slow.is_loading(layer, e))
+            h = bool(slow.lookup(layer, e, position + i))
+            ref.append((h, was_loading, slow.tick))
+            if h:
+                slow.pin(layer, e)
+        assert list(zip(hit, loading, ticks)) == ref
+        for cache in (fast, slow):
+            for e, h, tick in zip(ids, hit, ticks):
+                if not h:
+                    nbytes, p = 60 if small else 100, layer if per_layer else 0
+                    free = int(cache.capacity[p] - cache.used[p])
+                    evictable = int(cache.entry_bytes[cache._candidates(p, cache.key(layer, e))].sum())
+                    room = bool(cache.state[cache.key(layer, e)]) or evictable + free >= nbytes
+                    ok, out = cache.admit(layer, e, nbytes, position=position, required=False, tick=tick)
+                    assert ok == room
+                    if ok:
+                        cache.pin(layer, e)
+        fast.unpin_layer(layer, ids)
+        for e in ids:
+            if slow.pins[slow.key(layer, e)] > 0:
+                slow.unpin(layer, e)
+        position += len(ids)
+        assert fast_policy.calls == slow_policy.calls
+        for name in ("state", "pins", "slot", "entry_bytes", "used"):
+            assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+        assert fast.occupancy_bytes() == int(fast.used.sum())
+        assert fast.peak_used_bytes >= fast.occupancy_bytes()

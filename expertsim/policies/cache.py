@@ -107,6 +107,7 @@ class ExpertCache:
         self.pins = np.zeros(n, dtype=np.int32)
         self.slot = np.full(n, -1, dtype=np.int64)
         self.used = np.zeros(self.num_partitions, dtype=np.int64)
+        self._used_sum = 0  # int(self.used.sum()), kept as entries come and go
         self._free_slots: list[list[int]] = [[] for _ in range(self.num_partitions)]
         self._next_slot = np.zeros(self.num_partitions, dtype=np.int64)
         self.peak_used_bytes = 0
@@ -140,7 +141,7 @@ class ExpertCache:
         return np.flatnonzero(self.state[base:base + self.num_experts] != ABSENT)
 
     def occupancy_bytes(self) -> int:
-        return int(self.used.sum())
+        return self._used_sum
 
     def occupancy_entries(self, layer: int | None = None) -> int:
         if layer is None:
@@ -179,6 +180,39 @@ class ExpertCache:
         self.eviction.reset()
         self._load_preloaded()
 
+    def lookup_layer(self, layer: int, experts: list[int], position: int) -> tuple[list, list, list]:
+        """Look up a layer's needed experts (Python ints) in order, the i-th at logical position
+        ``position + i``, pinning each hit at once: :meth:`is_loading`, :meth:`lookup` and
+        :meth:`pin` per expert, in one call. Returns ``(hit, loading, ticks)``: per expert
+        whether it hit, whether its copy was still in flight, and the tick of its lookup."""
+        base = int(layer) * self.num_experts
+        state, prefetched, pins, on_access = self.state, self.prefetched, self.pins, self.eviction.on_access
+        hits, loading, ticks = [], [], []
+        for i, expert in enumerate(experts):
+            key = base + expert
+            s = state[key]
+            loading.append(s == LOADING)
+            self.tick += 1
+            hit = s != ABSENT
+            if hit and prefetched[key]:
+                prefetched[key] = False
+                self.prefetch_hits += 1
+            on_access(key, self.tick, hit, position + i)
+            hits.append(bool(hit))
+            ticks.append(self.tick)
+            if hit:
+                pins[key] += 1
+        return hits, [bool(x) for x in loading], ticks
+
+    def unpin_layer(self, layer: int, experts) -> None:
+        """Release the pins still held on ``experts`` of ``layer`` (the end of a layer)."""
+        base = int(layer) * self.num_experts
+        pins = self.pins
+        for expert in experts:
+            key = base + expert
+            if pins[key] > 0:
+                pins[key] -= 1
+
     def lookup(self, layer: int, expert: int, position: int = -1) -> bool:
         """Look an expert up; tells the eviction policy about the access. True on a hit
         (resident or loading)."""
@@ -209,20 +243,28 @@ class ExpertCache:
         ``(False, [])`` and changes nothing. ``tick``: the logical time of the lookup that missed
         (so a token's experts get recency in lookup order); default a new tick. ``prefetch``:
         admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
-        key = self.key(layer, expert)
+        layer = int(layer)
+        key = layer * self.num_experts + int(expert)
         if self.state[key] != ABSENT:
             return True, []
         nbytes = self.expert_bytes if nbytes is None else int(nbytes)
-        p = self.partition(layer)
-        if nbytes > self.capacity[p]:
+        p = layer if self.num_partitions > 1 else 0
+        capacity = int(self.capacity[p])
+        if nbytes > capacity:
             if required:
                 raise ConfigError(
-                    f"expert of {nbytes} bytes does not fit in a cache partition of {self.capacity[p]} bytes"
+                    f"expert of {nbytes} bytes does not fit in a cache partition of {capacity} bytes"
                 )
             return False, []
-        if not required and self._evictable_bytes(p, key) + (self.capacity[p] - self.used[p]) < nbytes:
-            return False, []
-        evicted = self._make_room(p, nbytes, layer, exclude=key, position=position)
+        candidates = None
+        free = capacity - int(self.used[p])
+        if free < nbytes:
+            candidates = self._candidates(p, key)
+            if not required and not self._frees(candidates, nbytes - free):
+                return False, []
+            evicted = self._make_room(p, nbytes, layer, exclude=key, position=position, candidates=candidates)
+        else:
+            evicted = []
         if tick is None:
             self.tick += 1
             tick = self.tick
@@ -230,11 +272,13 @@ class ExpertCache:
         self.entry_bytes[key] = nbytes
         self.entry_low_precision[key] = low_precision
         self.used[p] += nbytes
+        self._used_sum += nbytes
         self.slot[key] = self._take_slot(p)
         if prefetch:
             self.prefetched[key] = True
             self.prefetch_admitted += 1
-        self.peak_used_bytes = max(self.peak_used_bytes, int(self.used.sum()))
+        if self._used_sum > self.peak_used_bytes:
+            self.peak_used_bytes = self._used_sum
         self.eviction.on_insert(key, tick, position)
         return True, evicted
 
@@ -255,18 +299,33 @@ class ExpertCache:
         """The partition's unpinned entries (ascending keys), less ``exclude``."""
         lo = 0 if self.num_partitions == 1 else p * self.num_experts
         hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
+        if hi - lo <= 64:  # one layer's partition: Python lists beat numpy's per-call cost
+            state, pins = self.state[lo:hi].tolist(), self.pins[lo:hi].tolist()
+            return np.array([lo + i for i in range(hi - lo) if state[i] and not pins[i] and lo + i != exclude],
+                            dtype=np.int64)
         mask = (self.state[lo:hi] != ABSENT) & (self.pins[lo:hi] == 0)
         if lo <= exclude < hi:
             mask[exclude - lo] = False
         return lo + np.flatnonzero(mask)
 
-    def _evictable_bytes(self, p: int, exclude: int) -> int:
-        return int(self.entry_bytes[self._candidates(p, exclude)].sum())
+    def _frees(self, candidates: np.ndarray, need: int) -> bool:
+        """Whether evicting every candidate frees at least ``need`` bytes."""
+        entry_bytes, total = self.entry_bytes, 0
+        for key in candidates.tolist():
+            total += int(entry_bytes[key])
+            if total >= need:
+                return True
+        return need <= 0
 
-    def _make_room(self, p: int, nbytes: int, layer: int, exclude: int = -1, position: int = -1) -> list[int]:
+    def _make_room(self, p: int, nbytes: int, layer: int, exclude: int = -1, position: int = -1,
+                   candidates: np.ndarray | None = None) -> list[int]:
+        """Evict the policy's victims among unpinned entries until ``nbytes`` fit in partition
+        ``p``. ``candidates``: the partition's candidates when the caller has just computed them."""
         evicted: list[int] = []
-        while self.capacity[p] - self.used[p] < nbytes:
-            candidates = self._candidates(p, exclude)
+        capacity = int(self.capacity[p])
+        while capacity - int(self.used[p]) < nbytes:
+            if candidates is None:
+                candidates = self._candidates(p, exclude)
             if len(candidates) == 0:
                 raise ConfigError(
                     f"the expert cache partition for layer {layer} is full of experts the current "
@@ -274,12 +333,13 @@ class ExpertCache:
                     f"give the cache more room (at least top-k experts per layer)"
                 )
             victim = int(self.eviction.victim(candidates, self.tick, position))
-            if victim not in set(candidates.tolist()):
+            if victim not in candidates.tolist():
                 raise RuntimeError(
                     f"eviction policy {self.eviction!r} chose {victim}, not one of the candidates"
                 )
             self.evict(victim)
             evicted.append(victim)
+            candidates = None
         return evicted
 
     def _take_slot(self, p: int) -> int:
@@ -290,8 +350,10 @@ class ExpertCache:
         return slot
 
     def _remove(self, key: int) -> None:
-        p = self.partition(key // self.num_experts)
-        self.used[p] -= self.entry_bytes[key]
+        p = key // self.num_experts if self.num_partitions > 1 else 0
+        nbytes = int(self.entry_bytes[key])
+        self.used[p] -= nbytes
+        self._used_sum -= nbytes
         self._free_slots[p].append(int(self.slot[key]))
         self.state[key] = ABSENT
         self.entry_bytes[key] = 0

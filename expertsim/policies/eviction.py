@@ -96,7 +96,7 @@ class _KeyedPolicy(EvictionPolicy):
         self.score[:] = 0
 
     def victim(self, candidates: np.ndarray, tick: int, position: int) -> int:
-        return int(candidates[np.argmin(self.score[candidates])])
+        return int(candidates[self.score[candidates].argmin()])
 
 
 @register_eviction("lru")
@@ -155,7 +155,7 @@ class LIFO(_KeyedPolicy):
             inactive = candidates[~np.isin(candidates, self._active)]
             if len(inactive):
                 pool = inactive
-        return int(pool[np.argmax(self.score[pool])])
+        return int(pool[self.score[pool].argmax()])
 
 
 @register_eviction("lfu")
@@ -313,7 +313,7 @@ class Belady(EvictionPolicy):
 
     def victim(self, candidates, tick, position):
         nxt = self.next_of[candidates]
-        return int(candidates[np.argmax(nxt)])
+        return int(candidates[nxt.argmax()])
 
 
 @register_eviction("fmoe")

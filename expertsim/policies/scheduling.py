@@ -30,6 +30,9 @@ class RouteTracker:
 
     def observe(self, obs: LayerObservation) -> None:
         requests = obs.trace.request[obs.tokens]
+        if len(requests) == 1:  # one token (a decode pass at batch 1): as below, without np.unique
+            self._last.setdefault(int(requests[0]), {})[obs.layer] = obs.experts[-1].astype(np.int64)
+            return
         for r in np.unique(requests):
             rows = obs.experts[requests == r]
             self._last.setdefault(int(r), {})[obs.layer] = rows[-1].astype(np.int64)

@@ -31,7 +31,7 @@ from expertsim.policies.base import (
 from expertsim.policies.cache import ExpertCache
 
 
-@dataclass
+@dataclass(slots=True)
 class ServeItem:
     expert: int
     tokens: int  # tokens of the iteration routed to this expert
@@ -46,7 +46,7 @@ class ServeItem:
     released: bool = False  # unpinned mid-layer to make room for a later miss
 
 
-@dataclass
+@dataclass(slots=True)
 class PrefetchItem:
     layer: int
     expert: int
@@ -56,7 +56,7 @@ class PrefetchItem:
     low_precision: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerPlan:
     layer: int
     items: list[ServeItem]
@@ -85,27 +85,39 @@ class LayerServer:
 
     def observe(self, *, now_ns: int, iteration: int, layer: int, tokens: np.ndarray,
                 experts: np.ndarray, weights: np.ndarray | None, phase: int, trace) -> LayerObservation:
-        if experts.size <= 64:  # a decode token or a small batch: np.unique's overhead dominates
+        if experts.size <= 64:  # a decode token or a small batch: numpy's per-call overhead dominates
             flat = experts.ravel().tolist()
             ids = sorted(set(flat))
-            where = {e: i for i, e in enumerate(ids)}
+            where = None
+            if len(ids) == len(flat):  # one token (its top-k experts are distinct)
+                count = [1] * len(ids)
+            else:
+                where = {e: i for i, e in enumerate(ids)}
+                count = [0] * len(ids)
+                for e in flat:
+                    count[where[e]] += 1
             needed = np.array(ids, dtype=np.int64)
-            inverse = np.array([where[e] for e in flat], dtype=np.int64).reshape(experts.shape)
+            counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
+            if weights is not None:
+                where = where or {e: i for i, e in enumerate(ids)}
+                inverse = np.array([where[e] for e in flat], dtype=np.int64)
+                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(ids))
+            state, base = self.cache.state, layer * self.cache.num_experts
+            resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
         else:
             needed, inverse = np.unique(experts, return_inverse=True)
-            inverse = inverse.reshape(experts.shape)
-        counts = np.bincount(inverse.ravel(), minlength=len(needed))
-        if weights is not None:
-            mass = np.bincount(inverse.ravel(), weights=weights.ravel().astype(np.float64), minlength=len(needed))
-        else:
+            inverse = inverse.ravel()
+            needed = needed.astype(np.int64)
+            counts = np.bincount(inverse, minlength=len(needed))
+            if weights is not None:
+                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
+            resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
+        if weights is None:
             mass = counts / experts.shape[1]
-        resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
-        return LayerObservation(
-            now_ns=now_ns, iteration=iteration, layer=layer, tokens=tokens, experts=experts,
-            weights=weights, needed=needed.astype(np.int64), tokens_per_expert=counts,
-            gate_mass=mass, resident=resident, phase=phase, cache=self.cache, trace=trace,
-            position=self.position,
-        )
+        # LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed,
+        # tokens_per_expert, gate_mass, resident, phase, cache, trace, position)
+        return LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed, counts, mass,
+                                resident, phase, self.cache, trace, self.position)
 
     def serve(self, obs: LayerObservation) -> tuple[LayerPlan, LayerDecision]:
         cache, layer = self.cache, obs.layer
@@ -114,20 +126,14 @@ class LayerServer:
         # lists and ints here: a layer needs a handful of experts, where numpy's per-call cost
         # dominates.
         needed = obs.needed.tolist()
-        hit, loading, ticks = [], [], []
-        for e in needed:
-            loading.append(bool(cache.is_loading(layer, e)))
-            hit.append(bool(cache.lookup(layer, e, self.position)))
-            ticks.append(cache.tick)
-            self.position += 1
-            if hit[-1]:
-                cache.pin(layer, e)
+        hit, loading, ticks = cache.lookup_layer(layer, needed, position0)  # pins the hits
+        self.position += len(needed)
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
-        index = {e: i for i, e in enumerate(needed)}
         if decision.order is None:
             order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
         else:
+            index = {e: i for i, e in enumerate(needed)}
             order = [index[int(e)] for e in decision.order]
             if sorted(order) != list(range(len(hit))):
                 raise ConfigError(
@@ -138,22 +144,24 @@ class LayerServer:
         items: list[ServeItem] = []
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
-        plan = LayerPlan(layer=layer, items=items, prefetches=[], evicted=evicted,
-                         hits=sum(hit), misses=len(hit) - sum(hit), position=position0)
+        hits = sum(hit)
+        plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
         tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
+        base = layer * cache.num_experts
+        miss_actions = decision.miss_actions
         for i in order:
             e = needed[i]
-            key = cache.key(layer, e)
-            item = ServeItem(expert=e, tokens=int(tokens_per_expert[i]),
-                             gate_mass=float(gate_mass[i]), hit=hit[i], action=None,
-                             low_precision=bool(cache.entry_low_precision[key]) if hit[i] else False,
-                             copy_bytes=0, slot=int(cache.slot[key]),
-                             loading_at_lookup=loading[i])
+            key = base + e
+            # ServeItem(expert, tokens, gate_mass, hit, action, low_precision, copy_bytes, slot,
+            # wait_compute, loading_at_lookup), positional: this runs per expert per layer
+            item = ServeItem(e, int(tokens_per_expert[i]), float(gate_mass[i]), hit[i], None,
+                             bool(cache.entry_low_precision[key]) if hit[i] else False, 0,
+                             int(cache.slot[key]), -1, loading[i])
             if hit[i]:
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
             else:
-                action = decision.miss_actions.get(e, MissAction.COPY)
+                action = miss_actions.get(e, MissAction.COPY)
                 item.action = action
                 if action in (MissAction.COPY, MissAction.LOW_PRECISION):
                     low = action is MissAction.LOW_PRECISION
@@ -176,9 +184,10 @@ class LayerServer:
                         items[released].released = True
                         released += 1
                     # A copy into room freed by an expert of this layer waits for its compute.
-                    for j, other in enumerate(items):
-                        if other.released and cache.key(layer, other.expert) in out:
-                            item.wait_compute = max(item.wait_compute, j)
+                    if released and out:
+                        for j, other in enumerate(items):
+                            if other.released and base + other.expert in out:
+                                item.wait_compute = max(item.wait_compute, j)
                     evicted.extend(out)
                     cache.pin(layer, e)
                     item.copy_bytes = nbytes
@@ -218,11 +227,15 @@ class LayerServer:
         self.totals["prefetch_issued"] += plan.prefetch_issued
         return plan, decision
 
-    def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome) -> None:
+    @property
+    def wants_outcome(self) -> bool:
+        """Whether the system reads a layer's outcome (overrides ``System.on_layer_end``); when
+        not, an engine may pass None to :meth:`finish`."""
+        return getattr(self.system.on_layer_end, "__func__", None) is not System.on_layer_end
+
+    def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome | None) -> None:
         """Release the layer's pins and give the system its feedback."""
-        for item in plan.items:
-            key = self.cache.key(obs.layer, item.expert)
-            if self.cache.pins[key] > 0:
-                self.cache.unpin(obs.layer, item.expert)
-        self.system.on_layer_end(obs, outcome)
+        self.cache.unpin_layer(obs.layer, [item.expert for item in plan.items])
+        if outcome is not None:  # None: the system does not read it (wants_outcome)
+            self.system.on_layer_end(obs, outcome)
 

@@ -1,18 +1,8 @@
 """The SimPy discrete-event engine: the reference model of one GPU serving an MoE with offloading.
 
-Resources:
-
-- the GPU compute stream (the main process: dense layers and expert FFNs run one after another);
-- the host-to-device link: ``copy_engines`` copy engines (a priority resource) and one wire (a
-  priority resource of capacity 1). A copy (or each chunk of it, with ``copy_chunk_bytes``) takes
-  an engine, spends its fixed overhead (``CostModel.copy_overhead_ns``), then takes the wire for
-  its bytes (``copy_wire_ns``), then frees both. With one engine this is a serial link (the
-  engine is the wire: one timeout per chunk); with more, one copy's overhead overlaps another's
-  bytes. Demand copies (priority 0) go before
-  prefetches; a started chunk runs to completion, and a prefetch evicted while in flight stops at
-  the next chunk boundary (ProMoE);
-- the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
-- the host CPU (for experts computed there).
+Resources: the GPU compute stream (the main process, here: dense layers and expert FFNs run one
+after another); the host-to-device link (copy engines and a wire), the storage tier and the host
+CPU, whose processes are in :mod:`expertsim.sim.des_link`.
 
 A layer's expert computes wait for their copies, so copies of later experts overlap the compute
 of earlier ones; the time the compute stream waits is the stall.
@@ -26,7 +16,6 @@ events by insertion, so runs are deterministic.
 """
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass
 
@@ -37,25 +26,13 @@ from expertsim.errors import ConfigError
 from expertsim.policies import ExpertCache, LayerOutcome, MissAction, RunContext, System
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
+from expertsim.sim.des_link import LinkProcesses, SortedPriorityResource
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
 from expertsim.sim.setup import RunSetup, SimOptions  # noqa: F401  (SimOptions: re-exported)
 from expertsim.sim.workload import Iteration, build_access_plan
 from expertsim.traces import RoutingTrace
-
-
-@dataclass
-class _Copy:
-    """One host-to-device copy in the DES."""
-
-    key: int
-    done: simpy.Event
-    promote: simpy.Event  # fired when a queued prefetch is needed now, or dropped
-    prefetch: bool
-    priority: int
-    started: bool = False
-    cancelled: bool = False
 
 
 @dataclass
@@ -143,36 +120,17 @@ def _longest_request_context(trace: RoutingTrace) -> int:
     return int(trace.position.max()) + 1 if trace.num_tokens else 1
 
 
-class _SortedQueue(list):
-    """A PriorityResource's request queue kept in order by inserting each request at its place
-    (bisect) rather than re-sorting the whole queue per request, as SimPy's SortedQueue does
-    (quadratic when a prefetching system queues hundreds of copies). The same order: requests
-    with equal keys stay in arrival order."""
-
-    def __init__(self, maxlen: int | None = None):
-        super().__init__()
-        self.maxlen = maxlen
-
-    def append(self, item) -> None:
-        if self.maxlen is not None and len(self) >= self.maxlen:
-            raise RuntimeError("Cannot append event. Queue is full.")
-        bisect.insort_right(self, item, key=_request_key)
+def _always_yield() -> int:
+    return -1  # as env.peek() when an event is due before any compute ends
 
 
-def _request_key(request):
-    return request.key
-
-
-class _PriorityResource(simpy.PriorityResource):
-    """SimPy's PriorityResource with :class:`_SortedQueue`."""
-
-    PutQueue = _SortedQueue
-
-
-class _DesRun:
+class _DesRun(LinkProcesses):
     """The SimPy processes of one run."""
 
     PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines
+    # False: the plain DES, one SimPy timeout per compute (see _compute) and SimPy's own end of
+    # every process (LinkProcesses._park); the same results, more events (the tests compare them).
+    SKIP_COMPUTES = True
 
     def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
                  cache: ExpertCache, server: LayerServer, progress=None):
@@ -183,15 +141,18 @@ class _DesRun:
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
         link = sim.hardware.link
-        self.engines = _PriorityResource(self.env, capacity=link.copy_engines)
+        self.engines = SortedPriorityResource(self.env, capacity=link.copy_engines)
         # The link's bytes are serial: one wire shared by the engines (with a single engine, the
         # engine already serialises them and no wire resource is needed).
-        self.wire = _PriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
+        self.wire = SortedPriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
         self.fifo_link = sim.options.link_queue == "fifo"  # issue order, no prefetch dropped
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
         m = sim.model
         self.on_storage = storage_resident_keys(m, sim.hardware)
+        self.any_on_storage = bool(self.on_storage.any())
+        self.per_layer_partitions = cache.num_partitions > 1  # cache.partition(layer) == layer
+        self._copy_ns: dict[int, tuple[int, int]] = {}  # chunk bytes -> (engine overhead, wire) ns
         self.chunk_bytes = sim.options.copy_chunk_bytes
         self.memory = sim.gpu_memory()
         self.copies: dict[int, _Copy] = {}  # key -> its latest copy
@@ -211,98 +172,19 @@ class _DesRun:
         self._evictions_seen = 0
         self.stream_copies: list[_Copy] = []
         self._record_iteration = True
+        self.now = 0  # the compute stream's clock: ahead of env.now while nothing else can run (_compute)
+        self._peek = self.env.peek if self.SKIP_COMPUTES else _always_yield
+        self.num_experts = m.num_experts
+        self.writeback = sim.runtime.writeback
+        self.wb_bytes = m.expert_bytes()  # a full-precision expert (a write-back, a streamed expert)
+        self.cpu_per_layer = getattr(sim.system, "cpu_per_layer", False)
+        self.lowp = sim.system.low_precision_dtype
+        self.wants_outcome = server.wants_outcome
+        self._expert_ns: dict[int, int] = {}  # tokens -> full-precision expert time (cost.expert_time_ns)
 
     def execute(self) -> None:
         self.env.process(self._main())
         self.env.run()
-
-    # --- timeline -------------------------------------------------------------------------
-    def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
-        if self.timeline is not None and self._record_iteration and end > start:
-            request = it.request if it.num_requests == 1 else -1
-            self.timeline.add(resource, kind, it.index, request, layer, expert, start, end, nbytes)
-
-    # --- copies ---------------------------------------------------------------------------
-    def _start_copy(self, it: Iteration, layer: int, expert: int, slot: int, nbytes: int,
-                    priority: int, after: simpy.Event | None, writeback_bytes: int = 0) -> None:
-        """``priority``: 0 for a demand copy, >= 1 for a prefetch (served in issue order anyway
-        with ``link_queue="fifo"``). ``writeback_bytes``: an evicted expert copied back to host
-        first, on the same engine (a swap, runtime ``writeback``)."""
-        key = self.cache.key(layer, expert)
-        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
-                     priority=0 if self.fifo_link else priority)
-        self.copies[key] = copy
-        if self.serial:
-            self.stream_copies.append(copy)
-        slot_id = (self.cache.partition(layer), slot)
-        previous = self.slot_copy.get(slot_id)
-        self.slot_copy[slot_id] = copy
-        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
-
-    def _acquire(self, resource: _PriorityResource, copy: _Copy):
-        """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
-        re-queues as demand. Returns the granted request, or None when the copy was dropped."""
-        if copy.priority > 0 and not copy.promote.triggered:
-            req = resource.request(priority=copy.priority)
-            yield req | copy.promote
-            if req.triggered:
-                return req
-            req.cancel()
-        if copy.cancelled:
-            return None
-        req = resource.request(priority=0)
-        yield req
-        return req
-
-    def _copy(self, copy: _Copy, it, layer, expert, nbytes, after, previous, writeback_bytes=0):
-        env, cost = self.env, self.cost
-        if after is not None and not after.triggered:
-            yield after
-        if previous is not None and not previous.done.triggered:
-            yield previous.done  # the slot's previous copy must land before this one overwrites it
-        if not copy.cancelled and self.on_storage[copy.key]:
-            with self.storage.request() as req:  # NVMe -> host bounce buffer first
-                yield req
-                start = env.now
-                yield env.timeout(cost.storage_read_ns(nbytes))
-                self.totals["storage_bytes"] += nbytes
-                self._row("storage", "read", it, layer, expert, start, env.now, nbytes)
-        kind = "prefetch" if copy.prefetch else "copy"
-        copied = 0
-        for chunk in cost.chunk_sizes(nbytes, self.chunk_bytes):
-            engine = None if copy.cancelled else (yield from self._acquire(self.engines, copy))
-            if engine is not None and copy.cancelled:
-                self.engines.release(engine)
-                engine = None
-            if engine is None:  # evicted before this chunk started: dropped, the rest costs nothing
-                self.totals["cancelled_prefetches"] += 1
-                break
-            copy.started = True
-            if writeback_bytes:  # the evicted expert goes back to host before the new one comes in
-                start = env.now
-                yield env.timeout(cost.transfer_time_ns(writeback_bytes))
-                self.totals["d2h_bytes"] += writeback_bytes
-                self._row("link", "writeback", it, layer, expert, start, env.now, writeback_bytes)
-                writeback_bytes = 0
-            start = env.now
-            if self.wire is None:  # one engine: its overhead then the bytes, nothing comes between
-                yield env.timeout(cost.copy_overhead_ns(chunk) + cost.copy_wire_ns(chunk))
-            else:
-                yield env.timeout(cost.copy_overhead_ns(chunk))
-                wire = yield from self._take(self.wire, copy.priority)
-                yield env.timeout(cost.copy_wire_ns(chunk))
-                self.wire.release(wire)
-            self.engines.release(engine)
-            copied += chunk
-            self._row("link", kind, it, layer, expert, start, env.now, chunk)
-        if copied:
-            self.totals["h2d_bytes"] += copied
-            self.totals["copies"] += 1
-            if copy.prefetch:
-                self.totals["prefetch_copies"] += 1
-        if copied == nbytes and self.copies.get(copy.key) is copy:
-            self.cache.mark_resident(layer, expert)
-        copy.done.succeed()
 
     def _drain_stream(self, it, layer):
         """Wait for every copy issued on the compute stream so far (a kernel queued after them
@@ -310,59 +192,14 @@ class _DesRun:
         waited = 0
         for copy in self.stream_copies:
             if not copy.done.triggered:
+                yield from self._sync()
                 t0 = self.env.now
                 yield copy.done
+                self.now = self.env.now
                 waited += self.env.now - t0
                 self._row("gpu", "stall", it, layer, -1, t0, self.env.now)
         self.stream_copies = []
         return waited
-
-    def _take(self, resource, priority: int = 0):
-        req = resource.request(priority=priority)
-        yield req
-        return req
-
-    def _cancel_evicted(self, keys: list[int]) -> None:
-        for key in keys:
-            copy = self.copies.get(key)
-            if copy is not None and not copy.done.triggered and not self.fifo_link:
-                copy.cancelled = True  # not started: dropped; started: stops after its current chunk
-                if not copy.started and not copy.promote.triggered:
-                    copy.promote.succeed()  # wake it so it leaves the link queue at once
-            if copy is not None:
-                del self.copies[key]
-
-    # --- CPU experts ----------------------------------------------------------------------
-    def _cpu_expert(self, it, layer, expert, tokens, done: simpy.Event):
-        with self.cpu.request() as req:
-            yield req
-            start = self.env.now
-            t = self.cost.cpu_expert_time_ns(tokens)
-            yield self.env.timeout(t)
-            self.totals["cpu_ns"] += t
-            self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
-        done.succeed()
-
-    def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
-        with self.cpu.request() as req:
-            yield req
-            start = self.env.now
-            t = self.cost.cpu_layer_time_ns(expert_tokens, layer_tokens)
-            yield self.env.timeout(t)
-            self.totals["cpu_ns"] += t
-            self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
-        done.succeed()
-
-    def _stream(self, it, layer, nbytes, done: simpy.Event):
-        """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
-        engine = yield from self._take(self.engines, 0)
-        start = self.env.now
-        yield self.env.timeout(self.cost.transfer_time_ns(nbytes))
-        self.engines.release(engine)
-        self.totals["h2d_bytes"] += nbytes
-        self.totals["copies"] += 1
-        self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
-        done.succeed()
 
     # --- memory ---------------------------------------------------------------------------
     def _check_kv(self, it: Iteration) -> None:
@@ -384,14 +221,16 @@ class _DesRun:
         opts = self.sim.options
         system = self.sim.system
         while not batcher.done:
-            it, started = batcher.next_iteration(env.now)
+            it, started = batcher.next_iteration(self.now)
             if it is None:  # nothing ready: idle until the next arrival
                 t_next = batcher.next_arrival_ns()
-                self.totals["idle_ns"] += t_next - env.now
+                self.totals["idle_ns"] += t_next - self.now
                 yield env.timeout(t_next - env.now)
+                self.now = t_next
                 continue
             for request in started:
                 if opts.scope == "request":
+                    yield from self._sync()
                     self._cancel_evicted(list(self.copies))
                     self.cache.reset()
                 system.on_request_start(request)
@@ -399,38 +238,65 @@ class _DesRun:
             self._check_kv(it)
             window = opts.timeline_iterations
             self._record_iteration = window is None or window[0] <= it.index < window[1]
-            start_iter = env.now
+            start_iter = self.now
+            timeline = self.timeline is not None
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
             tokens = it.tokens
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
-                t0 = env.now
+                t0 = self.now
                 if self.serial:  # host time overlaps the copies in flight; the kernels wait for them
                     host = min(self.cost.host_layer_ns, t_dense)
-                    yield env.timeout(host)
-                    self._row("gpu", "dense", it, layer, -1, t0, env.now)  # its host part
+                    yield from self._compute(host)
+                    self._row("gpu", "dense", it, layer, -1, t0, self.now)  # its host part
                     waited = yield from self._drain_stream(it, layer)
                     stats["stall_ns"] += waited
                     self.totals["stall_ns"] += waited
-                    t0 = env.now
-                    yield env.timeout(t_dense - host)
-                else:
-                    yield env.timeout(t_dense)
-                self.totals["dense_compute_ns"] += t_dense
-                self._row("gpu", "dense", it, layer, -1, t0, env.now)
+                    t0 = self.now
+                    yield from self._compute(t_dense - host)
+                else:  # self._compute(t_dense), inline
+                    end = t0 + t_dense
+                    if self._peek() <= end:
+                        yield env.timeout(end - env.now)
+                    self.now = end
+                if timeline:
+                    self._row("gpu", "dense", it, layer, -1, t0, self.now)
                 moe = self._moe_index.get(layer)
                 if moe is not None:
                     yield from self._moe_layer(it, moe, tokens, stats)
+            self.totals["dense_compute_ns"] += t_dense * m.num_layers
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
                 "decode_tokens": int((self.trace.phase[it.rows] == 1).sum()),
-                "start_ns": start_iter, "end_ns": env.now,
+                "start_ns": start_iter, "end_ns": self.now,
                 **stats,
             })
-            batcher.complete(it, start_iter, env.now)
+            batcher.complete(it, start_iter, self.now)
             if self.progress is not None:
                 self._report(it.num_tokens)
+        yield from self._sync()
+
+    # --- the compute stream's clock -------------------------------------------------------
+    # The main process keeps its own clock, ``self.now``, which may run ahead of SimPy's while
+    # nothing else can happen in between: a compute of ``d`` ns whose end comes strictly before
+    # every other scheduled event is not yielded to SimPy but added to ``self.now``
+    # (:meth:`_compute`); the process catches SimPy up (:meth:`_sync`, one timeout for all the
+    # computes it skipped) before anything that another process can see: starting a copy or a
+    # CPU job, firing or waiting for an event. Nothing else runs before the skipped ends, so every
+    # other event is processed in the same order and at the same time as with one timeout per
+    # compute, and the results are the same; the DES just processes fewer SimPy events.
+    def _compute(self, d: int):
+        """Advance the compute stream by ``d`` ns (see above)."""
+        end = self.now + d
+        if self._peek() <= end:
+            yield self.env.timeout(end - self.env.now)
+        self.now = end
+
+    def _sync(self):
+        """Bring SimPy's clock up to the compute stream's (see :meth:`_compute`)."""
+        if self.now > self.env.now:
+            yield self.env.timeout(self.now - self.env.now)
 
     def _report(self, tokens: int) -> None:
         self._tokens_done += tokens
@@ -439,139 +305,170 @@ class _DesRun:
             self._last_report = now
             total = self.trace.num_tokens
             self.progress(f"des: {self._tokens_done:,}/{total:,} tokens ({100 * self._tokens_done / max(total, 1):.0f}%), "
-                          f"{self.env.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
+                          f"{self.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
-        env, trace, cache = self.env, self.trace, self.cache
+        env, trace, copies = self.env, self.trace, self.copies
         rows = it.rows
         weights = None if trace.weights is None else trace.weights[rows, layer]
-        obs = self.server.observe(now_ns=env.now, iteration=it.index, layer=layer, tokens=tokens,
+        obs = self.server.observe(now_ns=self.now, iteration=it.index, layer=layer, tokens=tokens,
                                   experts=trace.experts[rows, layer], weights=weights,
                                   phase=it.phase, trace=trace)
         plan, _ = self.server.serve(obs)
-        layer_start = env.now
-        # A hit released mid-layer to make room can be evicted by this very layer; its copy (a
-        # prefetch still in flight) must land before its compute all the same: keep it.
-        hit_copies = {item.expert: self.copies.get(cache.key(layer, item.expert))
-                      for item in plan.items if item.hit}
-        own = {cache.key(layer, e) for e in hit_copies}
-        runtime = self.sim.runtime
+        items, prefetches, evicted = plan.items, plan.prefetches, plan.evicted
+        layer_start = self.now
+        base = layer * self.num_experts  # cache.key(layer, e) == base + e
         serial = self.serial  # copies queued on the compute stream, in serve order
+        # One pass over the items: the copies of the hits (a hit released mid-layer to make room
+        # can be evicted by this very layer; its copy, a prefetch still in flight, must land
+        # before its compute all the same: keep it), the hits whose queued or in-flight prefetch
+        # is needed now (promoted to a demand copy), the items that copy.
+        hit_copies, promote, copy_items = {}, {}, []
+        for idx, item in enumerate(items):
+            if item.hit:
+                copy = hit_copies[item.expert] = copies.get(base + item.expert)
+                if (item.loading_at_lookup and copy is not None and not copy.done.triggered
+                        and copy.priority > 0):
+                    promote[idx] = copy
+            elif item.copy_bytes:
+                copy_items.append(idx)
+        cancel = []
+        if evicted:
+            own = {base + e for e in hit_copies}
+            cancel = [key for key in evicted if key not in own]
         writebacks = 0
-        if runtime.writeback:
+        if self.writeback:
             # Every expert that left the GPU since the last layer (evicted here, or dropped at the
             # end of a layer as no-cache does) is copied back, except copies still in flight.
-            in_flight = sum(1 for key in plan.evicted if (c := self.copies.get(key)) is not None
-                            and not c.done.triggered)
-            writebacks = cache.evictions - self._evictions_seen - in_flight
-        self._evictions_seen = cache.evictions
-        wb_bytes = self.sim.model.expert_bytes()
-
-        def take_writeback() -> int:
-            nonlocal writebacks
-            if writebacks <= 0:
-                return 0
-            writebacks -= 1
-            return wb_bytes
-
-        self._cancel_evicted([key for key in plan.evicted if key not in own])
-        for key in plan.evicted:
-            if key in own:
-                self.copies.pop(key, None)
+            writebacks = self.cache.evictions - self._evictions_seen - sum(map(self._in_flight, evicted))
+        self._evictions_seen = self.cache.evictions
+        # The i-th copy issued at this layer (demand copies in serve order, then prefetches)
+        # carries a write-back while there are some left.
+        wb = [self.wb_bytes if i < writebacks else 0 for i in range(len(copy_items) + len(prefetches))] \
+            if writebacks > 0 else None
+        cpu_per_layer = self.cpu_per_layer
+        if (promote or plan.streamed_experts or (cpu_per_layer and plan.cpu_experts)
+                or (not serial and (prefetches or copy_items)) or any(map(self._in_flight, cancel))):
+            # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
+            # processes see it, so it happens at SimPy's time
+            yield from self._sync()
+        if evicted:
+            self._cancel_evicted(cancel)
+            for key in evicted:
+                if key in own:
+                    copies.pop(key, None)
         # Compute-done events only for the items a copy waits for (room they release).
-        compute_done = {item.wait_compute: env.event() for item in plan.items
-                        if item.copy_bytes and item.wait_compute >= 0}
-        # Demand copies, in serve order, then prefetches.
-        for item in plan.items:
-            if item.hit and item.loading_at_lookup:
-                copy = hit_copies.get(item.expert)
-                if copy is not None and not copy.done.triggered and copy.priority > 0:
-                    copy.priority = 0  # needed now: a queued or in-flight prefetch becomes a demand copy
+        compute_done = {items[idx].wait_compute: env.event() for idx in copy_items
+                        if items[idx].wait_compute >= 0}
+        # Demand copies, in serve order, then prefetches (with copies on the compute stream: each
+        # demand copy just before its kernel, the prefetches after the layer's kernels).
+        if promote or (copy_items and not serial):
+            i = 0
+            for idx, item in enumerate(items):
+                copy = promote.get(idx)
+                if copy is not None:  # needed now: a queued or in-flight prefetch becomes a demand copy
+                    copy.priority = 0
                     if not copy.promote.triggered:
                         copy.promote.succeed()
-            if item.copy_bytes and not serial:
-                after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
-                self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, take_writeback())
-        deferred = {idx: take_writeback() for idx, item in enumerate(plan.items) if item.copy_bytes and serial}
-        prefetch_wb = [take_writeback() for _ in plan.prefetches]
-        if not serial:
-            for pf, wb in zip(plan.prefetches, prefetch_wb):
-                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+                if item.copy_bytes and not serial:
+                    after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
+                    self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after,
+                                     wb[i] if wb else 0)
+                    i += 1
+        if prefetches and not serial:
+            self._start_prefetches(it, prefetches, wb[len(copy_items):] if wb else None)
+        deferred = {idx: wb[i] if wb else 0 for i, idx in enumerate(copy_items)} if serial else None
         cpu_done = []
         stall = 0
-        lowp = self.sim.system.low_precision_dtype
         # Hybrid systems (policies/hybrid.py): a layer's CPU experts run as one host job, and its
         # streamed experts arrive in one copy (the layer's tensor) before any of them computes.
-        cpu_per_layer = getattr(self.sim.system, "cpu_per_layer", False)
-        if cpu_per_layer:
-            cpu_tokens = [item.tokens for item in plan.items if item.action is MissAction.CPU]
-            if cpu_tokens:
-                cpu_done.append(env.event())
-                env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
+        if cpu_per_layer and plan.cpu_experts:
+            cpu_done.append(env.event())
+            cpu_tokens = [item.tokens for item in items if item.action is MissAction.CPU]
+            env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
         stream_done = None
         if plan.streamed_experts:
             stream_done = env.event()
-            env.process(self._stream(it, layer, plan.streamed_experts * self.sim.model.expert_bytes(), stream_done))
-        for idx, item in enumerate(plan.items):
-            done = compute_done.get(idx)
-            if idx in deferred:  # on the compute stream: issued now, after the kernels before it
+            env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
+        expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
+        timeline = self.timeline is not None
+        computed = 0
+        for idx, item in enumerate(items):
+            done = compute_done.get(idx) if compute_done else None
+            action = item.action
+            if deferred and idx in deferred:  # on the compute stream: issued now, after the kernels before it
+                yield from self._sync()
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
-            if item.action is MissAction.SKIP:
+            if action is MissAction.SKIP or action is MissAction.CPU:
+                if done is not None or (action is MissAction.CPU and not cpu_per_layer):
+                    yield from self._sync()
+                if action is MissAction.CPU and not cpu_per_layer:
+                    cpu_done.append(env.event())
+                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
                 if done is not None:
                     done.succeed()
                 continue
-            if item.action is MissAction.CPU:
-                if not cpu_per_layer:
-                    cpu = env.event()
-                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu))
-                    cpu_done.append(cpu)
-                if done is not None:
-                    done.succeed()
-                continue
-            t = self.cost.expert_time_ns(item.tokens, low_precision_dtype=lowp if item.low_precision else None)
-            host = min(self.cost.host_expert_ns, t) if serial else 0
+            if item.low_precision:
+                t = expert_time(item.tokens, low_precision_dtype=self.lowp)
+            else:
+                t = expert_ns.get(item.tokens)
+                if t is None:
+                    t = expert_ns[item.tokens] = expert_time(item.tokens)
+            host = min(host_ns, t)
             if host:  # the expert call's host work overlaps the copies in flight on the stream
-                t0 = env.now
-                yield env.timeout(host)
-                self._row("gpu", "expert", it, layer, item.expert, t0, env.now)  # its host part
+                t0 = self.now
+                yield from self._compute(host)
+                self._row("gpu", "expert", it, layer, item.expert, t0, self.now)  # its host part
                 stall += yield from self._drain_stream(it, layer)
-            if item.action is MissAction.STREAM and not stream_done.triggered:
-                t0 = env.now
-                yield stream_done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
-            copy = hit_copies.get(item.expert) if item.hit else self.copies.get(cache.key(layer, item.expert))
+            if action is MissAction.STREAM and not stream_done.triggered:
+                stall += yield from self._wait(stream_done, it, layer, item.expert)
+            copy = hit_copies.get(item.expert) if item.hit else copies.get(base + item.expert)
             if copy is not None and not copy.done.triggered:
-                t0 = env.now
-                yield copy.done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, item.expert, t0, env.now)
+                stall += yield from self._wait(copy.done, it, layer, item.expert)
             if serial:
                 stall += yield from self._drain_stream(it, layer)
-            t0 = env.now
-            yield env.timeout(t - host)
-            self.totals["expert_compute_ns"] += t
-            self._row("gpu", "expert", it, layer, item.expert, t0, env.now)
+            t0 = self.now
+            end = t0 + t - host
+            if self._peek() <= end:  # self._compute(t - host), inline
+                yield env.timeout(end - env.now)
+            self.now = end
+            computed += t
+            if timeline:
+                self._row("gpu", "expert", it, layer, item.expert, t0, end)
             if done is not None:
+                yield from self._sync()
                 done.succeed()
-        if serial:  # on the compute stream, after this layer's kernels: they overlap the next host work
-            for pf, wb in zip(plan.prefetches, prefetch_wb):
-                self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None, wb)
+        self.totals["expert_compute_ns"] += computed
+        if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
+            yield from self._sync()
+            self._start_prefetches(it, prefetches, wb[len(copy_items):] if wb else None)
         for done in cpu_done:
             if not done.triggered:
-                t0 = env.now
-                yield done
-                stall += env.now - t0
-                self._row("gpu", "stall", it, layer, -1, t0, env.now)
+                stall += yield from self._wait(done, it, layer, -1)
         stats["hits"] += plan.hits
         stats["misses"] += plan.misses
         stats["stall_ns"] += stall
-        stats["experts"] += len(plan.items)
-        self.totals["stall_ns"] += stall
-        self.totals["dropped_gate_mass"] += plan.dropped_gate_mass
-        self.totals["degraded_gate_mass"] += plan.degraded_gate_mass
-        self.totals["cpu_experts"] += plan.cpu_experts
+        stats["experts"] += len(items)
+        totals = self.totals
+        totals["stall_ns"] += stall
+        totals["dropped_gate_mass"] += plan.dropped_gate_mass
+        totals["degraded_gate_mass"] += plan.degraded_gate_mass
+        totals["cpu_experts"] += plan.cpu_experts
         outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
-                               start_ns=layer_start, end_ns=env.now)
+                               start_ns=layer_start, end_ns=self.now) if self.wants_outcome else None
         self.server.finish(obs, plan, outcome)
+
+    def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int] | None) -> None:
+        for i, pf in enumerate(prefetches):
+            self._start_copy(it, pf.layer, pf.expert, pf.slot, pf.copy_bytes, pf.priority, None,
+                             writebacks[i] if writebacks else 0)
+
+    def _wait(self, event: simpy.Event, it: Iteration, layer: int, expert: int):
+        """The compute stream waits for ``event`` (a copy, a CPU job): returns the stall in ns."""
+        yield from self._sync()
+        t0 = self.env.now
+        yield event
+        self.now = self.env.now
+        self._row("gpu", "stall", it, layer, expert, t0, self.now)
+        return self.now - t0

@@ -1,0 +1,232 @@
+"""The SimPy DES's processes beside the compute stream: host-to-device copies, streamed experts,
+storage reads and CPU experts (:class:`LinkProcesses`, a part of the engine's ``_DesRun``).
+
+Resources (created by the engine):
+
+- the host-to-device link: ``copy_engines`` copy engines (a priority resource) and one wire (a
+  priority resource of capacity 1). A copy (or each chunk of it, with ``copy_chunk_bytes``) takes
+  an engine, spends its fixed overhead (``CostModel.copy_overhead_ns``), then takes the wire for
+  its bytes (``copy_wire_ns``), then frees both. With one engine this is a serial link (the
+  engine is the wire: one timeout per chunk); with more, one copy's overhead overlaps another's
+  bytes. Demand copies (priority 0) go before prefetches; a started chunk runs to completion, and
+  a prefetch evicted while in flight stops at the next chunk boundary (ProMoE);
+- the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
+- the host CPU (for experts computed there).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import simpy
+
+from expertsim.sim.workload import Iteration
+
+
+@dataclass(slots=True)
+class _Copy:
+    """One host-to-device copy in the DES."""
+
+    key: int
+    done: simpy.Event
+    promote: simpy.Event  # fired when a queued prefetch is needed now, or dropped
+    prefetch: bool
+    priority: int
+    started: bool = False
+    cancelled: bool = False
+
+
+class _SortedQueue(list):
+    """A PriorityResource's request queue kept in order by inserting each request at its place
+    (bisect) rather than re-sorting the whole queue per request, as SimPy's SortedQueue does
+    (quadratic when a prefetching system queues hundreds of copies). The same order: requests
+    with equal keys stay in arrival order."""
+
+    def __init__(self, maxlen: int | None = None):
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, item) -> None:
+        if self.maxlen is not None and len(self) >= self.maxlen:
+            raise RuntimeError("Cannot append event. Queue is full.")
+        bisect.insort_right(self, item, key=_request_key)
+
+
+def _request_key(request):
+    return request.key
+
+
+class SortedPriorityResource(simpy.PriorityResource):
+    """SimPy's PriorityResource with :class:`_SortedQueue`."""
+
+    PutQueue = _SortedQueue
+
+
+class LinkProcesses:
+    """The copy, stream and CPU processes of one DES run. A mixin of the engine's ``_DesRun``,
+    whose ``__init__`` sets what they use: ``env``, ``cost``, ``cache``, ``totals``, ``timeline``,
+    ``engines``, ``wire``, ``storage``, ``cpu``, ``copies``, ``slot_copy``, ``stream_copies``,
+    ``serial``, ``fifo_link``, ``chunk_bytes``, ``on_storage``, ``any_on_storage``,
+    ``num_experts``, ``per_layer_partitions``, ``_copy_ns`` and ``SKIP_COMPUTES``."""
+
+    # --- timeline -------------------------------------------------------------------------
+    def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
+        if self.timeline is not None and self._record_iteration and end > start:
+            request = it.request if it.num_requests == 1 else -1
+            self.timeline.add(resource, kind, it.index, request, layer, expert, start, end, nbytes)
+
+    # --- copies ---------------------------------------------------------------------------
+    def _start_copy(self, it: Iteration, layer: int, expert: int, slot: int, nbytes: int,
+                    priority: int, after: simpy.Event | None, writeback_bytes: int = 0) -> None:
+        """``priority``: 0 for a demand copy, >= 1 for a prefetch (served in issue order anyway
+        with ``link_queue="fifo"``). ``writeback_bytes``: an evicted expert copied back to host
+        first, on the same engine (a swap, runtime ``writeback``)."""
+        layer = int(layer)
+        key = layer * self.num_experts + int(expert)  # cache.key(layer, expert)
+        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
+                     priority=0 if self.fifo_link else priority)
+        self.copies[key] = copy
+        if self.serial:
+            self.stream_copies.append(copy)
+        slot_id = (layer if self.per_layer_partitions else 0, slot)
+        previous = self.slot_copy.get(slot_id)
+        self.slot_copy[slot_id] = copy
+        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
+
+    def _acquire(self, resource: SortedPriorityResource, copy: _Copy):
+        """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
+        re-queues as demand. Returns the granted request, or None when the copy was dropped."""
+        if copy.priority > 0 and not copy.promote.triggered:
+            req = resource.request(priority=copy.priority)
+            yield req | copy.promote
+            if req.triggered:
+                return req
+            req.cancel()
+        if copy.cancelled:
+            return None
+        req = resource.request(priority=0)
+        yield req
+        return req
+
+    def _copy(self, copy: _Copy, it, layer, expert, nbytes, after, previous, writeback_bytes=0):
+        env, cost = self.env, self.cost
+        if after is not None and not after.triggered:
+            yield after
+        if previous is not None and not previous.done.triggered:
+            yield previous.done  # the slot's previous copy must land before this one overwrites it
+        if self.any_on_storage and not copy.cancelled and self.on_storage[copy.key]:
+            with self.storage.request() as req:  # NVMe -> host bounce buffer first
+                yield req
+                start = env.now
+                yield env.timeout(cost.storage_read_ns(nbytes))
+                self.totals["storage_bytes"] += nbytes
+                self._row("storage", "read", it, layer, expert, start, env.now, nbytes)
+        kind = "prefetch" if copy.prefetch else "copy"
+        copied = 0
+        for chunk in (cost.chunk_sizes(nbytes, self.chunk_bytes) if self.chunk_bytes else (nbytes,)):
+            if copy.cancelled:
+                engine = None
+            elif copy.priority > 0 and not copy.promote.triggered:
+                engine = yield from self._acquire(self.engines, copy)
+            else:  # as _acquire does for a demand copy
+                engine = self.engines.request(priority=0)
+                yield engine
+            if engine is not None and copy.cancelled:
+                self.engines.release(engine)
+                engine = None
+            if engine is None:  # evicted before this chunk started: dropped, the rest costs nothing
+                self.totals["cancelled_prefetches"] += 1
+                break
+            copy.started = True
+            if writeback_bytes:  # the evicted expert goes back to host before the new one comes in
+                start = env.now
+                yield env.timeout(cost.transfer_time_ns(writeback_bytes))
+                self.totals["d2h_bytes"] += writeback_bytes
+                self._row("link", "writeback", it, layer, expert, start, env.now, writeback_bytes)
+                writeback_bytes = 0
+            start = env.now
+            times = self._copy_ns.get(chunk)
+            if times is None:
+                times = self._copy_ns[chunk] = (cost.copy_overhead_ns(chunk), cost.copy_wire_ns(chunk))
+            if self.wire is None:  # one engine: its overhead then the bytes, nothing comes between
+                yield env.timeout(times[0] + times[1])
+            else:
+                yield env.timeout(times[0])
+                wire = yield from self._take(self.wire, copy.priority)
+                yield env.timeout(times[1])
+                self.wire.release(wire)
+            self.engines.release(engine)
+            copied += chunk
+            self._row("link", kind, it, layer, expert, start, env.now, chunk)
+        if copied:
+            self.totals["h2d_bytes"] += copied
+            self.totals["copies"] += 1
+            if copy.prefetch:
+                self.totals["prefetch_copies"] += 1
+        if copied == nbytes and self.copies.get(copy.key) is copy:
+            self.cache.mark_resident(layer, expert)
+        copy.done.succeed()
+        yield from self._park()
+
+    def _park(self):
+        """End a process without SimPy's end-of-process event. Nobody waits for these processes,
+        so that event would change nothing but hold back the compute stream's clock (a compute
+        cannot be skipped past a pending event). The process waits instead for an event that
+        never fires and is garbage once the run drops it. With ``SKIP_COMPUTES`` off (the plain
+        DES the tests compare with) the process just ends."""
+        if self.SKIP_COMPUTES:
+            yield self.env.event()
+
+    def _in_flight(self, key: int) -> bool:
+        copy = self.copies.get(key)
+        return copy is not None and not copy.done.triggered
+
+    def _take(self, resource, priority: int = 0):
+        req = resource.request(priority=priority)
+        yield req
+        return req
+
+    def _cancel_evicted(self, keys: list[int]) -> None:
+        for key in keys:
+            copy = self.copies.get(key)
+            if copy is not None and not copy.done.triggered and not self.fifo_link:
+                copy.cancelled = True  # not started: dropped; started: stops after its current chunk
+                if not copy.started and not copy.promote.triggered:
+                    copy.promote.succeed()  # wake it so it leaves the link queue at once
+            if copy is not None:
+                del self.copies[key]
+
+    # --- CPU experts ----------------------------------------------------------------------
+    def _cpu_expert(self, it, layer, expert, tokens, done: simpy.Event):
+        with self.cpu.request() as req:
+            yield req
+            start = self.env.now
+            t = self.cost.cpu_expert_time_ns(tokens)
+            yield self.env.timeout(t)
+            self.totals["cpu_ns"] += t
+            self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
+        done.succeed()
+        yield from self._park()
+
+    def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
+        with self.cpu.request() as req:
+            yield req
+            start = self.env.now
+            t = self.cost.cpu_layer_time_ns(expert_tokens, layer_tokens)
+            yield self.env.timeout(t)
+            self.totals["cpu_ns"] += t
+            self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
+        done.succeed()
+        yield from self._park()
+
+    def _stream(self, it, layer, nbytes, done: simpy.Event):
+        """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
+        engine = yield from self._take(self.engines, 0)
+        start = self.env.now
+        yield self.env.timeout(self.cost.transfer_time_ns(nbytes))
+        self.engines.release(engine)
+        self.totals["h2d_bytes"] += nbytes
+        self.totals["copies"] += 1
+        self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
+        done.succeed()
+        yield from self._park()
