@@ -147,11 +147,11 @@ def measure(trace, spec, device: str, out_dir: str | Path, *, policies: list[str
             repeat_tpot = [r.metrics()["tpot_ms"] for r in results[i]]
             if len(results[i]) > 1:
                 result.records = median_records([r.records for r in results[i]])
-                result.totals["stall_ns"] = sum(r["stall_ns"] for r in result.records)
+                result.totals.stall_ns = sum(r["stall_ns"] for r in result.records)
             np.savez_compressed(out / f"timeline-{i}.npz",
                                 **{k: np.asarray(v) for k, v in result.timeline.items()})
             runs.append({"policy": text, "label": system.label, "cache": result.config["cache"],
-                         "metrics": result.metrics(), "records": result.records, "totals": result.totals,
+                         "metrics": result.metrics(), "records": result.records, "totals": result.totals.as_dict(),
                          "repeats": len(results[i]), "repeat_tpot_ms": repeat_tpot, "wall_s": walls[i]})
         doc = {"format": "expertsim-measured", "version": 1, "device": dev.name, "model": spec.name,
                "settings": settings, "calibrate_s": calibrate_s,

@@ -29,6 +29,7 @@ no gaps.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ import torch
 
 from expertsim.errors import ConfigError
 from expertsim.policies import AccessPlan, CacheConfig, ExpertCache, LayerOutcome, MissAction, RunContext, System
+from expertsim.policies.records import RunTotals
 from expertsim.policies.serve import LayerServer
 from expertsim.real_runner.device import torch_dtype
 from expertsim.real_runner.weights import (
@@ -94,7 +96,7 @@ class ReplayResult:
     """What a replay measured: per-pass records, totals, the timeline, the layer log."""
 
     records: list[dict]
-    totals: dict
+    totals: RunTotals
     timeline: dict  # column -> list, TIMELINE_COLUMNS
     layer_log: list[tuple]  # (iteration, moe layer, hit flags in serve order, copied experts, prefetched keys)
     outputs_finite: bool
@@ -104,7 +106,7 @@ class ReplayResult:
         return summarise_records(self.records, self.totals)
 
 
-def summarise_records(records: list[dict], totals: dict) -> dict:
+def summarise_records(records: list[dict], totals: RunTotals) -> dict:
     """Headline metrics with the simulator's names and definitions (``expertsim.sim.metrics``)."""
     end = np.array([r["end_ns"] for r in records], dtype=np.int64)
     start = np.array([r["start_ns"] for r in records], dtype=np.int64)
@@ -121,10 +123,10 @@ def summarise_records(records: list[dict], totals: dict) -> dict:
         "tpot_p50_ms": float(np.percentile(tpot, 50)) / 1e6 if len(tpot) else float("nan"),
         "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
         "hits": int(hits), "misses": int(misses),
-        "h2d_gb": totals.get("h2d_bytes", 0) / 1e9,
-        "h2d_copies": totals.get("copies", 0),
-        "prefetch_copies": totals.get("prefetch_copies", 0),
-        "stall_s": totals.get("stall_ns", 0) / 1e9,
+        "h2d_gb": totals.h2d_bytes / 1e9,
+        "h2d_copies": totals.copies,
+        "prefetch_copies": totals.prefetch_copies,
+        "stall_s": totals.stall_ns / 1e9,
     }
 
 
@@ -227,8 +229,7 @@ class _Run:
         self.pass_stats: list[dict] = []
         self.layer_log: list[tuple] = []
         self.finite: list[torch.Tensor] = []
-        self.totals = {"h2d_bytes": 0, "copies": 0, "prefetch_copies": 0, "cpu_experts": 0,
-                       "dropped_gate_mass": 0.0, "low_precision_copies": 0}
+        self.totals = RunTotals()
         self.moe_index = {layer: i for i, layer in enumerate(self.spec.moe_layers)}
         self.host_origin = time.perf_counter_ns()
         self.last = None  # the compute stream's latest stamp (set when the clock starts)
@@ -278,9 +279,9 @@ class _Run:
         op = self.dev.copy(self.pool.data[row], self.rep.store.row(key), after)
         self.inflight[key] = op
         self.copy_rows.append(("prefetch" if prefetch else "copy", it.index, it.request, layer, expert, op))
-        self.totals["h2d_bytes"] += nbytes
-        self.totals["copies"] += 1
-        self.totals["prefetch_copies"] += int(prefetch)
+        self.totals.h2d_bytes += nbytes
+        self.totals.copies += 1
+        self.totals.prefetch_copies += int(prefetch)
 
     def _moe_layer(self, it: Pass, layer: int, model_layer: int, x: torch.Tensor, h: torch.Tensor, attention_done,
                    stats: dict) -> None:
@@ -322,11 +323,11 @@ class _Run:
             key = cache.key(layer, item.expert)
             rows, gate = groups[item.expert]
             if item.action is MissAction.SKIP:
-                self.totals["dropped_gate_mass"] += item.gate_mass
+                self.totals.dropped_gate_mass += item.gate_mass
             elif item.action is MissAction.CPU:
                 apply_cpu_expert(x, h, rows, gate, self.rep.store.row(key), spec)
                 self._row("cpu", "cpu_expert", it, layer, item.expert)
-                self.totals["cpu_experts"] += 1
+                self.totals.cpu_experts += 1
             else:
                 op = hit_copies.get(key) if item.hit else self.inflight.pop(key, None)
                 if op is not None and not self.skip_wait:
@@ -382,9 +383,9 @@ class _Run:
             records.append({"iteration": it.index, "request": it.request, "phase": it.phase,
                             "tokens": it.num_tokens, "start_ns": start, "end_ns": end,
                             "stall_ns": int(stall), **stats})
-        self.totals["stall_ns"] = int(stall_by_pass.sum())
+        self.totals.stall_ns = int(stall_by_pass.sum())
         finite = bool(torch.stack(self.finite).all().item()) if self.finite else True
         config = {"model": self.spec.name, "policy": self.rep.system.label,
                   "cache": self.rep.cache_config.describe(), "device": dev.name, "scope": self.rep.scope}
-        return ReplayResult(records=records, totals=dict(self.totals), timeline=cols,
+        return ReplayResult(records=records, totals=dataclasses.replace(self.totals), timeline=cols,
                             layer_log=self.layer_log, outputs_finite=finite, config=config)

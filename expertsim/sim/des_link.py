@@ -119,7 +119,7 @@ class LinkProcesses:
                 yield req
                 start = env.now
                 yield env.timeout(cost.storage_read_ns(nbytes))
-                self.totals["storage_bytes"] += nbytes
+                self.totals.storage_bytes += nbytes
                 self._row("storage", "read", it, layer, expert, start, env.now, nbytes)
         kind = "prefetch" if copy.prefetch else "copy"
         copied = 0
@@ -135,13 +135,13 @@ class LinkProcesses:
                 self.engines.release(engine)
                 engine = None
             if engine is None:  # evicted before this chunk started: dropped, the rest costs nothing
-                self.totals["cancelled_prefetches"] += 1
+                self.totals.cancelled_prefetches += 1
                 break
             copy.started = True
             if writeback_bytes:  # the evicted expert goes back to host before the new one comes in
                 start = env.now
                 yield env.timeout(cost.transfer_time_ns(writeback_bytes))
-                self.totals["d2h_bytes"] += writeback_bytes
+                self.totals.d2h_bytes += writeback_bytes
                 self._row("link", "writeback", it, layer, expert, start, env.now, writeback_bytes)
                 writeback_bytes = 0
             start = env.now
@@ -159,10 +159,10 @@ class LinkProcesses:
             copied += chunk
             self._row("link", kind, it, layer, expert, start, env.now, chunk)
         if copied:
-            self.totals["h2d_bytes"] += copied
-            self.totals["copies"] += 1
+            self.totals.h2d_bytes += copied
+            self.totals.copies += 1
             if copy.prefetch:
-                self.totals["prefetch_copies"] += 1
+                self.totals.prefetch_copies += 1
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
         copy.done.succeed()
@@ -203,7 +203,7 @@ class LinkProcesses:
             start = self.env.now
             t = self.cost.cpu_expert_time_ns(tokens)
             yield self.env.timeout(t)
-            self.totals["cpu_ns"] += t
+            self.totals.cpu_ns += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
         done.succeed()
         yield from self._park()
@@ -214,7 +214,7 @@ class LinkProcesses:
             start = self.env.now
             t = self.cost.cpu_layer_time_ns(expert_tokens, layer_tokens)
             yield self.env.timeout(t)
-            self.totals["cpu_ns"] += t
+            self.totals.cpu_ns += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
         done.succeed()
         yield from self._park()
@@ -225,8 +225,8 @@ class LinkProcesses:
         start = self.env.now
         yield self.env.timeout(self.cost.transfer_time_ns(nbytes))
         self.engines.release(engine)
-        self.totals["h2d_bytes"] += nbytes
-        self.totals["copies"] += 1
+        self.totals.h2d_bytes += nbytes
+        self.totals.copies += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
         done.succeed()
         yield from self._park()

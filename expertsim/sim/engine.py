@@ -24,6 +24,7 @@ import simpy
 
 from expertsim.errors import ConfigError
 from expertsim.policies import ExpertCache, LayerOutcome, MissAction, RunContext, System
+from expertsim.policies.records import RunTotals
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.des_link import LinkProcesses, SortedPriorityResource
@@ -96,8 +97,8 @@ class Simulation(RunSetup):
                                     select_batch=self.system.select_batch)
         runner = _DesRun(self, trace, batcher, cache, server, progress=progress)
         runner.execute()
-        runner.totals["prefetch_admitted"] = cache.prefetch_admitted
-        runner.totals["prefetch_hits"] = cache.prefetch_hits
+        runner.totals.prefetch_admitted = cache.prefetch_admitted
+        runner.totals.prefetch_hits = cache.prefetch_hits
         memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * runner.max_kv_tokens)))
         extra = {}
         if opts.bounds:
@@ -160,10 +161,7 @@ class _DesRun(LinkProcesses):
         self.records: list[dict] = []
         self.iterations: list[Iteration] = []
         self.max_kv_tokens = 0
-        self.totals = {"h2d_bytes": 0, "stall_ns": 0, "copies": 0, "prefetch_copies": 0,
-                       "cancelled_prefetches": 0, "dropped_gate_mass": 0.0, "degraded_gate_mass": 0.0,
-                       "cpu_experts": 0, "expert_compute_ns": 0, "dense_compute_ns": 0, "cpu_ns": 0,
-                       "storage_bytes": 0, "idle_ns": 0, "d2h_bytes": 0}
+        self.totals = RunTotals()
         self.timeline = Timeline() if sim.options.timeline else None
         self._moe_index = {layer: i for i, layer in enumerate(m.moe_layers)}
         # Runtime with copies on the compute stream: every kernel waits for the copies issued
@@ -224,7 +222,7 @@ class _DesRun(LinkProcesses):
             it, started = batcher.next_iteration(self.now)
             if it is None:  # nothing ready: idle until the next arrival
                 t_next = batcher.next_arrival_ns()
-                self.totals["idle_ns"] += t_next - self.now
+                self.totals.idle_ns += t_next - self.now
                 yield env.timeout(t_next - env.now)
                 self.now = t_next
                 continue
@@ -251,7 +249,7 @@ class _DesRun(LinkProcesses):
                     self._row("gpu", "dense", it, layer, -1, t0, self.now)  # its host part
                     waited = yield from self._drain_stream(it, layer)
                     stats["stall_ns"] += waited
-                    self.totals["stall_ns"] += waited
+                    self.totals.stall_ns += waited
                     t0 = self.now
                     yield from self._compute(t_dense - host)
                 else:  # self._compute(t_dense), inline
@@ -264,7 +262,7 @@ class _DesRun(LinkProcesses):
                 moe = self._moe_index.get(layer)
                 if moe is not None:
                     yield from self._moe_layer(it, moe, tokens, stats)
-            self.totals["dense_compute_ns"] += t_dense * m.num_layers
+            self.totals.dense_compute_ns += t_dense * m.num_layers
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
@@ -439,7 +437,7 @@ class _DesRun(LinkProcesses):
             if done is not None:
                 yield from self._sync()
                 done.succeed()
-        self.totals["expert_compute_ns"] += computed
+        self.totals.expert_compute_ns += computed
         if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
             yield from self._sync()
             self._start_prefetches(it, prefetches, wb[len(copy_items):] if wb else None)
@@ -451,10 +449,10 @@ class _DesRun(LinkProcesses):
         stats["stall_ns"] += stall
         stats["experts"] += len(items)
         totals = self.totals
-        totals["stall_ns"] += stall
-        totals["dropped_gate_mass"] += plan.dropped_gate_mass
-        totals["degraded_gate_mass"] += plan.degraded_gate_mass
-        totals["cpu_experts"] += plan.cpu_experts
+        totals.stall_ns += stall
+        totals.dropped_gate_mass += plan.dropped_gate_mass
+        totals.degraded_gate_mass += plan.degraded_gate_mass
+        totals.cpu_experts += plan.cpu_experts
         outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
                                start_ns=layer_start, end_ns=self.now) if self.wants_outcome else None
         self.server.finish(obs, plan, outcome)

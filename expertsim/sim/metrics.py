@@ -209,8 +209,8 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
         "throughput_tokens_per_s": int(dtok.sum()) / (total_ns / 1e9) if total_ns else float("nan"),
         # Output tokens (each request's prefill pass emits its first token, each decode pass one
         # more) over the busy time including prefill: the rate most papers report end to end.
-        "e2e_tokens_per_s": ((int(dtok.sum()) + num_requests) / ((total_ns - totals.get("idle_ns", 0)) / 1e9)
-                             if total_ns - totals.get("idle_ns", 0) > 0 else float("nan")),
+        "e2e_tokens_per_s": ((int(dtok.sum()) + num_requests) / ((total_ns - totals.idle_ns) / 1e9)
+                             if total_ns - totals.idle_ns > 0 else float("nan")),
         "prefill_tokens_per_s": (int(ntok[prefill].sum()) / (int(dur[prefill].sum()) / 1e9)
                                  if int(dur[prefill].sum()) > 0 else float("nan")),
         "e2e_ms": _ms(np.mean(e2e)) if e2e else float("nan"),
@@ -224,32 +224,32 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
         "hit_rate_prefill": rate(prefill),
         "hits": int(hits.sum()),
         "misses": int(misses.sum()),
-        "h2d_gb": totals["h2d_bytes"] / 1e9,
-        "h2d_copies": totals["copies"],
-        "d2h_gb": totals.get("d2h_bytes", 0) / 1e9,
-        "prefetch_copies": totals["prefetch_copies"],
+        "h2d_gb": totals.h2d_bytes / 1e9,
+        "h2d_copies": totals.copies,
+        "d2h_gb": totals.d2h_bytes / 1e9,
+        "prefetch_copies": totals.prefetch_copies,
         # Of the prefetches admitted, the share a lookup used before they left (precision); of
         # the lookups that were not resident from an earlier use, the share a prefetch covered
         # (recall). None (not applicable) for runs that prefetched nothing.
-        "prefetch_precision": (totals.get("prefetch_hits", 0) / totals["prefetch_admitted"]
-                               if totals.get("prefetch_admitted") else None),
-        "prefetch_recall": (totals.get("prefetch_hits", 0) / (totals.get("prefetch_hits", 0) + int(misses.sum()))
-                            if totals.get("prefetch_admitted") else None),
-        "stall_s": totals["stall_ns"] / 1e9,
-        "stall_fraction": totals["stall_ns"] / total_ns if total_ns else 0.0,
-        "dense_compute_s": totals["dense_compute_ns"] / 1e9,
-        "expert_compute_s": totals["expert_compute_ns"] / 1e9,
-        "cpu_compute_s": totals["cpu_ns"] / 1e9,
-        "cpu_experts": totals["cpu_experts"],
-        "dropped_gate_mass": totals["dropped_gate_mass"],
-        "degraded_gate_mass": totals["degraded_gate_mass"],
+        "prefetch_precision": (totals.prefetch_hits / totals.prefetch_admitted
+                               if totals.prefetch_admitted else None),
+        "prefetch_recall": (totals.prefetch_hits / (totals.prefetch_hits + int(misses.sum()))
+                            if totals.prefetch_admitted else None),
+        "stall_s": totals.stall_ns / 1e9,
+        "stall_fraction": totals.stall_ns / total_ns if total_ns else 0.0,
+        "dense_compute_s": totals.dense_compute_ns / 1e9,
+        "expert_compute_s": totals.expert_compute_ns / 1e9,
+        "cpu_compute_s": totals.cpu_ns / 1e9,
+        "cpu_experts": totals.cpu_experts,
+        "dropped_gate_mass": totals.dropped_gate_mass,
+        "degraded_gate_mass": totals.degraded_gate_mass,
         "experts_per_layer_iteration": float(experts.sum() / (num_iterations * model.num_moe_layers)) if num_iterations else float("nan"),
         "peak_gpu_gb": (memory["dense_bytes"] + memory["kv_bytes"] + memory["workspace_bytes"] + peak_cache_bytes) / 1e9,
         "expert_cache_gb": memory["expert_cache_bytes"] / 1e9,
         "kv_peak_gb": memory["kv_bytes"] / 1e9,
-        "storage_gb": totals.get("storage_bytes", 0) / 1e9,
-        "cancelled_prefetches": totals.get("cancelled_prefetches", 0),
-        "idle_s": totals.get("idle_ns", 0) / 1e9,
+        "storage_gb": totals.storage_bytes / 1e9,
+        "cancelled_prefetches": totals.cancelled_prefetches,
+        "idle_s": totals.idle_ns / 1e9,
         **(extra or {}),
     }
     config = {
@@ -291,13 +291,13 @@ def summarise(*, model, hardware, system, cache_config, trace, columns, totals, 
             f"{extra['link_bound_s']:.4g} s ({extra['belady_misses']} copies that Belady's optimal eviction "
             f"needs, bytes over link bandwidth); simulated {total_ns / 1e9:.4g} s"
         )
-        if totals["cpu_experts"] or totals["dropped_gate_mass"] or totals["degraded_gate_mass"]:
+        if totals.cpu_experts or totals.dropped_gate_mass or totals.degraded_gate_mass:
             assumptions.append(
                 "the bounds assume every expert is computed on the GPU from a full-precision copy; this "
                 "system computed experts on the CPU, skipped them or used low-precision copies, so it may "
                 "run below them"
             )
-    if totals.get("cpu_experts") or totals.get("cpu_ns"):
+    if totals.cpu_experts or totals.cpu_ns:
         assumptions.append(cost.cpu_rate_note())
     assumptions.extend(system.trace_notes(trace))
     if getattr(system, "ignores_capacity", False):

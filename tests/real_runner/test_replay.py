@@ -46,7 +46,7 @@ def test_hits_misses_and_copies_equal_the_simulator(tiny_spec, tiny_trace, cpu_d
 
     assert copies(result.timeline) == copies(tl)
     if name != "all-on-gpu":
-        assert result.totals["copies"] == sim.metrics["h2d_copies"] > 0
+        assert result.totals.copies == sim.metrics["h2d_copies"] > 0
     assert result.outputs_finite
 
 
@@ -71,7 +71,7 @@ def test_copy_lands_before_its_expert_computes(tiny_spec, tiny_trace, clock):
             assert start >= copy_end[(i, layer, e)]
             checked += 1
     assert checked > 10
-    assert result.totals["stall_ns"] > 0
+    assert result.totals.stall_ns > 0
     if clock == "cpu":  # copies run back to back on the virtual link at the nominal rate or slower
         starts = sorted(zip(t["start_ns"], t["end_ns"], t["bytes"]))
         link = [(a, b, n) for (a, b, n), res in zip(zip(t["start_ns"], t["end_ns"], t["bytes"]), t["resource"])
@@ -164,7 +164,7 @@ def test_prefetched_hit_released_mid_layer_still_waits_for_its_copy(tiny_spec):
     finally:
         dev.close()
     released_hits = [log for log in result.layer_log if sum(log[2]) and len(log[2]) > 4]
-    assert released_hits and result.totals["prefetch_copies"] > 0
+    assert released_hits and result.totals.prefetch_copies > 0
     assert result.outputs_finite
     sim = _sim(tiny_spec, trace, "pregated-moe", 4)
     assert [(r["hits"], r["misses"]) for r in result.records] == [(r["hits"], r["misses"]) for r in sim.iterations]
@@ -182,7 +182,7 @@ def test_request_scope_reloads_preloaded_experts_as_the_simulator_does(tiny_spec
                      options=SimOptions(scope="request", check_memory=False)).run(tiny_trace)
     assert [(r["hits"], r["misses"]) for r in result.records] == \
         [(r["hits"], r["misses"]) for r in sim.iterations]
-    assert sum(r["misses"] for r in result.records) == 0 and result.totals["copies"] == 0
+    assert sum(r["misses"] for r in result.records) == 0 and result.totals.copies == 0
     requests = [r["request"] for r in result.records]
     assert len(set(requests)) == 3
     m = result.metrics()

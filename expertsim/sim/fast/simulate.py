@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from expertsim.errors import ConfigError
+from expertsim.policies.records import RunTotals
 from expertsim.sim.fast.belady import _belady_misses
 from expertsim.sim.fast.groups import _capacity_slots, groups_from_passes
 from expertsim.sim.fast.jit import HAVE_NUMBA
@@ -182,16 +183,13 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     max_kv = int(sched.context.max()) if num_iters else 0
     memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * max_kv)))
     copies = int(all_it.sum() - hits_it.sum())
-    totals = {"h2d_bytes": copies * expert_bytes, "stall_ns": int(stall_it.sum()), "copies": copies,
-              "prefetch_copies": 0, "cancelled_prefetches": 0, "dropped_gate_mass": 0.0,
-              "degraded_gate_mass": 0.0, "cpu_experts": 0, "expert_compute_ns": int(compute_it.sum()),
-              "dense_compute_ns": int(dense.sum()) * m.num_layers, "cpu_ns": 0, "storage_bytes": 0,
-              "idle_ns": 0}
+    totals = RunTotals(h2d_bytes=copies * expert_bytes, stall_ns=int(stall_it.sum()), copies=copies,
+                       expert_compute_ns=int(compute_it.sum()), dense_compute_ns=int(dense.sum()) * m.num_layers)
     extra = {}
     if opts.bounds:
         misses = belady.result() if belady is not None else _belady_misses(m, groups, sim.cache_config, initial)
-        extra = _bounds_metrics(cost, m, misses, dense_total_ns=totals["dense_compute_ns"],
-                                expert_total_ns=totals["expert_compute_ns"], copy_chunk_bytes=opts.copy_chunk_bytes)
+        extra = _bounds_metrics(cost, m, misses, dense_total_ns=totals.dense_compute_ns,
+                                expert_total_ns=totals.expert_compute_ns, copy_chunk_bytes=opts.copy_chunk_bytes)
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
         columns=columns, totals=totals, timeline=None, memory=memory,
