@@ -152,6 +152,9 @@ class SkipMisses(MissHandler):
     uses_gate_weights = True
 
     def __init__(self, max_weight: float = 1.0, keep_top1: bool = True):
+        if not 0.0 <= float(max_weight) <= 1.0:
+            raise PolicyError(f"skip: max_weight must be a gate weight in [0, 1] (1 = skip any miss that is no "
+                              f"token's first choice), got {max_weight!r}")
         self.max_weight = float(max_weight)
         self.keep_top1 = bool(keep_top1)
 

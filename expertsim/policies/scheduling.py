@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from expertsim.errors import PolicyError
 from expertsim.policies.base import LayerObservation
 from expertsim.policies.registration import register_scheduler
 
@@ -75,6 +76,10 @@ class RouteGroupScheduler(FifoScheduler):
     name = "route-group"
 
     def __init__(self, unknown_cost: int | None = None):
+        if unknown_cost is not None and (isinstance(unknown_cost, bool) or not isinstance(unknown_cost, int)
+                                         or unknown_cost < 0):
+            raise PolicyError(f"route-group: unknown_cost must be a count of experts >= 0 (or unset: every "
+                              f"(layer, expert) a route could hold), got {unknown_cost!r}")
         self.unknown_cost = unknown_cost
 
     def params(self) -> dict:

@@ -63,6 +63,8 @@ def test_compose_label_names_every_part_with_its_parameters():
     ({"eviction": {"distance": 2}}, "eviction must be a name or a table with a name"),
     ({"scheduler": "round-robin"}, "unknown scheduler 'round-robin'. Known: cache-aware, fifo, route-group"),
     ({"prefetch": {"name": "pregated", "accuracy": float("nan")}}, "not a finite number"),
+    ({"miss": {"name": "skip", "max_weight": 2.0}}, "max_weight must be a gate weight in"),
+    ({"scheduler": {"name": "route-group", "unknown_cost": -3}}, "unknown_cost must be a count of experts >= 0"),
 ])
 def test_bad_parts_are_one_line_errors(params, message):
     with pytest.raises(PolicyError, match=message):
