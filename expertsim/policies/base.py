@@ -122,6 +122,12 @@ def next_use_positions(keys: np.ndarray) -> np.ndarray:
     return nxt
 
 
+def param_label(name: str, params: dict) -> str:
+    """``name(k=v, ...)``, or ``name`` without parameters: how systems and their parts are shown
+    in tables and results."""
+    return name + (f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+
+
 class Parameterised:
     """A policy part with parameters: ``params()`` (shown in labels and results) and a repr
     built from them."""
@@ -259,8 +265,7 @@ class System:
     @property
     def label(self) -> str:
         """Name with parameters, for tables."""
-        p = self.params()
-        return self.name + (f"({', '.join(f'{k}={v}' for k, v in p.items())})" if p else "")
+        return param_label(self.name, self.params())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eviction={self.eviction!r}, {self.params()})"

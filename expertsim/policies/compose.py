@@ -16,6 +16,7 @@ them); a plug-in's ``@register_prefetch("mine")`` class is a part like any built
 from __future__ import annotations
 
 from expertsim.errors import PolicyError
+from expertsim.policies.base import param_label
 from expertsim.policies import eviction as _eviction  # noqa: F401  (registers the eviction parts)
 from expertsim.policies import miss as _miss  # noqa: F401  (registers the miss handlers)
 from expertsim.policies import prefetch as _prefetch  # noqa: F401  (registers the prefetchers)
@@ -50,9 +51,9 @@ def make_part(kind: str, spec):
 
 
 def _label(part) -> str:
+    """The part's name and parameters (nested parts, which carry their own, left out)."""
     params = part.params() if hasattr(part, "params") else {}
-    shown = {k: v for k, v in params.items() if not hasattr(v, "params")}
-    return part.name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+    return param_label(part.name, {k: v for k, v in params.items() if not hasattr(v, "params")})
 
 
 @register_system("compose")
