@@ -173,12 +173,12 @@ class CpuSpec:
         instruction throughputs); without either, the fp32 rate itself."""
         if dtype in self.tflops_by_dtype:
             return float(self.tflops_by_dtype[dtype]), f"cpu.tflops_by_dtype.{dtype}"
-        for feature, multiplier, why in ISA_RATE_MULTIPLIERS.get(dtype, ()):
-            if feature == "" or feature in self.isa:
-                if feature == "" and not self.isa:
-                    break  # no instruction set given: nothing to derive from
-                return self.tflops * multiplier, f"{multiplier:g} x the fp32 rate: {why}"
-        return float(self.tflops), "the fp32 rate (cpu.tflops; no tflops_by_dtype entry and no isa)"
+        if self.isa:  # the first unit the CPU has ("" = none of them)
+            for feature, multiplier, why in ISA_RATE_MULTIPLIERS.get(dtype, ()):
+                if feature == "" or feature in self.isa:
+                    return self.tflops * multiplier, f"{multiplier:g} x the fp32 rate: {why}"
+        return float(self.tflops), (f"the fp32 rate (cpu.tflops; no tflops_by_dtype.{dtype} entry"
+                                    + (")" if self.isa else " and no isa)"))
 
 
 # The instruction-set feature names a CPU spec's ``isa`` may list (lower case; "-" reads as "_").
