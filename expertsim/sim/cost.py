@@ -194,6 +194,11 @@ class CostModel:
         object.__setattr__(self, "cpu_sync_layer_ns", _ns(self.runtime.cpu_sync_us_per_layer * 1e-6 / speed))
         object.__setattr__(self, "kernel_layer_ns", _ns(self.runtime.kernel_us_per_layer * 1e-6))
         object.__setattr__(self, "kernel_expert_ns", _ns(self.runtime.kernel_us_per_expert * 1e-6))
+        # The CPU expert kernel of this model's experts on this runtime, once: (GEMM dtype, fraction
+        # of its rate reached, what the sockets give together).
+        gemm_dtype, fraction = self.runtime.cpu_kernel("quantised" if self.model.experts_quantised else self.model.dtype)
+        object.__setattr__(self, "cpu_kernel", (gemm_dtype or self.model.dtype, fraction,
+                                                self.hardware.cpu.socket_scale(self.runtime.numa_placement == "node")))
         if self.link_curve is None:
             curve = getattr(self.hardware.link, "bandwidth_curve", None)
             if curve:
@@ -347,22 +352,20 @@ class CostModel:
             return 0
         if self.profile is not None:
             return int(round(self.profile.ns_1d("cpu_expert", tokens) * self.profile.expert_scale))
-        cpu, m, rt = self.hardware.cpu, self.model, self.runtime
-        sockets = cpu.socket_scale(rt.numa_placement == "node")
-        t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9 * rt.cpu_bandwidth_fraction * sockets)
-        gemm_dtype, fraction = rt.cpu_kernel("quantised" if m.experts_quantised else m.dtype)
-        rate = cpu.gemm_flops(gemm_dtype or m.dtype) * cpu.efficiency * fraction * sockets
+        cpu, m = self.hardware.cpu, self.model
+        gemm_dtype, fraction, sockets = self.cpu_kernel
+        t_mem = m.expert_bytes() / (cpu.memory_bandwidth_gbps * 1e9 * self.runtime.cpu_bandwidth_fraction * sockets)
+        rate = cpu.gemm_flops(gemm_dtype) * cpu.efficiency * fraction * sockets
         return _ns(max(t_mem, m.expert_flops(tokens) / rate))
 
     def cpu_rate_note(self) -> str:
         """One line for a run's assumptions: the host rates its CPU experts ran at, and where the
         GEMM rate comes from (the spec, or the instruction set)."""
-        cpu, m, rt = self.hardware.cpu, self.model, self.runtime
-        gemm_dtype, fraction = rt.cpu_kernel("quantised" if m.experts_quantised else m.dtype)
-        rate, why = cpu.gemm_rate(gemm_dtype or m.dtype)
-        sockets = cpu.socket_scale(rt.numa_placement == "node")
+        cpu = self.hardware.cpu
+        gemm_dtype, fraction, sockets = self.cpu_kernel
+        rate, why = cpu.gemm_rate(gemm_dtype)
         return (f"CPU experts: {cpu.sockets} socket(s) x {cpu.memory_bandwidth_gbps:g} GB/s x "
-                f"{rt.cpu_bandwidth_fraction:g} of it (socket scale {sockets:g}); GEMM {gemm_dtype or m.dtype} at "
+                f"{self.runtime.cpu_bandwidth_fraction:g} of it (socket scale {sockets:g}); GEMM {gemm_dtype} at "
                 f"{rate:g} TFLOP/s per socket ({why}) x efficiency {cpu.efficiency:g} x {fraction:g}")
 
     def activation_copy_ns(self, tokens: int) -> int:
