@@ -454,8 +454,8 @@ def compare_command(
         load_plugin(p)
     import os
 
-    report = run_compare(jobs=1 if plugin else (jobs or os.cpu_count() or 1),model=model, hardware=hardware, trace_path=trace, policies=policies,
-                         systems=systems, max_tokens=max_tokens, requests=requests,
+    report = run_compare(model=model, hardware=hardware, trace_path=trace, policies=policies,
+                         jobs=1 if plugin else (jobs or os.cpu_count() or 1), systems=systems, max_tokens=max_tokens, requests=requests,
                          overrides=_overrides(sets), params=_policy_params(param),
                          options={**_run_options(batch, rate, offline, seed, engine, link_queue), "runtime": runtime},
                          out=out,

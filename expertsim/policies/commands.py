@@ -34,8 +34,9 @@ def _summary(cls: type) -> str:
 
 
 def policy_rows() -> list[dict]:
-    """One row per registered eviction policy and system: kind, name, summary, parameters."""
-    from expertsim.policies.registry import EVICTION, PARTS, SYSTEMS, eviction_names, system_names
+    """One row per registered system and part (eviction, prefetch, miss, scheduler): kind, name,
+    summary, parameters."""
+    from expertsim.policies.registry import PARTS, SYSTEMS, system_names
 
     rows = []
     for name in system_names():
@@ -44,11 +45,7 @@ def policy_rows() -> list[dict]:
         rows.append({"kind": "system", "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
                      "oracle": oracle if isinstance(oracle, bool) else "when a part is",
                      "runtime": getattr(cls, "runtime", "default")})
-    for name in eviction_names():
-        cls = EVICTION[name]
-        rows.append({"kind": "eviction", "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
-                     "oracle": bool(getattr(cls, "oracle", False))})
-    for kind in ("prefetch", "miss", "scheduler"):
+    for kind in ("eviction", "prefetch", "miss", "scheduler"):  # system_names() loaded every table
         for name, cls in sorted(PARTS[kind].items()):
             rows.append({"kind": kind, "name": name, "summary": _summary(cls), "parameters": _parameters(cls),
                          "oracle": bool(getattr(cls, "oracle", False))})
