@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expertsim.policies.records import RunTotals
 
 
 def profile_hardware(profile: dict):
@@ -106,7 +107,7 @@ def compare_measured(measured_dir: str | Path, *, progress=None) -> dict:
             "measured_hit_rate": m_hits / (m_hits + m_miss) if m_hits + m_miss else float("nan"),
             "predicted_hit_rate": result.metrics["hit_rate"],
             "hits_equal": m_hits == result.metrics["hits"] and m_miss == result.metrics["misses"],
-            "measured_stall_s": run["totals"].get("stall_ns", 0) / 1e9,
+            "measured_stall_s": RunTotals.from_dict(run["totals"]).stall_ns / 1e9,
             "predicted_stall_s": result.metrics["stall_s"],
         })
         for r, m, p in zip(run["records"], meas_d, pred_d):

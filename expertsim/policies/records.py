@@ -16,7 +16,6 @@ class RunTotals:
     d2h_bytes: int = 0  # device-to-host bytes (write-back of evicted experts)
     copies: int = 0  # host-to-device copies that moved bytes
     prefetch_copies: int = 0  # of which prefetches
-    low_precision_copies: int = 0  # of which low-precision expert copies (real runner)
     cancelled_prefetches: int = 0  # prefetch copies dropped before they moved every byte
     prefetch_admitted: int = 0  # prefetches admitted to the cache
     prefetch_hits: int = 0  # of which used before eviction
@@ -35,6 +34,7 @@ class RunTotals:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunTotals":
-        """From a saved record (unknown keys ignored, missing ones zero)."""
+        """From a saved record, e.g. the real runner's measurements JSON (unknown keys ignored,
+        missing ones zero)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
