@@ -52,17 +52,20 @@ class Simulation(RunSetup):
         longest = _longest_request_context(trace)
         if self.cache_config is None:
             self.cache_config = self.system.default_cache_config(m, self.hardware, longest * opts.batch)
+        runner_class, engine = _DesRun, "des"
         if opts.engine != "des":
             from expertsim.sim.fast import general as fast_general
+            from expertsim.sim.fast import stepped
 
             if fast_general.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
                 return fast_general.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
-            if opts.engine == "fast":
+            if stepped.supports_run(opts, self.hardware, m) and (opts.engine == "fast" or _builtin(self.system)):
+                runner_class, engine = stepped.SteppedRun, "fast"
+            elif opts.engine == "fast":
                 raise ConfigError(
                     f"the fast engine does not reproduce {self.system.label!r} with these options "
-                    f"(it covers copy on miss with any eviction policy, no-cache and all-on-gpu at batch 1, "
-                    f"no timeline; a plug-in eviction policy that overrides on_layer reads the simulated "
-                    f"time, which only the DES has); use --engine des or auto"
+                    f"(it needs one copy engine, whole-expert copies, every expert in host memory and no "
+                    f"timeline); use --engine des or auto"
                 )
         memory = self.memory_check(longest)
         # A hybrid system never copies a miss into its cache (CPU or streamed): no top-k floor.
@@ -95,7 +98,7 @@ class Simulation(RunSetup):
         batcher = ContinuousBatcher(trace, max_batch=opts.batch, arrivals_ns=arrivals,
                                     prefill_chunk_tokens=opts.prefill_chunk_tokens,
                                     select_batch=self.system.select_batch)
-        runner = _DesRun(self, trace, batcher, cache, server, progress=progress)
+        runner = runner_class(self, trace, batcher, cache, server, progress=progress)
         runner.execute()
         runner.totals.prefetch_admitted = cache.prefetch_admitted
         runner.totals.prefetch_hits = cache.prefetch_hits
@@ -108,13 +111,22 @@ class Simulation(RunSetup):
             model=m, hardware=self.hardware, system=self.system, cache_config=self.cache_config,
             trace=trace, columns=columns_from_records(runner.records), totals=runner.totals,
             timeline=runner.timeline, memory=memory, cost=self.cost, scope=opts.scope,
-            peak_cache_bytes=cache.peak_used_bytes, engine="des",
+            peak_cache_bytes=cache.peak_used_bytes, engine=engine,
             requests=batcher.request_records(), decode_latencies_ns=batcher.decode_latencies_ns(),
             serving=opts.serving_summary(),
             extra=extra,
         )
         result.metrics["wall_s"] = time.perf_counter() - wall0
         return result
+
+
+def _builtin(system) -> bool:
+    """A system built from expertsim's own classes (``--engine auto`` runs those on the fast
+    engine; a plug-in stays on the DES, the readable reference, unless ``--engine fast``)."""
+    parts = [system] + [p for p in getattr(system, "parts", lambda: {})().values() if p is not None
+                        and not isinstance(p, str)]
+    return all(type(p).__module__.startswith("expertsim.") for p in parts) and \
+        type(system.eviction).__module__.startswith("expertsim.")
 
 
 def _longest_request_context(trace: RoutingTrace) -> int:

@@ -57,9 +57,12 @@ def test_auto_engine_matches_the_des():
     same = [json.dumps({k: v for k, v in r["metrics"].items() if k not in drop}, sort_keys=True)
             for r in (auto, des)]  # (NaN-safe comparison)
     assert same[0] == same[1]
-    # Every eviction policy runs on the fast engine; systems it does not run (prefetch) fall back to the DES.
+    # Every eviction policy and every named system runs on the fast engine, with the DES's numbers;
+    # a timeline needs the DES.
     assert run_one(_config(policy="belady", cache_per_layer=3))["engine_used"] == "fast"
-    assert run_one(_config(policy="se-moe", cache_per_layer=3))["engine_used"] == "des"
+    se_moe = [run_one(_config(policy="se-moe", cache_per_layer=3, **extra)) for extra in ({}, {"engine": "des"})]
+    assert [r["engine_used"] for r in se_moe] == ["fast", "des"]
+    assert se_moe[0]["metrics"]["total_s"] == se_moe[1]["metrics"]["total_s"]
     from expertsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="engine"):
