@@ -55,10 +55,12 @@ class Simulation(RunSetup):
         runner_class, engine = _DesRun, "des"
         if opts.engine != "des":
             from expertsim.sim.fast import general as fast_general
-            from expertsim.sim.fast import stepped
+            from expertsim.sim.fast import plans, stepped
 
             if fast_general.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
                 return fast_general.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
+            if plans.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
+                return plans.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
             if stepped.supports_run(opts, self.hardware, m) and (opts.engine == "fast" or _builtin(self.system)):
                 runner_class, engine = stepped.SteppedRun, "fast"
             elif opts.engine == "fast":

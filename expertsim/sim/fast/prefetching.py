@@ -1,0 +1,431 @@
+"""The compiled kernel of the fast engine for prefetching systems: an LRU or FIFO expert cache
+with the :class:`~expertsim.policies.cache.ExpertCache`'s bookkeeping (pins, slots, ticks,
+prefetch flags), the :class:`~expertsim.policies.serve.LayerServer`'s serve order and releases,
+and the DES's copy engine (priority queue, promotion, dropped prefetches, the slot's previous
+copy, copies on the compute stream), in one pass over the batch-1 schedule.
+
+It is :class:`~expertsim.sim.fast.stepped.SteppedRun` over :class:`~expertsim.sim.fast.events.LinkQueue`
+(itself held equal to the DES) for the systems whose every decision it can take itself: copy on
+miss, LRU or FIFO eviction, and prefetch requests that depend on the trace alone, computed before
+the run (:mod:`expertsim.sim.fast.plans`). With one copy engine at most one copy runs at a time,
+so the event queue reduces to the running copy's end and the engine's queue.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from expertsim.sim.fast.jit import _njit
+
+from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
+    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NPEND, PRIO, QUEUED, RUNNING, T_CANCELLED,
+    T_COPIES, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
+    _finish, _issue, _promote, _start_pending, _wait,
+)
+
+
+@_njit
+def _victim(cstate, pins, score, lo, hi, exclude):
+    """The unpinned entry of keys lo..hi-1 (not ``exclude``) with the lowest score (ties: lowest
+    key), or -1: ``_KeyedPolicy.victim`` over ``ExpertCache._candidates``."""
+    best = -1
+    for key in range(lo, hi):
+        if cstate[key] != ABSENT and pins[key] == 0 and key != exclude:
+            if best < 0 or score[key] < score[best]:
+                best = key
+    return best
+
+
+@_njit
+def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions):
+    p = key // num_experts if per_layer else 0
+    used[p] -= 1
+    free[p, nfree[p]] = slot[key]
+    nfree[p] += 1
+    cstate[key] = ABSENT
+    prefetched[key] = False
+    slot[key] = -1
+    evictions[0] += 1
+
+
+@_njit
+def _take_slot(p, free, nfree, next_slot):
+    if nfree[p] > 0:
+        nfree[p] -= 1
+        return free[p, nfree[p]]
+    s = next_slot[p]
+    next_slot[p] += 1
+    return s
+
+
+@_njit
+def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
+                    per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
+                    serial, fifo_link, expert_bytes):
+    """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
+    stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: 0, or the group whose
+    admission found no room (the DES raises there)."""
+    n_pass = p_dense.shape[0]
+    num_moe = 0
+    for layer in range(num_layers):
+        if moe_of_layer[layer] >= 0:
+            num_moe += 1
+    num_keys = num_moe * num_experts
+    num_parts = cap.shape[0]
+    max_slots = 1
+    for p in range(num_parts):
+        max_slots = max(max_slots, cap[p])
+    n_acc = keys.shape[0]
+    max_copies = n_acc + pf_key.shape[0] + 1
+    ci = np.zeros((max_copies, NCF), dtype=np.int64)
+    ls = np.zeros(7, dtype=np.int64)
+    ls[RUNNING] = -1
+    q = np.zeros((max_copies, 2), dtype=np.int64)
+    pend = np.zeros(max_copies, dtype=np.int64)
+    tot = np.zeros(10, dtype=np.int64)
+    cstate = np.zeros(num_keys, dtype=np.int8)
+    pins = np.zeros(num_keys, dtype=np.int64)
+    score = np.zeros(num_keys, dtype=np.int64)
+    slot = np.full(num_keys, -1, dtype=np.int64)
+    prefetched = np.zeros(num_keys, dtype=np.bool_)
+    cur = np.full(num_keys, -1, dtype=np.int64)
+    used = np.zeros(num_parts, dtype=np.int64)
+    free = np.zeros((num_parts, max_slots + 1), dtype=np.int64)
+    nfree = np.zeros(num_parts, dtype=np.int64)
+    next_slot = np.zeros(num_parts, dtype=np.int64)
+    slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
+    evictions = np.zeros(1, dtype=np.int64)
+    widest = 1
+    for g in range(gstart.shape[0] - 1):
+        widest = max(widest, gstart[g + 1] - gstart[g])
+    stream = np.zeros(max_copies, dtype=np.int64)
+    nstream = np.zeros(1, dtype=np.int64)
+    sig_fired = np.zeros(widest, dtype=np.int64)
+    sig_waiter = np.full(widest, -1, dtype=np.int64)
+    has_sig = np.zeros(widest, dtype=np.bool_)
+    it_key = np.zeros(widest, dtype=np.int64)
+    it_hit = np.zeros(widest, dtype=np.bool_)
+    it_load = np.zeros(widest, dtype=np.bool_)
+    it_tok = np.zeros(widest, dtype=np.int64)
+    it_tick = np.zeros(widest, dtype=np.int64)
+    it_rel = np.zeros(widest, dtype=np.bool_)
+    it_wait = np.zeros(widest, dtype=np.int64)
+    it_copy = np.zeros(widest, dtype=np.bool_)
+    it_hc = np.zeros(widest, dtype=np.int64)
+    it_slot = np.zeros(widest, dtype=np.int64)  # the slot at admission (ServeItem.slot)
+    max_pf = 1
+    for g in range(pf_start.shape[0] - 1):
+        max_pf = max(max_pf, pf_start[g + 1] - pf_start[g])
+    pfi_key = np.zeros(max_pf, dtype=np.int64)
+    pfi_prio = np.zeros(max_pf, dtype=np.int64)
+    pfi_slot = np.zeros(max_pf, dtype=np.int64)
+    evicted = np.zeros(widest + max_pf, dtype=np.int64)
+    promoted = np.zeros(widest, dtype=np.int64)
+    dropped = np.zeros(widest + max_pf, dtype=np.int64)
+    out_start = np.zeros(n_pass, dtype=np.int64)
+    out_end = np.zeros(n_pass, dtype=np.int64)
+    out_hits = np.zeros(n_pass, dtype=np.int64)
+    out_misses = np.zeros(n_pass, dtype=np.int64)
+    out_stall = np.zeros(n_pass, dtype=np.int64)
+    out_experts = np.zeros(n_pass, dtype=np.int64)
+    g_start = np.zeros(gstart.shape[0] - 1, dtype=np.int64)  # each group's start (a layer's lookups)
+    now = 0
+    tick = 0
+    entries = 0
+    peak = 0
+    err = -1
+    g = -1
+    for pi in range(n_pass):
+        start_iter = now
+        t_dense = p_dense[pi]
+        stall_it = 0
+        for layer in range(num_layers):
+            if serial:
+                host = min(host_layer_ns, t_dense)
+                if ls[NPEND] > 0:
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                now += host
+                for s in range(nstream[0]):  # drain the stream
+                    end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                    if end > now:
+                        stall_it += end - now
+                        tot[T_STALL] += end - now
+                        now = end
+                nstream[0] = 0
+                if ls[NPEND] > 0:
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                now += t_dense - host
+            else:
+                if ls[NPEND] > 0:
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                now += t_dense
+            m = moe_of_layer[layer]
+            if m < 0:
+                continue
+            g += 1
+            _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+            g_start[g] = now
+            a = gstart[g]
+            n = gstart[g + 1] - a
+            part = m if per_layer else 0
+            lo = m * num_experts if per_layer else 0
+            hi = lo + num_experts if per_layer else num_keys
+            # 1. lookups, ascending ids (ExpertCache.lookup_layer)
+            h = 0
+            for i in range(n):
+                key = keys[a + i]
+                tick += 1
+                s = cstate[key]
+                hit = s != ABSENT
+                if hit and prefetched[key]:
+                    prefetched[key] = False
+                    tot[T_PF_HITS] += 1
+                if refresh:
+                    score[key] = tick
+                if hit:
+                    pins[key] += 1
+                    h += 1
+                # serve order: hits ascending, then misses ascending
+                pos = 0
+                if hit:
+                    pos = h - 1
+                it_key[i] = key
+                it_hit[i] = hit
+                it_load[i] = s == LOADING
+                it_tick[i] = tick
+                it_tok[i] = gtok[a + i]
+            # reorder into serve order (stable: hits then misses)
+            nh = 0
+            for i in range(n):
+                if it_hit[i]:
+                    nh += 1
+            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh)
+            # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
+            pa = pf_start[g]
+            pb = pf_start[g + 1]
+            if protect:
+                for r in range(pa, pb):
+                    k = pf_key[r]
+                    if cstate[k] != ABSENT and score[k] < tick:
+                        score[k] = tick
+            # 3. misses: admit (evicting), releasing the earliest-served when all is pinned
+            nev = 0
+            rel_ptr = 0
+            for i in range(n):
+                it_rel[i] = False
+                it_wait[i] = -1
+                it_copy[i] = False
+                has_sig[i] = False
+            for i in range(nh, n):
+                key = it_key[i]
+                out = -1
+                while used[part] >= cap[part]:
+                    v = _victim(cstate, pins, score, lo, hi, key)
+                    if v >= 0:
+                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
+                        entries -= 1
+                        evicted[nev] = v
+                        nev += 1
+                        out = v
+                        break
+                    while rel_ptr < i and it_rel[rel_ptr]:
+                        rel_ptr += 1
+                    if rel_ptr >= i:
+                        err = g
+                        break
+                    pins[it_key[rel_ptr]] -= 1
+                    it_rel[rel_ptr] = True
+                    rel_ptr += 1
+                if err >= 0:
+                    break
+                if out >= 0 and rel_ptr > 0:
+                    for j in range(i):
+                        if it_rel[j] and it_key[j] == out and j > it_wait[i]:
+                            it_wait[i] = j
+                cstate[key] = LOADING
+                used[part] += 1
+                slot[key] = _take_slot(part, free, nfree, next_slot)
+                it_slot[i] = slot[key]
+                score[key] = it_tick[i]
+                entries += 1
+                if entries > peak:
+                    peak = entries
+                pins[key] += 1
+                it_copy[i] = True
+                if it_wait[i] >= 0:
+                    has_sig[it_wait[i]] = True
+            if err >= 0:
+                break
+            # 4. prefetch admissions (optional: dropped when no unpinned room)
+            npf = 0
+            for r in range(pa, pb):
+                key = pf_key[r]
+                if cstate[key] != ABSENT:
+                    continue
+                pp = key // num_experts if per_layer else 0
+                plo = pp * num_experts if per_layer else 0
+                phi = plo + num_experts if per_layer else num_keys
+                if used[pp] >= cap[pp]:
+                    v = _victim(cstate, pins, score, plo, phi, key)
+                    if v < 0:
+                        continue
+                    _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
+                    entries -= 1
+                    evicted[nev] = v
+                    nev += 1
+                tick += 1
+                cstate[key] = LOADING
+                used[pp] += 1
+                slot[key] = _take_slot(pp, free, nfree, next_slot)
+                pfi_slot[npf] = slot[key]
+                prefetched[key] = True
+                tot[T_PF_ADMITTED] += 1
+                score[key] = tick
+                entries += 1
+                if entries > peak:
+                    peak = entries
+                pfi_key[npf] = key
+                pfi_prio[npf] = max(pf_prio[r], 1)
+                npf += 1
+            # --- timing (SteppedRun._moe_layer) ---
+            npro = 0
+            for i in range(nh):
+                c = cur[it_key[i]]
+                it_hc[i] = c
+                if it_load[i] and c >= 0 and ci[c, DONE] < 0 and ci[c, PRIO] > 0:
+                    ci[c, PRIO] = 0
+                    if ci[c, QUEUED] == 1 and ci[c, CANCELLED] == 0:
+                        promoted[npro] = c
+                        npro += 1
+            ndrop = 0
+            for e in range(nev):
+                key = evicted[e]
+                own = False
+                for i in range(nh):
+                    if it_key[i] == key:
+                        own = True
+                if not own:
+                    c = cur[key]
+                    if c >= 0 and ci[c, DONE] < 0 and not fifo_link:
+                        ci[c, CANCELLED] = 1
+                        if ci[c, QUEUED] == 1:
+                            dropped[ndrop] = c
+                            ndrop += 1
+                cur[key] = -1
+            for i in range(n):
+                sig_fired[i] = 0
+                sig_waiter[i] = -1
+            if not serial:
+                for i in range(nh, n):
+                    if it_copy[i]:
+                        key = it_key[i]
+                        _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
+                               part, it_slot[i], 0, False, it_wait[i], now, copy_ns, serial, fifo_link)
+                for r in range(npf):
+                    key = pfi_key[r]
+                    pp = key // num_experts if per_layer else 0
+                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
+            if npro > 0 or ndrop > 0:
+                _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes)
+            stall = 0
+            computed = 0
+            host_ns = host_expert_ns if serial else 0
+            for i in range(n):
+                key = it_key[i]
+                if serial and it_copy[i]:
+                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
+                           part, it_slot[i], 0, False, it_wait[i], now, copy_ns, serial, fifo_link)
+                t = expert_ns[it_tok[i]]
+                host = min(host_ns, t)
+                if host > 0:
+                    if ls[NPEND] > 0:
+                        _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                    now += host
+                    for s in range(nstream[0]):
+                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                        if end > now:
+                            stall += end - now
+                            now = end
+                    nstream[0] = 0
+                c = it_hc[i] if it_hit[i] else cur[key]
+                if c >= 0:
+                    end = _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes)
+                    if end > now:
+                        stall += end - now
+                        now = end
+                if serial:
+                    for s in range(nstream[0]):
+                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                        if end > now:
+                            stall += end - now
+                            now = end
+                    nstream[0] = 0
+                if ls[NPEND] > 0:
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                now += t - host
+                computed += t
+                if has_sig[i]:
+                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    sig_fired[i] = 1
+                    w = sig_waiter[i]
+                    if w >= 0:
+                        sig_waiter[i] = -1
+                        _after_met(ci, ls, q, cstate, cur, tot, w, now, expert_bytes)
+            tot[T_EXPERT] += computed
+            if serial and npf > 0:
+                _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                for r in range(npf):
+                    key = pfi_key[r]
+                    pp = key // num_experts if per_layer else 0
+                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
+            out_hits[pi] += nh
+            out_misses[pi] += n - nh
+            stall_it += stall
+            out_experts[pi] += n
+            tot[T_STALL] += stall
+            for i in range(n):  # LayerServer.finish: the layer's pins go
+                if pins[it_key[i]] > 0:
+                    pins[it_key[i]] -= 1
+        if err >= 0:
+            break
+        tot[T_DENSE] += t_dense * num_layers
+        out_start[pi] = start_iter
+        out_end[pi] = now
+        out_stall[pi] = stall_it
+    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+    while ls[BUSY] == 1:
+        _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
+    tot[T_PEAK] = peak
+    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, g_start
+
+
+@_njit
+def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh):
+    """Stable partition of the items (ascending ids) into hits then misses, in place."""
+    k2 = np.empty(n, dtype=np.int64)
+    h2 = np.empty(n, dtype=np.bool_)
+    l2 = np.empty(n, dtype=np.bool_)
+    t2 = np.empty(n, dtype=np.int64)
+    o2 = np.empty(n, dtype=np.int64)
+    a = 0
+    b = nh
+    for i in range(n):
+        j = a if it_hit[i] else b
+        k2[j] = it_key[i]
+        h2[j] = it_hit[i]
+        l2[j] = it_load[i]
+        t2[j] = it_tick[i]
+        o2[j] = it_tok[i]
+        if it_hit[i]:
+            a += 1
+        else:
+            b += 1
+    for i in range(n):
+        it_key[i] = k2[i]
+        it_hit[i] = h2[i]
+        it_load[i] = l2[i]
+        it_tick[i] = t2[i]
+        it_tok[i] = o2[i]

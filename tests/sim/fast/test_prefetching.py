@@ -1,0 +1,125 @@
+"""The compiled kernel for prefetching systems (expertsim.sim.fast.plans / prefetching): equal to the
+SimPy DES on every metric and iteration record, for LRU or FIFO caches of every shape, with every
+trace-only prefetcher (pregated at any accuracy, modelled and recorded speculation, the ring,
+the learned predictor), copies on a copy stream or on the compute stream (host times), both link
+queues, chunked prefill, offline arrivals and a dense first layer."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from fasthelpers import small_traces, tiny_hardware, tiny_model
+from test_fast_simulate import assert_same_run
+
+from expertsim.errors import ConfigError
+from expertsim.policies import CacheConfig, make_policy
+from expertsim.policies.eviction import FIFO, LRU
+from expertsim.policies.prefetch import (
+    LayerRingPrefetch,
+    LearnedPrefetch,
+    ModelledSpeculation,
+    PregatedPrefetch,
+    SpeculativePrefetch,
+)
+from expertsim.policies.systems import ComposedSystem
+from expertsim.sim import SimOptions, Simulation
+from expertsim.sim.fast import plans
+from expertsim.specs.runtime import RuntimeSpec
+
+
+def _prefetcher(name, distance, accuracy):
+    if name == "pregated":
+        return PregatedPrefetch(distance, accuracy, seed=3)
+    if name == "modelled":
+        return ModelledSpeculation(distance, recall=accuracy, seed=5)
+    if name == "speculative":
+        return SpeculativePrefetch(1)
+    if name == "ring":
+        return LayerRingPrefetch(distance)
+    return LearnedPrefetch(distance, train_fraction=0.5)
+
+
+def _with_speculation(trace, seed):
+    """A recorded next-layer guess (spec_d1), a sentinel past the last layer."""
+    rng = np.random.default_rng(seed)
+    guess = np.roll(trace.experts, -1, axis=1).copy()
+    wrong = rng.random(guess.shape) < 0.3
+    guess[wrong] = rng.integers(0, trace.num_experts, int(wrong.sum()))
+    guess[:, -1, :] = trace.num_experts
+    return dataclasses.replace(trace, extras={**trace.extras, "spec_d1": guess.astype(np.int16)})
+
+
+def _run(model, hw, make, cfg, trace, options, engine):
+    return Simulation(model, hw, make(), cfg, options=dataclasses.replace(options, engine=engine)).run(
+        dataclasses.replace(trace))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(max_layers=4, max_experts=6), kind=st.integers(0, 2), size=st.integers(0, 6),
+       fifo=st.booleans(), prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned"]),
+       distance=st.integers(1, 2), accuracy=st.sampled_from([1.0, 0.6]), serial=st.booleans(),
+       host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
+       arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
+       dense_first=st.integers(0, 1), bounds=st.booleans())
+def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accuracy, serial, host_us, queue,
+                               arrival, chunk, dense_first, bounds):
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    trace = _with_speculation(trace, size)
+    model = tiny_model(L, E, k, dense_first)
+    hardware = tiny_hardware()
+    cfg = [CacheConfig(per_layer=min(k + size, E + 1)), CacheConfig(global_slots=min(k + size, L * E + 1)),
+           CacheConfig(budget_bytes=(k + size) * model.expert_bytes() + 12345)][kind]
+    runtime = RuntimeSpec(name="t", copy_stream="compute" if serial else "copy", host_us_per_layer=2 * host_us,
+                          host_us_per_expert=host_us)
+
+    def make():
+        return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy))
+
+    options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
+    assert plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
+    try:
+        des = _run(model, hardware, make, cfg, trace, options, "des")
+    except ConfigError as exc:
+        with pytest.raises(ConfigError) as info:
+            _run(model, hardware, make, cfg, trace, options, "fast")
+        assert str(info.value) == str(exc)
+        return
+    got = _run(model, hardware, make, cfg, trace, options, "fast")
+    assert got.config["engine"] == "fast"
+    assert_same_run(des, got)
+    assert list(got.columns) == list(des.columns)
+    for name in des.columns:
+        assert got.columns[name].tolist() == des.columns[name].tolist(), name
+
+
+def test_which_systems_it_takes():
+    options = SimOptions()
+    takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
+                               "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
+             if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
+    # promoe and expertflow order experts by what is still loading (time); the others decide on
+    # misses or evict by policies the kernel does not have; plain LRU has its own kernel
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe"}
+    assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
+    assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe"])
+def test_shared_trace_named_systems(mixtral_trace, system):
+    """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
+    default cache."""
+    from expertsim.specs import load_hardware, load_model
+
+    sub = mixtral_trace.head_requests(2)
+    model, hardware = load_model("mixtral-8x7b"), load_hardware("a40")
+    options = SimOptions(bounds=True)
+    des = _run(model, hardware, lambda: make_policy(system), None, sub, options, "des")
+    got = _run(model, hardware, lambda: make_policy(system), None, sub, options, "auto")
+    assert got.config["engine"] == "fast"
+    assert_same_run(des, got)
+    for name in des.columns:
+        assert got.columns[name].tolist() == des.columns[name].tolist(), name
