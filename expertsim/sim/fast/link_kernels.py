@@ -184,14 +184,13 @@ def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter,
 
 
 @_njit
-def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes):
+def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes, waiting):
     """LinkQueue.promote: the evicted queued prefetches leave the queue and end, the promoted ones
     ask again at priority 0, then the copies waiting for the dropped ones' slots."""
     for i in range(ndrop):
         _dequeue(ci, ls, q, dropped[i])
     for i in range(npro):
         _dequeue(ci, ls, q, promoted[i])
-    waiting = np.empty(ndrop, dtype=np.int64)
     nw = 0
     for i in range(ndrop):
         c = dropped[i]

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from expertsim.errors import ConfigError
+from expertsim.sim.fast.jit import _njit
 
 
 def _trace_only_prefetchers() -> tuple:
@@ -63,7 +64,7 @@ def system_kind(system) -> str | None:
         return None
     if system.expert_order != "hits-first" or system.allocator is not None:
         return None
-    if not _prefetcher_ok(system.prefetcher):
+    if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
     if type(system.eviction) is LRU:
         return "lru"
@@ -84,21 +85,111 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
     return support.run_supported(system, cache_config, options, model=model, hardware=hardware)
 
 
-def prefetch_plan(system, trace, sched, groups, cache):
+def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
     """Every (pass, MoE layer)'s prefetch requests, as the system makes and trims them in the DES:
     (start[groups + 1], keys, priorities). ``system`` is prepared; ``cache`` (empty) gives the
-    sizes the trimming reads."""
+    sizes the trimming reads. The ring and the exact pre-gate are computed from the access
+    groups at once; any other trace-only prefetcher is asked layer by layer, in the DES's order."""
+    from expertsim.policies.prefetch import LayerRingPrefetch, PregatedPrefetch
+
+    num_moe, num_experts = cache.num_layers, cache.num_experts
+    n_groups = len(groups.layer)
+    prefetcher = _inner(system.prefetcher)
+    if not _asks(system.prefetcher):  # no prefetch at all
+        return np.zeros(n_groups + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if ask:  # the reference: ask the prefetcher itself (the tests hold the shortcuts to it)
+        counts, layer, expert, prio = _asked_requests(system, prefetcher, trace, sched, groups, cache)
+    elif type(prefetcher) is LayerRingPrefetch:
+        counts, layer, expert, prio = _ring_requests(groups, num_moe, num_experts, prefetcher.depth)
+    elif isinstance(prefetcher, PregatedPrefetch) and prefetcher.accuracy >= 1.0:
+        counts, layer, expert, prio = _pregated_requests(groups, num_moe, num_experts, prefetcher)
+    else:
+        counts, layer, expert, prio = _asked_requests(system, prefetcher, trace, sched, groups, cache)
+    bad = (layer < 0) | (layer >= num_moe) | (expert < 0) | (expert >= num_experts)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ConfigError(
+            f"system {system.name!r} asked to prefetch (layer {int(layer[i])}, expert {int(expert[i])}), outside "
+            f"{num_moe} layers x {num_experts} experts")
+    # ComposedSystem.fit_prefetches, per group: by priority (stable), at most each partition's room
+    group = np.repeat(np.arange(n_groups), counts)
+    order = np.lexsort((prio, group))
+    layer, expert, prio, group = layer[order], expert[order], prio[order], group[order]
+    slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
+    needed = np.diff(groups.start).astype(np.int64)
+    keep = _fit(group, layer, slots, needed, groups.layer.astype(np.int64), cache.num_partitions > 1)
+    start = np.zeros(n_groups + 1, dtype=np.int64)
+    np.cumsum(np.bincount(group[keep], minlength=n_groups), out=start[1:])
+    return start, (layer * num_experts + expert)[keep].astype(np.int64), prio[keep].astype(np.int64)
+
+
+@_njit
+def _fit(group, layer, slots, needed, group_layer, per_layer):
+    keep = np.zeros(group.shape[0], dtype=np.bool_)
+    used = np.zeros(slots.shape[0], dtype=np.int64)
+    g_prev = -1
+    first = 0
+    for i in range(group.shape[0]):
+        g = group[i]
+        if g != g_prev:
+            for j in range(first, i):  # reset the counts the previous group touched
+                used[layer[j] if per_layer else 0] = 0
+            first = i
+            g_prev = g
+        p = layer[i] if per_layer else 0
+        limit = slots[p] - (needed[g] if (not per_layer or p == group_layer[g]) else 0)
+        if used[p] < limit:
+            keep[i] = True
+            used[p] += 1
+    return keep
+
+
+def _ring_requests(groups, num_moe, num_experts, depth):
+    """LayerRingPrefetch at every group: layers l+1 .. l+depth (wrapping), every expert, priority d."""
+    d = np.arange(1, depth + 1)
+    target = (groups.layer[:, None] + d[None, :]) % num_moe  # [groups, depth]
+    layer = np.repeat(target.ravel(), num_experts)
+    prio = np.repeat(np.broadcast_to(d, target.shape).ravel(), num_experts)
+    expert = np.tile(np.arange(num_experts), target.size)
+    return np.full(len(groups.layer), depth * num_experts), layer, expert, prio
+
+
+def _pregated_requests(groups, num_moe, num_experts, prefetcher):
+    """PregatedPrefetch at accuracy 1: the pass's true experts at each target layer (the access
+    group of that layer), priority = target - layer."""
+    n_groups = len(groups.layer)
+    sizes = np.diff(groups.start)
+    counts = np.zeros(n_groups, dtype=np.int64)
+    parts_layer, parts_expert, parts_prio, parts_group = [], [], [], []
+    for layer in range(num_moe):
+        targets = prefetcher.targets(layer)
+        mine = np.flatnonzero(groups.layer == layer)
+        for t in targets:
+            src = mine + (t - layer)  # the same pass's group of layer t
+            n = sizes[src]
+            idx = np.repeat(groups.start[src], n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+            parts_group.append(np.repeat(mine, n))
+            parts_layer.append(np.full(len(idx), t))
+            parts_expert.append(groups.keys[idx] - t * num_experts)
+            parts_prio.append(np.full(len(idx), t - layer))
+            counts[mine] += n
+    if not parts_group:
+        return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    group = np.concatenate(parts_group)
+    order = np.argsort(group, kind="stable")  # per group: targets ascending, experts ascending
+    return (counts, np.concatenate(parts_layer)[order].astype(np.int64),
+            np.concatenate(parts_expert)[order].astype(np.int64), np.concatenate(parts_prio)[order].astype(np.int64))
+
+
+def _asked_requests(system, prefetcher, trace, sched, groups, cache):
+    """Any other trace-only prefetcher, asked at every (pass, MoE layer) in the DES's order."""
     from expertsim.policies.base import LayerObservation
 
     num_moe, num_experts = cache.num_layers, cache.num_experts
-    prefetcher = system.prefetcher
-    if not _asks(prefetcher):  # no prefetch at all
-        return np.zeros(len(groups.layer) + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts, keys, prios = [0], [], []
+    counts, layers, experts, prios = [], [], [], []
     gstart = groups.start.tolist()
     gkeys = groups.keys
-    experts = trace.experts
-    phase = trace.phase
+    trace_experts, phase = trace.experts, trace.phase
     current = None
     g = 0
     position = 0
@@ -111,34 +202,36 @@ def prefetch_plan(system, trace, sched, groups, cache):
         tokens = np.arange(a, b)
         for layer in range(num_moe):
             needed = gkeys[gstart[g]:gstart[g + 1]] - layer * num_experts
-            obs = LayerObservation(0, it, layer, tokens, experts[a:b, layer], None, needed, None, None, None,
+            obs = LayerObservation(0, it, layer, tokens, trace_experts[a:b, layer], None, needed, None, None, None,
                                    int(phase[a]), cache, trace, position)
             position += len(needed)
-            for r in system.fit_prefetches(obs, prefetcher.prefetch(obs)):
-                if not (0 <= r.layer < num_moe and 0 <= r.expert < num_experts):
-                    raise ConfigError(
-                        f"system {system.name!r} asked to prefetch (layer {r.layer}, expert {r.expert}), outside "
-                        f"{num_moe} layers x {num_experts} experts")
-                keys.append(r.layer * num_experts + r.expert)
-                prios.append(int(r.priority))
-            starts.append(len(keys))
+            requests = prefetcher.prefetch(obs)
+            counts.append(len(requests))
+            for r in requests:
+                layers.append(r.layer)
+                experts.append(r.expert)
+                prios.append(r.priority)
             g += 1
-    return np.asarray(starts, dtype=np.int64), np.asarray(keys, dtype=np.int64), np.asarray(prios, dtype=np.int64)
+    return (np.asarray(counts, dtype=np.int64), np.asarray(layers, dtype=np.int64),
+            np.asarray(experts, dtype=np.int64), np.asarray(prios, dtype=np.int64))
+
+
+def _inner(prefetcher):
+    from expertsim.policies.systems import _AutoSpeculation
+
+    return prefetcher.inner if type(prefetcher) is _AutoSpeculation else prefetcher
 
 
 def _asks(prefetcher) -> bool:
     from expertsim.policies.prefetch import Prefetcher
-    from expertsim.policies.systems import _AutoSpeculation
 
-    inner = prefetcher.inner if type(prefetcher) is _AutoSpeculation else prefetcher
-    return type(inner) is not Prefetcher
+    return type(_inner(prefetcher)) is not Prefetcher
 
 
 def simulate(model, hardware, system, cache_config, trace, options):
     """The fast engine's RunResult for a run :func:`supports_simulation` accepts."""
     from expertsim.policies import ExpertCache, RunContext
     from expertsim.policies.records import RunTotals
-    from expertsim.sim.batching import plan_iterations
     from expertsim.sim.fast import prefetching as k
     from expertsim.sim.fast.belady import _belady_misses
     from expertsim.sim.fast.groups import _capacity_slots, groups_from_passes
@@ -146,7 +239,6 @@ def simulate(model, hardware, system, cache_config, trace, options):
     from expertsim.sim.fast.timing import _bounds_metrics
     from expertsim.sim.metrics import summarise
     from expertsim.sim.setup import RunSetup
-    from expertsim.sim.workload import build_access_plan
 
     wall0 = time.perf_counter()
     setup = RunSetup(model, hardware, system, cache_config, options=options)
@@ -157,9 +249,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
                         top_k=m.top_k)  # the DES's size checks and messages
     sched = _batch1_schedule(trace, opts.prefill_chunk_tokens)
     groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), m.num_experts)
-    iterations = plan_iterations(trace, max_batch=1, prefill_chunk_tokens=opts.prefill_chunk_tokens)
-    system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace,
-                              plan=build_access_plan(trace, iterations, m.num_experts)))
+    # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
+    system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     pf_start, pf_key, pf_prio = prefetch_plan(system, trace, sched, groups, cache)
     cap, per_layer = _capacity_slots(setup.cache_config, m.num_moe_layers, m.num_experts, m.expert_bytes())
     expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)

@@ -75,7 +75,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     for p in range(num_parts):
         max_slots = max(max_slots, cap[p])
     n_acc = keys.shape[0]
-    max_copies = n_acc + pf_key.shape[0] + 1
+    # copies, the engine's queue, the pending starts and the stream grow with the run (doubling)
+    max_copies = min(n_acc + pf_key.shape[0] + 1, 1 << 16)
     ci = np.zeros((max_copies, NCF), dtype=np.int64)
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
@@ -115,6 +116,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     max_pf = 1
     for g in range(pf_start.shape[0] - 1):
         max_pf = max(max_pf, pf_start[g + 1] - pf_start[g])
+    scratch = np.zeros((5, widest), dtype=np.int64)  # _serve_order's
+    waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
     pfi_prio = np.zeros(max_pf, dtype=np.int64)
     pfi_slot = np.zeros(max_pf, dtype=np.int64)
@@ -162,6 +165,12 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             if m < 0:
                 continue
             g += 1
+            if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
+                size = 2 * ci.shape[0] + widest + max_pf
+                ci = _grown(ci, size)
+                q = _grown(q, size)
+                pend = _grown1(pend, size)
+                stream = _grown1(stream, size)
             _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
             g_start[g] = now
             a = gstart[g]
@@ -198,7 +207,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             for i in range(n):
                 if it_hit[i]:
                     nh += 1
-            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh)
+            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch)
             # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
             pa = pf_start[g]
             pb = pf_start[g + 1]
@@ -327,7 +336,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                            pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
             if npro > 0 or ndrop > 0:
                 _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
-                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes)
+                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes, waiting)
             stall = 0
             computed = 0
             host_ns = host_expert_ns if serial else 0
@@ -403,7 +412,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
 
 
 @_njit
-def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh):
+def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch):
     """Stable partition of the items (ascending ids) into hits then misses, in place."""
     k2 = np.empty(n, dtype=np.int64)
     h2 = np.empty(n, dtype=np.bool_)
@@ -415,8 +424,8 @@ def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh):
     for i in range(n):
         j = a if it_hit[i] else b
         k2[j] = it_key[i]
-        h2[j] = it_hit[i]
-        l2[j] = it_load[i]
+        h2[j] = 1 if it_hit[i] else 0
+        l2[j] = 1 if it_load[i] else 0
         t2[j] = it_tick[i]
         o2[j] = it_tok[i]
         if it_hit[i]:
@@ -425,7 +434,21 @@ def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh):
             b += 1
     for i in range(n):
         it_key[i] = k2[i]
-        it_hit[i] = h2[i]
-        it_load[i] = l2[i]
+        it_hit[i] = h2[i] == 1
+        it_load[i] = l2[i] == 1
         it_tick[i] = t2[i]
         it_tok[i] = o2[i]
+
+
+@_njit
+def _grown(a, rows):
+    out = np.zeros((rows, a.shape[1]), dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
+@_njit
+def _grown1(a, n):
+    out = np.zeros(n, dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out

@@ -123,3 +123,29 @@ def test_shared_trace_named_systems(mixtral_trace, system):
     assert_same_run(des, got)
     for name in des.columns:
         assert got.columns[name].tolist() == des.columns[name].tolist(), name
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(max_layers=4, max_experts=6), prefetch=st.sampled_from(["pregated", "ring"]),
+       distance=st.integers(1, 3), per_layer=st.booleans(), size=st.integers(0, 4))
+def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_layer, size):
+    """The ring's and the exact pre-gate's requests, computed from the access groups at once, are
+    the ones the prefetcher gives when asked layer by layer."""
+    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.sim.fast.groups import groups_from_passes
+    from expertsim.sim.fast.simulate import _batch1_schedule
+
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    model = tiny_model(L, E, k)
+    cfg = CacheConfig(per_layer=k + size) if per_layer else CacheConfig(global_slots=k + size)
+    out = []
+    for ask in (False, True):
+        system = ComposedSystem(LRU(), prefetcher=_prefetcher(prefetch, distance, 1.0))
+        cache = ExpertCache(L, E, model.expert_bytes(), cfg, system.eviction, top_k=k)
+        system.prepare(RunContext(model=model, hardware=tiny_hardware(), cost=None, cache=cache, trace=trace))
+        sched = _batch1_schedule(trace, None)
+        groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), E)
+        out.append([a.tolist() for a in plans.prefetch_plan(system, trace, sched, groups, cache, ask=ask)])
+    assert out[0] == out[1]
+    if per_layer and size >= 1 and L > 1:  # room in another layer's partition: something is asked
+        assert len(out[0][1]) > 0
