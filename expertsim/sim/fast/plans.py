@@ -45,11 +45,11 @@ def _prefetcher_ok(prefetcher) -> bool:
 
 def system_kind(system) -> str | None:
     """'lru' or 'fifo' when ``system`` is a composed system the kernel reproduces: LRU or FIFO
-    eviction, copy on miss, the FIFO scheduler, hits-first serve order, no cross-layer allocator,
+    eviction, copy on miss (or the skip rule of :class:`~expertsim.policies.miss.SkipMisses`), the FIFO scheduler, hits-first serve order, no cross-layer allocator,
     a trace-only prefetcher, and no hook of its own beyond ComposedSystem's; else None."""
     from expertsim.policies.base import System
     from expertsim.policies.eviction import FIFO, LRU
-    from expertsim.policies.miss import MissHandler
+    from expertsim.policies.miss import MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
     from expertsim.policies.systems import ComposedSystem
     from expertsim.sim.fast.support import SYSTEM_HOOKS
@@ -60,7 +60,7 @@ def system_kind(system) -> str | None:
         mine = getattr(type(system), hook)
         if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook):
             return None
-    if type(system.miss) is not MissHandler or type(system.scheduler) is not FifoScheduler:
+    if type(system.miss) not in (MissHandler, SkipMisses) or type(system.scheduler) is not FifoScheduler:
         return None
     if system.expert_order != "hits-first" or system.allocator is not None:
         return None
@@ -216,6 +216,40 @@ def _asked_requests(system, prefetcher, trace, sched, groups, cache):
             np.asarray(experts, dtype=np.int64), np.asarray(prios, dtype=np.int64))
 
 
+def skip_rule(system, trace, sched, groups):
+    """(skip_ok, gate_mass) per access when the system skips misses (SkipMisses: a miss no token
+    weighs above ``max_weight`` and, with ``keep_top1``, no token's first choice), else empty
+    arrays. The gate mass is the LayerServer's: the uses' weights summed in token order, or
+    uses / k without weights."""
+    from expertsim.policies.miss import SkipMisses
+
+    miss = system.miss
+    if type(miss) is not SkipMisses:
+        return np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.float64)
+    n, num_layers, k = trace.experts.shape
+    num_experts = trace.num_experts
+    # every use (token, layer, slot) -> its access: groups are (pass, layer), keys ascending
+    pass_of = np.repeat(np.arange(len(sched.start)), sched.stop - sched.start)
+    group = pass_of[:, None] * num_layers + np.arange(num_layers)[None, :]  # [tokens, layers]
+    layer_of = np.asarray(groups.layer, dtype=np.int64)
+    local = groups.keys - np.repeat(layer_of, np.diff(groups.start)) * num_experts
+    combined = np.repeat(np.arange(len(layer_of)), np.diff(groups.start)) * num_experts + local
+    use = np.searchsorted(combined, (group[:, :, None] * num_experts + trace.experts).ravel())
+    if trace.weights is None:
+        w = np.full(trace.experts.shape, 1.0 / k)
+        mass = groups.tokens / k
+    else:
+        w = np.asarray(trace.weights, dtype=np.float64)
+        mass = np.bincount(use, weights=w.ravel(), minlength=len(groups.keys))
+    heavy = np.zeros(len(groups.keys), dtype=bool)
+    heavy[use[(w > miss.max_weight).ravel()]] = True
+    if miss.keep_top1:
+        first = np.zeros(trace.experts.shape, dtype=bool)
+        np.put_along_axis(first, np.argmax(w, axis=2)[:, :, None], True, axis=2)
+        heavy[use[first.ravel()]] = True
+    return ~heavy, np.asarray(mass, dtype=np.float64)
+
+
 def _inner(prefetcher):
     from expertsim.policies.systems import _AutoSpeculation
 
@@ -265,11 +299,12 @@ def simulate(model, hardware, system, cache_config, trace, options):
     expert_bytes = m.expert_bytes()
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
     kind = system_kind(system)
-    begin, end, hits, misses, stall, experts, tot, err, _layer_starts = k.simulate_kernel(
+    skip_ok, gate_mass = skip_rule(system, trace, sched, groups)
+    begin, end, hits, misses, stall, experts, tot, err, _layer_starts, dropped_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind == "lru", kind == "lru",  # LRU.on_predicted; FIFO ignores it
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
-        opts.link_queue == "fifo", expert_bytes)
+        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "
@@ -286,12 +321,14 @@ def simulate(model, hardware, system, cache_config, trace, options):
                        prefetch_copies=int(tot[k.T_PF_COPIES]), cancelled_prefetches=int(tot[k.T_CANCELLED]),
                        prefetch_admitted=int(tot[k.T_PF_ADMITTED]), prefetch_hits=int(tot[k.T_PF_HITS]),
                        stall_ns=int(tot[k.T_STALL]), expert_compute_ns=int(tot[k.T_EXPERT]),
-                       dense_compute_ns=int(tot[k.T_DENSE]))
+                       dense_compute_ns=int(tot[k.T_DENSE]), dropped_gate_mass=float(dropped_mass))
     extra = {}
     if opts.bounds:
         misses_belady = _belady_misses(m, groups, setup.cache_config, np.zeros(0, dtype=np.int64))
+        # compute-only: every needed expert computed (the skipped ones too), as bounds.compute_bound_ns
         extra = _bounds_metrics(cost, m, misses_belady, dense_total_ns=totals.dense_compute_ns,
-                                expert_total_ns=totals.expert_compute_ns, copy_chunk_bytes=opts.copy_chunk_bytes)
+                                expert_total_ns=int(expert_ns[groups.tokens].sum()),
+                                copy_chunk_bytes=opts.copy_chunk_bytes)
     result = summarise(
         model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
         columns=columns, totals=totals, timeline=None, memory=memory, cost=cost, scope=opts.scope,

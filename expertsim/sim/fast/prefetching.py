@@ -60,10 +60,11 @@ def _take_slot(p, free, nfree, next_slot):
 @_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
-                    serial, fifo_link, expert_bytes):
+                    serial, fifo_link, expert_bytes, skip_ok, gate_mass):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
-    stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: 0, or the group whose
-    admission found no room (the DES raises there)."""
+    stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
+    admission found no room (the DES raises there); the dropped gate mass. ``skip_ok`` (per
+    access, or empty): a miss there is skipped (SkipMisses), dropping its ``gate_mass``."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -113,10 +114,14 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     it_copy = np.zeros(widest, dtype=np.bool_)
     it_hc = np.zeros(widest, dtype=np.int64)
     it_slot = np.zeros(widest, dtype=np.int64)  # the slot at admission (ServeItem.slot)
+    it_acc = np.zeros(widest, dtype=np.int64)  # the access index (skip_ok, gate_mass)
+    it_skip = np.zeros(widest, dtype=np.bool_)
+    skipping = skip_ok.shape[0] > 0
+    dropped_mass = 0.0
     max_pf = 1
     for g in range(pf_start.shape[0] - 1):
         max_pf = max(max_pf, pf_start[g + 1] - pf_start[g])
-    scratch = np.zeros((5, widest), dtype=np.int64)  # _serve_order's
+    scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
     waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
     pfi_prio = np.zeros(max_pf, dtype=np.int64)
@@ -202,12 +207,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 it_load[i] = s == LOADING
                 it_tick[i] = tick
                 it_tok[i] = gtok[a + i]
+                it_acc[i] = a + i
             # reorder into serve order (stable: hits then misses)
             nh = 0
             for i in range(n):
                 if it_hit[i]:
                     nh += 1
-            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch)
+            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
             # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
             pa = pf_start[g]
             pb = pf_start[g + 1]
@@ -223,9 +229,16 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 it_rel[i] = False
                 it_wait[i] = -1
                 it_copy[i] = False
+                it_skip[i] = False
                 has_sig[i] = False
+            layer_drop = 0.0
             for i in range(nh, n):
                 key = it_key[i]
+                if skipping and skip_ok[it_acc[i]]:  # skipped: no room, no copy; its gate mass is dropped
+                    it_skip[i] = True
+                    it_slot[i] = -1
+                    layer_drop += gate_mass[it_acc[i]]
+                    continue
                 out = -1
                 while used[part] >= cap[part]:
                     v = _victim(cstate, pins, score, lo, hi, key)
@@ -236,7 +249,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                         nev += 1
                         out = v
                         break
-                    while rel_ptr < i and it_rel[rel_ptr]:
+                    while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
                     if rel_ptr >= i:
                         err = g
@@ -340,8 +353,11 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             stall = 0
             computed = 0
             host_ns = host_expert_ns if serial else 0
+            dropped_mass += layer_drop
             for i in range(n):
                 key = it_key[i]
+                if it_skip[i]:
+                    continue
                 if serial and it_copy[i]:
                     _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
@@ -408,17 +424,18 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     while ls[BUSY] == 1:
         _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
     tot[T_PEAK] = peak
-    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, g_start
+    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, g_start, dropped_mass
 
 
 @_njit
-def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch):
+def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch):
     """Stable partition of the items (ascending ids) into hits then misses, in place."""
-    k2 = np.empty(n, dtype=np.int64)
-    h2 = np.empty(n, dtype=np.bool_)
-    l2 = np.empty(n, dtype=np.bool_)
-    t2 = np.empty(n, dtype=np.int64)
-    o2 = np.empty(n, dtype=np.int64)
+    k2 = scratch[0]
+    h2 = scratch[1]
+    l2 = scratch[2]
+    t2 = scratch[3]
+    o2 = scratch[4]
+    a2 = scratch[5]
     a = 0
     b = nh
     for i in range(n):
@@ -428,6 +445,7 @@ def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch):
         l2[j] = 1 if it_load[i] else 0
         t2[j] = it_tick[i]
         o2[j] = it_tok[i]
+        a2[j] = it_acc[i]
         if it_hit[i]:
             a += 1
         else:
@@ -438,6 +456,7 @@ def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, n, nh, scratch):
         it_load[i] = l2[i] == 1
         it_tick[i] = t2[i]
         it_tok[i] = o2[i]
+        it_acc[i] = a2[i]
 
 
 @_njit

@@ -17,6 +17,7 @@ from test_fast_simulate import assert_same_run
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.policies.eviction import FIFO, LRU
+from expertsim.policies.miss import SkipMisses
 from expertsim.policies.prefetch import (
     LayerRingPrefetch,
     LearnedPrefetch,
@@ -63,11 +64,15 @@ def _run(model, hw, make, cfg, trace, options, engine):
        distance=st.integers(1, 2), accuracy=st.sampled_from([1.0, 0.6]), serial=st.booleans(),
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
-       dense_first=st.integers(0, 1), bounds=st.booleans())
+       dense_first=st.integers(0, 1), bounds=st.booleans(),
+       skip=st.sampled_from([None, (0.3, True), (0.6, False), (1.0, True)]), weights_seed=st.integers(0, 3))
 def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accuracy, serial, host_us, queue,
-                               arrival, chunk, dense_first, bounds):
+                               arrival, chunk, dense_first, bounds, skip, weights_seed):
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     trace = _with_speculation(trace, size)
+    if weights_seed:  # gate weights (the skip rule reads them); seed 0: none (uses weigh 1/k)
+        w = np.random.default_rng(weights_seed).random(trace.experts.shape)
+        trace = dataclasses.replace(trace, weights=(w / w.sum(axis=2, keepdims=True)).astype(np.float32))
     model = tiny_model(L, E, k, dense_first)
     hardware = tiny_hardware()
     cfg = [CacheConfig(per_layer=min(k + size, E + 1)), CacheConfig(global_slots=min(k + size, L * E + 1)),
@@ -76,7 +81,8 @@ def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accu
                           host_us_per_expert=host_us)
 
     def make():
-        return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy))
+        return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy),
+                              miss=SkipMisses(*skip) if skip else None)
 
     options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
     assert plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
@@ -102,13 +108,13 @@ def test_which_systems_it_takes():
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
     # promoe and expertflow order experts by what is still loading (time); the others decide on
     # misses or evict by policies the kernel does not have; plain LRU has its own kernel
-    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe"}
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe"])
+@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
