@@ -80,6 +80,8 @@ class RoutePredictor:
         self.models: dict[tuple[int, int], object] = {}
         self.fit_s = 0.0
         self._index: tuple[object, _TraceIndex] | None = None
+        self._layouts: dict = {}  # (s, t, pair, prior) -> the features' column layout
+        self._one = None  # (trace, token, rows): the last token _features_one read
 
     def __repr__(self) -> str:
         return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
@@ -104,6 +106,8 @@ class RoutePredictor:
         E = self._E
         tokens = np.asarray(tokens)
         n = len(tokens)
+        if n == 1:  # a decode token: the same matrix from Python ints (numpy's per-call cost dominates)
+            return self._features_one(trace, int(tokens[0]), s, t)
         first = 0 if self.window is None else max(0, s - self.window + 1)
         own = s + 1 - first  # one-hot blocks of the token's own routing
         use_pair = s >= 0 and E * E <= 4096 and trace.top_k > 1
@@ -131,6 +135,75 @@ class RoutePredictor:
         X[:, known_at] = known
         if use_prior:
             X[:, known_at + 1:] = self._token_prior(trace.token_id[tokens], t)
+        return X
+
+    def _layout(self, trace, s: int, t: int) -> tuple:
+        """The column layout of :meth:`features` for (s, t): (first, pair_at or -1, prev_layers,
+        prev_at, known_at, width, use_prior)."""
+        key = (s, t, trace.top_k > 1, self._priors is not None and trace.token_id is not None)
+        layout = self._layouts.get(key)
+        if layout is None:
+            E = self._E
+            first = 0 if self.window is None else max(0, s - self.window + 1)
+            own = s + 1 - first
+            use_pair = s >= 0 and E * E <= 4096 and key[2]
+            prev_layers = sorted({t, s} if s >= 0 else {t, max(t - 1, 0)})
+            pair_at = own * E
+            prev_at = pair_at + (E * E if use_pair else 0)
+            known_at = prev_at + len(prev_layers) * E
+            width = known_at + 1 + (E if key[3] else 0)
+            layout = (first, pair_at if use_pair else -1, prev_layers, prev_at, known_at, width, key[3])
+            self._layouts[key] = layout
+        return layout
+
+    def _token_rows(self, trace, token: int) -> tuple:
+        """One token's routing as Python lists (its layers' experts; its previous token's, or
+        None when unknown; its one-hot columns over every layer) and its token-id prior at every
+        layer (None without one), kept for the token last asked about (a pass asks at every
+        layer)."""
+        one = self._one
+        if one is not None and one[0] is trace and one[1] == token:
+            return one[2]
+        idx = self._trace_index(trace)
+        rows = trace.experts[token].tolist()
+        prev = trace.experts[int(idx.prev[token])].tolist() if idx.prev_known[token] else None
+        E = self._E
+        own = [b * E + e for b, layer in enumerate(rows) for e in layer]  # window None: a prefix
+        prior = None
+        if self._priors is not None and trace.token_id is not None:
+            vocab, counts, sums, base = self._priors
+            tid = trace.token_id[token]
+            p = min(int(np.searchsorted(vocab, tid)), len(vocab) - 1)
+            m = self.prior_smoothing
+            # every layer's row of _token_prior at once (element by element the same arithmetic)
+            if vocab[p] == tid:
+                prior = ((sums[p] + m * base) / (counts[p] + m)).astype(np.float32)
+            else:
+                prior = ((0.0 + m * base) / (0.0 + m)).astype(np.float32)
+        self._one = (trace, token, (rows, prev, own, prior))
+        return self._one[2]
+
+    def _features_one(self, trace, token: int, s: int, t: int) -> np.ndarray:
+        """:meth:`features` of one token (the same [1, width] float32 matrix, tested equal)."""
+        E = self._E
+        first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
+        rows, prev, own, prior = self._token_rows(trace, token)
+        if first == 0:
+            cols = own[:(s + 1) * len(rows[0])]
+        else:
+            cols = [b * E + e for b, layer in enumerate(range(first, s + 1)) for e in rows[layer]]
+        if pair_at >= 0:
+            ex = sorted(rows[s])
+            cols.append(pair_at + ex[0] * E + ex[1])
+        if prev is not None:
+            cols += [prev_at + b * E + e for b, layer in enumerate(prev_layers) for e in prev[layer]]
+        X = np.zeros((1, width), dtype=np.float32)
+        row = X[0]
+        row[cols] = 1.0
+        if prev is not None:
+            row[known_at] = 1.0
+        if use_prior:
+            row[known_at + 1:] = prior[t]
         return X
 
     def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
@@ -166,6 +239,7 @@ class RoutePredictor:
             raise PolicyError("cannot train a route predictor on an empty trace")
         self._E, self._L = trace.num_experts, trace.num_layers
         self._priors = None
+        self._layouts, self._one = {}, None
         if trace.token_id is not None:
             vocab, inverse = np.unique(trace.token_id, return_inverse=True)
             counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
@@ -222,6 +296,14 @@ class RoutePredictor:
         """[tokens, k] experts with the highest scores (ties: lowest id)."""
         sc = self.scores(trace, tokens, s, t)
         return np.argsort(-sc, axis=1, kind="stable")[:, :k]  # stable: equal scores keep id order
+
+    def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
+        """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
+        if len(tokens) != 1:
+            return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
+        sc = self.scores(trace, tokens, s, t)[0].tolist()
+        # sorted is stable, as argsort(kind="stable") on the negated scores: ties keep id order
+        return sorted(sorted(range(len(sc)), key=lambda e: -sc[e])[:k])
 
     def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
                  threshold: float = 0.5) -> dict:

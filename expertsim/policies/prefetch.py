@@ -281,8 +281,8 @@ class LearnedPrefetch(Prefetcher):
     def prefetch(self, obs):
         out = []
         for t in self.targets(obs.layer):
-            pred = self.predictor.predict_top(obs.trace, obs.tokens, obs.layer, t, self._k)
-            out += _requests(t, np.unique(pred), t - obs.layer)
+            pred = self.predictor.predict_union(obs.trace, obs.tokens, obs.layer, t, self._k)
+            out += _requests(t, pred, t - obs.layer)
         return out
 
 
@@ -315,8 +315,8 @@ class PathPrefetch(LearnedPrefetch):
             return []
         out = []
         for t in range(1, self._L):
-            pred = self.predictor.predict_top(obs.trace, obs.tokens, -1, t, self._k)
-            out += _requests(t, np.unique(pred), t)
+            pred = self.predictor.predict_union(obs.trace, obs.tokens, -1, t, self._k)
+            out += _requests(t, pred, t)
         return out
 
 
