@@ -109,6 +109,10 @@ class ExpertCache:
         self.used = np.zeros(self.num_partitions, dtype=np.int64)
         self._used_sum = 0  # int(self.used.sum()), kept as entries come and go
         self._free_slots: list[list[int]] = [[] for _ in range(self.num_partitions)]
+        # Each partition's entries (keys, resident or loading), kept as they come and go: the
+        # eviction candidates of a small partition or a pool holding few entries, without a pass
+        # over every key of the pool.
+        self._members: list[set[int]] = [set() for _ in range(self.num_partitions)]
         self._next_slot = np.zeros(self.num_partitions, dtype=np.int64)
         self.peak_used_bytes = 0
         self.evictions = 0
@@ -274,6 +278,7 @@ class ExpertCache:
         self.used[p] += nbytes
         self._used_sum += nbytes
         self.slot[key] = self._take_slot(p)
+        self._members[p].add(key)
         if prefetch:
             self.prefetched[key] = True
             self.prefetch_admitted += 1
@@ -297,12 +302,12 @@ class ExpertCache:
     # --- internals -----------------------------------------------------------------------
     def _candidates(self, p: int, exclude: int = -1) -> np.ndarray:
         """The partition's unpinned entries (ascending keys), less ``exclude``."""
+        members = self._members[p]
+        if len(members) <= 64:  # a handful of entries: Python ints beat numpy's per-call cost
+            pins = self.pins
+            return np.array(sorted([key for key in members if key != exclude and not pins[key]]), dtype=np.int64)
         lo = 0 if self.num_partitions == 1 else p * self.num_experts
         hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
-        if hi - lo <= 64:  # one layer's partition: Python lists beat numpy's per-call cost
-            state, pins = self.state[lo:hi].tolist(), self.pins[lo:hi].tolist()
-            return np.array([lo + i for i in range(hi - lo) if state[i] and not pins[i] and lo + i != exclude],
-                            dtype=np.int64)
         mask = (self.state[lo:hi] != ABSENT) & (self.pins[lo:hi] == 0)
         if lo <= exclude < hi:
             mask[exclude - lo] = False
@@ -355,6 +360,7 @@ class ExpertCache:
         self.used[p] -= nbytes
         self._used_sum -= nbytes
         self._free_slots[p].append(int(self.slot[key]))
+        self._members[p].discard(key)
         self.state[key] = ABSENT
         self.entry_bytes[key] = 0
         self.entry_low_precision[key] = False

@@ -205,13 +205,15 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
+        num_layers, num_experts, state, slot_of = cache.num_layers, cache.num_experts, cache.state, cache.slot
         for req in decision.prefetch:
-            if not 0 <= req.layer < cache.num_layers or not 0 <= req.expert < cache.num_experts:
+            if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
                     f"system {self.system.name!r} asked to prefetch (layer {req.layer}, expert "
-                    f"{req.expert}), outside {cache.num_layers} layers x {cache.num_experts} experts"
+                    f"{req.expert}), outside {num_layers} layers x {num_experts} experts"
                 )
-            if cache.contains(req.layer, req.expert):
+            key = int(req.layer) * num_experts + int(req.expert)
+            if state[key]:  # resident or loading (cache.contains)
                 continue
             nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
             ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,
@@ -221,7 +223,7 @@ class LayerServer:
             evicted.extend(out)
             plan.prefetches.append(PrefetchItem(
                 layer=req.layer, expert=req.expert, copy_bytes=nbytes,
-                slot=int(cache.slot[cache.key(req.layer, req.expert)]), priority=max(int(req.priority), 1),
+                slot=int(slot_of[key]), priority=max(int(req.priority), 1),
                 low_precision=req.low_precision))
         plan.prefetch_issued = len(plan.prefetches)
         self.totals["prefetch_issued"] += plan.prefetch_issued
