@@ -210,38 +210,73 @@ class ActivationMatrixPrefetch(Prefetcher):
         super().prepare(ctx)
         self.current = np.zeros((self._L, self._E))
         self.past: list[np.ndarray] = []
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what is derived from ``past`` (it changes only at a request's start)."""
+        self._hist = None  # np.stack(self.past)
+        self._blocks: dict[int, tuple] = {}  # upto -> (the history's layers 0..upto, their norms)
+        self._rows: dict[tuple[int, int], list[float]] = {}  # (match, layer) -> its normalised row
 
     def on_request_start(self, request):
         if self.current.any():
             self.past.append(self.current / self.current.sum())
             self.past = self.past[-self.history:]
+            self._forget()
         self.current = np.zeros((self._L, self._E))
 
-    def matched(self, upto: int) -> np.ndarray | None:
+    def _match_index(self, upto: int) -> int | None:
+        """The index in ``past`` of the EAM that best matches layers 0..upto (None: no history).
+        The history's stack, blocks and norms are computed once per request (the same arrays
+        each layer recomputed before)."""
         if not self.past:
             return None
-        hist = np.stack(self.past)  # [H, L, E]
+        if self._hist is None:
+            self._hist = np.stack(self.past)  # [H, L, E]
+        block = self._blocks.get(upto)
+        if block is None:
+            h = self._hist[:, :upto + 1].reshape(len(self._hist), -1)
+            block = self._blocks[upto] = (h, np.linalg.norm(h, axis=1))
+        h, norms = block
         q = self.current[:upto + 1].ravel()
-        h = hist[:, :upto + 1].reshape(len(hist), -1)
-        sim = h @ q / (np.linalg.norm(h, axis=1) * (np.linalg.norm(q) or 1.0) + 1e-12)
-        return hist[int(np.argmax(sim))]
+        sim = h @ q / (norms * (np.linalg.norm(q) or 1.0) + 1e-12)
+        return int(np.argmax(sim))
+
+    def matched(self, upto: int) -> np.ndarray | None:
+        index = self._match_index(upto)
+        return None if index is None else self._hist[index]
+
+    def _match_row(self, index: int, t: int) -> list[float]:
+        row = self._rows.get((index, t))
+        if row is None:
+            match = self._hist[index][t]
+            row = self._rows[(index, t)] = (match / max(match.sum(), 1e-12)).tolist()
+        return row
 
     def prefetch(self, obs):
-        np.add.at(self.current[obs.layer], obs.experts.ravel().astype(np.int64), 1.0)
-        match = self.matched(obs.layer)
+        current = self.current
+        row = current[obs.layer]
+        for e in obs.experts.ravel().tolist():  # np.add.at, one by one
+            row[e] += 1.0
+        index = self._match_index(obs.layer)
         width = self.width or self._k
+        E = self._E
         out = []
         for d in range(1, self.depth + 1):
             t = obs.layer + d
             if t >= self._L:
                 break
-            score = self.current[t] / max(self.current[t].sum(), 1.0)
-            if match is not None:
-                score = score + match[t] / max(match[t].sum(), 1e-12)
-            if not score.any():
+            # Python floats, the float64 arithmetic of the arrays: counts / max(their sum, 1)
+            # (+ the match's row over its sum); the best ``width`` by score, ties to the lowest id
+            counts = current[t].tolist()
+            total = max(current[t].sum(), 1.0)
+            score = [c / total for c in counts]
+            if index is not None:
+                score = [a + b for a, b in zip(score, self._match_row(index, t))]
+            if not any(score):
                 continue
-            best = np.lexsort((np.arange(self._E), -score))[:width]
-            out += _requests(t, sorted(best[score[best] > 0].tolist()), d)
+            best = sorted(range(E), key=lambda e: -score[e])[:width]  # stable: equal scores keep id order
+            out += _requests(t, sorted(e for e in best if score[e] > 0), d)
         return out
 
 
