@@ -41,6 +41,20 @@ def test_hobbit_thresholds_split_full_low_skip_by_cumulative_gate_weight():
     assert both == {0: 2, 1: 2}
 
 
+def test_hobbit_levels_of_a_few_tokens_equal_the_array_path():
+    """A decode token's levels come from Python floats: they must equal the array path's on the
+    same rows (float32 weights with ties and sums near the thresholds, and no weights)."""
+    from expertsim.policies.miss import _cumulative_levels_few
+
+    rng = np.random.default_rng(3)
+    experts = rng.integers(0, 8, size=(40, 4))
+    weights = rng.choice(np.array([0.1, 0.2, 0.3, 0.5, 0.05], dtype=np.float32), size=(40, 4))
+    for w in (weights, None):
+        for full, low in ((0.6, 0.9), (0.3, 0.6), (0.0, 0.5)):
+            # 160 choices: the array path; the helper is the few-token path on the same rows
+            assert cumulative_levels(experts, w, full, low) == _cumulative_levels_few(experts, w, full, low)
+
+
 def test_hobbit_system_reports_degraded_and_dropped_gate_mass():
     # One layer, 4 experts, top-2; cache of 2 slots per layer; weights (.7,.3) and (.95,.05).
     experts = np.array([[[0, 1]], [[2, 3]]])
