@@ -79,29 +79,28 @@ class PregatedPrefetch(Prefetcher):
         self._rng = np.random.default_rng(self.seed)
 
     def predicted(self, obs: LayerObservation, target: int) -> np.ndarray:
-        true = _sorted_unique(obs.trace.experts[obs.tokens, target].ravel().tolist())
+        return np.array(self._predicted(obs, target), dtype=np.int64)
+
+    def _predicted(self, obs: LayerObservation, target: int) -> list[int]:
+        """:meth:`predicted` as a list of Python ints (ascending, each once)."""
+        true = sorted(set(obs.trace.experts[obs.tokens, target].ravel().tolist()))
         if self.accuracy >= 1.0:
             return true
         out = []
-        kept = set(true.tolist())
-        wrong = np.array([e for e in range(self._E) if e not in kept], dtype=np.int64)  # np.setdiff1d
-        for e in true.tolist():
+        kept = set(true)
+        wrong = [e for e in range(self._E) if e not in kept]  # np.setdiff1d
+        for e in true:
             if self._rng.random() < self.accuracy or len(wrong) == 0:
                 out.append(e)
             else:
-                out.append(int(wrong[self._rng.integers(len(wrong))]))
-        return _sorted_unique(out)
+                out.append(wrong[self._rng.integers(len(wrong))])
+        return sorted(set(out))
 
     def prefetch(self, obs):
         out = []
         for t in self.targets(obs.layer):
-            out += _requests(t, self.predicted(obs, t), t - obs.layer)
+            out += _requests(t, self._predicted(obs, t), t - obs.layer)
         return out
-
-
-def _sorted_unique(values: list[int]) -> np.ndarray:
-    """``np.unique`` of a non-empty list of ints (int64), without its per-call cost on a handful."""
-    return np.array(sorted(set(values)), dtype=np.int64)
 
 
 @register_prefetch("speculative-modelled")

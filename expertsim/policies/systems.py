@@ -174,9 +174,11 @@ class ComposedSystem(System):
         if hook is None:
             return
         cache = obs.cache
+        state, num_experts = cache.state, cache.num_experts
         for r in prefetch:
-            if cache.contains(r.layer, r.expert):
-                hook(cache.key(r.layer, r.expert), cache.tick)
+            key = int(r.layer) * num_experts + int(r.expert)  # cache.key
+            if state[key]:  # cache.contains
+                hook(key, cache.tick)
 
     @staticmethod
     def fit_prefetches(obs: LayerObservation, requests) -> list[PrefetchRequest]:
