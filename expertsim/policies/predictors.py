@@ -37,6 +37,19 @@ def training_requests(trace, fraction: float):
     return trace.select(np.arange(int(starts[min(take, n)])))
 
 
+_BLAS = None  # threadpoolctl's controller, found once (finding the libraries costs ~0.1 ms)
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _onehot(experts: np.ndarray, num_experts: int) -> np.ndarray:
     out = np.zeros((experts.shape[0], num_experts), dtype=np.float32)
     np.put_along_axis(out, experts.astype(np.int64), 1.0, axis=1)
@@ -284,6 +297,15 @@ class RoutePredictor:
         if isinstance(model, tuple):
             return np.tile(model[1], (len(tokens), 1))
         X = self.features(trace, tokens, s, t)
+        if len(tokens) == 1:
+            return self._product(model, X)
+        # Several tokens (a prefill pass): one BLAS thread, as in fit. A threaded product's last
+        # float32 bit depends on the thread count (so a run's predictions would depend on the
+        # machine), and on a busy machine the threads' hand-offs cost more than the product.
+        with _one_blas_thread():
+            return self._product(model, X)
+
+    def _product(self, model, X: np.ndarray) -> np.ndarray:
         if self.model == "logistic":
             return model.predict_proba(X)
         # Ridge's decision function (X @ coef_.T + intercept_, the product predict computes)

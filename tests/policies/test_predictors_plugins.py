@@ -251,3 +251,18 @@ def test_one_token_features_equal_the_batched_rows(kwargs):
                 assert union == np.unique(pred.predict_top(trace, np.array([tok]), s, t, 2)).tolist()
                 assert union == sorted(np.argsort(-pred.scores(trace, np.array([tok]), s, t)[0],
                                                   kind="stable")[:2].tolist())
+
+
+def test_prefill_scores_are_the_one_thread_product():
+    """A several-token product runs on one BLAS thread, so its float32 bits do not depend on
+    the machine's thread count: it must equal the product computed under a one-thread limit."""
+    from threadpoolctl import threadpool_limits
+
+    trace = structured_trace(tokens=800)
+    pred = RoutePredictor(distances=(1,)).fit(training_requests(trace, 0.5))
+    tokens = np.arange(trace.num_tokens)
+    for s, t in pred.pairs(trace.num_layers):
+        model = pred.models[(s, t)]
+        with threadpool_limits(1):
+            expected = pred.features(trace, tokens, s, t) @ model.coef_.T + model.intercept_
+        assert np.array_equal(pred.scores(trace, tokens, s, t), expected), (s, t)
