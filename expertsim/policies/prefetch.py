@@ -208,6 +208,7 @@ class ActivationMatrixPrefetch(Prefetcher):
     def prepare(self, ctx):
         super().prepare(ctx)
         self.current = np.zeros((self._L, self._E))
+        self._squares = [0] * self._L  # per layer, the sum of current's squared counts (whole numbers)
         self.past: list[np.ndarray] = []
         self._forget()
 
@@ -223,6 +224,7 @@ class ActivationMatrixPrefetch(Prefetcher):
             self.past = self.past[-self.history:]
             self._forget()
         self.current = np.zeros((self._L, self._E))
+        self._squares = [0] * self._L
 
     def _match_index(self, upto: int) -> int | None:
         """The index in ``past`` of the EAM that best matches layers 0..upto (None: no history).
@@ -238,7 +240,10 @@ class ActivationMatrixPrefetch(Prefetcher):
             block = self._blocks[upto] = (h, np.linalg.norm(h, axis=1))
         h, norms = block
         q = self.current[:upto + 1].ravel()
-        sim = h @ q / (norms * (np.linalg.norm(q) or 1.0) + 1e-12)
+        # np.linalg.norm(q) is sqrt(q . q); q holds whole counts, so q . q is the exact integer
+        # kept in _squares, and both square roots are correctly rounded
+        norm = math.sqrt(sum(self._squares[:upto + 1]))
+        sim = h @ q / (norms * (norm or 1.0) + 1e-12)
         return int(np.argmax(sim))
 
     def matched(self, upto: int) -> np.ndarray | None:
@@ -255,8 +260,12 @@ class ActivationMatrixPrefetch(Prefetcher):
     def prefetch(self, obs):
         current = self.current
         row = current[obs.layer]
+        squares = 0
         for e in obs.experts.ravel().tolist():  # np.add.at, one by one
-            row[e] += 1.0
+            count = int(row[e])
+            squares += 2 * count + 1  # (c + 1)^2 - c^2
+            row[e] = count + 1.0
+        self._squares[obs.layer] += squares
         index = self._match_index(obs.layer)
         width = self.width or self._k
         E = self._E
@@ -268,7 +277,7 @@ class ActivationMatrixPrefetch(Prefetcher):
             # Python floats, the float64 arithmetic of the arrays: counts / max(their sum, 1)
             # (+ the match's row over its sum); the best ``width`` by score, ties to the lowest id
             counts = current[t].tolist()
-            total = max(current[t].sum(), 1.0)
+            total = max(sum(counts), 1.0)  # whole counts: exact in any order
             score = [c / total for c in counts]
             if index is not None:
                 score = [a + b for a, b in zip(score, self._match_row(index, t))]

@@ -415,3 +415,49 @@ def test_route_grouping_runs_under_continuous_batching():
     assert result.metrics["tokens"] == 24
     assert calls and any(len(ready) > 3 for ready, _ in calls)  # a real choice was made
     assert any(any(known.values()) for _, known in calls[1:])  # routes learned from served layers
+
+
+def test_eam_prefetch_equals_its_array_definition():
+    """The eam prefetcher scores on Python floats, keeps the history's blocks per request and the
+    query's norm as a running sum of squares: its requests must equal the array computation
+    (cosine match over layers 0..l, normalised rows, lexsort by score then id) at every layer."""
+    from types import SimpleNamespace
+
+    from expertsim.policies.prefetch import ActivationMatrixPrefetch
+
+    L, E, k = 6, 8, 2
+    rng = np.random.default_rng(5)
+    pf = ActivationMatrixPrefetch(depth=2, history=3)
+    pf.prepare(SimpleNamespace(cache=SimpleNamespace(num_layers=L, num_experts=E), trace=SimpleNamespace(top_k=k)))
+    current, past = np.zeros((L, E)), []
+    for request in range(6):
+        pf.on_request_start(request)
+        if current.any():
+            past = (past + [current / current.sum()])[-3:]
+        current = np.zeros((L, E))
+        for _ in range(int(rng.integers(1, 5))):
+            for layer in range(L):
+                experts = rng.choice(E, size=(int(rng.integers(1, 3)), k))
+                got = [(r.layer, r.expert, r.priority) for r in pf.prefetch(SimpleNamespace(layer=layer, experts=experts))]
+                np.add.at(current[layer], experts.ravel(), 1.0)
+                match = None
+                if past:
+                    hist = np.stack(past)
+                    q = current[:layer + 1].ravel()
+                    h = hist[:, :layer + 1].reshape(len(hist), -1)
+                    sim = h @ q / (np.linalg.norm(h, axis=1) * (np.linalg.norm(q) or 1.0) + 1e-12)
+                    match = hist[int(np.argmax(sim))]
+                want = []
+                for d in (1, 2):
+                    t = layer + d
+                    if t >= L:
+                        break
+                    score = current[t] / max(current[t].sum(), 1.0)
+                    if match is not None:
+                        score = score + match[t] / max(match[t].sum(), 1e-12)
+                    if not score.any():
+                        continue
+                    best = np.lexsort((np.arange(E), -score))[:k]
+                    want += [(t, int(e), d) for e in sorted(best[score[best] > 0].tolist())]
+                assert got == want, (request, layer)
+                assert np.array_equal(pf.current, current)
