@@ -316,9 +316,10 @@ class ExpertCache:
         return True, evicted
 
     def mark_resident(self, layer: int, expert: int) -> None:
-        key = self.key(layer, expert)
-        if self.state[key] == LOADING:
-            self.state[key] = RESIDENT
+        key = int(layer) * self.num_experts + int(expert)
+        state = self.state
+        if state[key] == LOADING:
+            state[key] = RESIDENT
 
     def evict(self, key: int) -> None:
         if key in self._pins:

@@ -176,11 +176,18 @@ class LayerRingPrefetch(Prefetcher):
     def params(self) -> dict:
         return {"depth": self.depth}
 
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        self._ring: dict[int, list[PrefetchRequest]] = {}  # layer -> its requests (frozen: shared)
+
     def prefetch(self, obs):
-        out = []
-        for d in range(1, self.depth + 1):
-            out += _requests((obs.layer + d) % self._L, range(self._E), d)
-        return out
+        out = self._ring.get(obs.layer)
+        if out is None:
+            out = []
+            for d in range(1, self.depth + 1):
+                out += _requests((obs.layer + d) % self._L, range(self._E), d)
+            self._ring[obs.layer] = out
+        return list(out)
 
 
 @register_prefetch("eam")

@@ -98,10 +98,12 @@ class LayerServer:
                     count[where[e]] += 1
             needed = np.array(ids, dtype=np.int64)
             counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
-            if weights is not None:
+            if weights is not None:  # np.bincount's sums: 0.0 plus each weight in input order
                 where = where or {e: i for i, e in enumerate(ids)}
-                inverse = np.array([where[e] for e in flat], dtype=np.int64)
-                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(ids))
+                sums = [0.0] * len(ids)
+                for e, w in zip(flat, weights.ravel().astype(np.float64).tolist()):
+                    sums[where[e]] += w
+                mass = np.array(sums, dtype=np.float64)
             state, base = self.cache.state, layer * self.cache.num_experts
             resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
         else:
@@ -221,10 +223,9 @@ class LayerServer:
             if not ok:
                 continue
             evicted.extend(out)
-            plan.prefetches.append(PrefetchItem(
-                layer=req.layer, expert=req.expert, copy_bytes=nbytes,
-                slot=int(slot_of[key]), priority=max(int(req.priority), 1),
-                low_precision=req.low_precision))
+            # PrefetchItem(layer, expert, copy_bytes, slot, priority, low_precision), positional
+            plan.prefetches.append(PrefetchItem(req.layer, req.expert, nbytes, int(slot_of[key]),
+                                                max(int(req.priority), 1), req.low_precision))
         plan.prefetch_issued = len(plan.prefetches)
         self.totals["prefetch_issued"] += plan.prefetch_issued
         return plan, decision

@@ -461,3 +461,28 @@ def test_eam_prefetch_equals_its_array_definition():
                     want += [(t, int(e), d) for e in sorted(best[score[best] > 0].tolist())]
                 assert got == want, (request, layer)
                 assert np.array_equal(pf.current, current)
+
+
+def test_observe_of_a_few_tokens_equals_the_array_path():
+    """A small pass's needed experts, token counts and gate mass come from Python ints and floats:
+    they must equal np.unique / np.bincount on the same float32 weights (repeated experts too)."""
+    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.policies.serve import LayerServer
+
+    rng = np.random.default_rng(7)
+    experts = rng.integers(0, 8, size=(6, 1, 4))
+    weights = rng.dirichlet(np.ones(4), size=(6, 1)).astype(np.float32)
+    trace = make_trace(experts, 8, weights=weights)
+    system = make_system("skip-misses")
+    cache = ExpertCache(1, 8, 100, CacheConfig(per_layer=4), system.eviction, top_k=4)
+    system.prepare(RunContext(model=None, hardware=None, cost=None, cache=cache, trace=trace))
+    server = LayerServer(system, cache, 100, 25)
+    for rows in (slice(0, 1), slice(0, 3), slice(0, 6)):
+        ex, w = experts[rows, 0], weights[rows, 0]
+        obs = server.observe(now_ns=0, iteration=0, layer=0, tokens=np.arange(6)[rows], experts=ex, weights=w,
+                             phase=1, trace=trace)
+        needed, inverse = np.unique(ex, return_inverse=True)
+        assert obs.needed.tolist() == needed.tolist()
+        assert obs.tokens_per_expert.tolist() == np.bincount(inverse.ravel()).tolist()
+        mass = np.bincount(inverse.ravel(), weights=w.ravel().astype(np.float64), minlength=len(needed))
+        assert obs.gate_mass.dtype == mass.dtype and np.array_equal(obs.gate_mass, mass)
