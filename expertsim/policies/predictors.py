@@ -181,7 +181,8 @@ class RoutePredictor:
         rows = trace.experts[token].tolist()
         prev = trace.experts[int(idx.prev[token])].tolist() if idx.prev_known[token] else None
         E = self._E
-        own = [b * E + e for b, layer in enumerate(rows) for e in layer]  # window None: a prefix
+        own = np.zeros(len(rows) * E, dtype=np.float32)  # one-hot over every layer (window None: a prefix)
+        own[[b * E + e for b, layer in enumerate(rows) for e in layer]] = 1.0
         prior = None
         if self._priors is not None and trace.token_id is not None:
             vocab, counts, sums, base = self._priors
@@ -201,19 +202,19 @@ class RoutePredictor:
         E = self._E
         first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
         rows, prev, own, prior = self._token_rows(trace, token)
-        if first == 0:
-            cols = own[:(s + 1) * len(rows[0])]
-        else:
-            cols = [b * E + e for b, layer in enumerate(range(first, s + 1)) for e in rows[layer]]
-        if pair_at >= 0:
-            ex = sorted(rows[s])
-            cols.append(pair_at + ex[0] * E + ex[1])
-        if prev is not None:
-            cols += [prev_at + b * E + e for b, layer in enumerate(prev_layers) for e in prev[layer]]
         X = np.zeros((1, width), dtype=np.float32)
         row = X[0]
-        row[cols] = 1.0
+        if first == 0:
+            row[:(s + 1) * E] = own[:(s + 1) * E]
+        else:
+            row[[b * E + e for b, layer in enumerate(range(first, s + 1)) for e in rows[layer]]] = 1.0
+        if pair_at >= 0:
+            ex = sorted(rows[s])
+            row[pair_at + ex[0] * E + ex[1]] = 1.0
         if prev is not None:
+            for b, layer in enumerate(prev_layers):
+                for e in prev[layer]:
+                    row[prev_at + b * E + e] = 1.0
             row[known_at] = 1.0
         if use_prior:
             row[known_at + 1:] = prior[t]
@@ -321,9 +322,11 @@ class RoutePredictor:
 
     def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
         """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
-        if len(tokens) != 1:
+        model = self.models.get((s, t))
+        if len(tokens) != 1 or model is None or isinstance(model, tuple):
             return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
-        sc = self.scores(trace, tokens, s, t)[0].tolist()
+        # scores() of one token, without its dispatch
+        sc = self._product(model, self._features_one(trace, int(tokens[0]), s, t))[0].tolist()
         # sorted is stable, as argsort(kind="stable") on the negated scores: ties keep id order
         return sorted(sorted(range(len(sc)), key=lambda e: -sc[e])[:k])
 
