@@ -101,14 +101,21 @@ class ExpertCache:
                     f"({top_k * self.expert_bytes / 1e9:.3f} GB)"
                 )
         self.capacity = np.full(self.num_partitions, cap, dtype=np.int64)
+        # Python-int mirrors of capacity and use per partition (read at every admission; numpy's
+        # per-element cost dominates there): change capacity through set_partition_capacity.
+        self._capacity: list[int] = [int(cap)] * self.num_partitions
+        self._used: list[int] = [0] * self.num_partitions
         self.state = np.zeros(n, dtype=np.int8)
         self.entry_bytes = np.zeros(n, dtype=np.int64)
         self.entry_low_precision = np.zeros(n, dtype=bool)
-        self.pins = np.zeros(n, dtype=np.int32)
+        self._pins: dict[int, int] = {}  # key -> pin count, for the pinned keys only (see pins)
         self.slot = np.full(n, -1, dtype=np.int64)
-        self.used = np.zeros(self.num_partitions, dtype=np.int64)
-        self._used_sum = 0  # int(self.used.sum()), kept as entries come and go
+        self._used_sum = 0  # sum(self._used), kept as entries come and go
         self._free_slots: list[list[int]] = [[] for _ in range(self.num_partitions)]
+        # Each partition's entries (keys, resident or loading), kept as they come and go: the
+        # eviction candidates of a small partition or a pool holding few entries, without a pass
+        # over every key of the pool.
+        self._members: list[set[int]] = [set() for _ in range(self.num_partitions)]
         self._next_slot = np.zeros(self.num_partitions, dtype=np.int64)
         self.peak_used_bytes = 0
         self.evictions = 0
@@ -118,6 +125,19 @@ class ExpertCache:
         self.prefetched = np.zeros(n, dtype=bool)
         self.prefetch_admitted = 0
         self.prefetch_hits = 0
+
+    @property
+    def pins(self) -> np.ndarray:
+        """Pin count per key (a copy: read-only; pin and unpin change them)."""
+        out = np.zeros(self.num_layers * self.num_experts, dtype=np.int32)
+        for key, count in self._pins.items():
+            out[key] = count
+        return out
+
+    @property
+    def used(self) -> np.ndarray:
+        """Bytes held per partition (a copy: read-only)."""
+        return np.array(self._used, dtype=np.int64)
 
     # --- keys ----------------------------------------------------------------------------
     def key(self, layer: int, expert: int) -> int:
@@ -150,13 +170,14 @@ class ExpertCache:
 
     def free_bytes(self, layer: int) -> int:
         p = self.partition(layer)
-        return int(self.capacity[p] - self.used[p])
+        return self._capacity[p] - self._used[p]
 
     def set_partition_capacity(self, layer: int, capacity_bytes: int) -> list[int]:
         """Move capacity to or from one layer's partition (cross-layer allocation); evicts
         unpinned victims when it shrinks. Returns the evicted keys."""
         p = self.partition(layer)
         self.capacity[p] = int(capacity_bytes)
+        self._capacity[p] = int(capacity_bytes)
         return self._make_room(p, 0, layer)
 
     # --- state changes -------------------------------------------------------------------
@@ -186,7 +207,7 @@ class ExpertCache:
         :meth:`pin` per expert, in one call. Returns ``(hit, loading, ticks)``: per expert
         whether it hit, whether its copy was still in flight, and the tick of its lookup."""
         base = int(layer) * self.num_experts
-        state, prefetched, pins, on_access = self.state, self.prefetched, self.pins, self.eviction.on_access
+        state, prefetched, pins, on_access = self.state, self.prefetched, self._pins, self.eviction.on_access
         hits, loading, ticks = [], [], []
         for i, expert in enumerate(experts):
             key = base + expert
@@ -201,17 +222,20 @@ class ExpertCache:
             hits.append(bool(hit))
             ticks.append(self.tick)
             if hit:
-                pins[key] += 1
+                pins[key] = pins.get(key, 0) + 1
         return hits, [bool(x) for x in loading], ticks
 
     def unpin_layer(self, layer: int, experts) -> None:
         """Release the pins still held on ``experts`` of ``layer`` (the end of a layer)."""
         base = int(layer) * self.num_experts
-        pins = self.pins
+        pins = self._pins
         for expert in experts:
             key = base + expert
-            if pins[key] > 0:
-                pins[key] -= 1
+            count = pins.get(key, 0)
+            if count > 1:
+                pins[key] = count - 1
+            elif count == 1:
+                del pins[key]
 
     def lookup(self, layer: int, expert: int, position: int = -1) -> bool:
         """Look an expert up; tells the eviction policy about the access. True on a hit
@@ -226,13 +250,18 @@ class ExpertCache:
         return hit
 
     def pin(self, layer: int, expert: int) -> None:
-        self.pins[self.key(layer, expert)] += 1
+        key = self.key(layer, expert)
+        self._pins[key] = self._pins.get(key, 0) + 1
 
     def unpin(self, layer: int, expert: int) -> None:
         key = self.key(layer, expert)
-        if self.pins[key] <= 0:
+        count = self._pins.get(key, 0)
+        if count <= 0:
             raise RuntimeError(f"unpin of unpinned expert {self.split_key(key)}")
-        self.pins[key] -= 1
+        if count == 1:
+            del self._pins[key]
+        else:
+            self._pins[key] = count - 1
 
     def admit(self, layer: int, expert: int, nbytes: int | None = None, *, low_precision: bool = False,
               position: int = -1, required: bool = True, tick: int | None = None,
@@ -245,21 +274,22 @@ class ExpertCache:
         admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
         layer = int(layer)
         key = layer * self.num_experts + int(expert)
-        if self.state[key] != ABSENT:
+        state = self.state
+        if state[key]:  # != ABSENT
             return True, []
         nbytes = self.expert_bytes if nbytes is None else int(nbytes)
         p = layer if self.num_partitions > 1 else 0
-        capacity = int(self.capacity[p])
+        capacity = self._capacity[p]
         if nbytes > capacity:
             if required:
                 raise ConfigError(
                     f"expert of {nbytes} bytes does not fit in a cache partition of {capacity} bytes"
                 )
             return False, []
-        candidates = None
-        free = capacity - int(self.used[p])
+        used = self._used
+        free = capacity - used[p]
         if free < nbytes:
-            candidates = self._candidates(p, key)
+            candidates = self._candidate_list(p, key)
             if not required and not self._frees(candidates, nbytes - free):
                 return False, []
             evicted = self._make_room(p, nbytes, layer, exclude=key, position=position, candidates=candidates)
@@ -268,12 +298,15 @@ class ExpertCache:
         if tick is None:
             self.tick += 1
             tick = self.tick
-        self.state[key] = LOADING
+        state[key] = LOADING
         self.entry_bytes[key] = nbytes
-        self.entry_low_precision[key] = low_precision
-        self.used[p] += nbytes
+        if low_precision:  # an absent entry's flag is False (see _remove)
+            self.entry_low_precision[key] = True
+        used[p] += nbytes
         self._used_sum += nbytes
-        self.slot[key] = self._take_slot(p)
+        free_slots = self._free_slots[p]
+        self.slot[key] = free_slots.pop() if free_slots else self._take_slot(p)
+        self._members[p].add(key)
         if prefetch:
             self.prefetched[key] = True
             self.prefetch_admitted += 1
@@ -283,12 +316,13 @@ class ExpertCache:
         return True, evicted
 
     def mark_resident(self, layer: int, expert: int) -> None:
-        key = self.key(layer, expert)
-        if self.state[key] == LOADING:
-            self.state[key] = RESIDENT
+        key = int(layer) * self.num_experts + int(expert)
+        state = self.state
+        if state[key] == LOADING:
+            state[key] = RESIDENT
 
     def evict(self, key: int) -> None:
-        if self.pins[key]:
+        if key in self._pins:
             raise RuntimeError(f"evicting pinned expert {self.split_key(key)}")
         self._remove(key)
         self.evictions += 1
@@ -297,43 +331,50 @@ class ExpertCache:
     # --- internals -----------------------------------------------------------------------
     def _candidates(self, p: int, exclude: int = -1) -> np.ndarray:
         """The partition's unpinned entries (ascending keys), less ``exclude``."""
+        return np.array(self._candidate_list(p, exclude), dtype=np.int64)
+
+    def _candidate_list(self, p: int, exclude: int = -1) -> list[int]:
+        """:meth:`_candidates` as a list of Python ints."""
+        members = self._members[p]
+        if len(members) <= 64:  # a handful of entries: Python ints beat numpy's per-call cost
+            pins = self._pins
+            return sorted([key for key in members if key != exclude and key not in pins])
         lo = 0 if self.num_partitions == 1 else p * self.num_experts
         hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
-        if hi - lo <= 64:  # one layer's partition: Python lists beat numpy's per-call cost
-            state, pins = self.state[lo:hi].tolist(), self.pins[lo:hi].tolist()
-            return np.array([lo + i for i in range(hi - lo) if state[i] and not pins[i] and lo + i != exclude],
-                            dtype=np.int64)
-        mask = (self.state[lo:hi] != ABSENT) & (self.pins[lo:hi] == 0)
+        mask = self.state[lo:hi] != ABSENT
+        for key in self._pins:
+            if lo <= key < hi:
+                mask[key - lo] = False
         if lo <= exclude < hi:
             mask[exclude - lo] = False
-        return lo + np.flatnonzero(mask)
+        return (lo + np.flatnonzero(mask)).tolist()
 
-    def _frees(self, candidates: np.ndarray, need: int) -> bool:
+    def _frees(self, candidates: list[int], need: int) -> bool:
         """Whether evicting every candidate frees at least ``need`` bytes."""
         entry_bytes, total = self.entry_bytes, 0
-        for key in candidates.tolist():
+        for key in candidates:
             total += int(entry_bytes[key])
             if total >= need:
                 return True
         return need <= 0
 
     def _make_room(self, p: int, nbytes: int, layer: int, exclude: int = -1, position: int = -1,
-                   candidates: np.ndarray | None = None) -> list[int]:
+                   candidates: list[int] | None = None) -> list[int]:
         """Evict the policy's victims among unpinned entries until ``nbytes`` fit in partition
-        ``p``. ``candidates``: the partition's candidates when the caller has just computed them."""
+        ``p``. ``candidates``: the partition's candidate list when the caller has just computed it."""
         evicted: list[int] = []
-        capacity = int(self.capacity[p])
-        while capacity - int(self.used[p]) < nbytes:
+        capacity, used = self._capacity[p], self._used
+        while capacity - used[p] < nbytes:
             if candidates is None:
-                candidates = self._candidates(p, exclude)
+                candidates = self._candidate_list(p, exclude)
             if len(candidates) == 0:
                 raise ConfigError(
                     f"the expert cache partition for layer {layer} is full of experts the current "
-                    f"layer still needs ({self.used[p]} of {self.capacity[p]} bytes pinned); "
+                    f"layer still needs ({used[p]} of {capacity} bytes pinned); "
                     f"give the cache more room (at least top-k experts per layer)"
                 )
-            victim = int(self.eviction.victim(candidates, self.tick, position))
-            if victim not in candidates.tolist():
+            victim = int(self.eviction.victim(np.array(candidates, dtype=np.int64), self.tick, position))
+            if victim not in candidates:
                 raise RuntimeError(
                     f"eviction policy {self.eviction!r} chose {victim}, not one of the candidates"
                 )
@@ -352,9 +393,10 @@ class ExpertCache:
     def _remove(self, key: int) -> None:
         p = key // self.num_experts if self.num_partitions > 1 else 0
         nbytes = int(self.entry_bytes[key])
-        self.used[p] -= nbytes
+        self._used[p] -= nbytes
         self._used_sum -= nbytes
         self._free_slots[p].append(int(self.slot[key]))
+        self._members[p].discard(key)
         self.state[key] = ABSENT
         self.entry_bytes[key] = 0
         self.entry_low_precision[key] = False

@@ -437,8 +437,10 @@ class ActivationPriority(EvictionPolicy):
         self.last[key] = max(self.last[key], tick)
 
     def on_layer(self, obs):
-        np.add.at(self.request_eam[obs.layer], obs.experts.ravel().astype(np.int64), 1.0)
-        np.add.at(self.frequency[obs.layer], obs.experts.ravel().astype(np.int64), 1.0)
+        eam, freq = self.request_eam[obs.layer], self.frequency[obs.layer]
+        for e in obs.experts.ravel().tolist():  # np.add.at, one by one
+            eam[e] += 1.0
+            freq[e] += 1.0
         self.current_layer = obs.layer
 
     def priorities(self, keys: np.ndarray) -> np.ndarray:
@@ -458,11 +460,39 @@ class ActivationPriority(EvictionPolicy):
         each prefetch with the next admission, before its use (precision 0.03, slower than no
         prefetch); MoE-Infinity keeps prefetched experts until the layer that asked for them runs."""
         prefetched = getattr(self._cache, "prefetched", None)  # an ExpertCache (tests may pass a stand-in)
+        if len(candidates) <= 64:  # a handful: the same arithmetic on Python floats
+            return self._victim_few(candidates.tolist(), prefetched)
         waiting = np.zeros(len(candidates), dtype=bool) if prefetched is None else \
             prefetched[candidates] & (candidates // self._E > self.current_layer)
         if waiting.any() and not waiting.all():
             candidates = candidates[~waiting]
         return _lowest(self.priorities(candidates), candidates, self.last[candidates])
+
+    def _victim_few(self, keys: list[int], prefetched) -> int:
+        """:meth:`victim` element by element: each priority is the float64 arithmetic of
+        :meth:`priorities` in the same order (the activation counts and their sums are whole
+        numbers, so every sum is exact in any order); ties as :func:`_lowest`."""
+        E, L, current = self._E, self._L, self.current_layer
+        if prefetched is not None:
+            waiting = [bool(prefetched[k]) and k // E > current for k in keys]
+            if any(waiting) and not all(waiting):
+                keys = [k for k, w in zip(keys, waiting) if not w]
+        eam, freq, last = self.request_eam, self.frequency, self.last
+        total = freq.sum()
+        row_sums: dict[int, float] = {}
+        best = None
+        for i, key in enumerate(keys):
+            layer, expert = divmod(key, E)
+            topo = 1.0 if layer <= current else 1.0 - layer / L
+            row_sum = row_sums.get(layer)
+            if row_sum is None:
+                row_sum = row_sums[layer] = eam[layer].sum()
+            a = eam[layer, expert] / max(row_sum, 1e-12) if row_sum > 0 else 1.0 / E
+            f = freq[layer, expert] / total if total > 0 else 1.0
+            rank = (topo * (a + 1e-6) * (f + 1e-6), last[key], i)
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        return best[1]
 
 
 @register_eviction("sequence-activation")

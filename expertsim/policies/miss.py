@@ -95,6 +95,8 @@ def cumulative_levels(experts: np.ndarray, weights: np.ndarray | None, full_thre
     An expert used by several tokens takes the highest level any of them asks for. Without gate
     weights every choice weighs 1/k."""
     n, k = experts.shape
+    if n * k <= 64:  # a decode token or a few: the same float64 arithmetic on Python floats
+        return _cumulative_levels_few(experts, weights, full_threshold, low_threshold)
     w = np.full((n, k), 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
     order = np.argsort(-w, axis=1, kind="stable")
     w_sorted = np.take_along_axis(w, order, axis=1)
@@ -104,6 +106,23 @@ def cumulative_levels(experts: np.ndarray, weights: np.ndarray | None, full_thre
     out: dict[int, int] = {}
     for e, lv in zip(e_sorted.ravel().tolist(), level.ravel().tolist()):
         out[e] = max(out.get(e, 0), lv)
+    return out
+
+
+def _cumulative_levels_few(experts, weights, full_threshold: float, low_threshold: float) -> dict[int, int]:
+    """:func:`cumulative_levels` row by row: a stable sort by descending weight, the running sum
+    added in order (as cumsum) less the expert's own weight."""
+    n, k = experts.shape
+    rows = [[1.0 / k] * k] * n if weights is None else np.asarray(weights, dtype=np.float64).tolist()
+    out: dict[int, int] = {}
+    for ex, w in zip(experts.tolist(), rows):
+        total = 0.0
+        for j in sorted(range(k), key=lambda j: -w[j]):
+            total += w[j]
+            before = total - w[j]
+            lv = 2 if before < full_threshold else (1 if before < low_threshold else 0)
+            e = int(ex[j])
+            out[e] = max(out.get(e, 0), lv)
     return out
 
 
@@ -130,9 +149,12 @@ class GateThresholdPrecision(MissHandler):
         return {"full_threshold": self.full_threshold, "low_threshold": self.low_threshold}
 
     def decide(self, obs):
+        missing = missing_experts(obs).tolist()
+        if not missing:
+            return {}
         levels = cumulative_levels(obs.experts, obs.weights, self.full_threshold, self.low_threshold)
         out = {}
-        for e in missing_experts(obs).tolist():
+        for e in missing:
             lv = levels.get(int(e), 2)
             if lv == 1:
                 out[int(e)] = MissAction.LOW_PRECISION

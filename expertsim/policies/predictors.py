@@ -37,6 +37,19 @@ def training_requests(trace, fraction: float):
     return trace.select(np.arange(int(starts[min(take, n)])))
 
 
+_BLAS = None  # threadpoolctl's controller, found once (finding the libraries costs ~0.1 ms)
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _onehot(experts: np.ndarray, num_experts: int) -> np.ndarray:
     out = np.zeros((experts.shape[0], num_experts), dtype=np.float32)
     np.put_along_axis(out, experts.astype(np.int64), 1.0, axis=1)
@@ -80,6 +93,8 @@ class RoutePredictor:
         self.models: dict[tuple[int, int], object] = {}
         self.fit_s = 0.0
         self._index: tuple[object, _TraceIndex] | None = None
+        self._layouts: dict = {}  # (s, t, pair, prior) -> the features' column layout
+        self._one = None  # (trace, token, rows): the last token _features_one read
 
     def __repr__(self) -> str:
         return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
@@ -104,6 +119,8 @@ class RoutePredictor:
         E = self._E
         tokens = np.asarray(tokens)
         n = len(tokens)
+        if n == 1:  # a decode token: the same matrix from Python ints (numpy's per-call cost dominates)
+            return self._features_one(trace, int(tokens[0]), s, t)
         first = 0 if self.window is None else max(0, s - self.window + 1)
         own = s + 1 - first  # one-hot blocks of the token's own routing
         use_pair = s >= 0 and E * E <= 4096 and trace.top_k > 1
@@ -131,6 +148,76 @@ class RoutePredictor:
         X[:, known_at] = known
         if use_prior:
             X[:, known_at + 1:] = self._token_prior(trace.token_id[tokens], t)
+        return X
+
+    def _layout(self, trace, s: int, t: int) -> tuple:
+        """The column layout of :meth:`features` for (s, t): (first, pair_at or -1, prev_layers,
+        prev_at, known_at, width, use_prior)."""
+        key = (s, t, trace.top_k > 1, self._priors is not None and trace.token_id is not None)
+        layout = self._layouts.get(key)
+        if layout is None:
+            E = self._E
+            first = 0 if self.window is None else max(0, s - self.window + 1)
+            own = s + 1 - first
+            use_pair = s >= 0 and E * E <= 4096 and key[2]
+            prev_layers = sorted({t, s} if s >= 0 else {t, max(t - 1, 0)})
+            pair_at = own * E
+            prev_at = pair_at + (E * E if use_pair else 0)
+            known_at = prev_at + len(prev_layers) * E
+            width = known_at + 1 + (E if key[3] else 0)
+            layout = (first, pair_at if use_pair else -1, prev_layers, prev_at, known_at, width, key[3])
+            self._layouts[key] = layout
+        return layout
+
+    def _token_rows(self, trace, token: int) -> tuple:
+        """One token's routing as Python lists (its layers' experts; its previous token's, or
+        None when unknown; its one-hot columns over every layer) and its token-id prior at every
+        layer (None without one), kept for the token last asked about (a pass asks at every
+        layer)."""
+        one = self._one
+        if one is not None and one[0] is trace and one[1] == token:
+            return one[2]
+        idx = self._trace_index(trace)
+        rows = trace.experts[token].tolist()
+        prev = trace.experts[int(idx.prev[token])].tolist() if idx.prev_known[token] else None
+        E = self._E
+        own = np.zeros(len(rows) * E, dtype=np.float32)  # one-hot over every layer (window None: a prefix)
+        own[[b * E + e for b, layer in enumerate(rows) for e in layer]] = 1.0
+        prior = None
+        if self._priors is not None and trace.token_id is not None:
+            vocab, counts, sums, base = self._priors
+            tid = trace.token_id[token]
+            p = min(int(np.searchsorted(vocab, tid)), len(vocab) - 1)
+            m = self.prior_smoothing
+            # every layer's row of _token_prior at once (element by element the same arithmetic)
+            if vocab[p] == tid:
+                prior = ((sums[p] + m * base) / (counts[p] + m)).astype(np.float32)
+            else:
+                prior = ((0.0 + m * base) / (0.0 + m)).astype(np.float32)
+        self._one = (trace, token, (rows, prev, own, prior))
+        return self._one[2]
+
+    def _features_one(self, trace, token: int, s: int, t: int) -> np.ndarray:
+        """:meth:`features` of one token (the same [1, width] float32 matrix, tested equal)."""
+        E = self._E
+        first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
+        rows, prev, own, prior = self._token_rows(trace, token)
+        X = np.zeros((1, width), dtype=np.float32)
+        row = X[0]
+        if first == 0:
+            row[:(s + 1) * E] = own[:(s + 1) * E]
+        else:
+            row[[b * E + e for b, layer in enumerate(range(first, s + 1)) for e in rows[layer]]] = 1.0
+        if pair_at >= 0:
+            ex = sorted(rows[s])
+            row[pair_at + ex[0] * E + ex[1]] = 1.0
+        if prev is not None:
+            for b, layer in enumerate(prev_layers):
+                for e in prev[layer]:
+                    row[prev_at + b * E + e] = 1.0
+            row[known_at] = 1.0
+        if use_prior:
+            row[known_at + 1:] = prior[t]
         return X
 
     def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
@@ -166,6 +253,7 @@ class RoutePredictor:
             raise PolicyError("cannot train a route predictor on an empty trace")
         self._E, self._L = trace.num_experts, trace.num_layers
         self._priors = None
+        self._layouts, self._one = {}, None
         if trace.token_id is not None:
             vocab, inverse = np.unique(trace.token_id, return_inverse=True)
             counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
@@ -210,6 +298,15 @@ class RoutePredictor:
         if isinstance(model, tuple):
             return np.tile(model[1], (len(tokens), 1))
         X = self.features(trace, tokens, s, t)
+        if len(tokens) == 1:
+            return self._product(model, X)
+        # Several tokens (a prefill pass): one BLAS thread, as in fit. A threaded product's last
+        # float32 bit depends on the thread count (so a run's predictions would depend on the
+        # machine), and on a busy machine the threads' hand-offs cost more than the product.
+        with _one_blas_thread():
+            return self._product(model, X)
+
+    def _product(self, model, X: np.ndarray) -> np.ndarray:
         if self.model == "logistic":
             return model.predict_proba(X)
         # Ridge's decision function (X @ coef_.T + intercept_, the product predict computes)
@@ -222,6 +319,16 @@ class RoutePredictor:
         """[tokens, k] experts with the highest scores (ties: lowest id)."""
         sc = self.scores(trace, tokens, s, t)
         return np.argsort(-sc, axis=1, kind="stable")[:, :k]  # stable: equal scores keep id order
+
+    def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
+        """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
+        model = self.models.get((s, t))
+        if len(tokens) != 1 or model is None or isinstance(model, tuple):
+            return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
+        # scores() of one token, without its dispatch
+        sc = self._product(model, self._features_one(trace, int(tokens[0]), s, t))[0].tolist()
+        # sorted is stable, as argsort(kind="stable") on the negated scores: ties keep id order
+        return sorted(sorted(range(len(sc)), key=lambda e: -sc[e])[:k])
 
     def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
                  threshold: float = 0.5) -> dict:

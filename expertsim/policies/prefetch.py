@@ -79,29 +79,28 @@ class PregatedPrefetch(Prefetcher):
         self._rng = np.random.default_rng(self.seed)
 
     def predicted(self, obs: LayerObservation, target: int) -> np.ndarray:
-        true = _sorted_unique(obs.trace.experts[obs.tokens, target].ravel().tolist())
+        return np.array(self._predicted(obs, target), dtype=np.int64)
+
+    def _predicted(self, obs: LayerObservation, target: int) -> list[int]:
+        """:meth:`predicted` as a list of Python ints (ascending, each once)."""
+        true = sorted(set(obs.trace.experts[obs.tokens, target].ravel().tolist()))
         if self.accuracy >= 1.0:
             return true
         out = []
-        kept = set(true.tolist())
-        wrong = np.array([e for e in range(self._E) if e not in kept], dtype=np.int64)  # np.setdiff1d
-        for e in true.tolist():
+        kept = set(true)
+        wrong = [e for e in range(self._E) if e not in kept]  # np.setdiff1d
+        for e in true:
             if self._rng.random() < self.accuracy or len(wrong) == 0:
                 out.append(e)
             else:
-                out.append(int(wrong[self._rng.integers(len(wrong))]))
-        return _sorted_unique(out)
+                out.append(wrong[self._rng.integers(len(wrong))])
+        return sorted(set(out))
 
     def prefetch(self, obs):
         out = []
         for t in self.targets(obs.layer):
-            out += _requests(t, self.predicted(obs, t), t - obs.layer)
+            out += _requests(t, self._predicted(obs, t), t - obs.layer)
         return out
-
-
-def _sorted_unique(values: list[int]) -> np.ndarray:
-    """``np.unique`` of a non-empty list of ints (int64), without its per-call cost on a handful."""
-    return np.array(sorted(set(values)), dtype=np.int64)
 
 
 @register_prefetch("speculative-modelled")
@@ -177,11 +176,18 @@ class LayerRingPrefetch(Prefetcher):
     def params(self) -> dict:
         return {"depth": self.depth}
 
+    def prepare(self, ctx):
+        super().prepare(ctx)
+        self._ring: dict[int, list[PrefetchRequest]] = {}  # layer -> its requests (frozen: shared)
+
     def prefetch(self, obs):
-        out = []
-        for d in range(1, self.depth + 1):
-            out += _requests((obs.layer + d) % self._L, range(self._E), d)
-        return out
+        out = self._ring.get(obs.layer)
+        if out is None:
+            out = []
+            for d in range(1, self.depth + 1):
+                out += _requests((obs.layer + d) % self._L, range(self._E), d)
+            self._ring[obs.layer] = out
+        return list(out)
 
 
 @register_prefetch("eam")
@@ -209,39 +215,83 @@ class ActivationMatrixPrefetch(Prefetcher):
     def prepare(self, ctx):
         super().prepare(ctx)
         self.current = np.zeros((self._L, self._E))
+        self._squares = [0] * self._L  # per layer, the sum of current's squared counts (whole numbers)
         self.past: list[np.ndarray] = []
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what is derived from ``past`` (it changes only at a request's start)."""
+        self._hist = None  # np.stack(self.past)
+        self._blocks: dict[int, tuple] = {}  # upto -> (the history's layers 0..upto, their norms)
+        self._rows: dict[tuple[int, int], list[float]] = {}  # (match, layer) -> its normalised row
 
     def on_request_start(self, request):
         if self.current.any():
             self.past.append(self.current / self.current.sum())
             self.past = self.past[-self.history:]
+            self._forget()
         self.current = np.zeros((self._L, self._E))
+        self._squares = [0] * self._L
 
-    def matched(self, upto: int) -> np.ndarray | None:
+    def _match_index(self, upto: int) -> int | None:
+        """The index in ``past`` of the EAM that best matches layers 0..upto (None: no history).
+        The history's stack, blocks and norms are computed once per request (the same arrays
+        each layer recomputed before)."""
         if not self.past:
             return None
-        hist = np.stack(self.past)  # [H, L, E]
+        if self._hist is None:
+            self._hist = np.stack(self.past)  # [H, L, E]
+        block = self._blocks.get(upto)
+        if block is None:
+            h = self._hist[:, :upto + 1].reshape(len(self._hist), -1)
+            block = self._blocks[upto] = (h, np.linalg.norm(h, axis=1))
+        h, norms = block
         q = self.current[:upto + 1].ravel()
-        h = hist[:, :upto + 1].reshape(len(hist), -1)
-        sim = h @ q / (np.linalg.norm(h, axis=1) * (np.linalg.norm(q) or 1.0) + 1e-12)
-        return hist[int(np.argmax(sim))]
+        # np.linalg.norm(q) is sqrt(q . q); q holds whole counts, so q . q is the exact integer
+        # kept in _squares, and both square roots are correctly rounded
+        norm = math.sqrt(sum(self._squares[:upto + 1]))
+        sim = h @ q / (norms * (norm or 1.0) + 1e-12)
+        return int(np.argmax(sim))
+
+    def matched(self, upto: int) -> np.ndarray | None:
+        index = self._match_index(upto)
+        return None if index is None else self._hist[index]
+
+    def _match_row(self, index: int, t: int) -> list[float]:
+        row = self._rows.get((index, t))
+        if row is None:
+            match = self._hist[index][t]
+            row = self._rows[(index, t)] = (match / max(match.sum(), 1e-12)).tolist()
+        return row
 
     def prefetch(self, obs):
-        np.add.at(self.current[obs.layer], obs.experts.ravel().astype(np.int64), 1.0)
-        match = self.matched(obs.layer)
+        current = self.current
+        row = current[obs.layer]
+        squares = 0
+        for e in obs.experts.ravel().tolist():  # np.add.at, one by one
+            count = int(row[e])
+            squares += 2 * count + 1  # (c + 1)^2 - c^2
+            row[e] = count + 1.0
+        self._squares[obs.layer] += squares
+        index = self._match_index(obs.layer)
         width = self.width or self._k
+        E = self._E
         out = []
         for d in range(1, self.depth + 1):
             t = obs.layer + d
             if t >= self._L:
                 break
-            score = self.current[t] / max(self.current[t].sum(), 1.0)
-            if match is not None:
-                score = score + match[t] / max(match[t].sum(), 1e-12)
-            if not score.any():
+            # Python floats, the float64 arithmetic of the arrays: counts / max(their sum, 1)
+            # (+ the match's row over its sum); the best ``width`` by score, ties to the lowest id
+            counts = current[t].tolist()
+            total = max(sum(counts), 1.0)  # whole counts: exact in any order
+            score = [c / total for c in counts]
+            if index is not None:
+                score = [a + b for a, b in zip(score, self._match_row(index, t))]
+            if not any(score):
                 continue
-            best = np.lexsort((np.arange(self._E), -score))[:width]
-            out += _requests(t, sorted(best[score[best] > 0].tolist()), d)
+            best = sorted(range(E), key=lambda e: -score[e])[:width]  # stable: equal scores keep id order
+            out += _requests(t, sorted(e for e in best if score[e] > 0), d)
         return out
 
 
@@ -281,8 +331,8 @@ class LearnedPrefetch(Prefetcher):
     def prefetch(self, obs):
         out = []
         for t in self.targets(obs.layer):
-            pred = self.predictor.predict_top(obs.trace, obs.tokens, obs.layer, t, self._k)
-            out += _requests(t, np.unique(pred), t - obs.layer)
+            pred = self.predictor.predict_union(obs.trace, obs.tokens, obs.layer, t, self._k)
+            out += _requests(t, pred, t - obs.layer)
         return out
 
 
@@ -315,8 +365,8 @@ class PathPrefetch(LearnedPrefetch):
             return []
         out = []
         for t in range(1, self._L):
-            pred = self.predictor.predict_top(obs.trace, obs.tokens, -1, t, self._k)
-            out += _requests(t, np.unique(pred), t)
+            pred = self.predictor.predict_union(obs.trace, obs.tokens, -1, t, self._k)
+            out += _requests(t, pred, t)
         return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.policies.base import LayerObservation
+from expertsim.policies.cache import LOADING
 from expertsim.policies.registration import register_scheduler
 
 
@@ -143,13 +144,8 @@ def cache_aware_order(obs: LayerObservation) -> list[int]:
     (their copies are in flight), then misses; within a group more tokens first (ties: lowest id),
     so the GPU computes while the copies land."""
     cache = obs.cache
-    group = []
-    for i, e in enumerate(obs.needed.tolist()):
-        if not obs.resident[i]:
-            group.append(2)
-        elif cache.is_loading(obs.layer, e):
-            group.append(1)
-        else:
-            group.append(0)
-    idx = sorted(range(len(obs.needed)), key=lambda i: (group[i], -int(obs.tokens_per_expert[i]), int(obs.needed[i])))
-    return [int(obs.needed[i]) for i in idx]
+    needed, resident, tokens = obs.needed.tolist(), obs.resident.tolist(), obs.tokens_per_expert.tolist()
+    state, base = cache.state, obs.layer * cache.num_experts
+    group = [2 if not resident[i] else (1 if state[base + e] == LOADING else 0) for i, e in enumerate(needed)]
+    idx = sorted(range(len(needed)), key=lambda i: (group[i], -int(tokens[i]), needed[i]))
+    return [needed[i] for i in idx]

@@ -98,10 +98,12 @@ class LayerServer:
                     count[where[e]] += 1
             needed = np.array(ids, dtype=np.int64)
             counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
-            if weights is not None:
+            if weights is not None:  # np.bincount's sums: 0.0 plus each weight in input order
                 where = where or {e: i for i, e in enumerate(ids)}
-                inverse = np.array([where[e] for e in flat], dtype=np.int64)
-                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(ids))
+                sums = [0.0] * len(ids)
+                for e, w in zip(flat, weights.ravel().astype(np.float64).tolist()):
+                    sums[where[e]] += w
+                mass = np.array(sums, dtype=np.float64)
             state, base = self.cache.state, layer * self.cache.num_experts
             resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
         else:
@@ -205,13 +207,15 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
+        num_layers, num_experts, state, slot_of = cache.num_layers, cache.num_experts, cache.state, cache.slot
         for req in decision.prefetch:
-            if not 0 <= req.layer < cache.num_layers or not 0 <= req.expert < cache.num_experts:
+            if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
                     f"system {self.system.name!r} asked to prefetch (layer {req.layer}, expert "
-                    f"{req.expert}), outside {cache.num_layers} layers x {cache.num_experts} experts"
+                    f"{req.expert}), outside {num_layers} layers x {num_experts} experts"
                 )
-            if cache.contains(req.layer, req.expert):
+            key = int(req.layer) * num_experts + int(req.expert)
+            if state[key]:  # resident or loading (cache.contains)
                 continue
             nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
             ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,
@@ -219,10 +223,9 @@ class LayerServer:
             if not ok:
                 continue
             evicted.extend(out)
-            plan.prefetches.append(PrefetchItem(
-                layer=req.layer, expert=req.expert, copy_bytes=nbytes,
-                slot=int(cache.slot[cache.key(req.layer, req.expert)]), priority=max(int(req.priority), 1),
-                low_precision=req.low_precision))
+            # PrefetchItem(layer, expert, copy_bytes, slot, priority, low_precision), positional
+            plan.prefetches.append(PrefetchItem(req.layer, req.expert, nbytes, int(slot_of[key]),
+                                                max(int(req.priority), 1), req.low_precision))
         plan.prefetch_issued = len(plan.prefetches)
         self.totals["prefetch_issued"] += plan.prefetch_issued
         return plan, decision

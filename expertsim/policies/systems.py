@@ -174,25 +174,32 @@ class ComposedSystem(System):
         if hook is None:
             return
         cache = obs.cache
+        state, num_experts = cache.state, cache.num_experts
         for r in prefetch:
-            if cache.contains(r.layer, r.expert):
-                hook(cache.key(r.layer, r.expert), cache.tick)
+            key = int(r.layer) * num_experts + int(r.expert)  # cache.key
+            if state[key]:  # cache.contains
+                hook(key, cache.tick)
 
     @staticmethod
     def fit_prefetches(obs: LayerObservation, requests) -> list[PrefetchRequest]:
         """Drop the prefetches that could only evict earlier prefetches of the same decision:
         per target layer at most its partition's slots; in one pool at most the slots the
         current layer's experts leave. Nearer (lower priority value) requests are kept first."""
+        if not requests:
+            return []
         cache = obs.cache
         requests = sorted(requests, key=lambda r: r.priority)  # stable: the prefetcher's order within a priority
-        slots = cache.capacity // max(cache.expert_bytes, 1)
+        slots = (cache.capacity // max(cache.expert_bytes, 1)).tolist()
+        pool = cache.num_partitions == 1
+        own, needed = cache.partition(obs.layer), len(obs.needed)
         out, used = [], {}
         for r in requests:
-            p = cache.partition(r.layer)
-            limit = int(slots[p]) - (len(obs.needed) if cache.num_partitions == 1 or p == cache.partition(obs.layer) else 0)
-            if used.get(p, 0) < limit:
+            p = 0 if pool else int(r.layer)  # cache.partition
+            limit = slots[p] - (needed if pool or p == own else 0)
+            n = used.get(p, 0)
+            if n < limit:
                 out.append(r)
-                used[p] = used.get(p, 0) + 1
+                used[p] = n + 1
         return out
 
     def on_layer_end(self, obs: LayerObservation, outcome: LayerOutcome) -> None:

@@ -228,3 +228,41 @@ def test_a_speculating_system_on_a_trace_without_speculation_says_so():
     assert off == [] and off_metrics["prefetch_copies"] == 0
     recorded, rec_metrics = notes(make_trace(experts, 8, extras={"spec_d1": spec}))
     assert recorded == [] and rec_metrics["prefetch_copies"] > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"distances": (1, 2)}, {"distances": (1,), "path": True, "window": 2}])
+def test_one_token_features_equal_the_batched_rows(kwargs):
+    """A decode token's features are built from Python ints (a fast path): each must equal its
+    row of the batched matrix, on training tokens and on held-out ones (unseen token ids), and
+    predict_union must equal the unique top-k of predict_top."""
+    from expertsim.traces.ops import split_requests
+
+    train, held = split_requests(structured_trace(), 0.5, seed=0)
+    pred = RoutePredictor(**kwargs).fit(train)
+    held = held.select(np.arange(held.num_tokens))  # another trace object: the caches must follow
+    held.token_id[::3] = 10_000  # not in the training vocabulary
+    for trace in (train, held):
+        tokens = np.arange(trace.num_tokens)
+        for s, t in pred.pairs(trace.num_layers):
+            batched = pred.features(trace, tokens, s, t)
+            for tok in tokens[::7]:
+                assert np.array_equal(pred.features(trace, np.array([tok]), s, t), batched[tok:tok + 1]), (s, t, tok)
+                union = pred.predict_union(trace, np.array([tok]), s, t, 2)
+                assert union == np.unique(pred.predict_top(trace, np.array([tok]), s, t, 2)).tolist()
+                assert union == sorted(np.argsort(-pred.scores(trace, np.array([tok]), s, t)[0],
+                                                  kind="stable")[:2].tolist())
+
+
+def test_prefill_scores_are_the_one_thread_product():
+    """A several-token product runs on one BLAS thread, so its float32 bits do not depend on
+    the machine's thread count: it must equal the product computed under a one-thread limit."""
+    from threadpoolctl import threadpool_limits
+
+    trace = structured_trace(tokens=800)
+    pred = RoutePredictor(distances=(1,)).fit(training_requests(trace, 0.5))
+    tokens = np.arange(trace.num_tokens)
+    for s, t in pred.pairs(trace.num_layers):
+        model = pred.models[(s, t)]
+        with threadpool_limits(1):
+            expected = pred.features(trace, tokens, s, t) @ model.coef_.T + model.intercept_
+        assert np.array_equal(pred.scores(trace, tokens, s, t), expected), (s, t)

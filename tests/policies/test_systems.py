@@ -41,6 +41,20 @@ def test_hobbit_thresholds_split_full_low_skip_by_cumulative_gate_weight():
     assert both == {0: 2, 1: 2}
 
 
+def test_hobbit_levels_of_a_few_tokens_equal_the_array_path():
+    """A decode token's levels come from Python floats: they must equal the array path's on the
+    same rows (float32 weights with ties and sums near the thresholds, and no weights)."""
+    from expertsim.policies.miss import _cumulative_levels_few
+
+    rng = np.random.default_rng(3)
+    experts = rng.integers(0, 8, size=(40, 4))
+    weights = rng.choice(np.array([0.1, 0.2, 0.3, 0.5, 0.05], dtype=np.float32), size=(40, 4))
+    for w in (weights, None):
+        for full, low in ((0.6, 0.9), (0.3, 0.6), (0.0, 0.5)):
+            # 160 choices: the array path; the helper is the few-token path on the same rows
+            assert cumulative_levels(experts, w, full, low) == _cumulative_levels_few(experts, w, full, low)
+
+
 def test_hobbit_system_reports_degraded_and_dropped_gate_mass():
     # One layer, 4 experts, top-2; cache of 2 slots per layer; weights (.7,.3) and (.95,.05).
     experts = np.array([[[0, 1]], [[2, 3]]])
@@ -401,3 +415,74 @@ def test_route_grouping_runs_under_continuous_batching():
     assert result.metrics["tokens"] == 24
     assert calls and any(len(ready) > 3 for ready, _ in calls)  # a real choice was made
     assert any(any(known.values()) for _, known in calls[1:])  # routes learned from served layers
+
+
+def test_eam_prefetch_equals_its_array_definition():
+    """The eam prefetcher scores on Python floats, keeps the history's blocks per request and the
+    query's norm as a running sum of squares: its requests must equal the array computation
+    (cosine match over layers 0..l, normalised rows, lexsort by score then id) at every layer."""
+    from types import SimpleNamespace
+
+    from expertsim.policies.prefetch import ActivationMatrixPrefetch
+
+    L, E, k = 6, 8, 2
+    rng = np.random.default_rng(5)
+    pf = ActivationMatrixPrefetch(depth=2, history=3)
+    pf.prepare(SimpleNamespace(cache=SimpleNamespace(num_layers=L, num_experts=E), trace=SimpleNamespace(top_k=k)))
+    current, past = np.zeros((L, E)), []
+    for request in range(6):
+        pf.on_request_start(request)
+        if current.any():
+            past = (past + [current / current.sum()])[-3:]
+        current = np.zeros((L, E))
+        for _ in range(int(rng.integers(1, 5))):
+            for layer in range(L):
+                experts = rng.choice(E, size=(int(rng.integers(1, 3)), k))
+                got = [(r.layer, r.expert, r.priority) for r in pf.prefetch(SimpleNamespace(layer=layer, experts=experts))]
+                np.add.at(current[layer], experts.ravel(), 1.0)
+                match = None
+                if past:
+                    hist = np.stack(past)
+                    q = current[:layer + 1].ravel()
+                    h = hist[:, :layer + 1].reshape(len(hist), -1)
+                    sim = h @ q / (np.linalg.norm(h, axis=1) * (np.linalg.norm(q) or 1.0) + 1e-12)
+                    match = hist[int(np.argmax(sim))]
+                want = []
+                for d in (1, 2):
+                    t = layer + d
+                    if t >= L:
+                        break
+                    score = current[t] / max(current[t].sum(), 1.0)
+                    if match is not None:
+                        score = score + match[t] / max(match[t].sum(), 1e-12)
+                    if not score.any():
+                        continue
+                    best = np.lexsort((np.arange(E), -score))[:k]
+                    want += [(t, int(e), d) for e in sorted(best[score[best] > 0].tolist())]
+                assert got == want, (request, layer)
+                assert np.array_equal(pf.current, current)
+
+
+def test_observe_of_a_few_tokens_equals_the_array_path():
+    """A small pass's needed experts, token counts and gate mass come from Python ints and floats:
+    they must equal np.unique / np.bincount on the same float32 weights (repeated experts too)."""
+    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.policies.serve import LayerServer
+
+    rng = np.random.default_rng(7)
+    experts = rng.integers(0, 8, size=(6, 1, 4))
+    weights = rng.dirichlet(np.ones(4), size=(6, 1)).astype(np.float32)
+    trace = make_trace(experts, 8, weights=weights)
+    system = make_system("skip-misses")
+    cache = ExpertCache(1, 8, 100, CacheConfig(per_layer=4), system.eviction, top_k=4)
+    system.prepare(RunContext(model=None, hardware=None, cost=None, cache=cache, trace=trace))
+    server = LayerServer(system, cache, 100, 25)
+    for rows in (slice(0, 1), slice(0, 3), slice(0, 6)):
+        ex, w = experts[rows, 0], weights[rows, 0]
+        obs = server.observe(now_ns=0, iteration=0, layer=0, tokens=np.arange(6)[rows], experts=ex, weights=w,
+                             phase=1, trace=trace)
+        needed, inverse = np.unique(ex, return_inverse=True)
+        assert obs.needed.tolist() == needed.tolist()
+        assert obs.tokens_per_expert.tolist() == np.bincount(inverse.ravel()).tolist()
+        mass = np.bincount(inverse.ravel(), weights=w.ravel().astype(np.float64), minlength=len(needed))
+        assert obs.gate_mass.dtype == mass.dtype and np.array_equal(obs.gate_mass, mass)
