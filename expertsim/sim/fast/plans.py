@@ -62,7 +62,7 @@ def system_kind(system) -> str | None:
             return None
     if type(system.miss) not in (MissHandler, SkipMisses) or type(system.scheduler) is not FifoScheduler:
         return None
-    if system.expert_order != "hits-first" or system.allocator is not None:
+    if system.allocator is not None:
         return None
     if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
@@ -304,7 +304,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind == "lru", kind == "lru",  # LRU.on_predicted; FIFO ignores it
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
-        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass)
+        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass, system.expert_order == "cache-aware")
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "

@@ -60,11 +60,13 @@ def _take_slot(p, free, nfree, next_slot):
 @_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
-                    serial, fifo_link, expert_bytes, skip_ok, gate_mass):
+                    serial, fifo_link, expert_bytes, skip_ok, gate_mass, cache_aware):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``skip_ok`` (per
-    access, or empty): a miss there is skipped (SkipMisses), dropping its ``gate_mass``."""
+    access, or empty): a miss there is skipped (SkipMisses), dropping its ``gate_mass``.
+    ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
+    (resident, then loading, then misses; more tokens first, then the lowest id)."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -214,6 +216,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if it_hit[i]:
                     nh += 1
             _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
+            if cache_aware:
+                _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n)
             # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
             pa = pf_start[g]
             pb = pf_start[g + 1]
@@ -457,6 +461,24 @@ def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratc
         it_tick[i] = t2[i]
         it_tok[i] = o2[i]
         it_acc[i] = a2[i]
+
+
+@_njit
+def _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n):
+    """Insertion sort of the items by (resident / loading / miss, -tokens, id), in place."""
+    for i in range(1, n):
+        key, hit, load, tick, tok, acc = it_key[i], it_hit[i], it_load[i], it_tick[i], it_tok[i], it_acc[i]
+        rank = 2 if not hit else (1 if load else 0)
+        j = i - 1
+        while j >= 0:
+            r = 2 if not it_hit[j] else (1 if it_load[j] else 0)
+            if r < rank or (r == rank and (it_tok[j] > tok or (it_tok[j] == tok and it_key[j] < key))):
+                break
+            it_key[j + 1], it_hit[j + 1], it_load[j + 1] = it_key[j], it_hit[j], it_load[j]
+            it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = it_tick[j], it_tok[j], it_acc[j]
+            j -= 1
+        it_key[j + 1], it_hit[j + 1], it_load[j + 1] = key, hit, load
+        it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = tick, tok, acc
 
 
 @_njit

@@ -65,9 +65,10 @@ def _run(model, hw, make, cfg, trace, options, engine):
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
        dense_first=st.integers(0, 1), bounds=st.booleans(),
-       skip=st.sampled_from([None, (0.3, True), (0.6, False), (1.0, True)]), weights_seed=st.integers(0, 3))
+       skip=st.sampled_from([None, (0.3, True), (0.6, False), (1.0, True)]), weights_seed=st.integers(0, 3),
+       order=st.sampled_from(["hits-first", "cache-aware"]))
 def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accuracy, serial, host_us, queue,
-                               arrival, chunk, dense_first, bounds, skip, weights_seed):
+                               arrival, chunk, dense_first, bounds, skip, weights_seed, order):
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     trace = _with_speculation(trace, size)
     if weights_seed:  # gate weights (the skip rule reads them); seed 0: none (uses weigh 1/k)
@@ -82,7 +83,7 @@ def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accu
 
     def make():
         return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy),
-                              miss=SkipMisses(*skip) if skip else None)
+                              miss=SkipMisses(*skip) if skip else None, expert_order=order)
 
     options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
     assert plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
@@ -106,15 +107,15 @@ def test_which_systems_it_takes():
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # promoe and expertflow order experts by what is still loading (time); the others decide on
-    # misses or evict by policies the kernel does not have; plain LRU has its own kernel
-    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses"}
+    # expertflow adapts its prefetch distance to stalls and moves slots between layers; the others
+    # compute misses elsewhere or evict by policies the kernel does not have; plain LRU has its own kernel
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses"])
+@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
