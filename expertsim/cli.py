@@ -232,7 +232,7 @@ Scope = Literal["request", "global"]
 Semantics = Literal["together", "standard"]
 Partition = Literal["per_layer", "global"]
 
-ENGINE = typer.Option("auto", "--engine", help="des (SimPy reference), fast (vectorised; built-in copy-on-miss policies at batch 1) or auto (fast where it gives the DES's result).")
+ENGINE = typer.Option("auto", "--engine", help="des (SimPy reference), fast (the DES's numbers without SimPy: compiled kernels for LRU/FIFO systems with trace-only prefetch, the DES's steps for the rest; one copy engine, no timeline) or auto (fast for built-in systems where it applies).")
 LINK_QUEUE = typer.Option("priority", "--link-queue", help="priority (demand copies before queued prefetches; an evicted queued prefetch is dropped) or fifo (issue order, none dropped: one CUDA copy stream, as the real runner).")
 
 

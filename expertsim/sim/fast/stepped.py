@@ -152,7 +152,7 @@ class SteppedRun:
             if it is None:
                 t_next = batcher.next_arrival_ns()
                 totals.idle_ns += t_next - self.now
-                self.now = t_next
+                self._compute(t_next - self.now)  # idle: as a compute, the copies issued start
                 continue
             for request in started:
                 if opts.scope == "request":
