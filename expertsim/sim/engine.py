@@ -16,6 +16,8 @@ events by insertion, so runs are deterministic.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -43,9 +45,32 @@ class Simulation(RunSetup):
     fast engine builds too."""
 
     # --- run ------------------------------------------------------------------------------
-    def run(self, trace: RoutingTrace, progress=None) -> RunResult:
+    def _fast_path(self, opts):
+        return _fast_path_of(self, opts)
+
+    def _fast_with_des_window(self, trace: RoutingTrace, progress=None) -> RunResult | None:
+        """``--engine auto`` with a timeline window (compare's report): the metrics from the fast
+        engine over the whole trace, the timeline from the DES stopped at the window's end (a
+        run's first iterations do not depend on later ones: the window's rows are the full DES
+        run's). None when the fast engine does not apply."""
+        fast_opts = dataclasses.replace(self.options, timeline=False, timeline_iterations=None)
+        if _fast_path_of(dataclasses.replace(self, options=fast_opts), fast_opts) is None:
+            return None
+        des = dataclasses.replace(self, system=copy.deepcopy(self.system),
+                                  options=dataclasses.replace(self.options, engine="des", bounds=False))
+        result = dataclasses.replace(self, options=fast_opts).run(trace, progress)
+        a, b = self.options.timeline_iterations
+        window = des.run(trace, stop_after=b)
+        result.timeline = window.timeline
+        result.assumptions.append(f"timeline: iterations {a}..{b - 1} from the DES (the fast engine has no "
+                                  f"timeline; the DES's numbers are the same)")
+        return result
+
+    def run(self, trace: RoutingTrace, progress=None, *, stop_after: int | None = None) -> RunResult:
         """Simulate ``trace``. ``progress``: called with a one-line status (tokens done,
-        simulated and wall time) every few seconds of a DES run."""
+        simulated and wall time) every few seconds of a DES run. ``stop_after``: the DES stops
+        after that many iterations (its timeline window is then complete; the metrics are of
+        the part run)."""
         wall0 = time.perf_counter()
         m, opts = self.model, self.options
         trace.check_model(m)
@@ -53,16 +78,18 @@ class Simulation(RunSetup):
         if self.cache_config is None:
             self.cache_config = self.system.default_cache_config(m, self.hardware, longest * opts.batch)
         runner_class, engine = _DesRun, "des"
+        if opts.engine == "auto" and opts.timeline and opts.timeline_iterations is not None and stop_after is None:
+            split = self._fast_with_des_window(trace, progress)
+            if split is not None:
+                return split
         if opts.engine != "des":
-            from expertsim.sim.fast import general as fast_general
-            from expertsim.sim.fast import plans, stepped
+            fast = self._fast_path(opts)
+            if fast == "stepped":
+                from expertsim.sim.fast import stepped
 
-            if fast_general.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
-                return fast_general.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
-            if plans.supports_simulation(self.system, self.cache_config, opts, model=m, hardware=self.hardware):
-                return plans.simulate(m, self.hardware, self.system, self.cache_config, trace, opts)
-            if stepped.supports_run(opts, self.hardware, m) and (opts.engine == "fast" or _builtin(self.system)):
                 runner_class, engine = stepped.SteppedRun, "fast"
+            elif fast is not None:
+                return fast(m, self.hardware, self.system, self.cache_config, trace, opts)
             elif opts.engine == "fast":
                 raise ConfigError(
                     f"the fast engine does not reproduce {self.system.label!r} with these options "
@@ -101,6 +128,8 @@ class Simulation(RunSetup):
                                     prefill_chunk_tokens=opts.prefill_chunk_tokens,
                                     select_batch=self.system.select_batch)
         runner = runner_class(self, trace, batcher, cache, server, progress=progress)
+        if stop_after is not None:
+            runner.stop_after = int(stop_after)
         runner.execute()
         runner.totals.prefetch_admitted = cache.prefetch_admitted
         runner.totals.prefetch_hits = cache.prefetch_hits
@@ -120,6 +149,21 @@ class Simulation(RunSetup):
         )
         result.metrics["wall_s"] = time.perf_counter() - wall0
         return result
+
+
+def _fast_path_of(sim: "Simulation", opts):
+    """Which fast path reproduces ``sim`` under ``opts``: a run function, "stepped", or None."""
+    from expertsim.sim.fast import general as fast_general
+    from expertsim.sim.fast import plans, stepped
+
+    m, hw, system, cfg = sim.model, sim.hardware, sim.system, sim.cache_config
+    if fast_general.supports_simulation(system, cfg, opts, model=m, hardware=hw):
+        return fast_general.simulate
+    if plans.supports_simulation(system, cfg, opts, model=m, hardware=hw):
+        return plans.simulate
+    if stepped.supports_run(opts, hw, m) and (opts.engine == "fast" or _builtin(system)):
+        return "stepped"
+    return None
 
 
 def _builtin(system) -> bool:
@@ -193,6 +237,7 @@ class _DesRun(LinkProcesses):
         self.lowp = sim.system.low_precision_dtype
         self.wants_outcome = server.wants_outcome
         self._expert_ns: dict[int, int] = {}  # tokens -> full-precision expert time (cost.expert_time_ns)
+        self.stop_after: int | None = None  # end after this many iterations (a timeline window)
 
     def execute(self) -> None:
         self.env.process(self._main())
@@ -287,6 +332,9 @@ class _DesRun(LinkProcesses):
             batcher.complete(it, start_iter, self.now)
             if self.progress is not None:
                 self._report(it.num_tokens)
+            if self.stop_after is not None and it.index + 1 >= self.stop_after:
+                self._record_iteration = False  # as the next iteration, outside the window, would
+                break
         yield from self._sync()
 
     # --- the compute stream's clock -------------------------------------------------------

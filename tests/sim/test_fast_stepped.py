@@ -142,3 +142,26 @@ def test_conditions_it_does_not_reproduce_are_refused_or_left_to_the_des():
     with pytest.raises(ConfigError, match="one copy engine"):
         Simulation(tiny_model(), tiny_hardware(), make_policy("pregated-moe"), CacheConfig(per_layer=2),
                    options=SimOptions(engine="fast", bounds=False, timeline=True)).run(trace)
+
+
+@pytest.mark.parametrize("system", ["lru", "pregated-moe", "se-moe", "cache-moe", "moe-infinity", "ktransformers"])
+def test_auto_with_a_timeline_window_runs_fast_and_takes_the_window_from_the_des(system):
+    """compare's report asks for a timeline of a few iterations: --engine auto runs the fast
+    engine for the metrics and the DES only up to the window's end for the timeline; both equal
+    a full DES run's."""
+    trace = synthetic_trace(num_requests=3, prompt=3, decode=6, layers=4, experts=8, seed=2)
+    model, hw, cache = tiny_model(num_layers=4, num_experts=8), tiny_hardware(), CacheConfig(per_layer=3)
+    options = dict(timeline=True, timeline_iterations=(2, 6), bounds=False)
+    cache = None if system == "ktransformers" else cache
+
+    def run(engine):
+        return Simulation(model, hw, make_policy(system), cache, options=SimOptions(engine=engine, **options)).run(
+            dataclasses.replace(trace))
+
+    auto, des = run("auto"), run("des")
+    assert auto.config["engine"] == "fast" and des.config["engine"] == "des"
+    drop = ("wall_s",)
+    assert {k: v for k, v in auto.metrics.items() if k not in drop} == \
+        {k: v for k, v in des.metrics.items() if k not in drop}
+    assert auto.timeline.rows == des.timeline.rows and len(des.timeline.rows) > 0
+    assert any("timeline: iterations 2..5 from the DES" in a for a in auto.assumptions)
