@@ -113,6 +113,7 @@ class LinkQueue:
 
     def _after_met(self, copy: Copy, now: int) -> None:
         prev = copy.previous
+        copy.after = copy.previous = None  # met (or about to be): a chain of copies is not kept alive
         if prev is not None and prev.done_ns < 0:
             if prev.waiters is None:
                 prev.waiters = [copy]

@@ -17,7 +17,7 @@ import numpy as np
 from expertsim.sim.fast.jit import _njit
 
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
-    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NPEND, PRIO, QUEUED, RUNNING, T_CANCELLED,
+    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NPEND, NQ, PRIO, QUEUED, RUNNING, T_CANCELLED,
     T_COPIES, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
     _finish, _issue, _promote, _start_pending, _wait,
 )
@@ -83,8 +83,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     ci = np.zeros((max_copies, NCF), dtype=np.int64)
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
-    q = np.zeros((max_copies, 2), dtype=np.int64)
-    pend = np.zeros(max_copies, dtype=np.int64)
+    q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
+    pend = np.zeros(2 * (widest_all(gstart) + max_pf_all(pf_start)) + 1, dtype=np.int64)  # one layer's issues
     tot = np.zeros(10, dtype=np.int64)
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
@@ -101,7 +101,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     widest = 1
     for g in range(gstart.shape[0] - 1):
         widest = max(widest, gstart[g + 1] - gstart[g])
-    stream = np.zeros(max_copies, dtype=np.int64)
+    stream = np.zeros(2 * (widest + max_pf_all(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
     nstream = np.zeros(1, dtype=np.int64)
     sig_fired = np.zeros(widest, dtype=np.int64)
     sig_waiter = np.full(widest, -1, dtype=np.int64)
@@ -173,11 +173,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 continue
             g += 1
             if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
-                size = 2 * ci.shape[0] + widest + max_pf
-                ci = _grown(ci, size)
-                q = _grown(q, size)
-                pend = _grown1(pend, size)
-                stream = _grown1(stream, size)
+                ci = _grown(ci, 2 * ci.shape[0] + widest + max_pf)
+            if ls[NQ] + widest + max_pf + 1 > q.shape[0]:
+                q = _grown(q, 2 * q.shape[0] + widest + max_pf)
             _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
             g_start[g] = now
             a = gstart[g]
@@ -489,7 +487,16 @@ def _grown(a, rows):
 
 
 @_njit
-def _grown1(a, n):
-    out = np.zeros(n, dtype=a.dtype)
-    out[:a.shape[0]] = a
-    return out
+def widest_all(gstart):
+    w = 1
+    for g in range(gstart.shape[0] - 1):
+        w = max(w, gstart[g + 1] - gstart[g])
+    return w
+
+
+@_njit
+def max_pf_all(pf_start):
+    w = 1
+    for g in range(pf_start.shape[0] - 1):
+        w = max(w, pf_start[g + 1] - pf_start[g])
+    return w
