@@ -25,10 +25,11 @@ import numpy as np
 import simpy
 
 from expertsim.errors import ConfigError
-from expertsim.policies import ExpertCache, LayerOutcome, MissAction, RunContext, System
+from expertsim.policies import ExpertCache, MissAction, RunContext, System
 from expertsim.policies.records import RunTotals
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
+from expertsim.sim.compute_stream import ComputeStreamBook
 from expertsim.sim.des_link import LinkProcesses, SortedPriorityResource
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
@@ -183,10 +184,9 @@ def _always_yield() -> int:
     return -1  # as env.peek() when an event is due before any compute ends
 
 
-class _DesRun(LinkProcesses):
+class _DesRun(ComputeStreamBook, LinkProcesses):
     """The SimPy processes of one run."""
 
-    PROGRESS_EVERY_S = 5.0  # wall seconds between progress lines
     # False: the plain DES, one SimPy timeout per compute (see _compute) and SimPy's own end of
     # every process (LinkProcesses._park); the same results, more events (the tests compare them).
     SKIP_COMPUTES = True
@@ -259,19 +259,6 @@ class _DesRun(LinkProcesses):
         return waited
 
     # --- memory ---------------------------------------------------------------------------
-    def _check_kv(self, it: Iteration) -> None:
-        """KV held during the iteration: every running request's context, the iteration's
-        requests at their context after the pass."""
-        batcher = self.batcher
-        chosen = set(it.requests)
-        kv = sum(c for c in it.request_contexts) + sum(
-            batcher.by_id[r].context_tokens for r in batcher._running if r not in chosen)
-        if kv > self.max_kv_tokens:
-            self.max_kv_tokens = kv
-            if self.sim.options.check_memory:
-                self.memory.check(kv, where=f" at iteration {it.index} with {len(batcher._running)} "
-                                            f"requests in flight (--batch {batcher.max_batch})")
-
     # --- main process: the GPU compute stream ---------------------------------------------
     def _main(self):
         env, m, batcher = self.env, self.sim.model, self.batcher
@@ -357,15 +344,6 @@ class _DesRun(LinkProcesses):
         """Bring SimPy's clock up to the compute stream's (see :meth:`_compute`)."""
         if self.now > self.env.now:
             yield self.env.timeout(self.now - self.env.now)
-
-    def _report(self, tokens: int) -> None:
-        self._tokens_done += tokens
-        now = time.perf_counter()
-        if now - self._last_report >= self.PROGRESS_EVERY_S:
-            self._last_report = now
-            total = self.trace.num_tokens
-            self.progress(f"des: {self._tokens_done:,}/{total:,} tokens ({100 * self._tokens_done / max(total, 1):.0f}%), "
-                          f"{self.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
 
     def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
         env, trace, copies = self.env, self.trace, self.copies
@@ -506,18 +484,7 @@ class _DesRun(LinkProcesses):
         for done in cpu_done:
             if not done.triggered:
                 stall += yield from self._wait(done, it, layer, -1)
-        stats["hits"] += plan.hits
-        stats["misses"] += plan.misses
-        stats["stall_ns"] += stall
-        stats["experts"] += len(items)
-        totals = self.totals
-        totals.stall_ns += stall
-        totals.dropped_gate_mass += plan.dropped_gate_mass
-        totals.degraded_gate_mass += plan.degraded_gate_mass
-        totals.cpu_experts += plan.cpu_experts
-        outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
-                               start_ns=layer_start, end_ns=self.now) if self.wants_outcome else None
-        self.server.finish(obs, plan, outcome)
+        self._end_layer(obs, plan, stats, stall, layer_start)
 
     def _start_prefetches(self, it: Iteration, prefetches: list, writebacks: list[int] | None) -> None:
         for i, pf in enumerate(prefetches):

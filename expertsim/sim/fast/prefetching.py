@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
@@ -84,7 +85,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
     q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
-    pend = np.zeros(2 * (widest_all(gstart) + max_pf_all(pf_start)) + 1, dtype=np.int64)  # one layer's issues
+    pend = np.zeros(2 * (_widest_group(gstart) + _widest_group(pf_start)) + 1, dtype=np.int64)  # one layer's issues
     tot = np.zeros(10, dtype=np.int64)
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
@@ -98,10 +99,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     next_slot = np.zeros(num_parts, dtype=np.int64)
     slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
     evictions = np.zeros(1, dtype=np.int64)
-    widest = 1
-    for g in range(gstart.shape[0] - 1):
-        widest = max(widest, gstart[g + 1] - gstart[g])
-    stream = np.zeros(2 * (widest + max_pf_all(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
+    widest = _widest_group(gstart)
+    stream = np.zeros(2 * (widest + _widest_group(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
     nstream = np.zeros(1, dtype=np.int64)
     sig_fired = np.zeros(widest, dtype=np.int64)
     sig_waiter = np.full(widest, -1, dtype=np.int64)
@@ -120,9 +119,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     it_skip = np.zeros(widest, dtype=np.bool_)
     skipping = skip_ok.shape[0] > 0
     dropped_mass = 0.0
-    max_pf = 1
-    for g in range(pf_start.shape[0] - 1):
-        max_pf = max(max_pf, pf_start[g + 1] - pf_start[g])
+    max_pf = _widest_group(pf_start)
     scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
     waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
@@ -484,19 +481,3 @@ def _grown(a, rows):
     out = np.zeros((rows, a.shape[1]), dtype=a.dtype)
     out[:a.shape[0]] = a
     return out
-
-
-@_njit
-def widest_all(gstart):
-    w = 1
-    for g in range(gstart.shape[0] - 1):
-        w = max(w, gstart[g + 1] - gstart[g])
-    return w
-
-
-@_njit
-def max_pf_all(pf_start):
-    w = 1
-    for g in range(pf_start.shape[0] - 1):
-        w = max(w, pf_start[g + 1] - pf_start[g])
-    return w

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 
-from expertsim.policies import LayerOutcome, MissAction
+from expertsim.policies import MissAction
 from expertsim.policies.records import RunTotals
+from expertsim.sim.compute_stream import ComputeStreamBook
 from expertsim.sim.fast.events import Copy, CpuJob, LinkQueue, Signal
 
 
@@ -37,12 +38,12 @@ def supports_run(options, hardware, model) -> bool:
         return False
 
 
-class SteppedRun:
+class SteppedRun(ComputeStreamBook):
     """One run of the DES's compute stream over a :class:`LinkQueue` (see the module docstring).
     The same constructor, ``execute()`` and results (``records``, ``iterations``, ``totals``,
     ``max_kv_tokens``, ``timeline`` None) as the DES's ``_DesRun``."""
 
-    PROGRESS_EVERY_S = 5.0
+    ENGINE_NAME = "fast"
 
     def __init__(self, sim, trace, batcher, cache, server, progress=None):
         self.sim, self.trace, self.batcher = sim, trace, batcher
@@ -75,6 +76,7 @@ class SteppedRun:
         self.wants_outcome = server.wants_outcome
         self._expert_ns: dict[int, int] = {}
         self._copy_ns: dict[int, int] = {}
+        self._cpu_ns: dict[int, int] = {}  # tokens -> cost.cpu_expert_time_ns
 
     # --- the link ---------------------------------------------------------------------------
     def _landed(self, copy: Copy) -> None:
@@ -193,26 +195,6 @@ class SteppedRun:
                 self._report(it.num_tokens)
         link.drain()
 
-    def _check_kv(self, it) -> None:
-        batcher = self.batcher
-        chosen = set(it.requests)
-        kv = sum(c for c in it.request_contexts) + sum(
-            batcher.by_id[r].context_tokens for r in batcher._running if r not in chosen)
-        if kv > self.max_kv_tokens:
-            self.max_kv_tokens = kv
-            if self.sim.options.check_memory:
-                self.memory.check(kv, where=f" at iteration {it.index} with {len(batcher._running)} "
-                                            f"requests in flight (--batch {batcher.max_batch})")
-
-    def _report(self, tokens: int) -> None:
-        self._tokens_done += tokens
-        now = time.perf_counter()
-        if now - self._last_report >= self.PROGRESS_EVERY_S:
-            self._last_report = now
-            total = self.trace.num_tokens
-            self.progress(f"fast: {self._tokens_done:,}/{total:,} tokens ({100 * self._tokens_done / max(total, 1):.0f}%), "
-                          f"{self.now / 1e9:,.1f} s simulated, {now - self._wall0:.0f} s wall")
-
     def _moe_layer(self, it, layer: int, tokens, stats: dict) -> None:
         trace, copies, link = self.trace, self.copies, self.link
         link.advance(self.now)
@@ -296,7 +278,10 @@ class SteppedRun:
             if action is MissAction.SKIP or action is MissAction.CPU:
                 if action is MissAction.CPU and not cpu_per_layer:
                     link.advance(self.now)
-                    job = CpuJob(self.cost.cpu_expert_time_ns(item.tokens))
+                    t_cpu = self._cpu_ns.get(item.tokens)
+                    if t_cpu is None:
+                        t_cpu = self._cpu_ns[item.tokens] = self.cost.cpu_expert_time_ns(item.tokens)
+                    job = CpuJob(t_cpu)
                     link.cpu(job, self.now)
                     cpu_done.append(job)
                 if done is not None:
@@ -331,18 +316,7 @@ class SteppedRun:
             self._start_prefetches(prefetches, wb[len(copy_items):] if wb else None)
         for job in cpu_done:
             stall += self._wait(job)
-        stats["hits"] += plan.hits
-        stats["misses"] += plan.misses
-        stats["stall_ns"] += stall
-        stats["experts"] += len(items)
-        totals = self.totals
-        totals.stall_ns += stall
-        totals.dropped_gate_mass += plan.dropped_gate_mass
-        totals.degraded_gate_mass += plan.degraded_gate_mass
-        totals.cpu_experts += plan.cpu_experts
-        outcome = LayerOutcome(layer=layer, hits=plan.hits, misses=plan.misses, stall_ns=stall,
-                               start_ns=layer_start, end_ns=self.now) if self.wants_outcome else None
-        self.server.finish(obs, plan, outcome)
+        self._end_layer(obs, plan, stats, stall, layer_start)
 
     def _start_prefetches(self, prefetches, writebacks) -> None:
         for i, pf in enumerate(prefetches):
