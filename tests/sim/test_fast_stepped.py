@@ -46,6 +46,18 @@ def _equal(a, b):
     assert a[1] == b[1]
 
 
+def _assert_fast_equals_des(system, trace, model, hw, cache, options):
+    try:
+        reference = _result("des", system, trace, model, hw, cache, **options)
+    except ExpertSimError as exc:  # a size or an arrival mode the system refuses: both alike
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            _result("fast", system, trace, model, hw, cache, **options)
+        return
+    fast = _result("fast", system, trace, model, hw, cache, **options)
+    assert fast[2] == "fast"
+    _equal(fast, reference)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(system=st.sampled_from(SYSTEMS), seed=st.integers(0, 10_000), requests=st.integers(1, 3),
        prompt=st.integers(1, 4), decode=st.integers(1, 8), layers=st.integers(2, 6), experts=st.integers(4, 8),
@@ -66,16 +78,7 @@ def test_equal_to_the_des(system, seed, requests, prompt, decode, layers, expert
                    scope="request" if per_request and batch == 1 else "global")
     if rate is not None:
         options.update(arrival="poisson", rate_per_s=rate, seed=seed)
-    cache = CacheConfig(per_layer=slots)
-    try:
-        reference = _result("des", system, trace, model, hw, cache, **options)
-    except ExpertSimError as exc:  # a size or an arrival mode the system refuses: both alike
-        with pytest.raises(type(exc), match=re.escape(str(exc))):
-            _result("fast", system, trace, model, hw, cache, **options)
-        return
-    fast = _result("fast", system, trace, model, hw, cache, **options)
-    assert fast[2] == "fast"
-    _equal(fast, reference)
+    _assert_fast_equals_des(system, trace, model, hw, CacheConfig(per_layer=slots), options)
 
 
 # Four layers of eight experts with three slots each and a link much slower than compute: queued
@@ -89,15 +92,7 @@ _OPTIONS = [dict(), dict(link_queue="fifo"), dict(runtime="cache-moe"), dict(run
 def test_every_system_equal_to_the_des(system, options):
     trace = synthetic_trace(num_requests=2, prompt=3, decode=8, layers=4, experts=8, seed=1)
     model, hw, cache = tiny_model(num_layers=4, num_experts=8), tiny_hardware(), CacheConfig(per_layer=3)
-    try:
-        reference = _result("des", system, trace, model, hw, cache, **options)
-    except ExpertSimError as exc:
-        with pytest.raises(type(exc), match=re.escape(str(exc))):
-            _result("fast", system, trace, model, hw, cache, **options)
-        return
-    fast = _result("fast", system, trace, model, hw, cache, **options)
-    assert fast[2] == "fast"
-    _equal(fast, reference)
+    _assert_fast_equals_des(system, trace, model, hw, cache, options)
 
 
 @pytest.mark.parametrize("system", NAMED)
