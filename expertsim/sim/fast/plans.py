@@ -21,6 +21,9 @@ from expertsim.errors import ConfigError
 from expertsim.sim.fast.jit import _njit
 
 
+COPY_ROWS = 1 << 16  # the kernel's copy table at first (the tests make it tiny to exercise its compaction)
+
+
 def _trace_only_prefetchers() -> tuple:
     from expertsim.policies.prefetch import (
         LayerRingPrefetch,
@@ -304,7 +307,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind == "lru", kind == "lru",  # LRU.on_predicted; FIFO ignores it
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
-        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass, system.expert_order == "cache-aware")
+        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass, system.expert_order == "cache-aware",
+        COPY_ROWS)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "

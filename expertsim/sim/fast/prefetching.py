@@ -18,8 +18,8 @@ from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
-    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NPEND, NQ, PRIO, QUEUED, RUNNING, T_CANCELLED,
-    T_COPIES, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
+    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RUNNING,
+    T_CANCELLED, T_COPIES, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
     _finish, _issue, _promote, _start_pending, _wait,
 )
 
@@ -61,13 +61,14 @@ def _take_slot(p, free, nfree, next_slot):
 @_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
-                    serial, fifo_link, expert_bytes, skip_ok, gate_mass, cache_aware):
+                    serial, fifo_link, expert_bytes, skip_ok, gate_mass, cache_aware, copy_rows):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``skip_ok`` (per
     access, or empty): a miss there is skipped (SkipMisses), dropping its ``gate_mass``.
     ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
-    (resident, then loading, then misses; more tokens first, then the lowest id)."""
+    (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
+    the copy table's first size (it drops the copies that ended, then grows, as needed)."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -80,7 +81,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
         max_slots = max(max_slots, cap[p])
     n_acc = keys.shape[0]
     # copies, the engine's queue, the pending starts and the stream grow with the run (doubling)
-    max_copies = min(n_acc + pf_key.shape[0] + 1, 1 << 16)
+    max_copies = max(1, min(n_acc + pf_key.shape[0] + 1, copy_rows))
     ci = np.zeros((max_copies, NCF), dtype=np.int64)
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
@@ -169,11 +170,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             if m < 0:
                 continue
             g += 1
+            _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
             if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
-                ci = _grown(ci, 2 * ci.shape[0] + widest + max_pf)
+                _compact(ci, ls, q, cur, slot_copy)  # the copies that ended leave the table
+                if 2 * (ls[NCOPY] + widest + max_pf + 1) > ci.shape[0]:
+                    ci = _grown(ci, 2 * ci.shape[0] + widest + max_pf)
             if ls[NQ] + widest + max_pf + 1 > q.shape[0]:
                 q = _grown(q, 2 * q.shape[0] + widest + max_pf)
-            _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
             g_start[g] = now
             a = gstart[g]
             n = gstart[g + 1] - a
@@ -474,6 +477,42 @@ def _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n):
             j -= 1
         it_key[j + 1], it_hit[j + 1], it_load[j + 1] = key, hit, load
         it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = tick, tok, acc
+
+
+@_njit
+def _compact(ci, ls, q, cur, slot_copy):
+    """Drop the copies that ended from the table, renumbering the others in order. At a layer's
+    start nothing is pending, no compute-done signal is waited for and the stream is drained,
+    so a copy that ended is only referred to by ``cur``, ``slot_copy`` and its neighbours'
+    PREV/NEXT, where it means what no copy means (it has landed or was dropped: nothing to
+    wait for, nothing to promote or cancel)."""
+    n = ls[NCOPY]
+    new_id = np.full(n, -1, dtype=np.int64)
+    m = 0
+    for c in range(n):
+        if ci[c, DONE] < 0:
+            new_id[c] = m
+            m += 1
+    for c in range(n):
+        d = new_id[c]
+        if d >= 0:
+            for f in range(NCF):
+                ci[d, f] = ci[c, f]
+            for f in (PREV, NEXT):
+                x = ci[d, f]
+                ci[d, f] = new_id[x] if x >= 0 else -1
+    for k in range(cur.shape[0]):
+        if cur[k] >= 0:
+            cur[k] = new_id[cur[k]]
+    for p in range(slot_copy.shape[0]):
+        for s in range(slot_copy.shape[1]):
+            if slot_copy[p, s] >= 0:
+                slot_copy[p, s] = new_id[slot_copy[p, s]]
+    for j in range(ls[NQ]):
+        q[j, 1] = new_id[q[j, 1]]
+    if ls[RUNNING] >= 0:
+        ls[RUNNING] = new_id[ls[RUNNING]]
+    ls[NCOPY] = m
 
 
 @_njit
