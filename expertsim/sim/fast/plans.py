@@ -48,11 +48,12 @@ def _prefetcher_ok(prefetcher) -> bool:
 
 def system_kind(system) -> str | None:
     """'lru' or 'fifo' when ``system`` is a composed system the kernel reproduces: LRU or FIFO
-    eviction, copy on miss (or the skip rule of :class:`~expertsim.policies.miss.SkipMisses`), the FIFO scheduler, hits-first serve order, no cross-layer allocator,
+    eviction, copy on miss (or the skip rule of :class:`~expertsim.policies.miss.SkipMisses`, or
+    the CPU of :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies), the FIFO scheduler, hits-first serve order, no cross-layer allocator,
     a trace-only prefetcher, and no hook of its own beyond ComposedSystem's; else None."""
     from expertsim.policies.base import System
     from expertsim.policies.eviction import FIFO, LRU
-    from expertsim.policies.miss import MissHandler, SkipMisses
+    from expertsim.policies.miss import CpuWhenCheaper, MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
     from expertsim.policies.systems import ComposedSystem
     from expertsim.sim.fast.support import SYSTEM_HOOKS
@@ -63,7 +64,9 @@ def system_kind(system) -> str | None:
         mine = getattr(type(system), hook)
         if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook):
             return None
-    if type(system.miss) not in (MissHandler, SkipMisses) or type(system.scheduler) is not FifoScheduler:
+    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper) or type(system.scheduler) is not FifoScheduler:
+        return None
+    if getattr(system, "cpu_per_layer", False):
         return None
     if system.allocator is not None:
         return None
@@ -219,16 +222,27 @@ def _asked_requests(system, prefetcher, trace, sched, groups, cache):
             np.asarray(experts, dtype=np.int64), np.asarray(prios, dtype=np.int64))
 
 
-def skip_rule(system, trace, sched, groups):
-    """(skip_ok, gate_mass) per access when the system skips misses (SkipMisses: a miss no token
-    weighs above ``max_weight`` and, with ``keep_top1``, no token's first choice), else empty
-    arrays. The gate mass is the LayerServer's: the uses' weights summed in token order, or
-    uses / k without weights."""
-    from expertsim.policies.miss import SkipMisses
+def miss_rule(system, trace, sched, groups, cost):
+    """How the kernel handles misses: (mode, rule_ok per access, gate_mass per access, cpu_ns by
+    tokens, background). Mode 0: copy. Mode 1 (SkipMisses): a miss no token weighs above
+    ``max_weight`` and, with ``keep_top1``, no token's first choice is skipped; the gate mass is
+    the LayerServer's (the uses' weights summed in token order, or uses / k without weights).
+    Mode 2 (CpuWhenCheaper): a miss whose tokens the CPU computes faster (or every miss) runs
+    there, and is copied in the background with ``cache_after_cpu``."""
+    from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
 
     miss = system.miss
+    none_b, none_f = np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.float64)
+    cpu_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
+    if type(miss) is CpuWhenCheaper:
+        counts = np.flatnonzero(np.bincount(groups.tokens)).tolist() if len(groups.tokens) else []
+        cheaper = np.zeros(len(cpu_ns), dtype=bool)
+        for t in counts:
+            cpu_ns[t] = cost.cpu_expert_time_ns(t)
+            cheaper[t] = miss.cpu_is_cheaper(t)
+        return 2, cheaper[groups.tokens], none_f, cpu_ns, bool(miss.cache_after_cpu)
     if type(miss) is not SkipMisses:
-        return np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.float64)
+        return 0, none_b, none_f, cpu_ns, False
     n, num_layers, k = trace.experts.shape
     num_experts = trace.num_experts
     # every use (token, layer, slot) -> its access: groups are (pass, layer), keys ascending
@@ -250,7 +264,7 @@ def skip_rule(system, trace, sched, groups):
         first = np.zeros(trace.experts.shape, dtype=bool)
         np.put_along_axis(first, np.argmax(w, axis=2)[:, :, None], True, axis=2)
         heavy[use[first.ravel()]] = True
-    return ~heavy, np.asarray(mass, dtype=np.float64)
+    return 1, ~heavy, np.asarray(mass, dtype=np.float64), cpu_ns, False
 
 
 def _inner(prefetcher):
@@ -302,12 +316,13 @@ def simulate(model, hardware, system, cache_config, trace, options):
     expert_bytes = m.expert_bytes()
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
     kind = system_kind(system)
-    skip_ok, gate_mass = skip_rule(system, trace, sched, groups)
+    miss_mode, rule_ok, gate_mass, cpu_ns, background = miss_rule(system, trace, sched, groups, cost)
     begin, end, hits, misses, stall, experts, tot, err, _layer_starts, dropped_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind == "lru", kind == "lru",  # LRU.on_predicted; FIFO ignores it
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
-        opts.link_queue == "fifo", expert_bytes, skip_ok, gate_mass, system.expert_order == "cache-aware",
+        opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
+        system.expert_order == "cache-aware",
         COPY_ROWS)
     if err >= 0:
         layer = int(groups.layer[err])
@@ -325,7 +340,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
                        prefetch_copies=int(tot[k.T_PF_COPIES]), cancelled_prefetches=int(tot[k.T_CANCELLED]),
                        prefetch_admitted=int(tot[k.T_PF_ADMITTED]), prefetch_hits=int(tot[k.T_PF_HITS]),
                        stall_ns=int(tot[k.T_STALL]), expert_compute_ns=int(tot[k.T_EXPERT]),
-                       dense_compute_ns=int(tot[k.T_DENSE]), dropped_gate_mass=float(dropped_mass))
+                       dense_compute_ns=int(tot[k.T_DENSE]), dropped_gate_mass=float(dropped_mass),
+                       cpu_ns=int(tot[k.T_CPU_NS]), cpu_experts=int(tot[k.T_CPU_EXPERTS]))
     extra = {}
     if opts.bounds:
         misses_belady = _belady_misses(m, groups, setup.cache_config, np.zeros(0, dtype=np.int64))

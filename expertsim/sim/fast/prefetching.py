@@ -19,7 +19,7 @@ from expertsim.sim.fast.jit import _njit
 
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RUNNING,
-    T_CANCELLED, T_COPIES, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
+    T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
     _finish, _issue, _promote, _start_pending, _wait,
 )
 
@@ -61,11 +61,14 @@ def _take_slot(p, free, nfree, next_slot):
 @_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
-                    serial, fifo_link, expert_bytes, skip_ok, gate_mass, cache_aware, copy_rows):
+                    serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
+                    copy_rows):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
-    admission found no room (the DES raises there); the dropped gate mass. ``skip_ok`` (per
-    access, or empty): a miss there is skipped (SkipMisses), dropping its ``gate_mass``.
+    admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
+    miss is copied; 1: a miss where ``rule_ok`` (per access) is skipped (SkipMisses), dropping
+    its ``gate_mass``; 2: one where ``rule_ok`` is computed on the host CPU (CpuWhenCheaper; one
+    job at a time, ``cpu_ns`` by tokens), then copied in the background when ``background``.
     ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
     (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
     the copy table's first size (it drops the copies that ended, then grows, as needed)."""
@@ -86,8 +89,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
     q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
-    pend = np.zeros(2 * (_widest_group(gstart) + _widest_group(pf_start)) + 1, dtype=np.int64)  # one layer's issues
-    tot = np.zeros(10, dtype=np.int64)
+    pend = np.zeros(2 * (2 * _widest_group(gstart) + _widest_group(pf_start)) + 1, dtype=np.int64)  # a layer's issues
+    tot = np.zeros(12, dtype=np.int64)
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
     score = np.zeros(num_keys, dtype=np.int64)
@@ -101,7 +104,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
     evictions = np.zeros(1, dtype=np.int64)
     widest = _widest_group(gstart)
-    stream = np.zeros(2 * (widest + _widest_group(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
+    stream = np.zeros(2 * (2 * widest + _widest_group(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
     nstream = np.zeros(1, dtype=np.int64)
     sig_fired = np.zeros(widest, dtype=np.int64)
     sig_waiter = np.full(widest, -1, dtype=np.int64)
@@ -117,10 +120,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     it_hc = np.zeros(widest, dtype=np.int64)
     it_slot = np.zeros(widest, dtype=np.int64)  # the slot at admission (ServeItem.slot)
     it_acc = np.zeros(widest, dtype=np.int64)  # the access index (skip_ok, gate_mass)
-    it_skip = np.zeros(widest, dtype=np.bool_)
-    skipping = skip_ok.shape[0] > 0
+    it_skip = np.zeros(widest, dtype=np.bool_)  # skipped or on the CPU: no room, no copy
+    it_cpu = np.zeros(widest, dtype=np.bool_)
+    cpu_keys = np.zeros(widest, dtype=np.int64)
+    cpu_end = np.zeros(widest, dtype=np.int64)
+    cpu_free = 0  # when the host CPU's last job ends
     dropped_mass = 0.0
-    max_pf = _widest_group(pf_start)
+    max_pf = _widest_group(pf_start) + widest  # a layer's prefetches, and its background copies
     scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
     waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
@@ -232,14 +238,21 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 it_wait[i] = -1
                 it_copy[i] = False
                 it_skip[i] = False
+                it_cpu[i] = False
                 has_sig[i] = False
             layer_drop = 0.0
+            ncpu = 0
             for i in range(nh, n):
                 key = it_key[i]
-                if skipping and skip_ok[it_acc[i]]:  # skipped: no room, no copy; its gate mass is dropped
+                if miss_mode != 0 and rule_ok[it_acc[i]]:  # skipped or on the CPU: no room, no copy
                     it_skip[i] = True
                     it_slot[i] = -1
-                    layer_drop += gate_mass[it_acc[i]]
+                    if miss_mode == 1:
+                        layer_drop += gate_mass[it_acc[i]]
+                    else:
+                        it_cpu[i] = True
+                        cpu_keys[ncpu] = key
+                        ncpu += 1
                     continue
                 out = -1
                 while used[part] >= cap[part]:
@@ -310,6 +323,44 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 pfi_key[npf] = key
                 pfi_prio[npf] = max(pf_prio[r], 1)
                 npf += 1
+            if background and ncpu > 0:  # the CPU's experts copied in the background, ascending ids
+                low = 0
+                for r in range(pa, pb):
+                    low = max(low, pf_prio[r])
+                low += 1
+                for i in range(1, ncpu):  # insertion sort: a handful
+                    x = cpu_keys[i]
+                    j = i - 1
+                    while j >= 0 and cpu_keys[j] > x:
+                        cpu_keys[j + 1] = cpu_keys[j]
+                        j -= 1
+                    cpu_keys[j + 1] = x
+                for r in range(ncpu):
+                    key = cpu_keys[r]
+                    if cstate[key] != ABSENT:
+                        continue
+                    if used[part] >= cap[part]:
+                        v = _victim(cstate, pins, score, lo, hi, key)
+                        if v < 0:
+                            continue
+                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
+                        entries -= 1
+                        evicted[nev] = v
+                        nev += 1
+                    tick += 1
+                    cstate[key] = LOADING
+                    used[part] += 1
+                    slot[key] = _take_slot(part, free, nfree, next_slot)
+                    pfi_slot[npf] = slot[key]
+                    prefetched[key] = True
+                    tot[T_PF_ADMITTED] += 1
+                    score[key] = tick
+                    entries += 1
+                    if entries > peak:
+                        peak = entries
+                    pfi_key[npf] = key
+                    pfi_prio[npf] = max(low, 1)
+                    npf += 1
             # --- timing (SteppedRun._moe_layer) ---
             npro = 0
             for i in range(nh):
@@ -356,8 +407,17 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             computed = 0
             host_ns = host_expert_ns if serial else 0
             dropped_mass += layer_drop
+            njobs = 0
             for i in range(n):
                 key = it_key[i]
+                if it_cpu[i]:  # a host CPU job, first come first served
+                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    d = cpu_ns[it_tok[i]]
+                    cpu_free = max(now, cpu_free) + d
+                    cpu_end[njobs] = cpu_free
+                    njobs += 1
+                    tot[T_CPU_NS] += d
+                    continue
                 if it_skip[i]:
                     continue
                 if serial and it_copy[i]:
@@ -408,6 +468,11 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
                            pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
+            for j in range(njobs):  # the layer ends when its CPU jobs have
+                if cpu_end[j] > now:
+                    stall += cpu_end[j] - now
+                    now = cpu_end[j]
+            tot[T_CPU_EXPERTS] += ncpu
             out_hits[pi] += nh
             out_misses[pi] += n - nh
             stall_it += stall

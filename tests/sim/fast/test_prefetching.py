@@ -17,7 +17,7 @@ from test_fast_simulate import assert_same_run
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.policies.eviction import FIFO, LRU
-from expertsim.policies.miss import SkipMisses
+from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
 from expertsim.policies.prefetch import (
     LayerRingPrefetch,
     LearnedPrefetch,
@@ -43,6 +43,14 @@ def _prefetcher(name, distance, accuracy):
     return LearnedPrefetch(distance, train_fraction=0.5)
 
 
+def _miss(spec):
+    if spec is None:
+        return None
+    if spec[0] == "skip":
+        return SkipMisses(*spec[1:])
+    return CpuWhenCheaper(always=spec[1], cache_after_cpu=spec[2])  # the CPU when cheaper, background copies
+
+
 def _with_speculation(trace, seed):
     """A recorded next-layer guess (spec_d1), a sentinel past the last layer."""
     rng = np.random.default_rng(seed)
@@ -65,10 +73,12 @@ def _run(model, hw, make, cfg, trace, options, engine):
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
        dense_first=st.integers(0, 1), bounds=st.booleans(),
-       skip=st.sampled_from([None, (0.3, True), (0.6, False), (1.0, True)]), weights_seed=st.integers(0, 3),
+       miss=st.sampled_from([None, ("skip", 0.3, True), ("skip", 0.6, False), ("skip", 1.0, True),
+                             ("cpu", True, True), ("cpu", False, False), ("cpu", False, True)]),
+       weights_seed=st.integers(0, 3),
        order=st.sampled_from(["hits-first", "cache-aware"]))
 def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accuracy, serial, host_us, queue,
-                               arrival, chunk, dense_first, bounds, skip, weights_seed, order):
+                               arrival, chunk, dense_first, bounds, miss, weights_seed, order):
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     trace = _with_speculation(trace, size)
     if weights_seed:  # gate weights (the skip rule reads them); seed 0: none (uses weigh 1/k)
@@ -83,7 +93,7 @@ def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accu
 
     def make():
         return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy),
-                              miss=SkipMisses(*skip) if skip else None, expert_order=order)
+                              miss=_miss(miss), expert_order=order)
 
     options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
     plans.COPY_ROWS = [8, 1 << 16][size % 2]  # a tiny copy table is compacted at almost every layer
@@ -112,15 +122,17 @@ def test_which_systems_it_takes():
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # expertflow adapts its prefetch distance to stalls and moves slots between layers; the others
-    # compute misses elsewhere or evict by policies the kernel does not have; plain LRU has its own kernel
-    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe"}
+    # expertflow adapts its prefetch distance to stalls and moves slots between layers; hobbit copies
+    # low-precision experts; the others evict by policies the kernel does not have (fiddler's static
+    # set, moe-infinity's priorities); plain LRU has its own kernel
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe"])
+@pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe",
+                                    "cache-moe"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
