@@ -206,3 +206,46 @@ def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, e
         _request(ci, ls, q, cstate, cur, tot, promoted[i], now, expert_bytes)
     for i in range(nw):
         _request(ci, ls, q, cstate, cur, tot, waiting[i], now, expert_bytes)
+
+
+@_njit
+def _compact(ci, ls, q, cur, slot_copy):
+    """Drop the copies that ended from the table, renumbering the others in order. At a layer's
+    start nothing is pending, no compute-done signal is waited for and the stream is drained,
+    so a copy that ended is only referred to by ``cur``, ``slot_copy`` and its neighbours'
+    PREV/NEXT, where it means what no copy means (it has landed or was dropped: nothing to
+    wait for, nothing to promote or cancel)."""
+    n = ls[NCOPY]
+    new_id = np.full(n, -1, dtype=np.int64)
+    m = 0
+    for c in range(n):
+        if ci[c, DONE] < 0:
+            new_id[c] = m
+            m += 1
+    for c in range(n):
+        d = new_id[c]
+        if d >= 0:
+            for f in range(NCF):
+                ci[d, f] = ci[c, f]
+            for f in (PREV, NEXT):
+                x = ci[d, f]
+                ci[d, f] = new_id[x] if x >= 0 else -1
+    for k in range(cur.shape[0]):
+        if cur[k] >= 0:
+            cur[k] = new_id[cur[k]]
+    for p in range(slot_copy.shape[0]):
+        for s in range(slot_copy.shape[1]):
+            if slot_copy[p, s] >= 0:
+                slot_copy[p, s] = new_id[slot_copy[p, s]]
+    for j in range(ls[NQ]):
+        q[j, 1] = new_id[q[j, 1]]
+    if ls[RUNNING] >= 0:
+        ls[RUNNING] = new_id[ls[RUNNING]]
+    ls[NCOPY] = m
+
+
+@_njit
+def _grown(a, rows):
+    out = np.zeros((rows, a.shape[1]), dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out

@@ -47,36 +47,33 @@ def _prefetcher_ok(prefetcher) -> bool:
 
 
 def system_kind(system) -> str | None:
-    """'lru' or 'fifo' when ``system`` is a composed system the kernel reproduces: LRU or FIFO
-    eviction, copy on miss (or the skip rule of :class:`~expertsim.policies.miss.SkipMisses`, or
-    the CPU of :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies), the FIFO scheduler, hits-first serve order, no cross-layer allocator,
-    a trace-only prefetcher, and no hook of its own beyond ComposedSystem's; else None."""
+    """'lru', 'fifo' or 'static' when ``system`` is a composed system the kernel reproduces: LRU,
+    FIFO or a static hot set (Fiddler's, preloaded) for eviction; copy on miss, or the skip rule of
+    :class:`~expertsim.policies.miss.SkipMisses`, or the CPU of
+    :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies; the FIFO
+    scheduler; either serve order; no cross-layer allocator; a trace-only prefetcher; and no hook
+    of its own beyond ComposedSystem's (Fiddler's initial hot set excepted); else None."""
     from expertsim.policies.base import System
-    from expertsim.policies.eviction import FIFO, LRU
+    from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
     from expertsim.policies.miss import CpuWhenCheaper, MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
-    from expertsim.policies.systems import ComposedSystem
+    from expertsim.policies.systems import ComposedSystem, Fiddler
     from expertsim.sim.fast.support import SYSTEM_HOOKS
 
-    if not isinstance(system, ComposedSystem):
+    if not isinstance(system, ComposedSystem) or getattr(system, "cpu_per_layer", False):
         return None
     for hook in SYSTEM_HOOKS:
         mine = getattr(type(system), hook)
-        if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook):
+        if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook) and not (
+                hook == "initial_residents" and mine is Fiddler.initial_residents):
             return None
-    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper) or type(system.scheduler) is not FifoScheduler:
+    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper):
         return None
-    if getattr(system, "cpu_per_layer", False):
-        return None
-    if system.allocator is not None:
+    if type(system.scheduler) is not FifoScheduler or system.allocator is not None:
         return None
     if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
-    if type(system.eviction) is LRU:
-        return "lru"
-    if type(system.eviction) is FIFO:
-        return "fifo"
-    return None
+    return {LRU: "lru", FIFO: "fifo", StaticHotSet: "static"}.get(type(system.eviction))
 
 
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
@@ -317,13 +314,15 @@ def simulate(model, hardware, system, cache_config, trace, options):
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
     kind = system_kind(system)
     miss_mode, rule_ok, gate_mass, cpu_ns, background = miss_rule(system, trace, sched, groups, cost)
+    initial = np.asarray(system.initial_residents(m), dtype=np.int64)  # after prepare, as the DES
     begin, end, hits, misses, stall, experts, tot, err, _layer_starts, dropped_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
-        pf_start, pf_key, pf_prio, per_layer, cap, kind == "lru", kind == "lru",  # LRU.on_predicted; FIFO ignores it
+        pf_start, pf_key, pf_prio, per_layer, cap, kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
         opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
-        system.expert_order == "cache-aware",
-        COPY_ROWS)
+        system.expert_order == "cache-aware", COPY_ROWS,
+        system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
+        initial)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "
@@ -344,7 +343,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
                        cpu_ns=int(tot[k.T_CPU_NS]), cpu_experts=int(tot[k.T_CPU_EXPERTS]))
     extra = {}
     if opts.bounds:
-        misses_belady = _belady_misses(m, groups, setup.cache_config, np.zeros(0, dtype=np.int64))
+        misses_belady = _belady_misses(m, groups, setup.cache_config, initial)
         # compute-only: every needed expert computed (the skipped ones too), as bounds.compute_bound_ns
         extra = _bounds_metrics(cost, m, misses_belady, dense_total_ns=totals.dense_compute_ns,
                                 expert_total_ns=int(expert_ns[groups.tokens].sum()),

@@ -1,68 +1,37 @@
-"""The compiled kernel of the fast engine for prefetching systems: an LRU or FIFO expert cache
-with the :class:`~expertsim.policies.cache.ExpertCache`'s bookkeeping (pins, slots, ticks,
-prefetch flags), the :class:`~expertsim.policies.serve.LayerServer`'s serve order and releases,
-and the DES's copy engine (priority queue, promotion, dropped prefetches, the slot's previous
-copy, copies on the compute stream), in one pass over the batch-1 schedule.
+"""The compiled kernel of the fast engine for prefetching systems: an expert cache (LRU, FIFO or
+a static hot set) with the :class:`~expertsim.policies.cache.ExpertCache`'s bookkeeping (pins,
+slots, ticks, prefetch flags), the :class:`~expertsim.policies.serve.LayerServer`'s serve order
+and releases, misses copied, skipped or computed on the host CPU, and the DES's copy engine
+(priority queue, promotion, dropped prefetches, the slot's previous copy, copies on the compute
+stream), in one pass over the batch-1 schedule.
 
 It is :class:`~expertsim.sim.fast.stepped.SteppedRun` over :class:`~expertsim.sim.fast.events.LinkQueue`
-(itself held equal to the DES) for the systems whose every decision it can take itself: copy on
-miss, LRU or FIFO eviction, and prefetch requests that depend on the trace alone, computed before
-the run (:mod:`expertsim.sim.fast.plans`). With one copy engine at most one copy runs at a time,
-so the event queue reduces to the running copy's end and the engine's queue.
+(itself held equal to the DES) for the systems whose every decision it can take itself; their
+prefetch requests and miss rules depend on the trace alone and are computed before the run
+(:mod:`expertsim.sim.fast.plans`). With one copy engine at most one copy runs at a time, so the
+event queue reduces to the running copy's end and the engine's queue; the CPU runs its jobs in
+the order they come, so a job's end is known when it starts.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from expertsim.sim.fast.cache_kernels import _cache_aware, _evict, _serve_order, _take_slot, _victim
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
-
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
-    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RUNNING,
-    T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met,
-    _finish, _issue, _promote, _start_pending, _wait,
+    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
+    RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED,
+    T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met, _compact, _finish, _grown, _issue, _promote,
+    _start_pending, _wait,
 )
-
-
-@_njit
-def _victim(cstate, pins, score, lo, hi, exclude):
-    """The unpinned entry of keys lo..hi-1 (not ``exclude``) with the lowest score (ties: lowest
-    key), or -1: ``_KeyedPolicy.victim`` over ``ExpertCache._candidates``."""
-    best = -1
-    for key in range(lo, hi):
-        if cstate[key] != ABSENT and pins[key] == 0 and key != exclude:
-            if best < 0 or score[key] < score[best]:
-                best = key
-    return best
-
-
-@_njit
-def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions):
-    p = key // num_experts if per_layer else 0
-    used[p] -= 1
-    free[p, nfree[p]] = slot[key]
-    nfree[p] += 1
-    cstate[key] = ABSENT
-    prefetched[key] = False
-    slot[key] = -1
-    evictions[0] += 1
-
-
-@_njit
-def _take_slot(p, free, nfree, next_slot):
-    if nfree[p] > 0:
-        nfree[p] -= 1
-        return free[p, nfree[p]]
-    s = next_slot[p]
-    next_slot[p] += 1
-    return s
 
 
 @_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
-                    copy_rows):
+                    copy_rows, counts, initial):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
@@ -71,7 +40,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     job at a time, ``cpu_ns`` by tokens), then copied in the background when ``background``.
     ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
     (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
-    the copy table's first size (it drops the copies that ended, then grows, as needed)."""
+    the copy table's first size (it drops the copies that ended, then grows, as needed).
+    ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
+    keys resident before the run (ExpertCache.preload, one tick each)."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -146,6 +117,15 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     tick = 0
     entries = 0
     peak = 0
+    for key in initial:  # ExpertCache.preload: admitted in order (a tick each), resident at once
+        p = key // num_experts if per_layer else 0
+        tick += 1
+        cstate[key] = RESIDENT
+        used[p] += 1
+        slot[key] = _take_slot(p, free, nfree, next_slot)
+        score[key] = tick
+        entries += 1
+        peak = max(peak, entries)
     err = -1
     g = -1
     for pi in range(n_pass):
@@ -256,7 +236,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 out = -1
                 while used[part] >= cap[part]:
-                    v = _victim(cstate, pins, score, lo, hi, key)
+                    v = _victim(cstate, pins, score, lo, hi, key, counts)
                     if v >= 0:
                         _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
                         entries -= 1
@@ -302,7 +282,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 plo = pp * num_experts if per_layer else 0
                 phi = plo + num_experts if per_layer else num_keys
                 if used[pp] >= cap[pp]:
-                    v = _victim(cstate, pins, score, plo, phi, key)
+                    v = _victim(cstate, pins, score, plo, phi, key, counts)
                     if v < 0:
                         continue
                     _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
@@ -340,7 +320,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if cstate[key] != ABSENT:
                         continue
                     if used[part] >= cap[part]:
-                        v = _victim(cstate, pins, score, lo, hi, key)
+                        v = _victim(cstate, pins, score, lo, hi, key, counts)
                         if v < 0:
                             continue
                         _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
@@ -492,96 +472,3 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
         _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
     tot[T_PEAK] = peak
     return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, g_start, dropped_mass
-
-
-@_njit
-def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch):
-    """Stable partition of the items (ascending ids) into hits then misses, in place."""
-    k2 = scratch[0]
-    h2 = scratch[1]
-    l2 = scratch[2]
-    t2 = scratch[3]
-    o2 = scratch[4]
-    a2 = scratch[5]
-    a = 0
-    b = nh
-    for i in range(n):
-        j = a if it_hit[i] else b
-        k2[j] = it_key[i]
-        h2[j] = 1 if it_hit[i] else 0
-        l2[j] = 1 if it_load[i] else 0
-        t2[j] = it_tick[i]
-        o2[j] = it_tok[i]
-        a2[j] = it_acc[i]
-        if it_hit[i]:
-            a += 1
-        else:
-            b += 1
-    for i in range(n):
-        it_key[i] = k2[i]
-        it_hit[i] = h2[i] == 1
-        it_load[i] = l2[i] == 1
-        it_tick[i] = t2[i]
-        it_tok[i] = o2[i]
-        it_acc[i] = a2[i]
-
-
-@_njit
-def _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n):
-    """Insertion sort of the items by (resident / loading / miss, -tokens, id), in place."""
-    for i in range(1, n):
-        key, hit, load, tick, tok, acc = it_key[i], it_hit[i], it_load[i], it_tick[i], it_tok[i], it_acc[i]
-        rank = 2 if not hit else (1 if load else 0)
-        j = i - 1
-        while j >= 0:
-            r = 2 if not it_hit[j] else (1 if it_load[j] else 0)
-            if r < rank or (r == rank and (it_tok[j] > tok or (it_tok[j] == tok and it_key[j] < key))):
-                break
-            it_key[j + 1], it_hit[j + 1], it_load[j + 1] = it_key[j], it_hit[j], it_load[j]
-            it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = it_tick[j], it_tok[j], it_acc[j]
-            j -= 1
-        it_key[j + 1], it_hit[j + 1], it_load[j + 1] = key, hit, load
-        it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = tick, tok, acc
-
-
-@_njit
-def _compact(ci, ls, q, cur, slot_copy):
-    """Drop the copies that ended from the table, renumbering the others in order. At a layer's
-    start nothing is pending, no compute-done signal is waited for and the stream is drained,
-    so a copy that ended is only referred to by ``cur``, ``slot_copy`` and its neighbours'
-    PREV/NEXT, where it means what no copy means (it has landed or was dropped: nothing to
-    wait for, nothing to promote or cancel)."""
-    n = ls[NCOPY]
-    new_id = np.full(n, -1, dtype=np.int64)
-    m = 0
-    for c in range(n):
-        if ci[c, DONE] < 0:
-            new_id[c] = m
-            m += 1
-    for c in range(n):
-        d = new_id[c]
-        if d >= 0:
-            for f in range(NCF):
-                ci[d, f] = ci[c, f]
-            for f in (PREV, NEXT):
-                x = ci[d, f]
-                ci[d, f] = new_id[x] if x >= 0 else -1
-    for k in range(cur.shape[0]):
-        if cur[k] >= 0:
-            cur[k] = new_id[cur[k]]
-    for p in range(slot_copy.shape[0]):
-        for s in range(slot_copy.shape[1]):
-            if slot_copy[p, s] >= 0:
-                slot_copy[p, s] = new_id[slot_copy[p, s]]
-    for j in range(ls[NQ]):
-        q[j, 1] = new_id[q[j, 1]]
-    if ls[RUNNING] >= 0:
-        ls[RUNNING] = new_id[ls[RUNNING]]
-    ls[NCOPY] = m
-
-
-@_njit
-def _grown(a, rows):
-    out = np.zeros((rows, a.shape[1]), dtype=a.dtype)
-    out[:a.shape[0]] = a
-    return out

@@ -16,7 +16,7 @@ from test_fast_simulate import assert_same_run
 
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
-from expertsim.policies.eviction import FIFO, LRU
+from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
 from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
 from expertsim.policies.prefetch import (
     LayerRingPrefetch,
@@ -25,7 +25,7 @@ from expertsim.policies.prefetch import (
     PregatedPrefetch,
     SpeculativePrefetch,
 )
-from expertsim.policies.systems import ComposedSystem
+from expertsim.policies.systems import ComposedSystem, Fiddler
 from expertsim.sim import SimOptions, Simulation
 from expertsim.sim.fast import plans
 from expertsim.specs.runtime import RuntimeSpec
@@ -68,7 +68,8 @@ def _run(model, hw, make, cfg, trace, options, engine):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=4, max_experts=6), kind=st.integers(0, 2), size=st.integers(0, 6),
-       fifo=st.booleans(), prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned"]),
+       eviction=st.sampled_from(["lru", "fifo", "static", "fiddler"]),
+       prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned"]),
        distance=st.integers(1, 2), accuracy=st.sampled_from([1.0, 0.6]), serial=st.booleans(),
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
@@ -77,7 +78,7 @@ def _run(model, hw, make, cfg, trace, options, engine):
                              ("cpu", True, True), ("cpu", False, False), ("cpu", False, True)]),
        weights_seed=st.integers(0, 3),
        order=st.sampled_from(["hits-first", "cache-aware"]))
-def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accuracy, serial, host_us, queue,
+def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, accuracy, serial, host_us, queue,
                                arrival, chunk, dense_first, bounds, miss, weights_seed, order):
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     trace = _with_speculation(trace, size)
@@ -92,8 +93,11 @@ def test_random_runs_equal_des(trace, kind, size, fifo, prefetch, distance, accu
                           host_us_per_expert=host_us)
 
     def make():
-        return ComposedSystem(FIFO() if fifo else LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy),
-                              miss=_miss(miss), expert_order=order)
+        if eviction == "fiddler":  # its hot set preloaded, misses on the CPU when cheaper
+            return Fiddler(profile_fraction=0.5)
+        policy = {"lru": LRU, "fifo": FIFO, "static": lambda: StaticHotSet(profile_fraction=0.5)}[eviction]()
+        return ComposedSystem(policy, prefetcher=_prefetcher(prefetch, distance, accuracy), miss=_miss(miss),
+                              expert_order=order)
 
     options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
     plans.COPY_ROWS = [8, 1 << 16][size % 2]  # a tiny copy table is compacted at almost every layer
@@ -123,16 +127,15 @@ def test_which_systems_it_takes():
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
     # expertflow adapts its prefetch distance to stalls and moves slots between layers; hobbit copies
-    # low-precision experts; the others evict by policies the kernel does not have (fiddler's static
-    # set, moe-infinity's priorities); plain LRU has its own kernel
-    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe"}
+    # low-precision experts; moe-infinity evicts by activation priorities; plain LRU has its own kernel
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe",
-                                    "cache-moe"])
+                                    "cache-moe", "fiddler"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""

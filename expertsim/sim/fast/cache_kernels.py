@@ -1,0 +1,100 @@
+"""The expert cache of :mod:`expertsim.sim.fast.prefetching` as compiled helpers: the eviction
+policies' victim (LRU, FIFO, a static hot set), an eviction and a slot (the
+:class:`~expertsim.policies.cache.ExpertCache`'s free-slot stack), and the LayerServer's serve
+orders (hits first, or cache-aware)."""
+from __future__ import annotations
+
+from expertsim.sim.fast.jit import _njit
+from expertsim.sim.fast.link_kernels import ABSENT
+
+
+@_njit
+def _victim(cstate, pins, score, lo, hi, exclude, counts):
+    """The unpinned entry of keys lo..hi-1 (not ``exclude``) with the lowest score (ties: lowest
+    key), or -1: ``_KeyedPolicy.victim`` over ``ExpertCache._candidates``. With ``counts`` (a
+    static hot set's profile, else empty): the lowest count first, then the score (recency), as
+    ``StaticHotSet.victim``."""
+    best = -1
+    ranked = counts.shape[0] > 0
+    for key in range(lo, hi):
+        if cstate[key] != ABSENT and pins[key] == 0 and key != exclude:
+            if best < 0:
+                best = key
+            elif ranked:
+                if counts[key] < counts[best] or (counts[key] == counts[best] and score[key] < score[best]):
+                    best = key
+            elif score[key] < score[best]:
+                best = key
+    return best
+
+
+@_njit
+def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions):
+    p = key // num_experts if per_layer else 0
+    used[p] -= 1
+    free[p, nfree[p]] = slot[key]
+    nfree[p] += 1
+    cstate[key] = ABSENT
+    prefetched[key] = False
+    slot[key] = -1
+    evictions[0] += 1
+
+
+@_njit
+def _take_slot(p, free, nfree, next_slot):
+    if nfree[p] > 0:
+        nfree[p] -= 1
+        return free[p, nfree[p]]
+    s = next_slot[p]
+    next_slot[p] += 1
+    return s
+
+
+@_njit
+def _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch):
+    """Stable partition of the items (ascending ids) into hits then misses, in place."""
+    k2 = scratch[0]
+    h2 = scratch[1]
+    l2 = scratch[2]
+    t2 = scratch[3]
+    o2 = scratch[4]
+    a2 = scratch[5]
+    a = 0
+    b = nh
+    for i in range(n):
+        j = a if it_hit[i] else b
+        k2[j] = it_key[i]
+        h2[j] = 1 if it_hit[i] else 0
+        l2[j] = 1 if it_load[i] else 0
+        t2[j] = it_tick[i]
+        o2[j] = it_tok[i]
+        a2[j] = it_acc[i]
+        if it_hit[i]:
+            a += 1
+        else:
+            b += 1
+    for i in range(n):
+        it_key[i] = k2[i]
+        it_hit[i] = h2[i] == 1
+        it_load[i] = l2[i] == 1
+        it_tick[i] = t2[i]
+        it_tok[i] = o2[i]
+        it_acc[i] = a2[i]
+
+
+@_njit
+def _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n):
+    """Insertion sort of the items by (resident / loading / miss, -tokens, id), in place."""
+    for i in range(1, n):
+        key, hit, load, tick, tok, acc = it_key[i], it_hit[i], it_load[i], it_tick[i], it_tok[i], it_acc[i]
+        rank = 2 if not hit else (1 if load else 0)
+        j = i - 1
+        while j >= 0:
+            r = 2 if not it_hit[j] else (1 if it_load[j] else 0)
+            if r < rank or (r == rank and (it_tok[j] > tok or (it_tok[j] == tok and it_key[j] < key))):
+                break
+            it_key[j + 1], it_hit[j + 1], it_load[j + 1] = it_key[j], it_hit[j], it_load[j]
+            it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = it_tick[j], it_tok[j], it_acc[j]
+            j -= 1
+        it_key[j + 1], it_hit[j + 1], it_load[j + 1] = key, hit, load
+        it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = tick, tok, acc
