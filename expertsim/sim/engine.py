@@ -46,9 +46,6 @@ class Simulation(RunSetup):
     fast engine builds too."""
 
     # --- run ------------------------------------------------------------------------------
-    def _fast_path(self, opts):
-        return _fast_path_of(self, opts)
-
     def _fast_with_des_window(self, trace: RoutingTrace, progress=None) -> RunResult | None:
         """``--engine auto`` with a timeline window (compare's report): the metrics from the fast
         engine over the whole trace, the timeline from the DES stopped at the window's end (a
@@ -84,7 +81,7 @@ class Simulation(RunSetup):
             if split is not None:
                 return split
         if opts.engine != "des":
-            fast = self._fast_path(opts)
+            fast = _fast_path_of(self, opts)
             if fast == "stepped":
                 from expertsim.sim.fast import stepped
 
