@@ -101,6 +101,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
     waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
+    req_key = np.zeros(max_pf, dtype=np.int64)
+    req_prio = np.zeros(max_pf, dtype=np.int64)
     pfi_prio = np.zeros(max_pf, dtype=np.int64)
     pfi_slot = np.zeros(max_pf, dtype=np.int64)
     evicted = np.zeros(widest + max_pf, dtype=np.int64)
@@ -273,9 +275,29 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             if err >= 0:
                 break
             # 4. prefetch admissions (optional: dropped when no unpinned room)
-            npf = 0
+            # the requests: the system's (trimmed), then the CPU's experts copied in the background
+            nreq = 0
+            low = 0
             for r in range(pa, pb):
-                key = pf_key[r]
+                req_key[nreq] = pf_key[r]
+                req_prio[nreq] = max(pf_prio[r], 1)
+                low = max(low, pf_prio[r])
+                nreq += 1
+            if background and ncpu > 0:  # ascending ids (the miss handler's order), below every prefetch
+                for i in range(1, ncpu):  # insertion sort: a handful
+                    x = cpu_keys[i]
+                    j = i - 1
+                    while j >= 0 and cpu_keys[j] > x:
+                        cpu_keys[j + 1] = cpu_keys[j]
+                        j -= 1
+                    cpu_keys[j + 1] = x
+                for r in range(ncpu):
+                    req_key[nreq] = cpu_keys[r]
+                    req_prio[nreq] = low + 1
+                    nreq += 1
+            npf = 0
+            for r in range(nreq):  # optional admissions: skipped when present or when no unpinned room
+                key = req_key[r]
                 if cstate[key] != ABSENT:
                     continue
                 pp = key // num_experts if per_layer else 0
@@ -301,46 +323,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if entries > peak:
                     peak = entries
                 pfi_key[npf] = key
-                pfi_prio[npf] = max(pf_prio[r], 1)
+                pfi_prio[npf] = req_prio[r]
                 npf += 1
-            if background and ncpu > 0:  # the CPU's experts copied in the background, ascending ids
-                low = 0
-                for r in range(pa, pb):
-                    low = max(low, pf_prio[r])
-                low += 1
-                for i in range(1, ncpu):  # insertion sort: a handful
-                    x = cpu_keys[i]
-                    j = i - 1
-                    while j >= 0 and cpu_keys[j] > x:
-                        cpu_keys[j + 1] = cpu_keys[j]
-                        j -= 1
-                    cpu_keys[j + 1] = x
-                for r in range(ncpu):
-                    key = cpu_keys[r]
-                    if cstate[key] != ABSENT:
-                        continue
-                    if used[part] >= cap[part]:
-                        v = _victim(cstate, pins, score, lo, hi, key, counts)
-                        if v < 0:
-                            continue
-                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
-                        entries -= 1
-                        evicted[nev] = v
-                        nev += 1
-                    tick += 1
-                    cstate[key] = LOADING
-                    used[part] += 1
-                    slot[key] = _take_slot(part, free, nfree, next_slot)
-                    pfi_slot[npf] = slot[key]
-                    prefetched[key] = True
-                    tot[T_PF_ADMITTED] += 1
-                    score[key] = tick
-                    entries += 1
-                    if entries > peak:
-                        peak = entries
-                    pfi_key[npf] = key
-                    pfi_prio[npf] = max(low, 1)
-                    npf += 1
             # --- timing (SteppedRun._moe_layer) ---
             npro = 0
             for i in range(nh):
