@@ -41,9 +41,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
     from expertsim.policies.records import RunTotals
     from expertsim.sim.fast.belady import _belady_misses
     from expertsim.sim.fast.groups import groups_from_passes
-    from expertsim.sim.fast.simulate import _batch1_schedule, _request_records
+    from expertsim.sim.fast.simulate import _batch1_schedule, batch1_result
     from expertsim.sim.fast.timing import _bounds_metrics
-    from expertsim.sim.metrics import summarise
     from expertsim.sim.setup import RunSetup
 
     wall0 = time.perf_counter()
@@ -102,16 +101,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
     hits_it, all_it = by_pass(per_group(hit.astype(np.int64))), by_pass(np.diff(groups.start))
-    decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
-    columns = {"iteration": np.arange(n_pass, dtype=np.int64), "request": sched.request.astype(np.int64),
-               "requests": np.ones(n_pass, dtype=np.int64), "phase": sched.phase, "tokens": ntok,
-               "decode_tokens": decode_cum[sched.stop] - decode_cum[sched.start], "start_ns": begin, "end_ns": end,
-               "hits": hits_it, "misses": all_it - hits_it, "stall_ns": by_pass(stall), "experts": all_it}
-    requests, latencies = _request_records(sched, begin, end, opts.arrival)
-    max_kv = int(sched.context.max()) if n_pass else 0
-    memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * max_kv)))
-    n_streams = int((n_streamed > 0).sum())
-    totals = RunTotals(h2d_bytes=int(n_streamed.sum()) * m.expert_bytes(), copies=n_streams,
+    totals = RunTotals(h2d_bytes=int(n_streamed.sum()) * m.expert_bytes(), copies=int((n_streamed > 0).sum()),
                        stall_ns=int(stall.sum()), expert_compute_ns=int(h.sum() + s.sum()),
                        dense_compute_ns=int(dense.sum()) * m.num_layers, cpu_ns=int(d_cpu.sum()),
                        cpu_experts=int(n_cpu.sum()))
@@ -120,11 +110,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
         extra = _bounds_metrics(cost, m, _belady_misses(m, groups, setup.cache_config, initial),
                                 dense_total_ns=totals.dense_compute_ns,
                                 expert_total_ns=int(expert_ns[tokens].sum()), copy_chunk_bytes=opts.copy_chunk_bytes)
-    result = summarise(
-        model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace, columns=columns,
-        totals=totals, timeline=None, memory=memory, cost=cost, scope=opts.scope,
-        peak_cache_bytes=len(initial) * m.expert_bytes(), engine="fast", requests=requests,
-        decode_latencies_ns=latencies, serving=opts.serving_summary(), extra=extra,
-    )
-    result.metrics["wall_s"] = time.perf_counter() - wall0
-    return result
+    return batch1_result(model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
+                         options=opts, cost=cost, sched=sched, begin=begin, end=end, hits=hits_it,
+                         misses=all_it - hits_it,
+                         stall=by_pass(stall), experts=all_it, totals=totals, memory=memory,
+                         peak_bytes=len(initial) * m.expert_bytes(), extra=extra, wall0=wall0)

@@ -283,9 +283,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
     from expertsim.sim.fast import prefetching as k
     from expertsim.sim.fast.belady import _belady_misses
     from expertsim.sim.fast.groups import _capacity_slots, groups_from_passes
-    from expertsim.sim.fast.simulate import _batch1_schedule, _request_records
+    from expertsim.sim.fast.simulate import _batch1_schedule, batch1_result
     from expertsim.sim.fast.timing import _bounds_metrics
-    from expertsim.sim.metrics import summarise
     from expertsim.sim.setup import RunSetup
 
     wall0 = time.perf_counter()
@@ -327,14 +326,6 @@ def simulate(model, hardware, system, cache_config, trace, options):
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "
                           f"expert ({expert_bytes} bytes); give it more room")
-    decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
-    columns = {"iteration": np.arange(len(ntok), dtype=np.int64), "request": sched.request.astype(np.int64),
-               "requests": np.ones(len(ntok), dtype=np.int64), "phase": sched.phase, "tokens": ntok,
-               "decode_tokens": decode_cum[sched.stop] - decode_cum[sched.start], "start_ns": begin, "end_ns": end,
-               "hits": hits, "misses": misses, "stall_ns": stall, "experts": experts}
-    requests, latencies = _request_records(sched, begin, end, opts.arrival)
-    max_kv = int(sched.context.max()) if len(ntok) else 0
-    memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * max_kv)))
     totals = RunTotals(h2d_bytes=int(tot[k.T_H2D]), copies=int(tot[k.T_COPIES]),
                        prefetch_copies=int(tot[k.T_PF_COPIES]), cancelled_prefetches=int(tot[k.T_CANCELLED]),
                        prefetch_admitted=int(tot[k.T_PF_ADMITTED]), prefetch_hits=int(tot[k.T_PF_HITS]),
@@ -348,11 +339,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
         extra = _bounds_metrics(cost, m, misses_belady, dense_total_ns=totals.dense_compute_ns,
                                 expert_total_ns=int(expert_ns[groups.tokens].sum()),
                                 copy_chunk_bytes=opts.copy_chunk_bytes)
-    result = summarise(
-        model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
-        columns=columns, totals=totals, timeline=None, memory=memory, cost=cost, scope=opts.scope,
-        peak_cache_bytes=int(tot[k.T_PEAK]) * expert_bytes, engine="fast", requests=requests,
-        decode_latencies_ns=latencies, serving=opts.serving_summary(), extra=extra,
-    )
-    result.metrics["wall_s"] = time.perf_counter() - wall0
-    return result
+    return batch1_result(model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
+                         options=opts, cost=cost, sched=sched, begin=begin, end=end, hits=hits, misses=misses,
+                         stall=stall, experts=experts, totals=totals, memory=memory,
+                         peak_bytes=int(tot[k.T_PEAK]) * expert_bytes, extra=extra, wall0=wall0)

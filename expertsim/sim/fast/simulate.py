@@ -84,6 +84,31 @@ def _request_records(sched: _Schedule, begin: np.ndarray, end: np.ndarray, arriv
     return records, latencies
 
 
+def batch1_result(*, model, hardware, system, cache_config, trace, options, cost, sched, begin, end, hits, misses,
+                  stall, experts, totals, memory, peak_bytes, extra, wall0):
+    """The RunResult of a batch-1 fast run from its per-iteration arrays (``sched``'s iterations):
+    the iteration records, the requests' latencies, the KV the run held, the summary."""
+    from expertsim.sim.metrics import summarise
+
+    n = len(sched.start)
+    decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
+    columns = {"iteration": np.arange(n, dtype=np.int64), "request": sched.request.astype(np.int64),
+               "requests": np.ones(n, dtype=np.int64), "phase": sched.phase, "tokens": sched.stop - sched.start,
+               "decode_tokens": decode_cum[sched.stop] - decode_cum[sched.start], "start_ns": begin, "end_ns": end,
+               "hits": hits, "misses": misses, "stall_ns": stall, "experts": experts}
+    requests, latencies = _request_records(sched, begin, end, options.arrival)
+    max_kv = int(sched.context.max()) if n else 0
+    memory["kv_bytes"] = max(memory["kv_bytes"], int(round(model.kv_bytes_per_token_stored * max_kv)))
+    result = summarise(
+        model=model, hardware=hardware, system=system, cache_config=cache_config, trace=trace, columns=columns,
+        totals=totals, timeline=None, memory=memory, cost=cost, scope=options.scope, peak_cache_bytes=peak_bytes,
+        engine="fast", requests=requests, decode_latencies_ns=latencies, serving=options.serving_summary(),
+        extra=extra,
+    )
+    result.metrics["wall_s"] = time.perf_counter() - wall0
+    return result
+
+
 class _Background:
     """``fn(*args)`` on a thread of its own; :meth:`result` waits for it (and re-raises)."""
 
@@ -111,7 +136,6 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     ``cache_pass(setup, trace, groups)``, when given, computes (hit, release, peak_cache_bytes)
     in place of the LRU/FIFO kernels (the caller has checked the run: see
     :mod:`expertsim.sim.fast.general`)."""
-    from expertsim.sim.metrics import summarise
     from expertsim.sim.setup import RunSetup
 
     if cache_pass is None and not supports_simulation(system, cache_config, options, model=model,
@@ -173,15 +197,6 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     iter_ns = dense * m.num_layers + layer_ns
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
-    decode_cum = np.concatenate([[0], np.cumsum(trace.phase == 1)])
-    decode_it = decode_cum[sched.stop] - decode_cum[sched.start]
-    columns = {"iteration": np.arange(num_iters, dtype=np.int64), "request": sched.request.astype(np.int64),
-               "requests": np.ones(num_iters, dtype=np.int64), "phase": sched.phase, "tokens": ntok,
-               "decode_tokens": decode_it, "start_ns": begin, "end_ns": end, "hits": hits_it,
-               "misses": all_it - hits_it, "stall_ns": stall_it, "experts": all_it}
-    requests, latencies = _request_records(sched, begin, end, opts.arrival)
-    max_kv = int(sched.context.max()) if num_iters else 0
-    memory["kv_bytes"] = max(memory["kv_bytes"], int(round(m.kv_bytes_per_token_stored * max_kv)))
     copies = int(all_it.sum() - hits_it.sum())
     totals = RunTotals(h2d_bytes=copies * expert_bytes, stall_ns=int(stall_it.sum()), copies=copies,
                        expert_compute_ns=int(compute_it.sum()), dense_compute_ns=int(dense.sum()) * m.num_layers)
@@ -190,13 +205,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
         misses = belady.result() if belady is not None else _belady_misses(m, groups, sim.cache_config, initial)
         extra = _bounds_metrics(cost, m, misses, dense_total_ns=totals.dense_compute_ns,
                                 expert_total_ns=totals.expert_compute_ns, copy_chunk_bytes=opts.copy_chunk_bytes)
-    result = summarise(
-        model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
-        columns=columns, totals=totals, timeline=None, memory=memory,
-        cost=cost, scope=opts.scope, peak_cache_bytes=peak_bytes, engine="fast",
-        requests=requests, decode_latencies_ns=latencies,
-        serving=opts.serving_summary(),
-        extra=extra,
-    )
-    result.metrics["wall_s"] = time.perf_counter() - wall0
-    return result
+    return batch1_result(model=m, hardware=hardware, system=system, cache_config=sim.cache_config, trace=trace,
+                         options=opts, cost=cost, sched=sched, begin=begin, end=end, hits=hits_it,
+                         misses=all_it - hits_it, stall=stall_it, experts=all_it, totals=totals, memory=memory,
+                         peak_bytes=peak_bytes, extra=extra, wall0=wall0)
