@@ -31,10 +31,17 @@ The modules, in reading order:
 - :mod:`.stream`: the classic one-cache stream replay (:func:`replay_stream`; libCacheSim's).
 - :mod:`.general`: every other eviction policy: the system's own ExpertCache and LayerServer
   walked once without timing, then the timing kernels.
+- :mod:`.plans`, :mod:`.prefetching`, :mod:`.cache_kernels`, :mod:`.link_kernels`: composed
+  systems with prefetch, skipped or CPU misses and a static hot set, in one compiled pass (their
+  prefetch requests and miss rules planned from the trace first).
+- :mod:`.hybrid`: KTransformers and llama.cpp, every layer timed at once.
+- :mod:`.stepped`, :mod:`.events`: every other system, the DES's steps without SimPy.
 
-``supports_cache_replay`` and ``supports_simulation`` refuse anything these kernels do not
-reproduce exactly (other policies, subclasses, prefetch, timelines, batching), so callers fall back
-to the reference engines.
+``supports_cache_replay`` and ``supports_simulation`` (here: the LRU/FIFO kernels) refuse anything
+these kernels do not reproduce exactly, so callers try the next path;
+:func:`expertsim.sim.engine.Simulation.run` tries them in the order above and falls back to the
+DES (the reference) for what none reproduces (several copy engines, chunked copies, a storage
+tier, a full timeline, a plug-in under ``--engine auto``).
 """
 from __future__ import annotations
 
