@@ -2,9 +2,11 @@
 as a small event queue the compute stream advances (see :mod:`expertsim.sim.fast.stepped`).
 
 It reproduces the SimPy processes of :mod:`expertsim.sim.des_link` for one copy engine, whole-expert
-copies and no storage tier (what :func:`expertsim.sim.fast.stepped.supports_simulation` admits):
+copies and no storage tier (what :func:`expertsim.sim.fast.stepped.supports_run` admits):
 
-- a copy first waits for its dependencies, in this order: the compute of the item whose room it
+- a copy the compute stream issues starts (as a SimPy process) only when the stream next lets
+  time or events move (it computes, waits or syncs), so a copy it drops before that never moves
+  a byte; then it waits for its dependencies, in this order: the compute of the item whose room it
   reuses (``after``, the LayerServer's ``wait_compute``), then the previous copy into the same
   slot. Then it asks the engine at its priority (0 demand, >= 1 prefetch; granted at once when
   the engine is idle, else queued by (priority, time of the request, order of the requests), as
@@ -36,7 +38,7 @@ class Copy:
     """One host-to-device copy (a cache entry's, or a layer's streamed experts with ``key`` -1)."""
 
     __slots__ = ("key", "duration", "writeback", "priority", "prefetch", "after", "previous", "started",
-                 "cancelled", "queued", "done_ns", "waiters", "seq", "nbytes")
+                 "cancelled", "queued", "done_ns", "waiters", "nbytes")
 
     def __init__(self, key, nbytes, duration, writeback, priority, prefetch, after, previous):
         self.key = key
@@ -52,7 +54,6 @@ class Copy:
         self.queued = None  # the queue entry while waiting for the engine
         self.done_ns = -1  # when it ended (landed, or was dropped)
         self.waiters = None  # copies waiting for this one (the same slot)
-        self.seq = 0
 
 
 class Signal:
