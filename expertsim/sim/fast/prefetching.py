@@ -186,21 +186,14 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if hit:
                     pins[key] += 1
                     h += 1
-                # serve order: hits ascending, then misses ascending
-                pos = 0
-                if hit:
-                    pos = h - 1
                 it_key[i] = key
                 it_hit[i] = hit
                 it_load[i] = s == LOADING
                 it_tick[i] = tick
                 it_tok[i] = gtok[a + i]
                 it_acc[i] = a + i
-            # reorder into serve order (stable: hits then misses)
-            nh = 0
-            for i in range(n):
-                if it_hit[i]:
-                    nh += 1
+            # serve order: hits ascending, then misses ascending (or the cache-aware order)
+            nh = h
             _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
             if cache_aware:
                 _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n)
