@@ -15,7 +15,6 @@ computed for every layer at once from the access groups with the DES's cost func
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -37,25 +36,19 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
 
 def simulate(model, hardware, system, cache_config, trace, options):
     """The fast engine's RunResult for a run :func:`supports_simulation` accepts."""
-    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.policies import RunContext
     from expertsim.policies.records import RunTotals
     from expertsim.sim.fast.belady import _belady_misses
-    from expertsim.sim.fast.groups import groups_from_passes
-    from expertsim.sim.fast.simulate import _batch1_schedule, batch1_result
+    from expertsim.sim.fast.simulate import batch1_result, batch1_start, dense_times, expert_times
     from expertsim.sim.fast.timing import _bounds_metrics
-    from expertsim.sim.setup import RunSetup
 
-    wall0 = time.perf_counter()
-    setup = RunSetup(model, hardware, system, cache_config, options=options)
+    # the DES's cache checks with no top-k floor (a hybrid system copies no miss into its cache)
+    start = batch1_start(model, hardware, system, cache_config, trace, options, top_k=0)
+    setup, memory, cache, sched, groups, wall0 = (start.setup, start.memory, start.cache, start.sched, start.groups,
+                                                  start.wall0)
     m, opts, cost = model, options, setup.cost
-    trace.check_model(m)
-    memory = setup.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
-    cache = ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), setup.cache_config, system.eviction,
-                        top_k=0)  # the DES's checks (a hybrid system copies no miss into its cache)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
-    sched = _batch1_schedule(trace, opts.prefill_chunk_tokens)
-    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), m.num_experts)
     n_groups, n_pass = len(groups.layer), len(sched.start)
     resident = np.zeros(m.num_moe_layers * m.num_experts, dtype=bool)
     resident[initial] = True
@@ -64,11 +57,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     hit = resident[groups.keys]
     ntok = sched.stop - sched.start
     streams = np.repeat(bool(system.stream_ok_) & (ntok >= system.stream_min_tokens), m.num_moe_layers)[group_of]
-    expert_ns = np.zeros(int(tokens.max()) + 1 if len(tokens) else 1, dtype=np.int64)
-    cpu_ns = np.zeros_like(expert_ns)
-    for t in np.flatnonzero(np.bincount(tokens)).tolist() if len(tokens) else []:
-        expert_ns[t] = cost.expert_time_ns(t)
-        cpu_ns[t] = cost.cpu_compute_ns(t)
+    expert_ns, cpu_ns = expert_times(cost, tokens), expert_times(cost, tokens, cost.cpu_compute_ns)
 
     def per_group(values):
         return np.bincount(group_of, weights=values, minlength=n_groups).astype(np.int64) if len(values) \
@@ -93,9 +82,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     duration = np.maximum(a, d_cpu)
     stall = np.where(n_streamed > 0, np.maximum(d_s - h, 0), 0) + np.maximum(d_cpu - a, 0)
     # passes: dense layers, then the MoE layers
-    span = int(sched.context.max()) + 1 if n_pass else 1
-    pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)
-    dense = np.asarray(cost.dense_layer_times_ns(pairs // span, pairs % span), dtype=np.int64)[inverse.ravel()]
+    dense = dense_times(cost, sched)
     by_pass = lambda v: np.bincount(groups.pass_index, weights=v, minlength=n_pass).astype(np.int64)  # noqa: E731
     iter_ns = dense * m.num_layers + by_pass(duration)
     end = np.cumsum(iter_ns)

@@ -13,7 +13,6 @@ recency they give predicted residents) and on time is the kernel's.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -227,17 +226,15 @@ def miss_rule(system, trace, sched, groups, cost):
     Mode 2 (CpuWhenCheaper): a miss whose tokens the CPU computes faster (or every miss) runs
     there, and is copied in the background with ``cache_after_cpu``."""
     from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
+    from expertsim.sim.fast.simulate import expert_times
 
     miss = system.miss
     none_b, none_f = np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.float64)
-    cpu_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
     if type(miss) is CpuWhenCheaper:
-        counts = np.flatnonzero(np.bincount(groups.tokens)).tolist() if len(groups.tokens) else []
-        cheaper = np.zeros(len(cpu_ns), dtype=bool)
-        for t in counts:
-            cpu_ns[t] = cost.cpu_expert_time_ns(t)
-            cheaper[t] = miss.cpu_is_cheaper(t)
+        cpu_ns = expert_times(cost, groups.tokens, cost.cpu_expert_time_ns)
+        cheaper = expert_times(cost, groups.tokens, miss.cpu_is_cheaper).astype(bool)
         return 2, cheaper[groups.tokens], none_f, cpu_ns, bool(miss.cache_after_cpu)
+    cpu_ns = np.zeros(1, dtype=np.int64)  # no CPU job
     if type(miss) is not SkipMisses:
         return 0, none_b, none_f, cpu_ns, False
     n, num_layers, k = trace.experts.shape
@@ -278,35 +275,24 @@ def _asks(prefetcher) -> bool:
 
 def simulate(model, hardware, system, cache_config, trace, options):
     """The fast engine's RunResult for a run :func:`supports_simulation` accepts."""
-    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.policies import RunContext
     from expertsim.policies.records import RunTotals
     from expertsim.sim.fast import prefetching as k
     from expertsim.sim.fast.belady import _belady_misses
-    from expertsim.sim.fast.groups import _capacity_slots, groups_from_passes
-    from expertsim.sim.fast.simulate import _batch1_schedule, batch1_result
+    from expertsim.sim.fast.groups import _capacity_slots
+    from expertsim.sim.fast.simulate import batch1_result, batch1_start, dense_times, expert_times
     from expertsim.sim.fast.timing import _bounds_metrics
-    from expertsim.sim.setup import RunSetup
 
-    wall0 = time.perf_counter()
-    setup = RunSetup(model, hardware, system, cache_config, options=options)
+    start = batch1_start(model, hardware, system, cache_config, trace, options, top_k=model.top_k)
+    setup, memory, cache, sched, groups, wall0 = (start.setup, start.memory, start.cache, start.sched, start.groups,
+                                                  start.wall0)
     m, opts, cost = model, options, setup.cost
-    trace.check_model(m)
-    memory = setup.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
-    cache = ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), setup.cache_config, system.eviction,
-                        top_k=m.top_k)  # the DES's size checks and messages
-    sched = _batch1_schedule(trace, opts.prefill_chunk_tokens)
-    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), m.num_experts)
     # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     pf_start, pf_key, pf_prio = prefetch_plan(system, trace, sched, groups, cache)
     cap, per_layer = _capacity_slots(setup.cache_config, m.num_moe_layers, m.num_experts, m.expert_bytes())
-    expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
-    for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
-        expert_ns[t] = cost.expert_time_ns(t)
-    ntok = sched.stop - sched.start
-    span = int(sched.context.max()) + 1 if len(ntok) else 1
-    pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)
-    dense = np.asarray(cost.dense_layer_times_ns(pairs // span, pairs % span), dtype=np.int64)[inverse.ravel()]
+    expert_ns = expert_times(cost, groups.tokens)
+    dense = dense_times(cost, sched)
     moe_of_layer = np.full(m.num_layers, -1, dtype=np.int64)
     moe_of_layer[np.asarray(m.moe_layers, dtype=np.int64)] = np.arange(m.num_moe_layers)
     expert_bytes = m.expert_bytes()

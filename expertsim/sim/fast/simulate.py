@@ -52,6 +52,56 @@ def _batch1_schedule(trace, chunk: int | None) -> _Schedule:
                      ends_pass=piece == np.repeat(pieces, pieces) - 1)
 
 
+@dataclasses.dataclass
+class Batch1Start:
+    """What every batch-1 fast path sets up first (:func:`batch1_start`)."""
+
+    setup: object  # RunSetup: cost model, cache size, runtime
+    memory: dict  # the memory check's figures (the run's KV is added at the end)
+    cache: object  # an empty ExpertCache of the run's size (the DES's checks and messages passed)
+    sched: _Schedule
+    groups: object  # AccessGroups of the schedule's passes
+    wall0: float
+
+
+def batch1_start(model, hardware, system, cache_config, trace, options, *, top_k: int) -> Batch1Start:
+    """The set-up every batch-1 fast path shares: the run's specs and cost model, the trace and
+    memory checks, an ExpertCache of the run's size (built as the DES builds it, so a size it
+    refuses is refused with the same message; ``top_k`` its floor), the schedule and its access
+    groups."""
+    from expertsim.policies.cache import ExpertCache
+    from expertsim.sim.setup import RunSetup
+
+    wall0 = time.perf_counter()
+    setup = RunSetup(model, hardware, system, cache_config, options=options)
+    trace.check_model(model)
+    memory = setup.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
+    cache = ExpertCache(model.num_moe_layers, model.num_experts, model.expert_bytes(), setup.cache_config,
+                        system.eviction, top_k=top_k)
+    sched = _batch1_schedule(trace, options.prefill_chunk_tokens)
+    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), model.num_experts)
+    return Batch1Start(setup, memory, cache, sched, groups, wall0)
+
+
+def expert_times(cost, tokens: np.ndarray, time_of=None) -> np.ndarray:
+    """``time_of(t)`` (default: a GPU expert's time) for every token count in ``tokens``, as a
+    table indexed by the count."""
+    time_of = time_of or cost.expert_time_ns
+    table = np.zeros(int(tokens.max()) + 1 if len(tokens) else 1, dtype=np.int64)
+    for t in np.flatnonzero(np.bincount(tokens)).tolist() if len(tokens) else []:
+        table[t] = time_of(t)
+    return table
+
+
+def dense_times(cost, sched: _Schedule) -> np.ndarray:
+    """One dense layer's time for every iteration of ``sched`` (once per distinct tokens and
+    context)."""
+    ntok = sched.stop - sched.start
+    span = int(sched.context.max()) + 1 if len(ntok) else 1
+    pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs
+    return np.asarray(cost.dense_layer_times_ns(pairs // span, pairs % span), dtype=np.int64)[inverse.ravel()]
+
+
 def _request_records(sched: _Schedule, begin: np.ndarray, end: np.ndarray, arrival: str):
     """The batcher's per-request records and per-token decode latencies at batch 1."""
     change = np.ones(len(sched.request), dtype=bool)
@@ -136,8 +186,6 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     ``cache_pass(setup, trace, groups)``, when given, computes (hit, release, peak_cache_bytes)
     in place of the LRU/FIFO kernels (the caller has checked the run: see
     :mod:`expertsim.sim.fast.general`)."""
-    from expertsim.sim.setup import RunSetup
-
     if cache_pass is None and not supports_simulation(system, cache_config, options, model=model,
                                                       hardware=hardware):
         raise ConfigError(
@@ -145,22 +193,14 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
             f"the base system with LRU or FIFO, no-cache and all-on-gpu at batch 1, closed or offline "
             f"arrivals, whole-expert copies on one copy engine, no timeline); use --engine des"
         )
-    wall0 = time.perf_counter()
-    sim = RunSetup(model, hardware, system, cache_config, options=options)
+    start = batch1_start(model, hardware, system, cache_config, trace, options, top_k=model.top_k)
+    sim, memory, sched, groups, wall0 = start.setup, start.memory, start.sched, start.groups, start.wall0
     m, opts, cost = model, options, sim.cost
-    trace.check_model(m)
-    memory = sim.memory_check(int(trace.position.max()) + 1 if trace.num_tokens else 1)
-    from expertsim.policies.cache import ExpertCache
-
-    ExpertCache(m.num_moe_layers, m.num_experts, m.expert_bytes(), sim.cache_config, system.eviction,
-                top_k=m.top_k)  # the same size checks and messages as the DES
-    sched = _batch1_schedule(trace, opts.prefill_chunk_tokens)
     num_iters = len(sched.start)
     # The cache: which lookups hit, and which copies wait for a released item's compute.
     kind = _builtin_kind(system)
     num_layers, num_experts, expert_bytes = m.num_moe_layers, m.num_experts, m.expert_bytes()
     capacity, per_layer = _capacity_slots(sim.cache_config, num_layers, num_experts, expert_bytes)
-    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), num_experts)
     reset = np.zeros(len(groups.layer), dtype=bool)
     if opts.scope == "request" and num_iters:
         first = np.ones(num_iters, dtype=bool)
@@ -180,9 +220,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
                                      initial=initial, refresh=kind != "fifo")
         peak_bytes = int(peak) * expert_bytes
     # Timing: cost tables from the same CostModel, then the kernel.
-    expert_ns = np.zeros(int(groups.tokens.max()) + 1 if len(groups.tokens) else 1, dtype=np.int64)
-    for t in np.flatnonzero(np.bincount(groups.tokens)).tolist():
-        expert_ns[t] = cost.expert_time_ns(t)
+    expert_ns = expert_times(cost, groups.tokens)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
     if sim.runtime.serialises_copies:  # copies on the compute stream (runtime copy_stream = "compute")
         layer_ns, stall_it, compute_it, hits_it, all_it = _serial_timing(
@@ -190,10 +228,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     else:
         layer_ns, stall_it, compute_it, hits_it, all_it = _timing_kernel(groups.start, hit, release, groups.tokens,
                                                                          expert_ns, copy_ns, num_layers)
-    ntok = sched.stop - sched.start
-    span = int(sched.context.max()) + 1 if num_iters else 1
-    pairs, inverse = np.unique(ntok * span + sched.context, return_inverse=True)  # (tokens, context) pairs
-    dense = cost.dense_layer_times_ns(pairs // span, pairs % span)[inverse.ravel()]
+    dense = dense_times(cost, sched)
     iter_ns = dense * m.num_layers + layer_ns
     end = np.cumsum(iter_ns)
     begin = end - iter_ns
