@@ -29,7 +29,7 @@ def _victim(cstate, pins, score, lo, hi, exclude, counts):
 
 
 @_njit
-def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions):
+def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts):
     p = key // num_experts if per_layer else 0
     used[p] -= 1
     free[p, nfree[p]] = slot[key]
@@ -37,7 +37,6 @@ def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_expe
     cstate[key] = ABSENT
     prefetched[key] = False
     slot[key] = -1
-    evictions[0] += 1
 
 
 @_njit

@@ -37,8 +37,8 @@ _CPU_END = 1
 class Copy:
     """One host-to-device copy (a cache entry's, or a layer's streamed experts with ``key`` -1)."""
 
-    __slots__ = ("key", "duration", "writeback", "priority", "prefetch", "after", "previous", "started",
-                 "cancelled", "queued", "done_ns", "waiters", "nbytes")
+    __slots__ = ("key", "duration", "writeback", "priority", "prefetch", "after", "previous", "cancelled",
+                 "queued", "done_ns", "waiters", "nbytes")
 
     def __init__(self, key, nbytes, duration, writeback, priority, prefetch, after, previous):
         self.key = key
@@ -49,7 +49,6 @@ class Copy:
         self.prefetch = prefetch
         self.after = after  # a compute-done Signal of the compute stream, or None
         self.previous = previous  # the slot's previous Copy, or None
-        self.started = False
         self.cancelled = False
         self.queued = None  # the queue entry while waiting for the engine
         self.done_ns = -1  # when it ended (landed, or was dropped)
@@ -147,7 +146,6 @@ class LinkQueue:
 
     def _start(self, copy: Copy, now: int) -> None:
         self.busy = True
-        copy.started = True
         self.seq += 1
         heapq.heappush(self.heap, (now + copy.duration, self.seq, _COPY_END, copy))
 

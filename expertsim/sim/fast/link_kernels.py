@@ -11,8 +11,8 @@ import numpy as np
 from expertsim.sim.fast.jit import _njit
 
 # copy fields (columns of ``ci``)
-KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, STARTED, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR = range(13)
-NCF = 13
+KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR = range(12)
+NCF = 12
 # link state (``ls``)
 BUSY, RUNNING, RUN_END, SEQ, NCOPY, NPEND, NQ = range(7)
 # totals (``tot``)
@@ -70,7 +70,6 @@ def _start(ci, ls, c, t):
     ls[BUSY] = 1
     ls[RUNNING] = c
     ls[RUN_END] = t + ci[c, DUR]
-    ci[c, STARTED] = 1
 
 
 @_njit
@@ -159,7 +158,6 @@ def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter,
     ci[c, PRIO] = 0 if fifo_link else prio
     ci[c, PREFETCH] = 1 if prefetch else 0
     ci[c, NEXT] = -1
-    ci[c, STARTED] = 0
     ci[c, CANCELLED] = 0
     ci[c, QUEUED] = 0
     ci[c, DONE] = -1

@@ -300,7 +300,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     kind = system_kind(system)
     miss_mode, rule_ok, gate_mass, cpu_ns, background = miss_rule(system, trace, sched, groups, cost)
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)  # after prepare, as the DES
-    begin, end, hits, misses, stall, experts, tot, err, _layer_starts, dropped_mass = k.simulate_kernel(
+    begin, end, hits, misses, stall, experts, tot, err, dropped_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,

@@ -73,7 +73,6 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     nfree = np.zeros(num_parts, dtype=np.int64)
     next_slot = np.zeros(num_parts, dtype=np.int64)
     slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
-    evictions = np.zeros(1, dtype=np.int64)
     widest = _widest_group(gstart)
     stream = np.zeros(2 * (2 * widest + _widest_group(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
     nstream = np.zeros(1, dtype=np.int64)
@@ -114,7 +113,6 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     out_misses = np.zeros(n_pass, dtype=np.int64)
     out_stall = np.zeros(n_pass, dtype=np.int64)
     out_experts = np.zeros(n_pass, dtype=np.int64)
-    g_start = np.zeros(gstart.shape[0] - 1, dtype=np.int64)  # each group's start (a layer's lookups)
     now = 0
     tick = 0
     entries = 0
@@ -165,7 +163,6 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     ci = _grown(ci, 2 * ci.shape[0] + widest + max_pf)
             if ls[NQ] + widest + max_pf + 1 > q.shape[0]:
                 q = _grown(q, 2 * q.shape[0] + widest + max_pf)
-            g_start[g] = now
             a = gstart[g]
             n = gstart[g + 1] - a
             part = m if per_layer else 0
@@ -233,7 +230,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 while used[part] >= cap[part]:
                     v = _victim(cstate, pins, score, lo, hi, key, counts)
                     if v >= 0:
-                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
+                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts)
                         entries -= 1
                         evicted[nev] = v
                         nev += 1
@@ -300,7 +297,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     v = _victim(cstate, pins, score, plo, phi, key, counts)
                     if v < 0:
                         continue
-                    _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts, evictions)
+                    _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts)
                     entries -= 1
                     evicted[nev] = v
                     nev += 1
@@ -448,4 +445,4 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     while ls[BUSY] == 1:
         _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
     tot[T_PEAK] = peak
-    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, g_start, dropped_mass
+    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, dropped_mass
