@@ -54,13 +54,16 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     for p in range(num_parts):
         max_slots = max(max_slots, cap[p])
     n_acc = keys.shape[0]
-    # copies, the engine's queue, the pending starts and the stream grow with the run (doubling)
+    widest = _widest_group(gstart)  # a layer's needed experts
+    max_pf = _widest_group(pf_start) + widest  # a layer's prefetches, and its background copies
+    # the copy table drops ended copies, then grows (doubling); the engine's queue grows too;
+    # the pending starts and the stream hold at most a layer's issues and the next one's
     max_copies = max(1, min(n_acc + pf_key.shape[0] + 1, copy_rows))
     ci = np.zeros((max_copies, NCF), dtype=np.int64)
     ls = np.zeros(7, dtype=np.int64)
     ls[RUNNING] = -1
     q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
-    pend = np.zeros(2 * (2 * _widest_group(gstart) + _widest_group(pf_start)) + 1, dtype=np.int64)  # a layer's issues
+    pend = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
     tot = np.zeros(12, dtype=np.int64)
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
@@ -73,8 +76,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     nfree = np.zeros(num_parts, dtype=np.int64)
     next_slot = np.zeros(num_parts, dtype=np.int64)
     slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
-    widest = _widest_group(gstart)
-    stream = np.zeros(2 * (2 * widest + _widest_group(pf_start)) + 1, dtype=np.int64)  # issued since the last drain
+    stream = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
     nstream = np.zeros(1, dtype=np.int64)
     sig_fired = np.zeros(widest, dtype=np.int64)
     sig_waiter = np.full(widest, -1, dtype=np.int64)
@@ -96,7 +98,6 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     cpu_end = np.zeros(widest, dtype=np.int64)
     cpu_free = 0  # when the host CPU's last job ends
     dropped_mass = 0.0
-    max_pf = _widest_group(pf_start) + widest  # a layer's prefetches, and its background copies
     scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
     waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
