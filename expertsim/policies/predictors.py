@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from expertsim.errors import PolicyError
+from expertsim.jit import _njit
 
 
 def training_requests(trace, fraction: float):
@@ -78,12 +79,15 @@ class RoutePredictor:
     train ``s = -1`` for every target (ExpertFlow's whole-path prediction)."""
 
     def __init__(self, distances: tuple[int, ...] = (1,), path: bool = False, window: int | None = None,
-                 model: str = "ridge", alpha: float = 1.0, prior_smoothing: float = 5.0, seed: int = 0):
+                 model: str = "ridge", alpha: float = 1.0, prior_smoothing: float = 5.0, seed: int = 0,
+                 only: tuple[tuple[int, int], ...] | None = None):
         if model not in ("ridge", "logistic"):
             raise PolicyError(f"predictor model must be 'ridge' or 'logistic', got {model!r}")
         if any(int(d) < 1 for d in distances):
             raise PolicyError(f"predictor distances must be >= 1, got {distances!r}")
         self.distances = tuple(int(d) for d in distances)
+        # the (source, target) pairs to train, when a policy asks for no others (None: every pair)
+        self.only = None if only is None else frozenset((int(a), int(b)) for a, b in only)
         self.path = bool(path)
         self.window = None if window is None else int(window)
         self.model = model
@@ -95,6 +99,7 @@ class RoutePredictor:
         self._index: tuple[object, _TraceIndex] | None = None
         self._layouts: dict = {}  # (s, t, pair, prior) -> the features' column layout
         self._one = None  # (trace, token, rows): the last token _features_one read
+        self._coef: dict = {}  # (s, t) -> a ridge model's (coef [width, E] float64, intercept)
 
     def __repr__(self) -> str:
         return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
@@ -235,7 +240,7 @@ class RoutePredictor:
         out = [(s, s + d) for s in range(num_layers) for d in self.distances if s + d < num_layers]
         if self.path:
             out += [(-1, t) for t in range(num_layers)]
-        return out
+        return out if self.only is None else [p for p in out if p in self.only]
 
     def _new_model(self):
         if self.model == "ridge":
@@ -253,7 +258,7 @@ class RoutePredictor:
             raise PolicyError("cannot train a route predictor on an empty trace")
         self._E, self._L = trace.num_experts, trace.num_layers
         self._priors = None
-        self._layouts, self._one = {}, None
+        self._layouts, self._one, self._coef = {}, None, {}
         if trace.token_id is not None:
             vocab, inverse = np.unique(trace.token_id, return_inverse=True)
             counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
@@ -316,19 +321,40 @@ class RoutePredictor:
         return X @ model.coef_.T + model.intercept_
 
     def predict_top(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> np.ndarray:
-        """[tokens, k] experts with the highest scores (ties: lowest id)."""
+        """[tokens, k] experts with the highest scores (ties: lowest id). A ridge model's scores
+        are summed over the token's nonzero features only (:func:`_ridge_top`: the same model,
+        each token on its own, in a fixed order, so a token's prediction does not depend on which
+        tokens are asked with it)."""
+        model = self.models.get((s, t))
+        if self.model == "ridge" and model is not None and not isinstance(model, tuple):
+            return self._ridge_top(trace, np.asarray(tokens, dtype=np.int64), s, t, k, model)
         sc = self.scores(trace, tokens, s, t)
         return np.argsort(-sc, axis=1, kind="stable")[:, :k]  # stable: equal scores keep id order
 
+    def _ridge_top(self, trace, tokens, s, t, k, model) -> np.ndarray:
+        E = self._E
+        first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
+        idx = self._trace_index(trace)
+        coef = self._coef.get((s, t))
+        if coef is None:  # [width, E] float64, rows contiguous
+            coef = np.ascontiguousarray(np.asarray(model.coef_, dtype=np.float64).T)
+            self._coef[(s, t)] = (coef, np.asarray(model.intercept_, dtype=np.float64).ravel())
+            coef = self._coef[(s, t)]
+        if use_prior:
+            vocab, counts, sums, base = self._priors
+            pos = np.minimum(np.searchsorted(vocab, trace.token_id[tokens]), len(vocab) - 1)
+            found = vocab[pos] == trace.token_id[tokens]
+            n = np.where(found, counts[pos], 0.0)[:, None]
+            prior = ((np.where(found[:, None], sums[pos, t], 0.0) + self.prior_smoothing * base[t])
+                     / (n + self.prior_smoothing)).astype(np.float32)  # _token_prior's rows
+        else:
+            prior = np.zeros((len(tokens), 0), dtype=np.float32)
+        return _ridge_top(tokens, np.asarray(trace.experts), idx.prev, idx.prev_known, first, s, pair_at,
+                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, prior, coef[0], coef[1], E, k)
+
     def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
         """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
-        model = self.models.get((s, t))
-        if len(tokens) != 1 or model is None or isinstance(model, tuple):
-            return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
-        # scores() of one token, without its dispatch
-        sc = self._product(model, self._features_one(trace, int(tokens[0]), s, t))[0].tolist()
-        # sorted is stable, as argsort(kind="stable") on the negated scores: ties keep id order
-        return sorted(sorted(range(len(sc)), key=lambda e: -sc[e])[:k])
+        return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
 
     def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
                  threshold: float = 0.5) -> dict:
@@ -363,3 +389,74 @@ class RoutePredictor:
             "recall_thresholded": tp / (tp + fn) if tp + fn else float("nan"),
             "threshold": threshold, "per_layer_precision_at_k": per_layer, "fit_s": self.fit_s,
         }
+
+
+@_njit
+def _ridge_top(tokens, experts, prev, prev_known, first, s, pair_at, prev_layers, prev_at, known_at, prior, coef,
+               intercept, num_experts, k):
+    """RoutePredictor.predict_top for a ridge model: each token's scores, intercept plus the
+    coefficient rows of its one-hot features (its routing at layers first..s, its expert pair
+    at s, its previous token's routing at ``prev_layers`` and the known flag) plus its prior
+    row times the prior's rows, summed in that order in float64; then the k highest (ties:
+    lowest id)."""
+    n = tokens.shape[0]
+    kk = experts.shape[2]
+    out = np.zeros((n, k), dtype=np.int64)
+    sc = np.zeros(num_experts, dtype=np.float64)
+    taken = np.zeros(num_experts, dtype=np.bool_)
+    for i in range(n):
+        tok = tokens[i]
+        for c in range(num_experts):
+            sc[c] = intercept[c]
+        for layer in range(first, s + 1):
+            for j in range(kk):
+                e = experts[tok, layer, j]
+                dup = False
+                for jj in range(j):  # a one-hot column is 1 once
+                    if experts[tok, layer, jj] == e:
+                        dup = True
+                if not dup:
+                    row = (layer - first) * num_experts + e
+                    for c in range(num_experts):
+                        sc[c] += coef[row, c]
+        if pair_at >= 0:  # the two lowest ids at s (np.sort's first two)
+            a = num_experts
+            b = num_experts
+            for j in range(kk):
+                e = experts[tok, s, j]
+                if e < a:
+                    b = a
+                    a = e
+                elif e < b:
+                    b = e
+            row = pair_at + a * num_experts + b
+            for c in range(num_experts):
+                sc[c] += coef[row, c]
+        if prev_known[tok]:
+            p = prev[tok]
+            for bl in range(prev_layers.shape[0]):
+                for j in range(kk):
+                    e = experts[p, prev_layers[bl], j]
+                    dup = False
+                    for jj in range(j):
+                        if experts[p, prev_layers[bl], jj] == e:
+                            dup = True
+                    if not dup:
+                        row = prev_at + bl * num_experts + e
+                        for c in range(num_experts):
+                            sc[c] += coef[row, c]
+            for c in range(num_experts):
+                sc[c] += coef[known_at, c]
+        for j in range(prior.shape[1]):
+            v = np.float64(prior[i, j])
+            for c in range(num_experts):
+                sc[c] += v * coef[known_at + 1 + j, c]
+        taken[:] = False
+        for r in range(k):  # the highest score, lowest id first among equals
+            best = -1
+            for e in range(num_experts):
+                if not taken[e] and (best < 0 or sc[e] > sc[best]):
+                    best = e
+            taken[best] = True
+            out[i, r] = best
+    return out

@@ -325,7 +325,11 @@ class LearnedPrefetch(Prefetcher):
         super().prepare(ctx)
         if self.predictor is None:
             train = training_requests(ctx.trace, self.train_fraction)
-            self.predictor = RoutePredictor(distances=tuple(range(1, self.max_distance + 1)), seed=self.seed)
+            # a fixed distance asks only its targets' pairs (adaptive distances ask any)
+            only = None if self.max_distance != self.distance else \
+                tuple((s, t) for s in range(self._L) for t in self.targets(s))
+            self.predictor = RoutePredictor(distances=tuple(range(1, self.max_distance + 1)), seed=self.seed,
+                                            only=only)
             self.predictor.fit(train)
 
     def prefetch(self, obs):

@@ -4,48 +4,59 @@ policies' victim (LRU, FIFO, a static hot set), an eviction and a slot (the
 orders (hits first, or cache-aware)."""
 from __future__ import annotations
 
-from expertsim.sim.fast.jit import _njit
+from expertsim.sim.fast.jit import _njit, _njit_inline
 from expertsim.sim.fast.link_kernels import ABSENT
 
 
 @_njit
-def _victim(cstate, pins, score, lo, hi, exclude, counts):
-    """The unpinned entry of keys lo..hi-1 (not ``exclude``) with the lowest score (ties: lowest
-    key), or -1: ``_KeyedPolicy.victim`` over ``ExpertCache._candidates``. With ``counts`` (a
-    static hot set's profile, else empty): the lowest count first, then the score (recency), as
-    ``StaticHotSet.victim``."""
+def _victim(pins, score, slot_key, p, used_slots, exclude, counts):
+    """The unpinned entry of partition ``p`` (not ``exclude``) with the lowest score (ties:
+    lowest key), or -1: ``_KeyedPolicy.victim`` over ``ExpertCache._candidates``. With ``counts``
+    (a static hot set's profile, else empty): the lowest count first, then the score (recency), as
+    ``StaticHotSet.victim``. It reads the partition's slots (``slot_key``: the key in each slot
+    handed out so far, or -1), not every key: the order is the same, (count,) score, key."""
     best = -1
     ranked = counts.shape[0] > 0
-    for key in range(lo, hi):
-        if cstate[key] != ABSENT and pins[key] == 0 and key != exclude:
-            if best < 0:
-                best = key
-            elif ranked:
-                if counts[key] < counts[best] or (counts[key] == counts[best] and score[key] < score[best]):
+    for s in range(used_slots):
+        key = slot_key[p, s]
+        if key < 0 or pins[key] != 0 or key == exclude:
+            continue
+        if best < 0:
+            best = key
+            continue
+        if ranked:
+            if counts[key] != counts[best]:
+                if counts[key] < counts[best]:
                     best = key
-            elif score[key] < score[best]:
-                best = key
+                continue
+        if score[key] < score[best] or (score[key] == score[best] and key < best):
+            best = key
     return best
 
 
-@_njit
-def _evict(key, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts):
+@_njit_inline
+def _evict(key, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts):
     p = key // num_experts if per_layer else 0
     used[p] -= 1
     free[p, nfree[p]] = slot[key]
     nfree[p] += 1
+    slot_key[p, slot[key]] = -1
     cstate[key] = ABSENT
     prefetched[key] = False
     slot[key] = -1
 
 
-@_njit
-def _take_slot(p, free, nfree, next_slot):
+@_njit_inline
+def _take_slot(p, key, slot, slot_key, free, nfree, next_slot):
+    """A free slot of partition ``p`` for ``key`` (the last freed first, else a new one)."""
     if nfree[p] > 0:
         nfree[p] -= 1
-        return free[p, nfree[p]]
-    s = next_slot[p]
-    next_slot[p] += 1
+        s = free[p, nfree[p]]
+    else:
+        s = next_slot[p]
+        next_slot[p] += 1
+    slot[key] = s
+    slot_key[p, s] = key
     return s
 
 

@@ -1,20 +1,2 @@
-"""The fast engine's compiler switch: numba when it is installed (the ``fast`` extra), else the
-kernels run as plain Python over numpy arrays, with the same results, slower.
-
-Every kernel is compiled with ``cache=True`` (the machine code is kept next to the source in
-``__pycache__`` and reused by later processes) and ``nogil=True`` (so the bound's Belady replay
-can run on a second thread, see :mod:`expertsim.sim.fast.simulate`). numba compiles a kernel at
-its first call, so importing a module of kernels costs little; a run loads only the kernels it calls.
-"""
-from __future__ import annotations
-
-try:  # numba is optional: the `fast` extra
-    import numba
-
-    HAVE_NUMBA = True
-    _njit = numba.njit(cache=True, nogil=True)
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    HAVE_NUMBA = False
-
-    def _njit(func):
-        return func
+"""The fast engine's compiler switch (:mod:`expertsim.jit`, shared with the learned predictors)."""
+from expertsim.jit import HAVE_NUMBA, _njit, _njit_inline  # noqa: F401

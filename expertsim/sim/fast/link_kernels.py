@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.sim.fast.jit import _njit
+from expertsim.sim.fast.jit import _njit, _njit_inline
 
 # copy fields (columns of ``ci``)
 KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR = range(12)
@@ -22,7 +22,7 @@ BUSY, RUNNING, RUN_END, SEQ, NCOPY, NPEND, NQ = range(7)
 ABSENT, RESIDENT, LOADING = 0, 1, 2
 
 
-@_njit
+@_njit_inline
 def _end(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
     """Copy ``c`` ended at ``t`` (landed or dropped): the copy waiting for its slot asks next."""
     ci[c, DONE] = t
@@ -65,14 +65,14 @@ def _request(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
         return
 
 
-@_njit
+@_njit_inline
 def _start(ci, ls, c, t):
     ls[BUSY] = 1
     ls[RUNNING] = c
     ls[RUN_END] = t + ci[c, DUR]
 
 
-@_njit
+@_njit_inline
 def _dequeue(ci, ls, q, c):
     nq = ls[NQ]
     for j in range(nq):
@@ -88,7 +88,7 @@ def _dequeue(ci, ls, q, c):
 @_njit
 def _advance(ci, ls, q, pend, cstate, cur, tot, t, expert_bytes, start_pending):
     """Every event due at or before ``t`` (after starting the pending copies)."""
-    if start_pending:
+    if start_pending and ls[NPEND] > 0:
         _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
     while ls[BUSY] == 1 and ls[RUN_END] <= t:
         _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
@@ -142,7 +142,8 @@ def _after_met(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
 @_njit
 def _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes):
     """Run the link until copy ``c`` ends; its end time."""
-    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+    if ls[NPEND] > 0:
+        _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
     while ci[c, DONE] < 0:
         _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
     return ci[c, DONE]

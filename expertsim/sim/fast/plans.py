@@ -90,21 +90,33 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
 def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
     """Every (pass, MoE layer)'s prefetch requests, as the system makes and trims them in the DES:
     (start[groups + 1], keys, priorities). ``system`` is prepared; ``cache`` (empty) gives the
-    sizes the trimming reads. The ring and the exact pre-gate are computed from the access
-    groups at once; any other trace-only prefetcher is asked layer by layer, in the DES's order."""
-    from expertsim.policies.prefetch import LayerRingPrefetch, PregatedPrefetch
+    sizes the trimming reads. The ring, the pre-gate, the modelled and the recorded speculation and
+    the learned predictor are computed at once (:mod:`expertsim.sim.fast.prefetch_plans`); any other trace-only prefetcher
+    is asked layer by layer, in the DES's order."""
+    from expertsim.policies.prefetch import (
+        LayerRingPrefetch, LearnedPrefetch, ModelledSpeculation, PregatedPrefetch, SpeculativePrefetch,
+    )
+    from expertsim.sim.fast import prefetch_plans as pp
 
     num_moe, num_experts = cache.num_layers, cache.num_experts
     n_groups = len(groups.layer)
     prefetcher = _inner(system.prefetcher)
     if not _asks(system.prefetcher):  # no prefetch at all
         return np.zeros(n_groups + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if ask:  # the reference: ask the prefetcher itself (the tests hold the shortcuts to it)
+    kind = type(prefetcher)
+    whole_passes = n_groups == len(sched.start) * num_moe  # every pass has a group per MoE layer
+    if ask or not whole_passes:  # the reference: ask the prefetcher itself (the tests hold the others to it)
         counts, layer, expert, prio = _asked_requests(system, prefetcher, trace, sched, groups, cache)
-    elif type(prefetcher) is LayerRingPrefetch:
-        counts, layer, expert, prio = _ring_requests(groups, num_moe, num_experts, prefetcher.depth)
-    elif isinstance(prefetcher, PregatedPrefetch) and prefetcher.accuracy >= 1.0:
-        counts, layer, expert, prio = _pregated_requests(groups, num_moe, num_experts, prefetcher)
+    elif kind is LayerRingPrefetch:
+        counts, layer, expert, prio = pp.ring_requests(groups, num_moe, num_experts, prefetcher.depth)
+    elif kind in (PregatedPrefetch, ModelledSpeculation) and prefetcher.accuracy >= 1.0:
+        counts, layer, expert, prio = pp.pregated_requests(groups, num_moe, num_experts, prefetcher)
+    elif kind in (PregatedPrefetch, ModelledSpeculation):
+        counts, layer, expert, prio = pp.guessed_requests(groups, num_moe, num_experts, prefetcher)
+    elif kind is SpeculativePrefetch and pp.recorded_ok(trace, prefetcher):
+        counts, layer, expert, prio = pp.recorded_requests(groups, sched, trace, num_moe, num_experts, prefetcher)
+    elif kind is LearnedPrefetch and pp.learned_ok(prefetcher):
+        counts, layer, expert, prio = pp.learned_requests(groups, sched, trace, num_moe, prefetcher)
     else:
         counts, layer, expert, prio = _asked_requests(system, prefetcher, trace, sched, groups, cache)
     bad = (layer < 0) | (layer >= num_moe) | (expert < 0) | (expert >= num_experts)
@@ -144,43 +156,6 @@ def _fit(group, layer, slots, needed, group_layer, per_layer):
             keep[i] = True
             used[p] += 1
     return keep
-
-
-def _ring_requests(groups, num_moe, num_experts, depth):
-    """LayerRingPrefetch at every group: layers l+1 .. l+depth (wrapping), every expert, priority d."""
-    d = np.arange(1, depth + 1)
-    target = (groups.layer[:, None] + d[None, :]) % num_moe  # [groups, depth]
-    layer = np.repeat(target.ravel(), num_experts)
-    prio = np.repeat(np.broadcast_to(d, target.shape).ravel(), num_experts)
-    expert = np.tile(np.arange(num_experts), target.size)
-    return np.full(len(groups.layer), depth * num_experts), layer, expert, prio
-
-
-def _pregated_requests(groups, num_moe, num_experts, prefetcher):
-    """PregatedPrefetch at accuracy 1: the pass's true experts at each target layer (the access
-    group of that layer), priority = target - layer."""
-    n_groups = len(groups.layer)
-    sizes = np.diff(groups.start)
-    counts = np.zeros(n_groups, dtype=np.int64)
-    parts_layer, parts_expert, parts_prio, parts_group = [], [], [], []
-    for layer in range(num_moe):
-        targets = prefetcher.targets(layer)
-        mine = np.flatnonzero(groups.layer == layer)
-        for t in targets:
-            src = mine + (t - layer)  # the same pass's group of layer t
-            n = sizes[src]
-            idx = np.repeat(groups.start[src], n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-            parts_group.append(np.repeat(mine, n))
-            parts_layer.append(np.full(len(idx), t))
-            parts_expert.append(groups.keys[idx] - t * num_experts)
-            parts_prio.append(np.full(len(idx), t - layer))
-            counts[mine] += n
-    if not parts_group:
-        return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    group = np.concatenate(parts_group)
-    order = np.argsort(group, kind="stable")  # per group: targets ascending, experts ascending
-    return (counts, np.concatenate(parts_layer)[order].astype(np.int64),
-            np.concatenate(parts_expert)[order].astype(np.int64), np.concatenate(parts_prio)[order].astype(np.int64))
 
 
 def _asked_requests(system, prefetcher, trace, sched, groups, cache):

@@ -21,7 +21,7 @@ from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
-    RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED,
+    RUN_END, RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED,
     T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met, _compact, _finish, _grown, _issue, _promote,
     _start_pending, _wait,
 )
@@ -76,6 +76,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     nfree = np.zeros(num_parts, dtype=np.int64)
     next_slot = np.zeros(num_parts, dtype=np.int64)
     slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
+    slot_key = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)  # the key in each slot
     stream = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
     nstream = np.zeros(1, dtype=np.int64)
     sig_fired = np.zeros(widest, dtype=np.int64)
@@ -123,7 +124,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
         tick += 1
         cstate[key] = RESIDENT
         used[p] += 1
-        slot[key] = _take_slot(p, free, nfree, next_slot)
+        _take_slot(p, key, slot, slot_key, free, nfree, next_slot)
         score[key] = tick
         entries += 1
         peak = max(peak, entries)
@@ -157,7 +158,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             if m < 0:
                 continue
             g += 1
-            _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+            if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
+                _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
             if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
                 _compact(ci, ls, q, cur, slot_copy)  # the copies that ended leave the table
                 if 2 * (ls[NCOPY] + widest + max_pf + 1) > ci.shape[0]:
@@ -167,8 +169,6 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             a = gstart[g]
             n = gstart[g + 1] - a
             part = m if per_layer else 0
-            lo = m * num_experts if per_layer else 0
-            hi = lo + num_experts if per_layer else num_keys
             # 1. lookups, ascending ids (ExpertCache.lookup_layer)
             h = 0
             for i in range(n):
@@ -192,7 +192,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 it_acc[i] = a + i
             # serve order: hits ascending, then misses ascending (or the cache-aware order)
             nh = h
-            _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
+            if 0 < nh < n:  # else already in order
+                _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
             if cache_aware:
                 _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n)
             # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
@@ -229,9 +230,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 out = -1
                 while used[part] >= cap[part]:
-                    v = _victim(cstate, pins, score, lo, hi, key, counts)
+                    v = _victim(pins, score, slot_key, part, next_slot[part], key, counts)
                     if v >= 0:
-                        _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts)
+                        _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts)
                         entries -= 1
                         evicted[nev] = v
                         nev += 1
@@ -253,7 +254,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             it_wait[i] = j
                 cstate[key] = LOADING
                 used[part] += 1
-                slot[key] = _take_slot(part, free, nfree, next_slot)
+                _take_slot(part, key, slot, slot_key, free, nfree, next_slot)
                 it_slot[i] = slot[key]
                 score[key] = it_tick[i]
                 entries += 1
@@ -292,20 +293,18 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if cstate[key] != ABSENT:
                     continue
                 pp = key // num_experts if per_layer else 0
-                plo = pp * num_experts if per_layer else 0
-                phi = plo + num_experts if per_layer else num_keys
                 if used[pp] >= cap[pp]:
-                    v = _victim(cstate, pins, score, plo, phi, key, counts)
+                    v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts)
                     if v < 0:
                         continue
-                    _evict(v, cstate, slot, free, nfree, used, prefetched, per_layer, num_experts)
+                    _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts)
                     entries -= 1
                     evicted[nev] = v
                     nev += 1
                 tick += 1
                 cstate[key] = LOADING
                 used[pp] += 1
-                slot[key] = _take_slot(pp, free, nfree, next_slot)
+                _take_slot(pp, key, slot, slot_key, free, nfree, next_slot)
                 pfi_slot[npf] = slot[key]
                 prefetched[key] = True
                 tot[T_PF_ADMITTED] += 1
@@ -366,7 +365,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             for i in range(n):
                 key = it_key[i]
                 if it_cpu[i]:  # a host CPU job, first come first served
-                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
                     d = cpu_ns[it_tok[i]]
                     cpu_free = max(now, cpu_free) + d
                     cpu_end[njobs] = cpu_free
@@ -376,7 +376,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if it_skip[i]:
                     continue
                 if serial and it_copy[i]:
-                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
                            part, it_slot[i], 0, False, it_wait[i], now, copy_ns, serial, fifo_link)
                 t = expert_ns[it_tok[i]]
@@ -393,7 +394,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     nstream[0] = 0
                 c = it_hc[i] if it_hit[i] else cur[key]
                 if c >= 0:
-                    end = _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes)
+                    end = ci[c, DONE] if ls[NPEND] == 0 and ci[c, DONE] >= 0 else \
+                        _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes)
                     if end > now:
                         stall += end - now
                         now = end
@@ -409,7 +411,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 now += t - host
                 computed += t
                 if has_sig[i]:
-                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
                     sig_fired[i] = 1
                     w = sig_waiter[i]
                     if w >= 0:
@@ -417,7 +420,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                         _after_met(ci, ls, q, cstate, cur, tot, w, now, expert_bytes)
             tot[T_EXPERT] += computed
             if serial and npf > 0:
-                _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
+                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0

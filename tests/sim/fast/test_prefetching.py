@@ -151,12 +151,15 @@ def test_shared_trace_named_systems(mixtral_trace, system):
         assert got.columns[name].tolist() == des.columns[name].tolist(), name
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trace=small_traces(max_layers=4, max_experts=6), prefetch=st.sampled_from(["pregated", "ring"]),
-       distance=st.integers(1, 3), per_layer=st.booleans(), size=st.integers(0, 4))
-def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_layer, size):
-    """The ring's and the exact pre-gate's requests, computed from the access groups at once, are
-    the ones the prefetcher gives when asked layer by layer."""
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(max_layers=4, max_experts=6),
+       prefetch=st.sampled_from(["pregated", "ring", "modelled", "speculative"]),
+       distance=st.integers(1, 3), per_layer=st.booleans(), size=st.integers(0, 4),
+       accuracy=st.sampled_from([1.0, 0.0, 0.5, 0.9]), seed=st.integers(0, 3))
+def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_layer, size, accuracy, seed):
+    """The ring's, the pre-gate's (any accuracy: the same seeded draws), the modelled and the
+    recorded speculation's requests, computed at once, are the ones the prefetcher gives when
+    asked layer by layer."""
     from expertsim.policies import ExpertCache, RunContext
     from expertsim.sim.fast.groups import groups_from_passes
     from expertsim.sim.fast.simulate import _batch1_schedule
@@ -164,9 +167,11 @@ def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_laye
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     model = tiny_model(L, E, k)
     cfg = CacheConfig(per_layer=k + size) if per_layer else CacheConfig(global_slots=k + size)
+    if prefetch == "speculative":
+        trace = _with_speculation(trace, seed)
     out = []
     for ask in (False, True):
-        system = ComposedSystem(LRU(), prefetcher=_prefetcher(prefetch, distance, 1.0))
+        system = ComposedSystem(LRU(), prefetcher=_prefetcher(prefetch, distance, accuracy))
         cache = ExpertCache(L, E, model.expert_bytes(), cfg, system.eviction, top_k=k)
         system.prepare(RunContext(model=model, hardware=tiny_hardware(), cost=None, cache=cache, trace=trace))
         sched = _batch1_schedule(trace, None)

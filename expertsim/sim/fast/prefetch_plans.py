@@ -1,0 +1,257 @@
+"""Trace-only prefetchers' requests for every (pass, MoE layer) at once, equal to asking the
+prefetcher itself layer by layer in the DES's order (:func:`expertsim.sim.fast.plans.prefetch_plan`
+uses them; the tests hold each to asking). Each returns (requests per access group, target layer,
+expert, priority), per group in the order the prefetcher lists them.
+
+- the ring (:class:`~expertsim.policies.prefetch.LayerRingPrefetch`) and the exact pre-gate
+  (:class:`~expertsim.policies.prefetch.PregatedPrefetch` at accuracy 1): array arithmetic on the
+  access groups;
+- the pre-gate below accuracy 1 and the modelled speculation
+  (:class:`~expertsim.policies.prefetch.ModelledSpeculation`): a compiled loop that draws from the
+  prefetcher's own seeded generator in the DES's order (numba's ``Generator`` methods draw the
+  same numbers as numpy's from the same state, so the guesses are the same);
+- the recorded speculation (:class:`~expertsim.policies.prefetch.SpeculativePrefetch`): the
+  trace's ``spec_d{d}`` guesses of each pass's tokens, deduplicated, in one compiled loop.
+
+An access group is one (pass, MoE layer); groups run pass by pass, layers in order, so the same
+pass's group of layer ``t`` is ``g + t - layer[g]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from expertsim.sim.fast.jit import _njit
+
+
+def ring_requests(groups, num_moe, num_experts, depth):
+    """LayerRingPrefetch at every group: layers l+1 .. l+depth (wrapping), every expert, priority d."""
+    d = np.arange(1, depth + 1)
+    target = (groups.layer[:, None] + d[None, :]) % num_moe  # [groups, depth]
+    layer = np.repeat(target.ravel(), num_experts)
+    prio = np.repeat(np.broadcast_to(d, target.shape).ravel(), num_experts)
+    expert = np.tile(np.arange(num_experts), target.size)
+    return np.full(len(groups.layer), depth * num_experts), layer, expert, prio
+
+
+def pregated_requests(groups, num_moe, num_experts, prefetcher):
+    """PregatedPrefetch at accuracy 1: the pass's true experts at each target layer (the access
+    group of that layer), priority = target - layer."""
+    n_groups = len(groups.layer)
+    sizes = np.diff(groups.start)
+    counts = np.zeros(n_groups, dtype=np.int64)
+    parts_layer, parts_expert, parts_prio, parts_group = [], [], [], []
+    for layer in range(num_moe):
+        targets = prefetcher.targets(layer)
+        mine = np.flatnonzero(groups.layer == layer)
+        for t in targets:
+            src = mine + (t - layer)  # the same pass's group of layer t
+            n = sizes[src]
+            idx = np.repeat(groups.start[src], n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+            parts_group.append(np.repeat(mine, n))
+            parts_layer.append(np.full(len(idx), t))
+            parts_expert.append(groups.keys[idx] - t * num_experts)
+            parts_prio.append(np.full(len(idx), t - layer))
+            counts[mine] += n
+    if not parts_group:
+        return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    group = np.concatenate(parts_group)
+    order = np.argsort(group, kind="stable")  # per group: targets ascending, experts ascending
+    return (counts, np.concatenate(parts_layer)[order].astype(np.int64),
+            np.concatenate(parts_expert)[order].astype(np.int64), np.concatenate(parts_prio)[order].astype(np.int64))
+
+
+def guessed_requests(groups, num_moe, num_experts, prefetcher):
+    """PregatedPrefetch below accuracy 1 (and ModelledSpeculation): each true expert of the
+    target layer kept with probability ``accuracy``, else a random wrong one, from the
+    prefetcher's generator (``prefetcher._rng``, consumed as the DES would)."""
+    return _guessed_kernel(groups.start, groups.keys.astype(np.int64), groups.layer.astype(np.int64), num_moe,
+                           num_experts, max(int(prefetcher.distance), 1), float(prefetcher.accuracy), prefetcher._rng)
+
+
+@_njit
+def _targets(layer, d, num_moe):
+    """Prefetcher.targets: (first, stop) of the target layers."""
+    first = 1 if layer == 0 else layer + d
+    return first, min(layer + d + 1, num_moe)
+
+
+@_njit
+def _guessed_kernel(gstart, gkeys, glayer, num_moe, num_experts, d, acc, rng):
+    n_groups = glayer.shape[0]
+    total = 0  # at most one guess per true expert
+    for g in range(n_groups):
+        first, stop = _targets(glayer[g], d, num_moe)
+        for t in range(first, stop):
+            src = g + t - glayer[g]
+            total += gstart[src + 1] - gstart[src]
+    counts = np.zeros(n_groups, dtype=np.int64)
+    layer = np.zeros(total, dtype=np.int64)
+    expert = np.zeros(total, dtype=np.int64)
+    prio = np.zeros(total, dtype=np.int64)
+    is_true = np.zeros(num_experts, dtype=np.bool_)
+    out = np.zeros(num_experts, dtype=np.int64)
+    n = 0
+    for g in range(n_groups):
+        first, stop = _targets(glayer[g], d, num_moe)
+        for t in range(first, stop):
+            src = g + t - glayer[g]
+            a, b = gstart[src], gstart[src + 1]
+            for i in range(a, b):
+                is_true[gkeys[i] - t * num_experts] = True
+            n_wrong = num_experts - (b - a)
+            m = 0
+            for i in range(a, b):  # ascending true experts, one draw each (PregatedPrefetch._predicted)
+                e = gkeys[i] - t * num_experts
+                if rng.random() < acc or n_wrong == 0:
+                    out[m] = e
+                else:
+                    r = rng.integers(0, n_wrong)  # the r-th wrong expert, ascending
+                    for w in range(num_experts):
+                        if not is_true[w]:
+                            if r == 0:
+                                out[m] = w
+                                break
+                            r -= 1
+                m += 1
+            for i in range(a, b):
+                is_true[gkeys[i] - t * num_experts] = False
+            _emit_sorted_unique(out, m, t, t - glayer[g], layer, expert, prio, n)
+            k = _count_unique(out, m)
+            n += k
+            counts[g] += k
+    return counts, layer[:n], expert[:n], prio[:n]
+
+
+@_njit
+def _emit_sorted_unique(out, m, t, p, layer, expert, prio, n):
+    """Sort out[:m] in place and write its distinct values from row n."""
+    for i in range(1, m):
+        x = out[i]
+        j = i - 1
+        while j >= 0 and out[j] > x:
+            out[j + 1] = out[j]
+            j -= 1
+        out[j + 1] = x
+    w = n
+    for i in range(m):
+        if i == 0 or out[i] != out[i - 1]:
+            layer[w] = t
+            expert[w] = out[i]
+            prio[w] = p
+            w += 1
+
+
+@_njit
+def _count_unique(out, m):
+    k = 0
+    for i in range(m):
+        if i == 0 or out[i] != out[i - 1]:
+            k += 1
+    return k
+
+
+def recorded_ok(trace, prefetcher) -> bool:
+    """Whether :func:`recorded_requests` reads this trace's guesses as the prefetcher does (no
+    negative guess: the prefetcher would ask for it, and the plan reports it)."""
+    spec = trace.extras.get(f"spec_d{prefetcher.distance}")
+    return spec is not None and np.ndim(spec) >= 2 and len(spec) == trace.num_tokens and not (np.asarray(spec) < 0).any()
+
+
+def recorded_requests(groups, sched, trace, num_moe, num_experts, prefetcher):
+    """SpeculativePrefetch: at group (pass, l), the distinct guesses below ``num_experts`` of the
+    pass's tokens in ``spec_d{d}`` at layer l, for layer l + d (none past the last layer)."""
+    spec = np.asarray(trace.extras[f"spec_d{prefetcher.distance}"])
+    spec = spec.reshape(spec.shape[0], spec.shape[1], -1).astype(np.int64)
+    return _recorded_kernel(np.asarray(sched.start, dtype=np.int64), np.asarray(sched.stop, dtype=np.int64), spec,
+                            num_moe, num_experts, int(prefetcher.distance))
+
+
+@_njit
+def _recorded_kernel(pstart, pstop, spec, num_moe, num_experts, d):
+    n_pass = pstart.shape[0]
+    n_groups = n_pass * num_moe
+    counts = np.zeros(n_groups, dtype=np.int64)
+    total = 0
+    for p in range(n_pass):
+        total += min((pstop[p] - pstart[p]) * spec.shape[2], num_experts) * max(num_moe - d, 0)
+    layer = np.zeros(total, dtype=np.int64)
+    expert = np.zeros(total, dtype=np.int64)
+    prio = np.zeros(total, dtype=np.int64)
+    seen = np.zeros(num_experts, dtype=np.bool_)
+    n = 0
+    for p in range(n_pass):
+        for lay in range(num_moe):
+            t = lay + d
+            if t >= num_moe:
+                continue
+            for tok in range(pstart[p], pstop[p]):
+                for j in range(spec.shape[2]):
+                    e = spec[tok, lay, j]
+                    if 0 <= e < num_experts:
+                        seen[e] = True
+            for e in range(num_experts):  # np.unique: ascending
+                if seen[e]:
+                    seen[e] = False
+                    layer[n] = t
+                    expert[n] = e
+                    prio[n] = d
+                    n += 1
+                    counts[p * num_moe + lay] += 1
+    return counts, layer[:n], expert[:n], prio[:n]
+
+
+def learned_ok(prefetcher) -> bool:
+    """Whether :func:`learned_requests` asks the predictor as the prefetcher does: a
+    :class:`~expertsim.policies.predictors.RoutePredictor` (its own type, any model)."""
+    from expertsim.policies.predictors import RoutePredictor
+
+    return type(prefetcher.predictor) is RoutePredictor
+
+
+def learned_requests(groups, sched, trace, num_moe, prefetcher):
+    """LearnedPrefetch: at group (pass, l), for each target layer t, the union of the pass's
+    tokens' predicted top-k at t (``RoutePredictor.predict_top`` from layer l, each token on its
+    own), priority t - l. One prediction per (l, t) for every token of the trace."""
+    n_pass = len(sched.start)
+    pstart = np.asarray(sched.start, dtype=np.int64)
+    pstop = np.asarray(sched.stop, dtype=np.int64)
+    tokens = np.arange(trace.num_tokens, dtype=np.int64)
+    k, E = prefetcher._k, trace.num_experts
+    parts_group, parts_layer, parts_expert, parts_prio = [], [], [], []
+    counts = np.zeros(len(groups.layer), dtype=np.int64)
+    for layer in range(num_moe):
+        mine = np.arange(n_pass, dtype=np.int64) * num_moe + layer  # the group of (pass, layer)
+        for t in prefetcher.targets(layer):
+            top = prefetcher.predictor.predict_top(trace, tokens, layer, t, k)
+            per_pass, experts = _pass_unions(pstart, pstop, np.ascontiguousarray(top, dtype=np.int64), E)
+            parts_group.append(np.repeat(mine, per_pass))
+            parts_layer.append(np.full(len(experts), t, dtype=np.int64))
+            parts_expert.append(experts)
+            parts_prio.append(np.full(len(experts), t - layer, dtype=np.int64))
+            counts[mine] += per_pass
+    if not parts_group:
+        return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(np.concatenate(parts_group), kind="stable")  # per group: targets ascending
+    return (counts, np.concatenate(parts_layer)[order], np.concatenate(parts_expert)[order],
+            np.concatenate(parts_prio)[order])
+
+
+@_njit
+def _pass_unions(pstart, pstop, top, num_experts):
+    """Per pass, the distinct experts of its tokens' rows of ``top``, ascending (np.unique)."""
+    n_pass = pstart.shape[0]
+    per_pass = np.zeros(n_pass, dtype=np.int64)
+    out = np.zeros(min(top.shape[0] * top.shape[1], n_pass * num_experts), dtype=np.int64)
+    seen = np.zeros(num_experts, dtype=np.bool_)
+    n = 0
+    for p in range(n_pass):
+        for tok in range(pstart[p], pstop[p]):
+            for j in range(top.shape[1]):
+                seen[top[tok, j]] = True
+        for e in range(num_experts):
+            if seen[e]:
+                seen[e] = False
+                out[n] = e
+                n += 1
+                per_pass[p] += 1
+    return per_pass, out[:n]
