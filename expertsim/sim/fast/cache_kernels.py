@@ -35,15 +35,32 @@ def _victim(pins, score, slot_key, p, used_slots, exclude, counts):
 
 
 @_njit_inline
-def _evict(key, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts):
+def _evict(key, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp, per_layer, num_experts):
+    """ExpertCache._remove: the entry leaves (its slot freed); the bytes it held."""
     p = key // num_experts if per_layer else 0
-    used[p] -= 1
+    nb = ebytes[key]
+    used[p] -= nb
     free[p, nfree[p]] = slot[key]
     nfree[p] += 1
     slot_key[p, slot[key]] = -1
     cstate[key] = ABSENT
     prefetched[key] = False
+    lowp[key] = False
+    ebytes[key] = 0
     slot[key] = -1
+    return nb
+
+
+@_njit
+def _unpinned_bytes(pins, ebytes, slot_key, p, used_slots, exclude):
+    """The bytes the unpinned entries of partition ``p`` (not ``exclude``) hold: what evicting
+    every candidate frees (ExpertCache._frees)."""
+    total = 0
+    for s in range(used_slots):
+        key = slot_key[p, s]
+        if key >= 0 and pins[key] == 0 and key != exclude:
+            total += ebytes[key]
+    return total
 
 
 @_njit_inline

@@ -11,8 +11,8 @@ import numpy as np
 from expertsim.sim.fast.jit import _njit, _njit_inline
 
 # copy fields (columns of ``ci``)
-KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR = range(12)
-NCF = 12
+KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR, BYTES = range(13)
+NCF = 13
 # link state (``ls``)
 BUSY, RUNNING, RUN_END, SEQ, NCOPY, NPEND, NQ = range(7)
 # totals (``tot``)
@@ -23,17 +23,17 @@ ABSENT, RESIDENT, LOADING = 0, 1, 2
 
 
 @_njit_inline
-def _end(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
+def _end(ci, ls, q, cstate, cur, tot, c, t):
     """Copy ``c`` ended at ``t`` (landed or dropped): the copy waiting for its slot asks next."""
     ci[c, DONE] = t
     n = ci[c, NEXT]
     if n >= 0 and ci[n, WAITPREV] == 1:
         ci[n, WAITPREV] = 0
-        _request(ci, ls, q, cstate, cur, tot, n, t, expert_bytes)
+        _request(ci, ls, q, cstate, cur, tot, n, t)
 
 
 @_njit
-def _request(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
+def _request(ci, ls, q, cstate, cur, tot, c, t):
     """Copy ``c`` asks for the engine at ``t`` (dropped at once when evicted meanwhile)."""
     while c >= 0:
         if ci[c, CANCELLED] == 1:  # evicted before it could start: nothing moves
@@ -86,22 +86,22 @@ def _dequeue(ci, ls, q, c):
 
 
 @_njit
-def _advance(ci, ls, q, pend, cstate, cur, tot, t, expert_bytes, start_pending):
+def _advance(ci, ls, q, pend, cstate, cur, tot, t, start_pending):
     """Every event due at or before ``t`` (after starting the pending copies)."""
     if start_pending and ls[NPEND] > 0:
-        _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+        _start_pending(ci, ls, q, pend, cstate, cur, tot)
     while ls[BUSY] == 1 and ls[RUN_END] <= t:
-        _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
+        _finish(ci, ls, q, cstate, cur, tot)
 
 
 @_njit
-def _finish(ci, ls, q, cstate, cur, tot, expert_bytes):
+def _finish(ci, ls, q, cstate, cur, tot):
     """The running copy's engine time is over: the engine goes to the queue's head, then it lands."""
     c = ls[RUNNING]
     t = ls[RUN_END]
     ls[BUSY] = 0
     ls[RUNNING] = -1
-    tot[T_H2D] += expert_bytes
+    tot[T_H2D] += ci[c, BYTES]
     tot[T_COPIES] += 1
     if ci[c, PREFETCH] == 1:
         tot[T_PF_COPIES] += 1
@@ -112,11 +112,11 @@ def _finish(ci, ls, q, cstate, cur, tot, expert_bytes):
     key = ci[c, KEY]
     if ci[c, CANCELLED] == 0 and cur[key] == c and cstate[key] == LOADING:
         cstate[key] = RESIDENT
-    _end(ci, ls, q, cstate, cur, tot, c, t, expert_bytes)
+    _end(ci, ls, q, cstate, cur, tot, c, t)
 
 
 @_njit
-def _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes):
+def _start_pending(ci, ls, q, pend, cstate, cur, tot):
     """The copies issued so far start (as SimPy processes, when the compute stream lets time move)."""
     n = ls[NPEND]
     if n == 0:
@@ -127,31 +127,31 @@ def _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes):
         t = ci[c, ISSUE]
         if ci[c, AFTER] >= 0:
             continue  # registered on its signal at issue; the signal starts it
-        _after_met(ci, ls, q, cstate, cur, tot, c, t, expert_bytes)
+        _after_met(ci, ls, q, cstate, cur, tot, c, t)
 
 
 @_njit
-def _after_met(ci, ls, q, cstate, cur, tot, c, t, expert_bytes):
+def _after_met(ci, ls, q, cstate, cur, tot, c, t):
     p = ci[c, PREV]
     if p >= 0 and ci[p, DONE] < 0:
         ci[c, WAITPREV] = 1
         return
-    _request(ci, ls, q, cstate, cur, tot, c, t, expert_bytes)
+    _request(ci, ls, q, cstate, cur, tot, c, t)
 
 
 @_njit
-def _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes):
+def _wait(ci, ls, q, pend, cstate, cur, tot, c):
     """Run the link until copy ``c`` ends; its end time."""
     if ls[NPEND] > 0:
-        _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+        _start_pending(ci, ls, q, pend, cstate, cur, tot)
     while ci[c, DONE] < 0:
-        _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
+        _finish(ci, ls, q, cstate, cur, tot)
     return ci[c, DONE]
 
 
 @_njit
 def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, part, sl, prio, prefetch,
-           after, now, dur, serial, fifo_link):
+           after, now, dur, nbytes, serial, fifo_link):
     """A copy issued by the compute stream at ``now`` (it starts with the next pending start)."""
     c = ls[NCOPY]
     ls[NCOPY] = c + 1
@@ -165,6 +165,7 @@ def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter,
     ci[c, WAITPREV] = 0
     ci[c, ISSUE] = now
     ci[c, DUR] = dur
+    ci[c, BYTES] = nbytes
     prev = slot_copy[part, sl]
     ci[c, PREV] = prev
     if prev >= 0:
@@ -184,7 +185,7 @@ def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter,
 
 
 @_njit
-def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes, waiting):
+def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, waiting):
     """LinkQueue.promote: the evicted queued prefetches leave the queue and end, the promoted ones
     ask again at priority 0, then the copies waiting for the dropped ones' slots."""
     for i in range(ndrop):
@@ -202,9 +203,9 @@ def _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, e
             waiting[nw] = n
             nw += 1
     for i in range(npro):
-        _request(ci, ls, q, cstate, cur, tot, promoted[i], now, expert_bytes)
+        _request(ci, ls, q, cstate, cur, tot, promoted[i], now)
     for i in range(nw):
-        _request(ci, ls, q, cstate, cur, tot, waiting[i], now, expert_bytes)
+        _request(ci, ls, q, cstate, cur, tot, waiting[i], now)
 
 
 @_njit

@@ -54,7 +54,7 @@ def system_kind(system) -> str | None:
     of its own beyond ComposedSystem's (Fiddler's initial hot set excepted); else None."""
     from expertsim.policies.base import System
     from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
-    from expertsim.policies.miss import CpuWhenCheaper, MissHandler, SkipMisses
+    from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
     from expertsim.policies.systems import ComposedSystem, Fiddler
     from expertsim.sim.fast.support import SYSTEM_HOOKS
@@ -66,7 +66,7 @@ def system_kind(system) -> str | None:
         if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook) and not (
                 hook == "initial_residents" and mine is Fiddler.initial_residents):
             return None
-    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper):
+    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper, GateThresholdPrecision):
         return None
     if type(system.scheduler) is not FifoScheduler or system.allocator is not None:
         return None
@@ -199,8 +199,10 @@ def miss_rule(system, trace, sched, groups, cost):
     ``max_weight`` and, with ``keep_top1``, no token's first choice is skipped; the gate mass is
     the LayerServer's (the uses' weights summed in token order, or uses / k without weights).
     Mode 2 (CpuWhenCheaper): a miss whose tokens the CPU computes faster (or every miss) runs
-    there, and is copied in the background with ``cache_after_cpu``."""
-    from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
+    there, and is copied in the background with ``cache_after_cpu``. Mode 3
+    (GateThresholdPrecision, HOBBIT): rule_ok is each access's level (2 full precision, 1 low,
+    0 skipped: the highest :func:`~expertsim.policies.miss.cumulative_levels` of its uses)."""
+    from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, SkipMisses
     from expertsim.sim.fast.simulate import expert_times
 
     miss = system.miss
@@ -210,7 +212,7 @@ def miss_rule(system, trace, sched, groups, cost):
         cheaper = expert_times(cost, groups.tokens, miss.cpu_is_cheaper).astype(bool)
         return 2, cheaper[groups.tokens], none_f, cpu_ns, bool(miss.cache_after_cpu)
     cpu_ns = np.zeros(1, dtype=np.int64)  # no CPU job
-    if type(miss) is not SkipMisses:
+    if type(miss) not in (SkipMisses, GateThresholdPrecision):
         return 0, none_b, none_f, cpu_ns, False
     n, num_layers, k = trace.experts.shape
     num_experts = trace.num_experts
@@ -227,13 +229,24 @@ def miss_rule(system, trace, sched, groups, cost):
     else:
         w = np.asarray(trace.weights, dtype=np.float64)
         mass = np.bincount(use, weights=w.ravel(), minlength=len(groups.keys))
+    mass = np.asarray(mass, dtype=np.float64)
+    if type(miss) is GateThresholdPrecision:  # cumulative_levels: by weight, descending (stable)
+        order = np.argsort(-w, axis=2, kind="stable")
+        w_sorted = np.take_along_axis(w, order, axis=2)
+        before = np.cumsum(w_sorted, axis=2) - w_sorted
+        lv = np.where(before < miss.full_threshold, 2, np.where(before < miss.low_threshold, 1, 0)).astype(np.int8)
+        use_level = np.zeros(w.shape, dtype=np.int8)
+        np.put_along_axis(use_level, order, lv, axis=2)
+        level = np.zeros(len(groups.keys), dtype=np.int8)
+        np.maximum.at(level, use, use_level.ravel())
+        return 3, level, mass, cpu_ns, False
     heavy = np.zeros(len(groups.keys), dtype=bool)
     heavy[use[(w > miss.max_weight).ravel()]] = True
     if miss.keep_top1:
         first = np.zeros(trace.experts.shape, dtype=bool)
         np.put_along_axis(first, np.argmax(w, axis=2)[:, :, None], True, axis=2)
         heavy[use[first.ravel()]] = True
-    return 1, ~heavy, np.asarray(mass, dtype=np.float64), cpu_ns, False
+    return 1, ~heavy, mass, cpu_ns, False
 
 
 def _inner(prefetcher):
@@ -254,7 +267,6 @@ def simulate(model, hardware, system, cache_config, trace, options):
     from expertsim.policies.records import RunTotals
     from expertsim.sim.fast import prefetching as k
     from expertsim.sim.fast.belady import _belady_misses
-    from expertsim.sim.fast.groups import _capacity_slots
     from expertsim.sim.fast.simulate import batch1_result, batch1_start, dense_times, expert_times
     from expertsim.sim.fast.timing import _bounds_metrics
 
@@ -265,24 +277,32 @@ def simulate(model, hardware, system, cache_config, trace, options):
     # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     pf_start, pf_key, pf_prio = prefetch_plan(system, trace, sched, groups, cache)
-    cap, per_layer = _capacity_slots(setup.cache_config, m.num_moe_layers, m.num_experts, m.expert_bytes())
+    cap, per_layer = np.asarray(cache.capacity, dtype=np.int64), cache.num_partitions > 1  # bytes
     expert_ns = expert_times(cost, groups.tokens)
     dense = dense_times(cost, sched)
     moe_of_layer = np.full(m.num_layers, -1, dtype=np.int64)
     moe_of_layer[np.asarray(m.moe_layers, dtype=np.int64)] = np.arange(m.num_moe_layers)
     expert_bytes = m.expert_bytes()
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
+    lowp = system.low_precision_dtype  # HOBBIT's low-precision copies (mode 3)
+    low_bytes = m.expert_bytes(lowp)
+    copy_ns_low = cost.copy_overhead_ns(low_bytes) + cost.copy_wire_ns(low_bytes)
     kind = system_kind(system)
     miss_mode, rule_ok, gate_mass, cpu_ns, background = miss_rule(system, trace, sched, groups, cost)
+    level = np.zeros(0, dtype=np.int8)
+    if miss_mode == 3:  # the levels travel apart from the skip / CPU rule
+        level, rule_ok = rule_ok, np.zeros(0, dtype=np.bool_)
+    expert_ns_low = expert_times(cost, groups.tokens, lambda t: cost.expert_time_ns(t, low_precision_dtype=lowp)) \
+        if miss_mode == 3 else np.zeros(1, dtype=np.int64)
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)  # after prepare, as the DES
-    begin, end, hits, misses, stall, experts, tot, err, dropped_mass = k.simulate_kernel(
+    begin, end, hits, misses, stall, experts, tot, err, dropped_mass, degraded_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
         m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
         opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
         system.expert_order == "cache-aware", COPY_ROWS,
         system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
-        initial)
+        initial, low_bytes, copy_ns_low, expert_ns_low, level)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "
@@ -292,6 +312,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
                        prefetch_admitted=int(tot[k.T_PF_ADMITTED]), prefetch_hits=int(tot[k.T_PF_HITS]),
                        stall_ns=int(tot[k.T_STALL]), expert_compute_ns=int(tot[k.T_EXPERT]),
                        dense_compute_ns=int(tot[k.T_DENSE]), dropped_gate_mass=float(dropped_mass),
+                       degraded_gate_mass=float(degraded_mass),
                        cpu_ns=int(tot[k.T_CPU_NS]), cpu_experts=int(tot[k.T_CPU_EXPERTS]))
     extra = {}
     if opts.bounds:
@@ -303,4 +324,4 @@ def simulate(model, hardware, system, cache_config, trace, options):
     return batch1_result(model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
                          options=opts, cost=cost, sched=sched, begin=begin, end=end, hits=hits, misses=misses,
                          stall=stall, experts=experts, totals=totals, memory=memory,
-                         peak_bytes=int(tot[k.T_PEAK]) * expert_bytes, extra=extra, wall0=wall0)
+                         peak_bytes=int(tot[k.T_PEAK]), extra=extra, wall0=wall0)

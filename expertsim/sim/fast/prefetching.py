@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.sim.fast.cache_kernels import _cache_aware, _evict, _serve_order, _take_slot, _victim
+from expertsim.sim.fast.cache_kernels import _cache_aware, _evict, _serve_order, _take_slot, _unpinned_bytes, _victim
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
@@ -31,18 +31,23 @@ from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total in
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
-                    copy_rows, counts, initial):
+                    copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
     miss is copied; 1: a miss where ``rule_ok`` (per access) is skipped (SkipMisses), dropping
     its ``gate_mass``; 2: one where ``rule_ok`` is computed on the host CPU (CpuWhenCheaper; one
-    job at a time, ``cpu_ns`` by tokens), then copied in the background when ``background``.
+    job at a time, ``cpu_ns`` by tokens), then copied in the background when ``background``;
+    3: by ``level`` (per access, HOBBIT's GateThresholdPrecision): 2 copied, 1 copied in low
+    precision (``low_bytes``, ``copy_ns_low``; computed in ``expert_ns_low`` by tokens, as are the
+    hits on it), 0 skipped. ``cap``: each partition's capacity in bytes (entries take their
+    copy's bytes; with whole experts only, a count of slots).
     ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
     (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
     the copy table's first size (it drops the copies that ended, then grows, as needed).
     ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
-    keys resident before the run (ExpertCache.preload, one tick each)."""
+    keys resident before the run (ExpertCache.preload, one tick each). Returns also the gate
+    mass computed from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -50,9 +55,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             num_moe += 1
     num_keys = num_moe * num_experts
     num_parts = cap.shape[0]
-    max_slots = 1
+    max_slots = 1  # entries a partition can hold (slots handed out)
     for p in range(num_parts):
-        max_slots = max(max_slots, cap[p])
+        max_slots = max(max_slots, cap[p] // max(1, min(expert_bytes, low_bytes)))
     n_acc = keys.shape[0]
     widest = _widest_group(gstart)  # a layer's needed experts
     max_pf = _widest_group(pf_start) + widest  # a layer's prefetches, and its background copies
@@ -70,6 +75,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     score = np.zeros(num_keys, dtype=np.int64)
     slot = np.full(num_keys, -1, dtype=np.int64)
     prefetched = np.zeros(num_keys, dtype=np.bool_)
+    ebytes = np.zeros(num_keys, dtype=np.int64)  # an entry's bytes (ExpertCache.entry_bytes)
+    lowp = np.zeros(num_keys, dtype=np.bool_)  # ExpertCache.entry_low_precision
+    it_low = np.zeros(widest, dtype=np.bool_)  # computed from a low-precision copy
+    nbytes_of = np.zeros(widest, dtype=np.int64)  # a miss's copy bytes
     cur = np.full(num_keys, -1, dtype=np.int64)
     used = np.zeros(num_parts, dtype=np.int64)
     free = np.zeros((num_parts, max_slots + 1), dtype=np.int64)
@@ -99,16 +108,18 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     cpu_end = np.zeros(widest, dtype=np.int64)
     cpu_free = 0  # when the host CPU's last job ends
     dropped_mass = 0.0
+    degraded_mass = 0.0
     scratch = np.zeros((6, widest), dtype=np.int64)  # _serve_order's
-    waiting = np.zeros(widest + max_pf, dtype=np.int64)  # _promote's
     pfi_key = np.zeros(max_pf, dtype=np.int64)
     req_key = np.zeros(max_pf, dtype=np.int64)
     req_prio = np.zeros(max_pf, dtype=np.int64)
     pfi_prio = np.zeros(max_pf, dtype=np.int64)
     pfi_slot = np.zeros(max_pf, dtype=np.int64)
-    evicted = np.zeros(widest + max_pf, dtype=np.int64)
+    per_room = expert_bytes // max(1, min(expert_bytes, low_bytes)) + 1  # evictions one admission may take
+    waiting = np.zeros((widest + max_pf) * per_room, dtype=np.int64)  # _promote's
+    evicted = np.zeros((widest + max_pf) * per_room, dtype=np.int64)
     promoted = np.zeros(widest, dtype=np.int64)
-    dropped = np.zeros(widest + max_pf, dtype=np.int64)
+    dropped = np.zeros((widest + max_pf) * per_room, dtype=np.int64)
     out_start = np.zeros(n_pass, dtype=np.int64)
     out_end = np.zeros(n_pass, dtype=np.int64)
     out_hits = np.zeros(n_pass, dtype=np.int64)
@@ -117,16 +128,17 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     out_experts = np.zeros(n_pass, dtype=np.int64)
     now = 0
     tick = 0
-    entries = 0
+    entries = 0  # bytes held (ExpertCache._used_sum) and their peak
     peak = 0
     for key in initial:  # ExpertCache.preload: admitted in order (a tick each), resident at once
         p = key // num_experts if per_layer else 0
         tick += 1
         cstate[key] = RESIDENT
-        used[p] += 1
+        used[p] += expert_bytes
+        ebytes[key] = expert_bytes
         _take_slot(p, key, slot, slot_key, free, nfree, next_slot)
         score[key] = tick
-        entries += 1
+        entries += expert_bytes
         peak = max(peak, entries)
     err = -1
     g = -1
@@ -138,28 +150,28 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             if serial:
                 host = min(host_layer_ns, t_dense)
                 if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
                 now += host
                 for s in range(nstream[0]):  # drain the stream
-                    end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                    end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
                     if end > now:
                         stall_it += end - now
                         tot[T_STALL] += end - now
                         now = end
                 nstream[0] = 0
                 if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
                 now += t_dense - host
             else:
                 if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
                 now += t_dense
             m = moe_of_layer[layer]
             if m < 0:
                 continue
             g += 1
             if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
             if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
                 _compact(ci, ls, q, cur, slot_copy)  # the copies that ended leave the table
                 if 2 * (ls[NCOPY] + widest + max_pf + 1) > ci.shape[0]:
@@ -214,29 +226,38 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 it_skip[i] = False
                 it_cpu[i] = False
                 has_sig[i] = False
+                it_low[i] = it_hit[i] and lowp[it_key[i]]
             layer_drop = 0.0
             ncpu = 0
             for i in range(nh, n):
                 key = it_key[i]
-                if miss_mode != 0 and rule_ok[it_acc[i]]:  # skipped or on the CPU: no room, no copy
+                skip = miss_mode != 0 and miss_mode != 3 and rule_ok[it_acc[i]]
+                if skip or (miss_mode == 3 and level[it_acc[i]] == 0):  # skipped or on the CPU: no room, no copy
                     it_skip[i] = True
                     it_slot[i] = -1
-                    if miss_mode == 1:
-                        layer_drop += gate_mass[it_acc[i]]
-                    else:
+                    if miss_mode == 2:
                         it_cpu[i] = True
                         cpu_keys[ncpu] = key
                         ncpu += 1
+                    else:
+                        layer_drop += gate_mass[it_acc[i]]
                     continue
-                out = -1
-                while used[part] >= cap[part]:
+                nb = expert_bytes
+                if miss_mode == 3 and level[it_acc[i]] == 1:
+                    nb = low_bytes
+                    it_low[i] = True
+                nbytes_of[i] = nb
+                nev0 = nev
+                while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
                     v = _victim(pins, score, slot_key, part, next_slot[part], key, counts)
-                    if v >= 0:
-                        _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts)
-                        entries -= 1
-                        evicted[nev] = v
-                        nev += 1
-                        out = v
+                    if v >= 0 and cap[part] - used[part] + _unpinned_bytes(
+                            pins, ebytes, slot_key, part, next_slot[part], key) >= nb:
+                        while cap[part] - used[part] < nb:  # _make_room: the policy's victims until it fits
+                            v = _victim(pins, score, slot_key, part, next_slot[part], key, counts)
+                            entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
+                                              per_layer, num_experts)
+                            evicted[nev] = v
+                            nev += 1
                         break
                     while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
@@ -248,16 +269,20 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     rel_ptr += 1
                 if err >= 0:
                     break
-                if out >= 0 and rel_ptr > 0:
+                if nev > nev0 and rel_ptr > 0:
                     for j in range(i):
-                        if it_rel[j] and it_key[j] == out and j > it_wait[i]:
-                            it_wait[i] = j
+                        if it_rel[j] and j > it_wait[i]:
+                            for e in range(nev0, nev):
+                                if it_key[j] == evicted[e]:
+                                    it_wait[i] = j
                 cstate[key] = LOADING
-                used[part] += 1
+                used[part] += nb
+                ebytes[key] = nb
+                lowp[key] = it_low[i]
                 _take_slot(part, key, slot, slot_key, free, nfree, next_slot)
                 it_slot[i] = slot[key]
                 score[key] = it_tick[i]
-                entries += 1
+                entries += nb
                 if entries > peak:
                     peak = entries
                 pins[key] += 1
@@ -266,6 +291,12 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     has_sig[it_wait[i]] = True
             if err >= 0:
                 break
+            if miss_mode == 3:  # LayerServer: the gate mass of the items computed from low precision
+                layer_degraded = 0.0
+                for i in range(n):
+                    if it_low[i]:
+                        layer_degraded += gate_mass[it_acc[i]]
+                degraded_mass += layer_degraded
             # 4. prefetch admissions (optional: dropped when no unpinned room)
             # the requests: the system's (trimmed), then the CPU's experts copied in the background
             nreq = 0
@@ -293,23 +324,26 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if cstate[key] != ABSENT:
                     continue
                 pp = key // num_experts if per_layer else 0
-                if used[pp] >= cap[pp]:
-                    v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts)
-                    if v < 0:
+                if cap[pp] - used[pp] < expert_bytes:
+                    if cap[pp] - used[pp] + _unpinned_bytes(pins, ebytes, slot_key, pp, next_slot[pp], key) \
+                            < expert_bytes:
                         continue
-                    _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, per_layer, num_experts)
-                    entries -= 1
-                    evicted[nev] = v
-                    nev += 1
+                    while cap[pp] - used[pp] < expert_bytes:
+                        v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts)
+                        entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
+                                          per_layer, num_experts)
+                        evicted[nev] = v
+                        nev += 1
                 tick += 1
                 cstate[key] = LOADING
-                used[pp] += 1
+                used[pp] += expert_bytes
+                ebytes[key] = expert_bytes
                 _take_slot(pp, key, slot, slot_key, free, nfree, next_slot)
                 pfi_slot[npf] = slot[key]
                 prefetched[key] = True
                 tot[T_PF_ADMITTED] += 1
                 score[key] = tick
-                entries += 1
+                entries += expert_bytes
                 if entries > peak:
                     peak = entries
                 pfi_key[npf] = key
@@ -348,15 +382,16 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if it_copy[i]:
                         key = it_key[i]
                         _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                               part, it_slot[i], 0, False, it_wait[i], now, copy_ns, serial, fifo_link)
+                               part, it_slot[i], 0, False, it_wait[i], now, copy_ns_low if it_low[i] else copy_ns,
+                               nbytes_of[i], serial, fifo_link)
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, expert_bytes, serial, fifo_link)
             if npro > 0 or ndrop > 0:
-                _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
-                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, expert_bytes, waiting)
+                _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, waiting)
             stall = 0
             computed = 0
             host_ns = host_expert_ns if serial else 0
@@ -366,7 +401,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 key = it_key[i]
                 if it_cpu[i]:  # a host CPU job, first come first served
                     if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                     d = cpu_ns[it_tok[i]]
                     cpu_free = max(now, cpu_free) + d
                     cpu_end[njobs] = cpu_free
@@ -377,17 +412,18 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 if serial and it_copy[i]:
                     if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                           part, it_slot[i], 0, False, it_wait[i], now, copy_ns, serial, fifo_link)
-                t = expert_ns[it_tok[i]]
+                           part, it_slot[i], 0, False, it_wait[i], now, copy_ns_low if it_low[i] else copy_ns,
+                           nbytes_of[i], serial, fifo_link)
+                t = expert_ns_low[it_tok[i]] if it_low[i] else expert_ns[it_tok[i]]
                 host = min(host_ns, t)
                 if host > 0:
                     if ls[NPEND] > 0:
-                        _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                        _start_pending(ci, ls, q, pend, cstate, cur, tot)
                     now += host
                     for s in range(nstream[0]):
-                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
                         if end > now:
                             stall += end - now
                             now = end
@@ -395,38 +431,38 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 c = it_hc[i] if it_hit[i] else cur[key]
                 if c >= 0:
                     end = ci[c, DONE] if ls[NPEND] == 0 and ci[c, DONE] >= 0 else \
-                        _wait(ci, ls, q, pend, cstate, cur, tot, c, expert_bytes)
+                        _wait(ci, ls, q, pend, cstate, cur, tot, c)
                     if end > now:
                         stall += end - now
                         now = end
                 if serial:
                     for s in range(nstream[0]):
-                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s], expert_bytes)
+                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
                         if end > now:
                             stall += end - now
                             now = end
                     nstream[0] = 0
                 if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
                 now += t - host
                 computed += t
                 if has_sig[i]:
                     if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                     sig_fired[i] = 1
                     w = sig_waiter[i]
                     if w >= 0:
                         sig_waiter[i] = -1
-                        _after_met(ci, ls, q, cstate, cur, tot, w, now, expert_bytes)
+                        _after_met(ci, ls, q, cstate, cur, tot, w, now)
             tot[T_EXPERT] += computed
             if serial and npf > 0:
                 if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                    _advance(ci, ls, q, pend, cstate, cur, tot, now, expert_bytes, True)
+                    _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, expert_bytes, serial, fifo_link)
             for j in range(njobs):  # the layer ends when its CPU jobs have
                 if cpu_end[j] > now:
                     stall += cpu_end[j] - now
@@ -446,8 +482,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
         out_start[pi] = start_iter
         out_end[pi] = now
         out_stall[pi] = stall_it
-    _start_pending(ci, ls, q, pend, cstate, cur, tot, expert_bytes)
+    _start_pending(ci, ls, q, pend, cstate, cur, tot)
     while ls[BUSY] == 1:
-        _finish(ci, ls, q, cstate, cur, tot, expert_bytes)
+        _finish(ci, ls, q, cstate, cur, tot)
     tot[T_PEAK] = peak
-    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, dropped_mass
+    return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, dropped_mass, degraded_mass

@@ -17,7 +17,7 @@ from test_fast_simulate import assert_same_run
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
-from expertsim.policies.miss import CpuWhenCheaper, SkipMisses
+from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, SkipMisses
 from expertsim.policies.prefetch import (
     LayerRingPrefetch,
     LearnedPrefetch,
@@ -48,6 +48,8 @@ def _miss(spec):
         return None
     if spec[0] == "skip":
         return SkipMisses(*spec[1:])
+    if spec[0] == "hobbit":  # full / low precision / skipped by cumulative gate weight
+        return GateThresholdPrecision(*spec[1:])
     return CpuWhenCheaper(always=spec[1], cache_after_cpu=spec[2])  # the CPU when cheaper, background copies
 
 
@@ -75,7 +77,8 @@ def _run(model, hw, make, cfg, trace, options, engine):
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
        dense_first=st.integers(0, 1), bounds=st.booleans(),
        miss=st.sampled_from([None, ("skip", 0.3, True), ("skip", 0.6, False), ("skip", 1.0, True),
-                             ("cpu", True, True), ("cpu", False, False), ("cpu", False, True)]),
+                             ("cpu", True, True), ("cpu", False, False), ("cpu", False, True),
+                             ("hobbit", 0.6, 0.9), ("hobbit", 0.0, 0.5), ("hobbit", 0.3, 1.0)]),
        weights_seed=st.integers(0, 3),
        order=st.sampled_from(["hits-first", "cache-aware"]))
 def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, accuracy, serial, host_us, queue,
@@ -125,16 +128,17 @@ def test_which_systems_it_takes():
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # expertflow adapts its prefetch distance to stalls and moves slots between layers; hobbit copies
-    # low-precision experts; moe-infinity evicts by activation priorities; plain LRU has its own kernel
-    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler"}
+    # expertflow adapts its prefetch distance to stalls and moves slots between layers;
+    # moe-infinity evicts by activation priorities; plain LRU has its own kernel
+    assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler",
+                     "hobbit"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe",
-                                    "cache-moe", "fiddler"])
+                                    "cache-moe", "fiddler", "hobbit"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
