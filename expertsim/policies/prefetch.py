@@ -224,6 +224,10 @@ class ActivationMatrixPrefetch(Prefetcher):
         self._hist = None  # np.stack(self.past)
         self._blocks: dict[int, tuple] = {}  # upto -> (the history's layers 0..upto, their norms)
         self._rows: dict[tuple[int, int], list[float]] = {}  # (match, layer) -> its normalised row
+        # the dot products of the current EAM with each past one: per layer (each use adds the
+        # past EAM's entry), and over layers 0..l added in layer order (see _match_index)
+        self._dots = np.zeros((len(self.past), self._L))
+        self._prefix = np.zeros((len(self.past), self._L))
 
     def on_request_start(self, request):
         if self.current.any():
@@ -232,6 +236,8 @@ class ActivationMatrixPrefetch(Prefetcher):
             self._forget()
         self.current = np.zeros((self._L, self._E))
         self._squares = [0] * self._L
+        self._dots[:] = 0.0
+        self._prefix[:] = 0.0
 
     def _match_index(self, upto: int) -> int | None:
         """The index in ``past`` of the EAM that best matches layers 0..upto (None: no history).
@@ -246,11 +252,14 @@ class ActivationMatrixPrefetch(Prefetcher):
             h = self._hist[:, :upto + 1].reshape(len(self._hist), -1)
             block = self._blocks[upto] = (h, np.linalg.norm(h, axis=1))
         h, norms = block
-        q = self.current[:upto + 1].ravel()
+        # h . q over layers 0..upto: the per-layer dot products (each use of the current
+        # request added its past entry, in order) summed in layer order, kept as the pass goes
+        # (a fixed order of float additions, which the fast engine's plan repeats)
+        dots = self._prefix[:, upto]
         # np.linalg.norm(q) is sqrt(q . q); q holds whole counts, so q . q is the exact integer
         # kept in _squares, and both square roots are correctly rounded
         norm = math.sqrt(sum(self._squares[:upto + 1]))
-        sim = h @ q / (norms * (norm or 1.0) + 1e-12)
+        sim = dots / (norms * (norm or 1.0) + 1e-12)
         return int(np.argmax(sim))
 
     def matched(self, upto: int) -> np.ndarray | None:
@@ -266,13 +275,21 @@ class ActivationMatrixPrefetch(Prefetcher):
 
     def prefetch(self, obs):
         current = self.current
-        row = current[obs.layer]
+        layer = obs.layer
+        row = current[layer]
         squares = 0
+        if self.past and self._hist is None:
+            self._hist = np.stack(self.past)  # [H, L, E]
+        dots = self._dots[:, layer] if self.past else None
         for e in obs.experts.ravel().tolist():  # np.add.at, one by one
             count = int(row[e])
             squares += 2 * count + 1  # (c + 1)^2 - c^2
             row[e] = count + 1.0
-        self._squares[obs.layer] += squares
+            if dots is not None:
+                dots += self._hist[:, layer, e]
+        self._squares[layer] += squares
+        if dots is not None:  # layers below this one are final for this pass
+            self._prefix[:, layer] = dots if layer == 0 else self._prefix[:, layer - 1] + dots
         index = self._match_index(obs.layer)
         width = self.width or self._k
         E = self._E

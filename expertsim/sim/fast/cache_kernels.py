@@ -125,3 +125,50 @@ def _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n):
             j -= 1
         it_key[j + 1], it_hit[j + 1], it_load[j + 1] = key, hit, load
         it_tick[j + 1], it_tok[j + 1], it_acc[j + 1] = tick, tok, acc
+
+
+@_njit
+def _victim_priority(pins, last, slot_key, p, used_slots, exclude, prefetched, current, eam, row_sum, freq, total,
+                     num_moe, num_experts):
+    """ActivationPriority.victim (MoE-Infinity) over partition ``p``'s unpinned entries (not
+    ``exclude``): the lowest layer proximity x (request activation + 1e-6) x (frequency + 1e-6),
+    the float64 arithmetic of ``_victim_few`` in its order; ties: least recent, then lowest key.
+    An entry prefetched for a layer after ``current`` is kept while another candidate remains."""
+    n = 0
+    waiting = 0
+    for s in range(used_slots):
+        key = slot_key[p, s]
+        if key >= 0 and pins[key] == 0 and key != exclude:
+            n += 1
+            if prefetched[key] and key // num_experts > current:
+                waiting += 1
+    drop = 0 < waiting < n
+    best = -1
+    best_rank = 0.0
+    for s in range(used_slots):
+        key = slot_key[p, s]
+        if key < 0 or pins[key] != 0 or key == exclude:
+            continue
+        layer = key // num_experts
+        if drop and prefetched[key] and layer > current:
+            continue
+        expert = key - layer * num_experts
+        topo = 1.0 if layer <= current else 1.0 - layer / num_moe
+        a = eam[layer, expert] / max(row_sum[layer], 1e-12) if row_sum[layer] > 0 else 1.0 / num_experts
+        f = freq[layer, expert] / total if total > 0 else 1.0
+        rank = topo * (a + 1e-6) * (f + 1e-6)
+        if best < 0 or rank < best_rank or (rank == best_rank and (last[key] < last[best] or (
+                last[key] == last[best] and key < best))):
+            best = key
+            best_rank = rank
+    return best
+
+
+@_njit
+def _pick_victim(by_priority, pins, last, slot_key, p, used_slots, exclude, counts, prefetched, current, eam, row_sum,
+                 freq, total, num_moe, num_experts):
+    """The eviction policy's victim: ActivationPriority's, or the keyed policies' (:func:`_victim`)."""
+    if by_priority:
+        return _victim_priority(pins, last, slot_key, p, used_slots, exclude, prefetched, current, eam, row_sum, freq,
+                                total, num_moe, num_experts)
+    return _victim(pins, last, slot_key, p, used_slots, exclude, counts)

@@ -25,6 +25,7 @@ COPY_ROWS = 1 << 16  # the kernel's copy table at first (the tests make it tiny 
 
 def _trace_only_prefetchers() -> tuple:
     from expertsim.policies.prefetch import (
+        ActivationMatrixPrefetch,
         LayerRingPrefetch,
         LearnedPrefetch,
         ModelledSpeculation,
@@ -34,7 +35,7 @@ def _trace_only_prefetchers() -> tuple:
     )
 
     return (Prefetcher, PregatedPrefetch, ModelledSpeculation, SpeculativePrefetch, LayerRingPrefetch,
-            LearnedPrefetch)
+            LearnedPrefetch, ActivationMatrixPrefetch)
 
 
 def _prefetcher_ok(prefetcher) -> bool:
@@ -46,14 +47,16 @@ def _prefetcher_ok(prefetcher) -> bool:
 
 
 def system_kind(system) -> str | None:
-    """'lru', 'fifo' or 'static' when ``system`` is a composed system the kernel reproduces: LRU,
-    FIFO or a static hot set (Fiddler's, preloaded) for eviction; copy on miss, or the skip rule of
+    """'lru', 'fifo', 'static' or 'priority' when ``system`` is a composed system the kernel
+    reproduces: LRU, FIFO, a static hot set (Fiddler's, preloaded) or MoE-Infinity's activation
+    priority for eviction; copy on miss, or the skip rule of
     :class:`~expertsim.policies.miss.SkipMisses`, or the CPU of
-    :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies; the FIFO
+    :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies, or HOBBIT's
+    :class:`~expertsim.policies.miss.GateThresholdPrecision`; the FIFO
     scheduler; either serve order; no cross-layer allocator; a trace-only prefetcher; and no hook
     of its own beyond ComposedSystem's (Fiddler's initial hot set excepted); else None."""
     from expertsim.policies.base import System
-    from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
+    from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, StaticHotSet
     from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
     from expertsim.policies.systems import ComposedSystem, Fiddler
@@ -72,7 +75,8 @@ def system_kind(system) -> str | None:
         return None
     if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
-    return {LRU: "lru", FIFO: "fifo", StaticHotSet: "static"}.get(type(system.eviction))
+    return {LRU: "lru", FIFO: "fifo", StaticHotSet: "static", ActivationPriority: "priority"}.get(
+        type(system.eviction))
 
 
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
@@ -94,7 +98,8 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
     the learned predictor are computed at once (:mod:`expertsim.sim.fast.prefetch_plans`); any other trace-only prefetcher
     is asked layer by layer, in the DES's order."""
     from expertsim.policies.prefetch import (
-        LayerRingPrefetch, LearnedPrefetch, ModelledSpeculation, PregatedPrefetch, SpeculativePrefetch,
+        ActivationMatrixPrefetch, LayerRingPrefetch, LearnedPrefetch, ModelledSpeculation, PregatedPrefetch,
+        SpeculativePrefetch,
     )
     from expertsim.sim.fast import prefetch_plans as pp
 
@@ -115,6 +120,8 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
         counts, layer, expert, prio = pp.guessed_requests(groups, num_moe, num_experts, prefetcher)
     elif kind is SpeculativePrefetch and pp.recorded_ok(trace, prefetcher):
         counts, layer, expert, prio = pp.recorded_requests(groups, sched, trace, num_moe, num_experts, prefetcher)
+    elif kind is ActivationMatrixPrefetch:
+        counts, layer, expert, prio = pp.eam_requests(groups, sched, trace, num_moe, prefetcher)
     elif kind is LearnedPrefetch and pp.learned_ok(prefetcher):
         counts, layer, expert, prio = pp.learned_requests(groups, sched, trace, num_moe, prefetcher)
     else:
@@ -295,6 +302,9 @@ def simulate(model, hardware, system, cache_config, trace, options):
     expert_ns_low = expert_times(cost, groups.tokens, lambda t: cost.expert_time_ns(t, low_precision_dtype=lowp)) \
         if miss_mode == 3 else np.zeros(1, dtype=np.int64)
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)  # after prepare, as the DES
+    request = np.asarray(sched.request)
+    new_request = np.ones(len(request), dtype=np.bool_)  # the passes where on_request_start runs
+    new_request[1:] = request[1:] != request[:-1]
     begin, end, hits, misses, stall, experts, tot, err, dropped_mass, degraded_mass = k.simulate_kernel(
         m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
         pf_start, pf_key, pf_prio, per_layer, cap, kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
@@ -302,7 +312,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
         opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
         system.expert_order == "cache-aware", COPY_ROWS,
         system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
-        initial, low_bytes, copy_ns_low, expert_ns_low, level)
+        initial, low_bytes, copy_ns_low, expert_ns_low, level, kind == "priority", new_request)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "

@@ -255,3 +255,121 @@ def _pass_unions(pstart, pstop, top, num_experts):
                 n += 1
                 per_pass[p] += 1
     return per_pass, out[:n]
+
+
+def eam_requests(groups, sched, trace, num_moe, prefetcher):
+    """ActivationMatrixPrefetch (MoE-Infinity): request by request, the history of past
+    activation matrices, their norms and normalised rows as the prefetcher computes them (numpy,
+    the same expressions), then the request's passes in one compiled loop: the current matrix,
+    the per-layer dot products with the history summed in layer order, the best match and the
+    ranked experts of the next ``depth`` layers."""
+    L, E = num_moe, trace.num_experts
+    width = prefetcher.width or prefetcher._k
+    pstart = np.asarray(sched.start, dtype=np.int64)
+    pstop = np.asarray(sched.stop, dtype=np.int64)
+    request = np.asarray(sched.request)
+    experts = np.asarray(trace.experts)
+    past: list[np.ndarray] = []
+    current = np.zeros((L, E))
+    parts = []
+    first = 0
+    while first < len(pstart):  # one request's passes at a time (on_request_start between them)
+        last = first + 1
+        while last < len(pstart) and request[last] == request[first]:
+            last += 1
+        if current.any():
+            past.append(current / current.sum())
+            past = past[-prefetcher.history:]
+        H = len(past)
+        if H:
+            hist = np.stack(past)
+            norms = np.stack([np.linalg.norm(hist[:, :u + 1].reshape(H, -1), axis=1) for u in range(L)])
+            rows = hist / np.maximum(hist.sum(axis=2, keepdims=True), 1e-12)
+        else:
+            hist, norms, rows = np.zeros((0, L, E)), np.zeros((L, 0)), np.zeros((0, L, E))
+        current = np.zeros((L, E))
+        parts.append(_eam_kernel(pstart[first:last], pstop[first:last], experts, hist, norms, rows, current,
+                                 int(prefetcher.depth), int(width)))
+        first = last
+    counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    cat = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64) for i in (1, 2, 3)]
+    return counts, cat[0], cat[1], cat[2]
+
+
+@_njit
+def _eam_kernel(pstart, pstop, experts, hist, norms, rows, current, depth, width):
+    n_pass = pstart.shape[0]
+    H, L, E = hist.shape[0], current.shape[0], current.shape[1]
+    counts = np.zeros(n_pass * L, dtype=np.int64)
+    cap = n_pass * L * depth * min(width, E)
+    layer_out = np.zeros(cap, dtype=np.int64)
+    expert_out = np.zeros(cap, dtype=np.int64)
+    prio_out = np.zeros(cap, dtype=np.int64)
+    squares = np.zeros(L, dtype=np.int64)
+    dots = np.zeros((L, H))
+    prefix = np.zeros((L, H))
+    score = np.zeros(E)
+    taken = np.zeros(E, dtype=np.bool_)
+    n = 0
+    for p in range(n_pass):
+        for layer in range(L):
+            g = p * L + layer
+            sq = 0
+            for tok in range(pstart[p], pstop[p]):
+                for j in range(experts.shape[2]):
+                    e = experts[tok, layer, j]
+                    c = np.int64(current[layer, e])
+                    sq += 2 * c + 1
+                    current[layer, e] = c + 1.0
+                    for h in range(H):
+                        dots[layer, h] += hist[h, layer, e]
+            squares[layer] += sq
+            index = -1
+            if H > 0:
+                for h in range(H):
+                    prefix[layer, h] = dots[layer, h] if layer == 0 else prefix[layer - 1, h] + dots[layer, h]
+                total_sq = 0
+                for u in range(layer + 1):
+                    total_sq += squares[u]
+                norm = np.sqrt(np.float64(total_sq))
+                if norm == 0.0:
+                    norm = 1.0
+                best_sim = 0.0
+                for h in range(H):  # np.argmax: the first largest
+                    sim = prefix[layer, h] / (norms[layer, h] * norm + 1e-12)
+                    if index < 0 or sim > best_sim:
+                        index = h
+                        best_sim = sim
+            for d in range(1, depth + 1):
+                t = layer + d
+                if t >= L:
+                    break
+                total = 0.0
+                for e in range(E):
+                    total += current[t, e]
+                total = max(total, 1.0)
+                anything = False
+                for e in range(E):
+                    score[e] = current[t, e] / total
+                    if index >= 0:
+                        score[e] = score[e] + rows[index, t, e]
+                    if score[e] != 0.0:
+                        anything = True
+                if not anything:
+                    continue
+                taken[:] = False
+                nb = min(width, E)
+                for r in range(nb):  # the best by score, ties to the lowest id
+                    b = -1
+                    for e in range(E):
+                        if not taken[e] and (b < 0 or score[e] > score[b]):
+                            b = e
+                    taken[b] = True
+                for e in range(E):  # ascending, the positive ones
+                    if taken[e] and score[e] > 0:
+                        layer_out[n] = t
+                        expert_out[n] = e
+                        prio_out[n] = d
+                        n += 1
+                        counts[g] += 1
+    return counts, layer_out[:n], expert_out[:n], prio_out[:n]

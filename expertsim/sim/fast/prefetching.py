@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.sim.fast.cache_kernels import _cache_aware, _evict, _serve_order, _take_slot, _unpinned_bytes, _victim
+from expertsim.sim.fast.cache_kernels import (
+    _cache_aware, _evict, _pick_victim, _serve_order, _take_slot, _unpinned_bytes,
+)
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
@@ -31,7 +33,8 @@ from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total in
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
-                    copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level):
+                    copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level, by_priority,
+                    new_request):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
@@ -46,8 +49,11 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
     the copy table's first size (it drops the copies that ended, then grows, as needed).
     ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
-    keys resident before the run (ExpertCache.preload, one tick each). Returns also the gate
-    mass computed from low-precision copies."""
+    keys resident before the run (ExpertCache.preload, one tick each). ``by_priority``: the
+    victims of :class:`~expertsim.policies.eviction.ActivationPriority` (MoE-Infinity), from
+    the current request's and the run's activation counts (``new_request``: the passes that
+    start a request, where the request's counts restart). Returns also the gate mass computed
+    from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -75,6 +81,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     score = np.zeros(num_keys, dtype=np.int64)
     slot = np.full(num_keys, -1, dtype=np.int64)
     prefetched = np.zeros(num_keys, dtype=np.bool_)
+    eam = np.zeros((num_moe, num_experts))  # ActivationPriority's counts: this request's, the run's
+    freq = np.zeros((num_moe, num_experts))
+    eam_sum = np.zeros(num_moe)
+    freq_total = 0.0
     ebytes = np.zeros(num_keys, dtype=np.int64)  # an entry's bytes (ExpertCache.entry_bytes)
     lowp = np.zeros(num_keys, dtype=np.bool_)  # ExpertCache.entry_low_precision
     it_low = np.zeros(widest, dtype=np.bool_)  # computed from a low-precision copy
@@ -143,6 +153,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     err = -1
     g = -1
     for pi in range(n_pass):
+        if by_priority and new_request[pi]:
+            eam[:] = 0.0
+            eam_sum[:] = 0.0
         start_iter = now
         t_dense = p_dense[pi]
         stall_it = 0
@@ -208,6 +221,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
             if cache_aware:
                 _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n)
+            if by_priority:  # ActivationPriority.on_layer: every use counts
+                for i in range(n):
+                    e = it_key[i] - m * num_experts
+                    eam[m, e] += it_tok[i]
+                    freq[m, e] += it_tok[i]
+                    eam_sum[m] += it_tok[i]
+                    freq_total += it_tok[i]
             # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
             pa = pf_start[g]
             pb = pf_start[g + 1]
@@ -249,11 +269,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 nbytes_of[i] = nb
                 nev0 = nev
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
-                    v = _victim(pins, score, slot_key, part, next_slot[part], key, counts)
+                    v = _pick_victim(by_priority, pins, score, slot_key, part, next_slot[part], key, counts,
+                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                     if v >= 0 and cap[part] - used[part] + _unpinned_bytes(
                             pins, ebytes, slot_key, part, next_slot[part], key) >= nb:
                         while cap[part] - used[part] < nb:  # _make_room: the policy's victims until it fits
-                            v = _victim(pins, score, slot_key, part, next_slot[part], key, counts)
+                            v = _pick_victim(by_priority, pins, score, slot_key, part, next_slot[part], key, counts,
+                                             prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                             entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                               per_layer, num_experts)
                             evicted[nev] = v
@@ -329,7 +351,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             < expert_bytes:
                         continue
                     while cap[pp] - used[pp] < expert_bytes:
-                        v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts)
+                        v = _pick_victim(by_priority, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                                         prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                         entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                           per_layer, num_experts)
                         evicted[nev] = v

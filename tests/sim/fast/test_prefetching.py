@@ -16,9 +16,10 @@ from test_fast_simulate import assert_same_run
 
 from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
-from expertsim.policies.eviction import FIFO, LRU, StaticHotSet
+from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, StaticHotSet
 from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, SkipMisses
 from expertsim.policies.prefetch import (
+    ActivationMatrixPrefetch,
     LayerRingPrefetch,
     LearnedPrefetch,
     ModelledSpeculation,
@@ -40,6 +41,8 @@ def _prefetcher(name, distance, accuracy):
         return SpeculativePrefetch(1)
     if name == "ring":
         return LayerRingPrefetch(distance)
+    if name == "eam":  # MoE-Infinity's matching (a short history: it is trimmed)
+        return ActivationMatrixPrefetch(depth=distance, history=2 + distance)
     return LearnedPrefetch(distance, train_fraction=0.5)
 
 
@@ -70,8 +73,8 @@ def _run(model, hw, make, cfg, trace, options, engine):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=4, max_experts=6), kind=st.integers(0, 2), size=st.integers(0, 6),
-       eviction=st.sampled_from(["lru", "fifo", "static", "fiddler"]),
-       prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned"]),
+       eviction=st.sampled_from(["lru", "fifo", "static", "fiddler", "priority"]),
+       prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned", "eam"]),
        distance=st.integers(1, 2), accuracy=st.sampled_from([1.0, 0.6]), serial=st.booleans(),
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
@@ -98,7 +101,8 @@ def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, 
     def make():
         if eviction == "fiddler":  # its hot set preloaded, misses on the CPU when cheaper
             return Fiddler(profile_fraction=0.5)
-        policy = {"lru": LRU, "fifo": FIFO, "static": lambda: StaticHotSet(profile_fraction=0.5)}[eviction]()
+        policy = {"lru": LRU, "fifo": FIFO, "static": lambda: StaticHotSet(profile_fraction=0.5),
+                  "priority": ActivationPriority}[eviction]()
         return ComposedSystem(policy, prefetcher=_prefetcher(prefetch, distance, accuracy), miss=_miss(miss),
                               expert_order=order)
 
@@ -128,17 +132,17 @@ def test_which_systems_it_takes():
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # expertflow adapts its prefetch distance to stalls and moves slots between layers;
-    # moe-infinity evicts by activation priorities; plain LRU has its own kernel
+    # expertflow adapts its prefetch distance to stalls and moves slots between layers; plain LRU
+    # has its own kernel
     assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler",
-                     "hobbit"}
+                     "hobbit", "moe-infinity"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe",
-                                    "cache-moe", "fiddler", "hobbit"])
+                                    "cache-moe", "fiddler", "hobbit", "moe-infinity"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
@@ -157,7 +161,7 @@ def test_shared_trace_named_systems(mixtral_trace, system):
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=4, max_experts=6),
-       prefetch=st.sampled_from(["pregated", "ring", "modelled", "speculative"]),
+       prefetch=st.sampled_from(["pregated", "ring", "modelled", "speculative", "eam"]),
        distance=st.integers(1, 3), per_layer=st.booleans(), size=st.integers(0, 4),
        accuracy=st.sampled_from([1.0, 0.0, 0.5, 0.9]), seed=st.integers(0, 3))
 def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_layer, size, accuracy, seed):
