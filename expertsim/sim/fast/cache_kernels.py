@@ -165,10 +165,32 @@ def _victim_priority(pins, last, slot_key, p, used_slots, exclude, prefetched, c
 
 
 @_njit
-def _pick_victim(by_priority, pins, last, slot_key, p, used_slots, exclude, counts, prefetched, current, eam, row_sum,
+def _victim_sequence(pins, last, slot_key, p, used_slots, exclude, count, num_experts):
+    """SequenceActivation.victim (DAOP): the fewest uses by the current request (``count``
+    [layers, experts]), then the least recent, then the lowest key."""
+    best = -1
+    for s in range(used_slots):
+        key = slot_key[p, s]
+        if key < 0 or pins[key] != 0 or key == exclude:
+            continue
+        c = count[key // num_experts, key % num_experts]
+        if best < 0:
+            best = key
+            continue
+        b = count[best // num_experts, best % num_experts]
+        if c < b or (c == b and (last[key] < last[best] or (last[key] == last[best] and key < best))):
+            best = key
+    return best
+
+
+@_njit
+def _pick_victim(ev_kind, pins, last, slot_key, p, used_slots, exclude, counts, prefetched, current, eam, row_sum,
                  freq, total, num_moe, num_experts):
-    """The eviction policy's victim: ActivationPriority's, or the keyed policies' (:func:`_victim`)."""
-    if by_priority:
+    """The eviction policy's victim: the keyed policies' (:func:`_victim`), ActivationPriority's
+    (1) or SequenceActivation's (2, ``eam`` holding the request's counts)."""
+    if ev_kind == 1:
         return _victim_priority(pins, last, slot_key, p, used_slots, exclude, prefetched, current, eam, row_sum, freq,
                                 total, num_moe, num_experts)
+    if ev_kind == 2:
+        return _victim_sequence(pins, last, slot_key, p, used_slots, exclude, eam, num_experts)
     return _victim(pins, last, slot_key, p, used_slots, exclude, counts)

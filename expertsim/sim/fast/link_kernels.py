@@ -11,13 +11,14 @@ import numpy as np
 from expertsim.sim.fast.jit import _njit, _njit_inline
 
 # copy fields (columns of ``ci``)
-KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR, BYTES = range(13)
-NCF = 13
+KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE, DUR, BYTES, WB = range(14)
+NCF = 14
 # link state (``ls``)
 BUSY, RUNNING, RUN_END, SEQ, NCOPY, NPEND, NQ = range(7)
 # totals (``tot``)
 (T_H2D, T_COPIES, T_PF_COPIES, T_CANCELLED, T_PF_ADMITTED, T_PF_HITS, T_STALL, T_EXPERT, T_DENSE, T_PEAK, T_CPU_NS,
- T_CPU_EXPERTS) = range(12)
+ T_CPU_EXPERTS, T_D2H) = range(13)
+NTOT = 13
 # cache entry states (as ExpertCache)
 ABSENT, RESIDENT, LOADING = 0, 1, 2
 
@@ -102,6 +103,7 @@ def _finish(ci, ls, q, cstate, cur, tot):
     ls[BUSY] = 0
     ls[RUNNING] = -1
     tot[T_H2D] += ci[c, BYTES]
+    tot[T_D2H] += ci[c, WB]
     tot[T_COPIES] += 1
     if ci[c, PREFETCH] == 1:
         tot[T_PF_COPIES] += 1
@@ -151,8 +153,9 @@ def _wait(ci, ls, q, pend, cstate, cur, tot, c):
 
 @_njit
 def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, part, sl, prio, prefetch,
-           after, now, dur, nbytes, serial, fifo_link):
-    """A copy issued by the compute stream at ``now`` (it starts with the next pending start)."""
+           after, now, dur, nbytes, wb, serial, fifo_link):
+    """A copy issued by the compute stream at ``now`` (it starts with the next pending start);
+    ``wb``: the bytes written back to the host first (included in ``dur``)."""
     c = ls[NCOPY]
     ls[NCOPY] = c + 1
     ci[c, KEY] = key
@@ -166,6 +169,7 @@ def _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter,
     ci[c, ISSUE] = now
     ci[c, DUR] = dur
     ci[c, BYTES] = nbytes
+    ci[c, WB] = wb
     prev = slot_copy[part, sl]
     ci[c, PREV] = prev
     if prev >= 0:

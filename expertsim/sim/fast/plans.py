@@ -47,19 +47,20 @@ def _prefetcher_ok(prefetcher) -> bool:
 
 
 def system_kind(system) -> str | None:
-    """'lru', 'fifo', 'static' or 'priority' when ``system`` is a composed system the kernel
-    reproduces: LRU, FIFO, a static hot set (Fiddler's, preloaded) or MoE-Infinity's activation
-    priority for eviction; copy on miss, or the skip rule of
+    """'lru', 'fifo', 'static', 'priority' or 'sequence' when ``system`` is a composed system
+    the kernel reproduces: LRU, FIFO, a static hot set (Fiddler's, preloaded), MoE-Infinity's
+    activation priority or DAOP's sequence activation for eviction; copy on miss, or the skip rule of
     :class:`~expertsim.policies.miss.SkipMisses`, or the CPU of
-    :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies, or HOBBIT's
+    :class:`~expertsim.policies.miss.CpuWhenCheaper` with its background copies (DAOP's placement
+    among them), or HOBBIT's
     :class:`~expertsim.policies.miss.GateThresholdPrecision`; the FIFO
     scheduler; either serve order; no cross-layer allocator; a trace-only prefetcher; and no hook
     of its own beyond ComposedSystem's (Fiddler's initial hot set excepted); else None."""
     from expertsim.policies.base import System
-    from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, StaticHotSet
+    from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, SequenceActivation, StaticHotSet
     from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
     from expertsim.policies.scheduling import FifoScheduler
-    from expertsim.policies.systems import ComposedSystem, Fiddler
+    from expertsim.policies.systems import ComposedSystem, Fiddler, _DaopPlacement
     from expertsim.sim.fast.support import SYSTEM_HOOKS
 
     if not isinstance(system, ComposedSystem) or getattr(system, "cpu_per_layer", False):
@@ -69,26 +70,26 @@ def system_kind(system) -> str | None:
         if mine is not getattr(ComposedSystem, hook) and mine is not getattr(System, hook) and not (
                 hook == "initial_residents" and mine is Fiddler.initial_residents):
             return None
-    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper, GateThresholdPrecision):
+    if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper, GateThresholdPrecision, _DaopPlacement):
         return None
     if type(system.scheduler) is not FifoScheduler or system.allocator is not None:
         return None
     if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
-    return {LRU: "lru", FIFO: "fifo", StaticHotSet: "static", ActivationPriority: "priority"}.get(
-        type(system.eviction))
+    return {LRU: "lru", FIFO: "fifo", StaticHotSet: "static", ActivationPriority: "priority",
+            SequenceActivation: "sequence"}.get(type(system.eviction))
 
 
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
     """True when :func:`simulate` reproduces the DES: a system :func:`system_kind` accepts, under
     the fast engine's run conditions (batch 1, closed or offline arrivals, one copy engine,
-    whole-expert copies, no storage tier, no timeline, no write-back), the cache kept across
-    requests."""
+    whole-expert copies, no storage tier, no timeline; a write-back runtime allowed), the cache
+    kept across requests."""
     from expertsim.sim.fast import support
 
     if system_kind(system) is None or options.scope != "global":
         return False
-    return support.run_supported(system, cache_config, options, model=model, hardware=hardware)
+    return support.run_supported(system, cache_config, options, model=model, hardware=hardware, writeback=True)
 
 
 def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
@@ -210,14 +211,15 @@ def miss_rule(system, trace, sched, groups, cost):
     (GateThresholdPrecision, HOBBIT): rule_ok is each access's level (2 full precision, 1 low,
     0 skipped: the highest :func:`~expertsim.policies.miss.cumulative_levels` of its uses)."""
     from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, SkipMisses
+    from expertsim.policies.systems import _DaopPlacement
     from expertsim.sim.fast.simulate import expert_times
 
     miss = system.miss
     none_b, none_f = np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.float64)
-    if type(miss) is CpuWhenCheaper:
+    if type(miss) in (CpuWhenCheaper, _DaopPlacement):
         cpu_ns = expert_times(cost, groups.tokens, cost.cpu_expert_time_ns)
         cheaper = expert_times(cost, groups.tokens, miss.cpu_is_cheaper).astype(bool)
-        return 2, cheaper[groups.tokens], none_f, cpu_ns, bool(miss.cache_after_cpu)
+        return 2, cheaper[groups.tokens], none_f, cpu_ns, type(miss) is _DaopPlacement or bool(miss.cache_after_cpu)
     cpu_ns = np.zeros(1, dtype=np.int64)  # no CPU job
     if type(miss) not in (SkipMisses, GateThresholdPrecision):
         return 0, none_b, none_f, cpu_ns, False
@@ -254,6 +256,39 @@ def miss_rule(system, trace, sched, groups, cost):
         np.put_along_axis(first, np.argmax(w, axis=2)[:, :, None], True, axis=2)
         heavy[use[first.ravel()]] = True
     return 1, ~heavy, mass, cpu_ns, False
+
+
+def background_rank(system, trace, sched, groups, cache) -> np.ndarray:
+    """Per access, the order of the CPU's expert among the layer's background copies (-1: none):
+    CpuWhenCheaper's, ascending ids; DAOP's placement, at a prefill pass the layer's experts by
+    tokens (most first, then the lowest id), the first ``slots`` of its partition."""
+    from expertsim.policies.systems import _DaopPlacement
+
+    local = groups.keys - np.repeat(groups.layer.astype(np.int64), np.diff(groups.start)) * cache.num_experts
+    if type(system.miss) is not _DaopPlacement:
+        return local.astype(np.int64)
+    num_moe = cache.num_layers
+    prefill = np.asarray(trace.phase)[np.asarray(sched.start)] == 0
+    slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
+    return _daop_ranks(groups.start, local.astype(np.int64), groups.tokens.astype(np.int64),
+                       groups.layer.astype(np.int64), np.repeat(prefill, num_moe), slots, cache.num_partitions > 1)
+
+
+@_njit
+def _daop_ranks(gstart, local, tokens, glayer, prefill, slots, per_layer):
+    out = np.full(local.shape[0], -1, dtype=np.int64)
+    for g in range(glayer.shape[0]):
+        if not prefill[g]:
+            continue
+        limit = slots[glayer[g] if per_layer else 0]
+        for i in range(gstart[g], gstart[g + 1]):  # np.argsort(-counts, kind="stable") position
+            r = 0
+            for j in range(gstart[g], gstart[g + 1]):
+                if tokens[j] > tokens[i] or (tokens[j] == tokens[i] and local[j] < local[i]):
+                    r += 1
+            if r < limit:
+                out[i] = r
+    return out
 
 
 def _inner(prefetcher):
@@ -312,7 +347,9 @@ def simulate(model, hardware, system, cache_config, trace, options):
         opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
         system.expert_order == "cache-aware", COPY_ROWS,
         system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
-        initial, low_bytes, copy_ns_low, expert_ns_low, level, kind == "priority", new_request)
+        initial, low_bytes, copy_ns_low, expert_ns_low, level, {"priority": 1, "sequence": 2}.get(kind, 0),
+        new_request, background_rank(system, trace, sched, groups, cache) if background else np.zeros(0, np.int64),
+        cost.transfer_time_ns(expert_bytes) if setup.runtime.writeback else 0)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "
@@ -323,7 +360,8 @@ def simulate(model, hardware, system, cache_config, trace, options):
                        stall_ns=int(tot[k.T_STALL]), expert_compute_ns=int(tot[k.T_EXPERT]),
                        dense_compute_ns=int(tot[k.T_DENSE]), dropped_gate_mass=float(dropped_mass),
                        degraded_gate_mass=float(degraded_mass),
-                       cpu_ns=int(tot[k.T_CPU_NS]), cpu_experts=int(tot[k.T_CPU_EXPERTS]))
+                       cpu_ns=int(tot[k.T_CPU_NS]), cpu_experts=int(tot[k.T_CPU_EXPERTS]),
+                       d2h_bytes=int(tot[k.T_D2H]))
     extra = {}
     if opts.bounds:
         misses_belady = _belady_misses(m, groups, setup.cache_config, initial)

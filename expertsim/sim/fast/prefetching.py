@@ -23,8 +23,8 @@ from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
-    RUN_END, RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED,
-    T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met, _compact, _finish, _grown, _issue, _promote,
+    NTOT, RUN_END, RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_D2H, T_DENSE, T_EXPERT, T_H2D, T_PEAK,
+    T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met, _compact, _finish, _grown, _issue, _promote,
     _start_pending, _wait,
 )
 
@@ -33,8 +33,8 @@ from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total in
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
-                    copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level, by_priority,
-                    new_request):
+                    copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level, ev_kind,
+                    new_request, bg_rank, wb_ns):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
@@ -49,11 +49,15 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
     the copy table's first size (it drops the copies that ended, then grows, as needed).
     ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
-    keys resident before the run (ExpertCache.preload, one tick each). ``by_priority``: the
+    keys resident before the run (ExpertCache.preload, one tick each). ``ev_kind`` 1: the
     victims of :class:`~expertsim.policies.eviction.ActivationPriority` (MoE-Infinity), from
     the current request's and the run's activation counts (``new_request``: the passes that
-    start a request, where the request's counts restart). Returns also the gate mass computed
-    from low-precision copies."""
+    start a request, where the request's counts restart); 2: of
+    :class:`~expertsim.policies.eviction.SequenceActivation` (DAOP: the request's count). The
+    CPU's experts copied in the background are the accesses with ``bg_rank`` >= 0, in its order.
+    ``wb_ns`` > 0 (a write-back runtime): as many of a layer's copies as it evicted entries not
+    being copied first write one expert back, taking ``wb_ns`` more. Returns also the gate mass
+    computed from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -75,7 +79,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     ls[RUNNING] = -1
     q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
     pend = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
-    tot = np.zeros(12, dtype=np.int64)
+    tot = np.zeros(NTOT, dtype=np.int64)
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
     score = np.zeros(num_keys, dtype=np.int64)
@@ -115,6 +119,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     it_skip = np.zeros(widest, dtype=np.bool_)  # skipped or on the CPU: no room, no copy
     it_cpu = np.zeros(widest, dtype=np.bool_)
     cpu_keys = np.zeros(widest, dtype=np.int64)
+    cpu_rank = np.zeros(widest, dtype=np.int64)
     cpu_end = np.zeros(widest, dtype=np.int64)
     cpu_free = 0  # when the host CPU's last job ends
     dropped_mass = 0.0
@@ -153,7 +158,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     err = -1
     g = -1
     for pi in range(n_pass):
-        if by_priority and new_request[pi]:
+        if ev_kind > 0 and new_request[pi]:
             eam[:] = 0.0
             eam_sum[:] = 0.0
         start_iter = now
@@ -221,7 +226,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 _serve_order(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n, nh, scratch)
             if cache_aware:
                 _cache_aware(it_key, it_hit, it_load, it_tick, it_tok, it_acc, n)
-            if by_priority:  # ActivationPriority.on_layer: every use counts
+            if ev_kind > 0:  # ActivationPriority / SequenceActivation.on_layer: every use counts
                 for i in range(n):
                     e = it_key[i] - m * num_experts
                     eam[m, e] += it_tok[i]
@@ -258,6 +263,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if miss_mode == 2:
                         it_cpu[i] = True
                         cpu_keys[ncpu] = key
+                        cpu_rank[ncpu] = bg_rank[it_acc[i]] if background else -1
                         ncpu += 1
                     else:
                         layer_drop += gate_mass[it_acc[i]]
@@ -269,12 +275,12 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 nbytes_of[i] = nb
                 nev0 = nev
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
-                    v = _pick_victim(by_priority, pins, score, slot_key, part, next_slot[part], key, counts,
+                    v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
                                      prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                     if v >= 0 and cap[part] - used[part] + _unpinned_bytes(
                             pins, ebytes, slot_key, part, next_slot[part], key) >= nb:
                         while cap[part] - used[part] < nb:  # _make_room: the policy's victims until it fits
-                            v = _pick_victim(by_priority, pins, score, slot_key, part, next_slot[part], key, counts,
+                            v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
                                              prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                             entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                               per_layer, num_experts)
@@ -328,18 +334,19 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 req_prio[nreq] = max(pf_prio[r], 1)
                 low = max(low, pf_prio[r])
                 nreq += 1
-            if background and ncpu > 0:  # ascending ids (the miss handler's order), below every prefetch
+            if background and ncpu > 0:  # by rank (the miss handler's order), below every prefetch
                 for i in range(1, ncpu):  # insertion sort: a handful
-                    x = cpu_keys[i]
+                    x, xr = cpu_keys[i], cpu_rank[i]
                     j = i - 1
-                    while j >= 0 and cpu_keys[j] > x:
-                        cpu_keys[j + 1] = cpu_keys[j]
+                    while j >= 0 and cpu_rank[j] > xr:
+                        cpu_keys[j + 1], cpu_rank[j + 1] = cpu_keys[j], cpu_rank[j]
                         j -= 1
-                    cpu_keys[j + 1] = x
+                    cpu_keys[j + 1], cpu_rank[j + 1] = x, xr
                 for r in range(ncpu):
-                    req_key[nreq] = cpu_keys[r]
-                    req_prio[nreq] = low + 1
-                    nreq += 1
+                    if cpu_rank[r] >= 0:
+                        req_key[nreq] = cpu_keys[r]
+                        req_prio[nreq] = low + 1
+                        nreq += 1
             npf = 0
             for r in range(nreq):  # optional admissions: skipped when present or when no unpinned room
                 key = req_key[r]
@@ -351,7 +358,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             < expert_bytes:
                         continue
                     while cap[pp] - used[pp] < expert_bytes:
-                        v = _pick_victim(by_priority, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                        v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
                                          prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                         entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                           per_layer, num_experts)
@@ -382,6 +389,14 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if ci[c, QUEUED] == 1 and ci[c, CANCELLED] == 0:
                         promoted[npro] = c
                         npro += 1
+            nwb = 0  # the write-backs: the evicted entries not being copied (before their cancels)
+            if wb_ns > 0:
+                nwb = nev
+                for e in range(nev):
+                    c = cur[evicted[e]]
+                    if c >= 0 and ci[c, DONE] < 0:
+                        nwb -= 1
+            nissued = 0
             ndrop = 0
             for e in range(nev):
                 key = evicted[e]
@@ -405,13 +420,17 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if it_copy[i]:
                         key = it_key[i]
                         _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                               part, it_slot[i], 0, False, it_wait[i], now, copy_ns_low if it_low[i] else copy_ns,
-                               nbytes_of[i], serial, fifo_link)
+                               part, it_slot[i], 0, False, it_wait[i], now,
+                               (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
+                               expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                        nissued += 1
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, expert_bytes, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns + (wb_ns if nissued < nwb else 0),
+                           expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                    nissued += 1
             if npro > 0 or ndrop > 0:
                 _start_pending(ci, ls, q, pend, cstate, cur, tot)
                 _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, waiting)
@@ -437,8 +456,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
                         _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                           part, it_slot[i], 0, False, it_wait[i], now, copy_ns_low if it_low[i] else copy_ns,
-                           nbytes_of[i], serial, fifo_link)
+                           part, it_slot[i], 0, False, it_wait[i], now,
+                           (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
+                           expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                    nissued += 1
                 t = expert_ns_low[it_tok[i]] if it_low[i] else expert_ns[it_tok[i]]
                 host = min(host_ns, t)
                 if host > 0:
@@ -485,7 +506,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns, expert_bytes, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns + (wb_ns if nissued < nwb else 0),
+                           expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                    nissued += 1
             for j in range(njobs):  # the layer ends when its CPU jobs have
                 if cpu_end[j] > now:
                     stall += cpu_end[j] - now

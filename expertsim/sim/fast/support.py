@@ -75,12 +75,14 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
                                                                 hardware=hardware)
 
 
-def run_supported(system, cache_config, options, *, model=None, hardware=None) -> bool:
+def run_supported(system, cache_config, options, *, model=None, hardware=None, writeback: bool = False) -> bool:
     """The run-level half of :func:`supports_simulation` (options, runtime, link, storage),
-    shared with the general eviction pass (:mod:`expertsim.sim.fast.general`)."""
+    shared with the general eviction pass (:mod:`expertsim.sim.fast.general`). ``writeback``:
+    the caller's kernel also writes evicted experts back (a write-back runtime)."""
     from expertsim.sim.cost import runtime_for
 
-    if not runtime_for(system, options.runtime).fast_engine_ok:
+    runtime = runtime_for(system, options.runtime)
+    if not runtime.fast_engine_ok and not (writeback and runtime.writeback):
         return False
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
