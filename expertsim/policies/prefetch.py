@@ -329,6 +329,7 @@ class LearnedPrefetch(Prefetcher):
             raise PolicyError(f"prefetch distance must be >= 1, got {distance!r}")
         self.distance = int(distance)
         self.max_distance = int(max_distance or distance)
+        self.fixed = True  # False under AdaptiveDistance, which moves ``distance`` during the run
         self.predictor = predictor
         self.train_fraction = float(train_fraction)
         self.seed = int(seed)
@@ -343,7 +344,7 @@ class LearnedPrefetch(Prefetcher):
         if self.predictor is None:
             train = training_requests(ctx.trace, self.train_fraction)
             # a fixed distance asks only its targets' pairs (adaptive distances ask any)
-            only = None if self.max_distance != self.distance else \
+            only = None if not self.fixed or self.max_distance != self.distance else \
                 tuple((s, t) for s in range(self._L) for t in self.targets(s))
             self.predictor = RoutePredictor(distances=tuple(range(1, self.max_distance + 1)), seed=self.seed,
                                             only=only)
@@ -409,6 +410,7 @@ class AdaptiveDistance(Prefetcher):
         self.calm_layers = int(calm_layers)
         if isinstance(inner, LearnedPrefetch):
             inner.max_distance = max(inner.max_distance, self.max_distance)
+            inner.fixed = False
         self.oracle = inner.oracle
         self.history: list[int] = []  # distance after each layer (for reports and tests)
 

@@ -4,7 +4,10 @@ policies' victim (LRU, FIFO, a static hot set), an eviction and a slot (the
 orders (hits first, or cache-aware)."""
 from __future__ import annotations
 
-from expertsim.sim.fast.jit import _njit, _njit_inline
+import numpy as np
+
+from expertsim.jit import objmode
+from expertsim.sim.fast.jit import _njit, _njit_gil, _njit_inline
 from expertsim.sim.fast.link_kernels import ABSENT
 
 
@@ -194,3 +197,42 @@ def _pick_victim(ev_kind, pins, last, slot_key, p, used_slots, exclude, counts, 
     if ev_kind == 2:
         return _victim_sequence(pins, last, slot_key, p, used_slots, exclude, eam, num_experts)
     return _victim(pins, last, slot_key, p, used_slots, exclude, counts)
+
+
+def _allocation(total, demand, minimum, maximum) -> np.ndarray:
+    """CrossLayerAllocator's split (Python, called back from :func:`_reallocate`)."""
+    from expertsim.policies.allocation import proportional_slots
+
+    return np.asarray(proportional_slots(int(total), np.asarray(demand), int(minimum), int(maximum)), dtype=np.int64)
+
+
+@_njit_gil
+def _reallocate(worked, slots, minimum, cap, used, expert_bytes, pins, last, slot_key, next_slot, counts, prefetched,
+                current, eam, row_sum, freq, total, ev_kind, cstate, slot, free, nfree, ebytes, lowp, num_moe,
+                num_experts):
+    """CrossLayerAllocator's reallocation: per-layer partitions resized in proportion to the
+    working sets (``worked``), shrinking first (a stable sort of the change), each shrunk one
+    evicting its policy's victims until it fits; the bytes evicted."""
+    demand = np.zeros(num_moe, dtype=np.int64)
+    for layer in range(num_moe):
+        for e in range(num_experts):
+            if worked[layer, e]:
+                demand[layer] += 1
+    n_slots = 0
+    for layer in range(num_moe):
+        n_slots += slots[layer]
+    with objmode(target="int64[:]"):
+        target = _allocation(n_slots, demand, minimum, num_experts)
+    freed = 0
+    for layer in np.argsort(target - slots, kind="mergesort"):
+        if target[layer] != slots[layer]:
+            cap[layer] = target[layer] * expert_bytes
+            while cap[layer] - used[layer] < 0:
+                v = _pick_victim(ev_kind, pins, last, slot_key, layer, next_slot[layer], -1, counts, prefetched, current,
+                                 eam, row_sum, freq, total, num_moe, num_experts)
+                freed += _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp, True,
+                                num_experts)
+    for layer in range(num_moe):
+        slots[layer] = target[layer]
+    worked[:] = False
+    return freed

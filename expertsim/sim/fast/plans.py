@@ -39,10 +39,14 @@ def _trace_only_prefetchers() -> tuple:
 
 
 def _prefetcher_ok(prefetcher) -> bool:
+    from expertsim.policies.prefetch import AdaptiveDistance, LearnedPrefetch, PregatedPrefetch
     from expertsim.policies.systems import _AutoSpeculation
 
     if type(prefetcher) is _AutoSpeculation:  # resolved at prepare to one of the trace-only ones
         return True
+    if type(prefetcher) is AdaptiveDistance:  # one plan per distance: the inner one must draw nothing
+        inner = prefetcher.inner
+        return type(inner) is LearnedPrefetch or (type(inner) is PregatedPrefetch and inner.accuracy >= 1.0)
     return type(prefetcher) in _trace_only_prefetchers()
 
 
@@ -59,7 +63,8 @@ def system_kind(system) -> str | None:
     from expertsim.policies.base import System
     from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, SequenceActivation, StaticHotSet
     from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, MissHandler, SkipMisses
-    from expertsim.policies.scheduling import FifoScheduler
+    from expertsim.policies.allocation import CrossLayerAllocator
+    from expertsim.policies.scheduling import FifoScheduler, RouteGroupScheduler
     from expertsim.policies.systems import ComposedSystem, Fiddler, _DaopPlacement
     from expertsim.sim.fast.support import SYSTEM_HOOKS
 
@@ -72,7 +77,9 @@ def system_kind(system) -> str | None:
             return None
     if type(system.miss) not in (MissHandler, SkipMisses, CpuWhenCheaper, GateThresholdPrecision, _DaopPlacement):
         return None
-    if type(system.scheduler) is not FifoScheduler or system.allocator is not None:
+    if type(system.scheduler) not in (FifoScheduler, RouteGroupScheduler):  # at batch 1 both take the oldest
+        return None
+    if system.allocator is not None and type(system.allocator) is not CrossLayerAllocator:
         return None
     if not _prefetcher_ok(system.prefetcher) or type(system).fit_prefetches is not ComposedSystem.fit_prefetches:
         return None
@@ -87,17 +94,23 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
     kept across requests."""
     from expertsim.sim.fast import support
 
+    from expertsim.sim.cost import runtime_for
+
     if system_kind(system) is None or options.scope != "global":
         return False
+    if system.allocator is not None and runtime_for(system, options.runtime).writeback:
+        return False  # the write-backs of the allocator's evictions are not in the kernel
     return support.run_supported(system, cache_config, options, model=model, hardware=hardware, writeback=True)
 
 
-def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
+def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False, prefetcher=None, trim: bool = True):
     """Every (pass, MoE layer)'s prefetch requests, as the system makes and trims them in the DES:
     (start[groups + 1], keys, priorities). ``system`` is prepared; ``cache`` (empty) gives the
     sizes the trimming reads. The ring, the pre-gate, the modelled and the recorded speculation and
     the learned predictor are computed at once (:mod:`expertsim.sim.fast.prefetch_plans`); any other trace-only prefetcher
-    is asked layer by layer, in the DES's order."""
+    is asked layer by layer, in the DES's order. ``prefetcher``: ask this one instead of the
+    system's (AdaptiveDistance's inner one at a given distance); ``trim=False``: every request,
+    by priority (the kernel fits them)."""
     from expertsim.policies.prefetch import (
         ActivationMatrixPrefetch, LayerRingPrefetch, LearnedPrefetch, ModelledSpeculation, PregatedPrefetch,
         SpeculativePrefetch,
@@ -106,8 +119,8 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
 
     num_moe, num_experts = cache.num_layers, cache.num_experts
     n_groups = len(groups.layer)
-    prefetcher = _inner(system.prefetcher)
-    if not _asks(system.prefetcher):  # no prefetch at all
+    prefetcher = _inner(system.prefetcher) if prefetcher is None else prefetcher
+    if not _asks(prefetcher):  # no prefetch at all
         return np.zeros(n_groups + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     kind = type(prefetcher)
     whole_passes = n_groups == len(sched.start) * num_moe  # every pass has a group per MoE layer
@@ -139,7 +152,8 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False):
     layer, expert, prio, group = layer[order], expert[order], prio[order], group[order]
     slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
     needed = np.diff(groups.start).astype(np.int64)
-    keep = _fit(group, layer, slots, needed, groups.layer.astype(np.int64), cache.num_partitions > 1)
+    keep = _fit(group, layer, slots, needed, groups.layer.astype(np.int64), cache.num_partitions > 1) if trim else \
+        np.ones(len(group), dtype=bool)
     start = np.zeros(n_groups + 1, dtype=np.int64)
     np.cumsum(np.bincount(group[keep], minlength=n_groups), out=start[1:])
     return start, (layer * num_experts + expert)[keep].astype(np.int64), prio[keep].astype(np.int64)
@@ -258,6 +272,33 @@ def miss_rule(system, trace, sched, groups, cost):
     return 1, ~heavy, mass, cpu_ns, False
 
 
+def _plans(system, trace, sched, groups, cache):
+    """The kernel's prefetch plans: [distances, groups + 1] starts, keys, priorities, and
+    AdaptiveDistance's (initial, min, max distance, calm layers), zeros for a fixed one (its
+    one plan, fitted here; the adaptive ones unfitted, one per distance, fitted by the kernel)."""
+    from expertsim.policies.prefetch import AdaptiveDistance
+
+    adapt = np.zeros(4, dtype=np.int64)
+    outer = system.prefetcher
+    if type(outer) is not AdaptiveDistance:
+        start, keys, prio = prefetch_plan(system, trace, sched, groups, cache)
+        return start[None, :], keys, prio, adapt
+    inner, d0 = outer.inner, outer.inner.distance  # d0: set by prepare (initial_distance)
+    starts, keys, prios, offset = [], [], [], 0
+    try:
+        for d in range(outer.min_distance, outer.max_distance + 1):
+            inner.distance = d
+            start, k, p = prefetch_plan(system, trace, sched, groups, cache, prefetcher=inner, trim=False)
+            starts.append(start + offset)
+            keys.append(k)
+            prios.append(p)
+            offset += len(k)
+    finally:
+        inner.distance = d0
+    adapt[:] = d0, outer.min_distance, outer.max_distance, outer.calm_layers
+    return np.stack(starts), np.concatenate(keys), np.concatenate(prios), adapt
+
+
 def background_rank(system, trace, sched, groups, cache) -> np.ndarray:
     """Per access, the order of the CPU's expert among the layer's background copies (-1: none):
     CpuWhenCheaper's, ascending ids; DAOP's placement, at a prefill pass the layer's experts by
@@ -318,7 +359,10 @@ def simulate(model, hardware, system, cache_config, trace, options):
     m, opts, cost = model, options, setup.cost
     # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
-    pf_start, pf_key, pf_prio = prefetch_plan(system, trace, sched, groups, cache)
+    pf_start, pf_key, pf_prio, adapt = _plans(system, trace, sched, groups, cache)
+    alloc = np.zeros(2, dtype=np.int64)  # CrossLayerAllocator: interval, min slots (0: none)
+    if system.allocator is not None and system.allocator.active:
+        alloc[:] = system.allocator.interval, system.allocator._min
     cap, per_layer = np.asarray(cache.capacity, dtype=np.int64), cache.num_partitions > 1  # bytes
     expert_ns = expert_times(cost, groups.tokens)
     dense = dense_times(cost, sched)
@@ -349,7 +393,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
         system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
         initial, low_bytes, copy_ns_low, expert_ns_low, level, {"priority": 1, "sequence": 2}.get(kind, 0),
         new_request, background_rank(system, trace, sched, groups, cache) if background else np.zeros(0, np.int64),
-        cost.transfer_time_ns(expert_bytes) if setup.runtime.writeback else 0)
+        cost.transfer_time_ns(expert_bytes) if setup.runtime.writeback else 0, adapt, alloc)
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "

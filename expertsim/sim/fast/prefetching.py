@@ -17,10 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.sim.fast.cache_kernels import (
-    _cache_aware, _evict, _pick_victim, _serve_order, _take_slot, _unpinned_bytes,
+    _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes,
 )
 from expertsim.sim.fast.groups import _widest_group
-from expertsim.sim.fast.jit import _njit
+from expertsim.jit import objmode
+from expertsim.sim.fast.jit import _njit_gil
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
     NTOT, RUN_END, RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_D2H, T_DENSE, T_EXPERT, T_H2D, T_PEAK,
@@ -29,12 +30,12 @@ from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total in
 )
 
 
-@_njit
+@_njit_gil  # not nogil: it calls back into Python (CrossLayerAllocator's split, _reallocate)
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
                     copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level, ev_kind,
-                    new_request, bg_rank, wb_ns):
+                    new_request, bg_rank, wb_ns, adapt, alloc):
     """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
     stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
     admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
@@ -56,8 +57,15 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     :class:`~expertsim.policies.eviction.SequenceActivation` (DAOP: the request's count). The
     CPU's experts copied in the background are the accesses with ``bg_rank`` >= 0, in its order.
     ``wb_ns`` > 0 (a write-back runtime): as many of a layer's copies as it evicted entries not
-    being copied first write one expert back, taking ``wb_ns`` more. Returns also the gate mass
-    computed from low-precision copies."""
+    being copied first write one expert back, taking ``wb_ns`` more. ``pf_start`` [distances,
+    groups + 1]: the prefetch plan of each distance (one row unless adaptive), trimmed here as
+    ComposedSystem.fit_prefetches with the partitions' current slots. ``adapt`` (initial, min,
+    max distance, calm layers; initial 0: fixed): AdaptiveDistance, one layer further after a
+    layer that stalled, one nearer after ``calm`` layers without. ``alloc`` (interval, min
+    slots; interval 0: none): CrossLayerAllocator, every ``interval`` passes each partition
+    resized by its working set (:func:`~expertsim.policies.allocation.proportional_slots`,
+    called back in Python), shrinking first, evicting the policy's victims. Returns also the
+    gate mass computed from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -65,12 +73,21 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             num_moe += 1
     num_keys = num_moe * num_experts
     num_parts = cap.shape[0]
-    max_slots = 1  # entries a partition can hold (slots handed out)
+    max_slots = num_experts if alloc[0] > 0 else 1  # entries a partition can hold (slots handed out)
     for p in range(num_parts):
         max_slots = max(max_slots, cap[p] // max(1, min(expert_bytes, low_bytes)))
+    distance = adapt[0]  # AdaptiveDistance's state
+    calm = 0
+    n_used = np.zeros(num_parts, dtype=np.int64)  # fit_prefetches' count per partition
+    worked = np.zeros((num_moe, num_experts), dtype=np.bool_)  # CrossLayerAllocator's working sets
+    alloc_slots = cap // expert_bytes
+    passes_done = 0
     n_acc = keys.shape[0]
     widest = _widest_group(gstart)  # a layer's needed experts
-    max_pf = _widest_group(pf_start) + widest  # a layer's prefetches, and its background copies
+    max_pf = widest  # a layer's prefetches (the widest plan), and its background copies
+    for d in range(pf_start.shape[0]):
+        max_pf = max(max_pf, _widest_group(pf_start[d]) + widest)
+    kept = np.zeros(max_pf + 1, dtype=np.int64)  # the fitted requests of a layer
     # the copy table drops ended copies, then grows (doubling); the engine's queue grows too;
     # the pending starts and the stream hold at most a layer's issues and the next one's
     max_copies = max(1, min(n_acc + pf_key.shape[0] + 1, copy_rows))
@@ -233,12 +250,23 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     freq[m, e] += it_tok[i]
                     eam_sum[m] += it_tok[i]
                     freq_total += it_tok[i]
-            # 2. the system's prefetch requests (fitted); predicted residents get recency (on_predicted)
-            pa = pf_start[g]
-            pb = pf_start[g + 1]
+            # 2. the system's prefetch requests, fitted (fit_prefetches: per partition at most its
+            # slots, less the layer's needs in its own or the one pool); predicted residents get
+            # recency (on_predicted)
+            row = distance - adapt[1] if adapt[0] > 0 else 0
+            nkept = 0
+            for r in range(pf_start[row, g], pf_start[row, g + 1]):
+                pp = pf_key[r] // num_experts if per_layer else 0
+                limit = cap[pp] // expert_bytes - (n if (not per_layer or pp == part) else 0)
+                if n_used[pp] < limit:
+                    kept[nkept] = r
+                    nkept += 1
+                    n_used[pp] += 1
+            for j in range(nkept):
+                n_used[pf_key[kept[j]] // num_experts if per_layer else 0] = 0
             if protect:
-                for r in range(pa, pb):
-                    k = pf_key[r]
+                for j in range(nkept):
+                    k = pf_key[kept[j]]
                     if cstate[k] != ABSENT and score[k] < tick:
                         score[k] = tick
             # 3. misses: admit (evicting), releasing the earliest-served when all is pinned
@@ -329,7 +357,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             # the requests: the system's (trimmed), then the CPU's experts copied in the background
             nreq = 0
             low = 0
-            for r in range(pa, pb):
+            for j in range(nkept):
+                r = kept[j]
                 req_key[nreq] = pf_key[r]
                 req_prio[nreq] = max(pf_prio[r], 1)
                 low = max(low, pf_prio[r])
@@ -522,6 +551,25 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             for i in range(n):  # LayerServer.finish: the layer's pins go
                 if pins[it_key[i]] > 0:
                     pins[it_key[i]] -= 1
+            if adapt[0] > 0:  # AdaptiveDistance.on_layer_end
+                if stall > 0:
+                    distance = min(distance + 1, adapt[2])
+                    calm = 0
+                else:
+                    calm += 1
+                    if calm >= adapt[3]:
+                        distance = max(distance - 1, adapt[1])
+                        calm = 0
+            if alloc[0] > 0 and per_layer:  # CrossLayerAllocator.on_layer_end
+                for i in range(n):
+                    worked[m, it_key[i] - m * num_experts] = True
+                if m == num_moe - 1:
+                    passes_done += 1
+                    if passes_done % alloc[0] == 0:
+                        entries -= _reallocate(worked, alloc_slots, alloc[1], cap, used, expert_bytes, pins, score,
+                                               slot_key, next_slot, counts, prefetched, m, eam, eam_sum, freq,
+                                               freq_total, ev_kind, cstate, slot, free, nfree, ebytes, lowp, num_moe,
+                                               num_experts)
         if err >= 0:
             break
         tot[T_DENSE] += t_dense * num_layers

@@ -18,8 +18,10 @@ from expertsim.errors import ConfigError
 from expertsim.policies import CacheConfig, make_policy
 from expertsim.policies.eviction import FIFO, LRU, ActivationPriority, SequenceActivation, StaticHotSet
 from expertsim.policies.miss import CpuWhenCheaper, GateThresholdPrecision, SkipMisses
+from expertsim.policies.allocation import CrossLayerAllocator
 from expertsim.policies.prefetch import (
     ActivationMatrixPrefetch,
+    AdaptiveDistance,
     LayerRingPrefetch,
     LearnedPrefetch,
     ModelledSpeculation,
@@ -41,6 +43,9 @@ def _prefetcher(name, distance, accuracy):
         return SpeculativePrefetch(1)
     if name == "ring":
         return LayerRingPrefetch(distance)
+    if name == "adaptive":  # ExpertFlow's: the learned predictor at a distance moved by stalls
+        return AdaptiveDistance(LearnedPrefetch(1, train_fraction=0.5, max_distance=3), max_distance=3,
+                                calm_layers=3)
     if name == "eam":  # MoE-Infinity's matching (a short history: it is trimmed)
         return ActivationMatrixPrefetch(depth=distance, history=2 + distance)
     return LearnedPrefetch(distance, train_fraction=0.5)
@@ -74,7 +79,7 @@ def _run(model, hw, make, cfg, trace, options, engine):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=4, max_experts=6), kind=st.integers(0, 2), size=st.integers(0, 6),
        eviction=st.sampled_from(["lru", "fifo", "static", "fiddler", "priority", "sequence", "daop"]),
-       prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned", "eam"]),
+       prefetch=st.sampled_from(["pregated", "modelled", "speculative", "ring", "learned", "eam", "adaptive"]),
        distance=st.integers(1, 2), accuracy=st.sampled_from([1.0, 0.6]), serial=st.booleans(),
        host_us=st.sampled_from([0.0, 3.0, 50.0]), queue=st.sampled_from(["priority", "fifo"]),
        arrival=st.sampled_from(["closed", "offline"]), chunk=st.sampled_from([None, None, 2]),
@@ -83,9 +88,10 @@ def _run(model, hw, make, cfg, trace, options, engine):
                              ("cpu", True, True), ("cpu", False, False), ("cpu", False, True),
                              ("hobbit", 0.6, 0.9), ("hobbit", 0.0, 0.5), ("hobbit", 0.3, 1.0)]),
        weights_seed=st.integers(0, 3),
-       order=st.sampled_from(["hits-first", "cache-aware"]), writeback=st.booleans())
+       order=st.sampled_from(["hits-first", "cache-aware"]), writeback=st.booleans(),
+       allocate=st.sampled_from([0, 0, 1, 2]))
 def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, accuracy, serial, host_us, queue,
-                               arrival, chunk, dense_first, bounds, miss, weights_seed, order, writeback):
+                               arrival, chunk, dense_first, bounds, miss, weights_seed, order, writeback, allocate):
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     trace = _with_speculation(trace, size)
     if weights_seed:  # gate weights (the skip rule reads them); seed 0: none (uses weigh 1/k)
@@ -106,9 +112,12 @@ def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, 
         policy = {"lru": LRU, "fifo": FIFO, "static": lambda: StaticHotSet(profile_fraction=0.5),
                   "priority": ActivationPriority, "sequence": SequenceActivation}[eviction]()
         return ComposedSystem(policy, prefetcher=_prefetcher(prefetch, distance, accuracy), miss=_miss(miss),
-                              expert_order=order)
+                              expert_order=order, allocator=CrossLayerAllocator(allocate) if allocate else None)
 
     options = SimOptions(arrival=arrival, prefill_chunk_tokens=chunk, bounds=bounds, link_queue=queue, runtime=runtime)
+    if allocate and writeback and eviction not in ("fiddler", "daop"):  # allocator evictions' write-backs: the DES
+        assert not plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
+        return
     assert plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
     try:
         des = _run(model, hardware, make, cfg, trace, options, "des")
@@ -132,19 +141,18 @@ def test_random_runs_equal_des(trace, kind, size, eviction, prefetch, distance, 
 def test_which_systems_it_takes():
     options = SimOptions()
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
-                               "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru", "daop")
+                               "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru", "daop", "expertflow")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # expertflow adapts its prefetch distance to stalls and moves slots between layers; plain LRU
-    # has its own kernel
+    # plain LRU has its own kernel
     assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler",
-                     "hobbit", "moe-infinity", "daop"}
+                     "hobbit", "moe-infinity", "daop", "expertflow"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
 
 @pytest.mark.shared
 @pytest.mark.parametrize("system", ["mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe",
-                                    "cache-moe", "fiddler", "hobbit", "moe-infinity", "daop"])
+                                    "cache-moe", "fiddler", "hobbit", "moe-infinity", "daop", "expertflow"])
 def test_shared_trace_named_systems(mixtral_trace, system):
     """The first two requests of the real Mixtral trace on an A40, each system's own runtime and
     default cache."""
