@@ -186,7 +186,7 @@ def _victim_sequence(pins, last, slot_key, p, used_slots, exclude, count, num_ex
     return best
 
 
-@_njit
+@_njit_inline
 def _pick_victim(ev_kind, pins, last, slot_key, p, used_slots, exclude, counts, prefetched, current, eam, row_sum,
                  freq, total, num_moe, num_experts):
     """The eviction policy's victim: the keyed policies' (:func:`_victim`), ActivationPriority's

@@ -305,15 +305,18 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
                     v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
                                      prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
-                    if v >= 0 and cap[part] - used[part] + _unpinned_bytes(
-                            pins, ebytes, slot_key, part, next_slot[part], key) >= nb:
-                        while cap[part] - used[part] < nb:  # _make_room: the policy's victims until it fits
-                            v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
-                                             prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                    # room: the first victim alone frees enough (whole experts), or all candidates do
+                    if v >= 0 and (cap[part] - used[part] + ebytes[v] >= nb or cap[part] - used[part] + _unpinned_bytes(
+                            pins, ebytes, slot_key, part, next_slot[part], key) >= nb):
+                        while True:  # _make_room: the policy's victims until it fits
                             entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                               per_layer, num_experts)
                             evicted[nev] = v
                             nev += 1
+                            if cap[part] - used[part] >= nb:
+                                break
+                            v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
+                                             prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                         break
                     while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
@@ -383,16 +386,20 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 pp = key // num_experts if per_layer else 0
                 if cap[pp] - used[pp] < expert_bytes:
-                    if cap[pp] - used[pp] + _unpinned_bytes(pins, ebytes, slot_key, pp, next_slot[pp], key) \
-                            < expert_bytes:
-                        continue
-                    while cap[pp] - used[pp] < expert_bytes:
-                        v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
-                                         prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                    v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                    if v < 0 or (cap[pp] - used[pp] + ebytes[v] < expert_bytes and cap[pp] - used[pp] + _unpinned_bytes(
+                            pins, ebytes, slot_key, pp, next_slot[pp], key) < expert_bytes):
+                        continue  # no unpinned room
+                    while True:
                         entries -= _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp,
                                           per_layer, num_experts)
                         evicted[nev] = v
                         nev += 1
+                        if cap[pp] - used[pp] >= expert_bytes:
+                            break
+                        v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                                         prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                 tick += 1
                 cstate[key] = LOADING
                 used[pp] += expert_bytes
