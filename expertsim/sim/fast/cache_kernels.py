@@ -223,14 +223,23 @@ def _reallocate(worked, slots, minimum, cap, used, expert_bytes, pins, last, slo
         n_slots += slots[layer]
     with objmode(target="int64[:]"):
         target = _allocation(n_slots, demand, minimum, num_experts)
+    order = np.arange(num_moe)  # np.argsort(target - slots, kind="stable"), by insertion
+    for i in range(1, num_moe):
+        x = order[i]
+        j = i - 1
+        while j >= 0 and target[order[j]] - slots[order[j]] > target[x] - slots[x]:
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = x
     freed = 0
-    for layer in np.argsort(target - slots, kind="mergesort"):
+    no_key, per_layer = np.int64(-1), np.bool_(True)  # typed, as the kernel passes them
+    for layer in order:
         if target[layer] != slots[layer]:
             cap[layer] = target[layer] * expert_bytes
             while cap[layer] - used[layer] < 0:
-                v = _pick_victim(ev_kind, pins, last, slot_key, layer, next_slot[layer], -1, counts, prefetched, current,
-                                 eam, row_sum, freq, total, num_moe, num_experts)
-                freed += _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp, True,
+                v = _pick_victim(ev_kind, pins, last, slot_key, layer, next_slot[layer], no_key, counts, prefetched,
+                                 current, eam, row_sum, freq, total, num_moe, num_experts)
+                freed += _evict(v, cstate, slot, slot_key, free, nfree, used, prefetched, ebytes, lowp, per_layer,
                                 num_experts)
     for layer in range(num_moe):
         slots[layer] = target[layer]

@@ -158,6 +158,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     out_misses = np.zeros(n_pass, dtype=np.int64)
     out_stall = np.zeros(n_pass, dtype=np.int64)
     out_experts = np.zeros(n_pass, dtype=np.int64)
+    # _issue's arguments as typed values, not literals (one compiled _issue, not one per literal)
+    demand, no_signal = np.int64(0), np.int64(-1)
+    is_prefetch, no_prefetch = np.bool_(True), np.bool_(False)
     now = 0
     tick = 0
     entries = 0  # bytes held (ExpertCache._used_sum) and their peak
@@ -456,7 +459,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if it_copy[i]:
                         key = it_key[i]
                         _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                               part, it_slot[i], 0, False, it_wait[i], now,
+                               part, it_slot[i], demand, no_prefetch, it_wait[i], now,
                                (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
                                expert_bytes if nissued < nwb else 0, serial, fifo_link)
                         nissued += 1
@@ -464,7 +467,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns + (wb_ns if nissued < nwb else 0),
+                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now, copy_ns + (wb_ns if nissued < nwb else 0),
                            expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
             if npro > 0 or ndrop > 0:
@@ -492,7 +495,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
                         _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
-                           part, it_slot[i], 0, False, it_wait[i], now,
+                           part, it_slot[i], demand, no_prefetch, it_wait[i], now,
                            (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
                            expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
@@ -542,7 +545,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], True, -1, now, copy_ns + (wb_ns if nissued < nwb else 0),
+                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now, copy_ns + (wb_ns if nissued < nwb else 0),
                            expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
             for j in range(njobs):  # the layer ends when its CPU jobs have
