@@ -214,6 +214,9 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     belady = _Background(_belady_misses, m, groups, sim.cache_config, initial) if opts.bounds and HAVE_NUMBA else None
     if cache_pass is not None:
         hit, release, peak_bytes = cache_pass(sim, trace, groups)
+    elif kind == "all-on-gpu":  # every expert resident from the start: every lookup hits, nothing leaves
+        hit, release = np.ones(len(groups.keys), dtype=np.bool_), np.full(len(groups.keys), -1, dtype=np.int32)
+        peak_bytes = len(initial) * expert_bytes
     else:
         hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                                      clear_after=kind == "no-cache", num_keys=num_layers * num_experts,
