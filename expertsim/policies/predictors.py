@@ -288,7 +288,10 @@ class RoutePredictor:
                 self.models[(s, t)] = ("constant", Y.mean(axis=0))
                 continue
             model = self._new_model()
-            model.fit(X, Y)
+            if self.model == "ridge":
+                _fit_ridge(model, X, Y)
+            else:
+                model.fit(X, Y)
             self.models[(s, t)] = model
 
     # --- inference -----------------------------------------------------------------------
@@ -389,6 +392,128 @@ class RoutePredictor:
             "recall_thresholded": tp / (tp + fn) if tp + fn else float("nan"),
             "threshold": threshold, "per_layer_precision_at_k": per_layer, "fit_s": self.fit_s,
         }
+
+
+SOLVE_IN_ORDER_MAX = 2048  # active features up to which the ridge solve runs in a fixed order (numba)
+
+
+def _fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
+    """Fit scikit-learn's ``Ridge(alpha)`` (with an intercept) by its closed form and set the
+    estimator's fitted attributes (``coef_``, ``intercept_``, ``n_features_in_``), so it predicts
+    as fitted: W = (Xc^T Xc + alpha I)^-1 Xc^T Yc on the centred data, the objective and the
+    Cholesky solve scikit-learn's ``fit`` uses, in float64. A feature never set in training has
+    W = 0 (its block of the system is alpha I), so the solve runs on the others.
+
+    Why not ``model.fit``: on this machine it did not give the same bits for the same data (30 of
+    90 Mixtral layer pairs differed in the last bits between two fits in one process; LAPACK's
+    Cholesky and the BLAS products vary with their buffers), enough to flip a near tie between
+    two experts and move a learned-prefetch run by a hit. Here every sum runs in a fixed order
+    (:func:`_gram`, :func:`_solve_spd`) up to ``SOLVE_IN_ORDER_MAX`` active features (Mixtral's
+    largest is ~350); beyond, the solve is LAPACK's (fast, not bit-reproducible)."""
+    n = X.shape[0]
+    sx, sy, G, B = _gram(np.ascontiguousarray(X), np.ascontiguousarray(Y))
+    x_mean, y_mean = sx / n, sy / n
+    active = np.flatnonzero(np.diag(G) != 0)
+    A = G[np.ix_(active, active)] - n * np.outer(x_mean[active], x_mean[active])  # Xc^T Xc
+    A[np.diag_indices_from(A)] += model.alpha
+    rhs = B[active] - n * np.outer(x_mean[active], y_mean)  # Xc^T Yc
+    if len(active) <= SOLVE_IN_ORDER_MAX:
+        w = _solve_spd(np.ascontiguousarray(A), np.ascontiguousarray(rhs))
+    else:
+        import scipy.linalg
+
+        w = scipy.linalg.solve(A, rhs, assume_a="pos")
+    coef = np.zeros((Y.shape[1], X.shape[1]))  # [targets, features]
+    coef[:, active] = w.T
+    model.coef_ = coef
+    model.intercept_ = _intercept(coef, x_mean, y_mean)  # not a BLAS product: its bits vary
+    model.n_features_in_ = X.shape[1]
+
+
+@_njit
+def _solve_spd(A, B):
+    """A^-1 B for a symmetric positive definite A: Cholesky (A = L L^T), then the two
+    triangular solves, every sum in index order."""
+    w = A.shape[0]
+    L = np.zeros((w, w))
+    for j in range(w):
+        d = A[j, j]
+        for k in range(j):
+            d -= L[j, k] * L[j, k]
+        d = np.sqrt(d)
+        L[j, j] = d
+        for i in range(j + 1, w):
+            v = A[i, j]
+            for k in range(j):
+                v -= L[i, k] * L[j, k]
+            L[i, j] = v / d
+    e = B.shape[1]
+    Z = np.zeros((w, e))
+    for i in range(w):  # L Z = B
+        for c in range(e):
+            v = B[i, c]
+            for k in range(i):
+                v -= L[i, k] * Z[k, c]
+            Z[i, c] = v / L[i, i]
+    W = np.zeros((w, e))
+    for i in range(w - 1, -1, -1):  # L^T W = Z
+        for c in range(e):
+            v = Z[i, c]
+            for k in range(i + 1, w):
+                v -= L[k, i] * W[k, c]
+            W[i, c] = v / L[i, i]
+    return W
+
+
+@_njit
+def _intercept(coef, x_mean, y_mean):
+    """y_mean - coef @ x_mean, each sum in feature order."""
+    out = np.zeros(coef.shape[0])
+    for e in range(coef.shape[0]):
+        acc = 0.0
+        for j in range(coef.shape[1]):
+            acc += coef[e, j] * x_mean[j]
+        out[e] = y_mean[e] - acc
+    return out
+
+
+@_njit
+def _gram(X, Y):
+    """Column sums of X and Y, X^T X and X^T Y, in float64, row by row in order over each row's
+    nonzero columns only (the features are mostly one-hot)."""
+    n, w = X.shape
+    e = Y.shape[1]
+    sx = np.zeros(w)
+    sy = np.zeros(e)
+    G = np.zeros((w, w))
+    B = np.zeros((w, e))
+    nz = np.zeros(w, dtype=np.int64)
+    ny = np.zeros(e, dtype=np.int64)
+    for r in range(n):
+        m = 0
+        for c in range(w):
+            if X[r, c] != 0:
+                nz[m] = c
+                m += 1
+        my = 0
+        for c in range(e):
+            if Y[r, c] != 0:
+                ny[my] = c
+                my += 1
+        for a in range(m):
+            i = nz[a]
+            xi = np.float64(X[r, i])
+            sx[i] += xi
+            for b in range(a, m):
+                G[i, nz[b]] += xi * np.float64(X[r, nz[b]])
+            for b in range(my):
+                B[i, ny[b]] += xi * np.float64(Y[r, ny[b]])
+        for b in range(my):
+            sy[ny[b]] += np.float64(Y[r, ny[b]])
+    for i in range(w):
+        for j in range(i + 1, w):
+            G[j, i] = G[i, j]
+    return sx, sy, G, B
 
 
 @_njit

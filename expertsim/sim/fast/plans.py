@@ -275,13 +275,16 @@ def miss_rule(system, trace, sched, groups, cost):
 def _plans(system, trace, sched, groups, cache):
     """The kernel's prefetch plans: [distances, groups + 1] starts, keys, priorities, and
     AdaptiveDistance's (initial, min, max distance, calm layers), zeros for a fixed one (its
-    one plan, fitted here; the adaptive ones unfitted, one per distance, fitted by the kernel)."""
+    one plan, fitted here, unless a cross-layer allocator resizes the partitions during the run;
+    the adaptive ones unfitted, one per distance; the kernel fits every plan with the slots of
+    the moment)."""
     from expertsim.policies.prefetch import AdaptiveDistance
 
     adapt = np.zeros(4, dtype=np.int64)
     outer = system.prefetcher
-    if type(outer) is not AdaptiveDistance:
-        start, keys, prio = prefetch_plan(system, trace, sched, groups, cache)
+    if type(outer) is not AdaptiveDistance:  # fitted here unless an allocator will move the slots
+        moves = system.allocator is not None and system.allocator.active
+        start, keys, prio = prefetch_plan(system, trace, sched, groups, cache, trim=not moves)
         return start[None, :], keys, prio, adapt
     inner, d0 = outer.inner, outer.inner.distance  # d0: set by prepare (initial_distance)
     starts, keys, prios, offset = [], [], [], 0
