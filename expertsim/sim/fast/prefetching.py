@@ -20,7 +20,6 @@ from expertsim.sim.fast.cache_kernels import (
     _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes,
 )
 from expertsim.sim.fast.groups import _widest_group
-from expertsim.jit import objmode
 from expertsim.sim.fast.jit import _njit_gil
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
