@@ -308,27 +308,25 @@ def background_rank(system, trace, sched, groups, cache) -> np.ndarray:
     tokens (most first, then the lowest id), the first ``slots`` of its partition."""
     from expertsim.policies.systems import _DaopPlacement
 
-    local = groups.keys - np.repeat(groups.layer.astype(np.int64), np.diff(groups.start)) * cache.num_experts
     if type(system.miss) is not _DaopPlacement:
-        return local.astype(np.int64)
-    num_moe = cache.num_layers
+        return (groups.keys % cache.num_experts).astype(np.int64)  # the expert id within its layer
     prefill = np.asarray(trace.phase)[np.asarray(sched.start)] == 0
     slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
-    return _daop_ranks(groups.start, local.astype(np.int64), groups.tokens.astype(np.int64),
-                       groups.layer.astype(np.int64), np.repeat(prefill, num_moe), slots, cache.num_partitions > 1)
+    return _daop_ranks(groups.start, groups.keys, groups.tokens, groups.layer, groups.pass_index, prefill, slots,
+                       cache.num_partitions > 1)
 
 
 @_njit
-def _daop_ranks(gstart, local, tokens, glayer, prefill, slots, per_layer):
-    out = np.full(local.shape[0], -1, dtype=np.int64)
+def _daop_ranks(gstart, keys, tokens, glayer, gpass, prefill, slots, per_layer):
+    out = np.full(keys.shape[0], -1, dtype=np.int64)
     for g in range(glayer.shape[0]):
-        if not prefill[g]:
+        if not prefill[gpass[g]]:
             continue
         limit = slots[glayer[g] if per_layer else 0]
         for i in range(gstart[g], gstart[g + 1]):  # np.argsort(-counts, kind="stable") position
             r = 0
-            for j in range(gstart[g], gstart[g + 1]):
-                if tokens[j] > tokens[i] or (tokens[j] == tokens[i] and local[j] < local[i]):
+            for j in range(gstart[g], gstart[g + 1]):  # keys ascending within a group: j < i is a lower id
+                if tokens[j] > tokens[i] or (tokens[j] == tokens[i] and j < i):
                     r += 1
             if r < limit:
                 out[i] = r
