@@ -106,9 +106,10 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
 def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False, prefetcher=None, trim: bool = True):
     """Every (pass, MoE layer)'s prefetch requests, as the system makes and trims them in the DES:
     (start[groups + 1], keys, priorities). ``system`` is prepared; ``cache`` (empty) gives the
-    sizes the trimming reads. The ring, the pre-gate, the modelled and the recorded speculation and
-    the learned predictor are computed at once (:mod:`expertsim.sim.fast.prefetch_plans`); any other trace-only prefetcher
-    is asked layer by layer, in the DES's order. ``prefetcher``: ask this one instead of the
+    sizes the trimming reads. The ring, the pre-gate, the modelled and the recorded speculation,
+    the learned predictor and MoE-Infinity's matching are computed at once
+    (:mod:`expertsim.sim.fast.prefetch_plans`); any other trace-only prefetcher is asked layer
+    by layer, in the DES's order. ``prefetcher``: ask this one instead of the
     system's (AdaptiveDistance's inner one at a given distance); ``trim=False``: every request,
     by priority (the kernel fits them)."""
     from expertsim.policies.prefetch import (

@@ -154,7 +154,8 @@ def recorded_ok(trace, prefetcher) -> bool:
     """Whether :func:`recorded_requests` reads this trace's guesses as the prefetcher does (no
     negative guess: the prefetcher would ask for it, and the plan reports it)."""
     spec = trace.extras.get(f"spec_d{prefetcher.distance}")
-    return spec is not None and np.ndim(spec) >= 2 and len(spec) == trace.num_tokens and not (np.asarray(spec) < 0).any()
+    return (spec is not None and np.ndim(spec) >= 2 and len(spec) == trace.num_tokens
+            and not (np.asarray(spec) < 0).any())
 
 
 def recorded_requests(groups, sched, trace, num_moe, num_experts, prefetcher):

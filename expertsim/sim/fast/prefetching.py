@@ -466,8 +466,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now, copy_ns + (wb_ns if nissued < nwb else 0),
-                           expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now,
+                           copy_ns + (wb_ns if nissued < nwb else 0), expert_bytes,
+                           expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
             if npro > 0 or ndrop > 0:
                 _start_pending(ci, ls, q, pend, cstate, cur, tot)
@@ -544,8 +545,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
                     _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
-                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now, copy_ns + (wb_ns if nissued < nwb else 0),
-                           expert_bytes, expert_bytes if nissued < nwb else 0, serial, fifo_link)
+                           pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now,
+                           copy_ns + (wb_ns if nissued < nwb else 0), expert_bytes,
+                           expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
             for j in range(njobs):  # the layer ends when its CPU jobs have
                 if cpu_end[j] > now:
