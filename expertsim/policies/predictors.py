@@ -338,22 +338,15 @@ class RoutePredictor:
         E = self._E
         first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
         idx = self._trace_index(trace)
-        coef = self._coef.get((s, t))
-        if coef is None:  # [width, E] float64, rows contiguous
-            coef = np.ascontiguousarray(np.asarray(model.coef_, dtype=np.float64).T)
-            self._coef[(s, t)] = (coef, np.asarray(model.intercept_, dtype=np.float64).ravel())
-            coef = self._coef[(s, t)]
-        if use_prior:
-            vocab, counts, sums, base = self._priors
-            pos = np.minimum(np.searchsorted(vocab, trace.token_id[tokens]), len(vocab) - 1)
-            found = vocab[pos] == trace.token_id[tokens]
-            n = np.where(found, counts[pos], 0.0)[:, None]
-            prior = ((np.where(found[:, None], sums[pos, t], 0.0) + self.prior_smoothing * base[t])
-                     / (n + self.prior_smoothing)).astype(np.float32)  # _token_prior's rows
-        else:
-            prior = np.zeros((len(tokens), 0), dtype=np.float32)
+        cached = self._coef.get((s, t))
+        if cached is None:  # coef [width, E] float64, rows contiguous; intercept [E]
+            cached = self._coef[(s, t)] = (np.ascontiguousarray(np.asarray(model.coef_, dtype=np.float64).T),
+                                           np.asarray(model.intercept_, dtype=np.float64).ravel())
+        coef, intercept = cached
+        prior = self._token_prior(trace.token_id[tokens], t) if use_prior else \
+            np.zeros((len(tokens), 0), dtype=np.float32)
         return _ridge_top(tokens, np.asarray(trace.experts), idx.prev, idx.prev_known, first, s, pair_at,
-                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, prior, coef[0], coef[1], E, k)
+                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, prior, coef, intercept, E, k)
 
     def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
         """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""

@@ -190,6 +190,19 @@ class LayerRingPrefetch(Prefetcher):
         return list(out)
 
 
+def eam_history_norms(hist: np.ndarray, upto: int) -> np.ndarray:
+    """The norm of each past activation matrix (``hist`` [H, layers, experts]) over layers
+    0..upto: the denominators of ActivationMatrixPrefetch's match (the fast engine's plan calls
+    this same function, so the two agree to the bit)."""
+    return np.linalg.norm(hist[:, :upto + 1].reshape(len(hist), -1), axis=1)
+
+
+def eam_match_rows(hist: np.ndarray) -> np.ndarray:
+    """Each past activation matrix's rows over their sums (at least 1e-12): what a match adds to
+    the next layers' scores (shared with the fast engine's plan, as :func:`eam_history_norms`)."""
+    return hist / np.maximum(hist.sum(axis=2, keepdims=True), 1e-12)
+
+
 @register_prefetch("eam")
 class ActivationMatrixPrefetch(Prefetcher):
     """MoE-Infinity's request-level history matching (Xue et al., arXiv 2401.14361): each finished
@@ -222,7 +235,8 @@ class ActivationMatrixPrefetch(Prefetcher):
     def _forget(self) -> None:
         """Drop what is derived from ``past`` (it changes only at a request's start)."""
         self._hist = None  # np.stack(self.past)
-        self._blocks: dict[int, tuple] = {}  # upto -> (the history's layers 0..upto, their norms)
+        self._norms: dict[int, np.ndarray] = {}  # upto -> the history's norms over layers 0..upto
+        self._match_rows = None  # eam_match_rows(self._hist)
         self._rows: dict[tuple[int, int], list[float]] = {}  # (match, layer) -> its normalised row
         # the dot products of the current EAM with each past one: per layer (each use adds the
         # past EAM's entry), and over layers 0..l added in layer order (see _match_index)
@@ -241,17 +255,14 @@ class ActivationMatrixPrefetch(Prefetcher):
 
     def _match_index(self, upto: int) -> int | None:
         """The index in ``past`` of the EAM that best matches layers 0..upto (None: no history).
-        The history's stack, blocks and norms are computed once per request (the same arrays
-        each layer recomputed before)."""
+        The history's stack and norms are computed once per request."""
         if not self.past:
             return None
         if self._hist is None:
             self._hist = np.stack(self.past)  # [H, L, E]
-        block = self._blocks.get(upto)
-        if block is None:
-            h = self._hist[:, :upto + 1].reshape(len(self._hist), -1)
-            block = self._blocks[upto] = (h, np.linalg.norm(h, axis=1))
-        h, norms = block
+        norms = self._norms.get(upto)
+        if norms is None:
+            norms = self._norms[upto] = eam_history_norms(self._hist, upto)
         # h . q over layers 0..upto: the per-layer dot products (each use of the current
         # request added its past entry, in order) summed in layer order, kept as the pass goes
         # (a fixed order of float additions, which the fast engine's plan repeats)
@@ -269,8 +280,9 @@ class ActivationMatrixPrefetch(Prefetcher):
     def _match_row(self, index: int, t: int) -> list[float]:
         row = self._rows.get((index, t))
         if row is None:
-            match = self._hist[index][t]
-            row = self._rows[(index, t)] = (match / max(match.sum(), 1e-12)).tolist()
+            if self._match_rows is None:
+                self._match_rows = eam_match_rows(self._hist)
+            row = self._rows[(index, t)] = self._match_rows[index, t].tolist()
         return row
 
     def prefetch(self, obs):

@@ -260,10 +260,11 @@ def _pass_unions(pstart, pstop, top, num_experts):
 
 def eam_requests(groups, sched, trace, num_moe, prefetcher):
     """ActivationMatrixPrefetch (MoE-Infinity): request by request, the history of past
-    activation matrices, their norms and normalised rows as the prefetcher computes them (numpy,
-    the same expressions), then the request's passes in one compiled loop: the current matrix,
+    activation matrices, their norms and normalised rows by the prefetcher's own functions, then the request's passes in one compiled loop: the current matrix,
     the per-layer dot products with the history summed in layer order, the best match and the
     ranked experts of the next ``depth`` layers."""
+    from expertsim.policies.prefetch import eam_history_norms, eam_match_rows
+
     L, E = num_moe, trace.num_experts
     width = prefetcher.width or prefetcher._k
     pstart = np.asarray(sched.start, dtype=np.int64)
@@ -284,8 +285,8 @@ def eam_requests(groups, sched, trace, num_moe, prefetcher):
         H = len(past)
         if H:
             hist = np.stack(past)
-            norms = np.stack([np.linalg.norm(hist[:, :u + 1].reshape(H, -1), axis=1) for u in range(L)])
-            rows = hist / np.maximum(hist.sum(axis=2, keepdims=True), 1e-12)
+            norms = np.stack([eam_history_norms(hist, u) for u in range(L)])
+            rows = eam_match_rows(hist)
         else:
             hist, norms, rows = np.zeros((0, L, E)), np.zeros((L, 0)), np.zeros((0, L, E))
         current = np.zeros((L, E))
