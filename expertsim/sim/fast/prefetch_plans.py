@@ -260,9 +260,10 @@ def _pass_unions(pstart, pstop, top, num_experts):
 
 def eam_requests(groups, sched, trace, num_moe, prefetcher):
     """ActivationMatrixPrefetch (MoE-Infinity): request by request, the history of past
-    activation matrices, their norms and normalised rows by the prefetcher's own functions, then the request's passes in one compiled loop: the current matrix,
-    the per-layer dot products with the history summed in layer order, the best match and the
-    ranked experts of the next ``depth`` layers."""
+    activation matrices, their norms and normalised rows by the prefetcher's own functions, then
+    the request's passes in one compiled loop: the current matrix, the per-layer dot products
+    with the history summed in layer order, the best match and the ranked experts of the next
+    ``depth`` layers."""
     from expertsim.policies.prefetch import eam_history_norms, eam_match_rows
 
     L, E = num_moe, trace.num_experts
