@@ -24,7 +24,9 @@ import time
 import numpy as np
 
 from expertsim.errors import PolicyError
-from expertsim.jit import _njit
+from expertsim.policies.ridge import (
+    _ridge_top, own_columns, padded_coef, pair_gram, prior_sums, route_counts, set_ridge,
+)
 
 
 def training_requests(trace, fraction: float):
@@ -71,6 +73,13 @@ class _TraceIndex:
         known[known] = trace.step[prev[known]] != trace.step[known.nonzero()[0]]
         self.prev = np.maximum(prev, 0)
         self.prev_known = known
+        self._columns = None
+
+    def columns(self, experts: np.ndarray, num_experts: int) -> np.ndarray:
+        """The trace's :func:`~expertsim.policies.ridge.own_columns` (made at the first call)."""
+        if self._columns is None:
+            self._columns = own_columns(np.ascontiguousarray(experts, dtype=np.int64), num_experts)
+        return self._columns
 
 
 class RoutePredictor:
@@ -100,6 +109,8 @@ class RoutePredictor:
         self._layouts: dict = {}  # (s, t, pair, prior) -> the features' column layout
         self._one = None  # (trace, token, rows): the last token _features_one read
         self._coef: dict = {}  # (s, t) -> a ridge model's (coef [width, E] float64, intercept)
+        self._codes = None  # (trace, each token's row of the prior tables)
+        self._tables: dict = {}  # t -> _prior_table(t)
 
     def __repr__(self) -> str:
         return (f"RoutePredictor(distances={self.distances}, path={self.path}, window={self.window}, "
@@ -152,7 +163,7 @@ class RoutePredictor:
             X[np.flatnonzero(known)[:, None], cols.reshape(len(kp), -1)] = 1.0
         X[:, known_at] = known
         if use_prior:
-            X[:, known_at + 1:] = self._token_prior(trace.token_id[tokens], t)
+            X[:, known_at + 1:] = self._prior_table(t)[self._trace_codes(trace, tokens)]
         return X
 
     def _layout(self, trace, s: int, t: int) -> tuple:
@@ -226,14 +237,39 @@ class RoutePredictor:
         return X
 
     def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
-        vocab, counts, sums, base = self._priors
-        pos = np.searchsorted(vocab, token_ids)
-        pos = np.minimum(pos, len(vocab) - 1)
-        found = vocab[pos] == token_ids
-        m = self.prior_smoothing
-        n = np.where(found, counts[pos], 0.0)[:, None]
-        s = np.where(found[:, None], sums[pos, t], 0.0)
-        return ((s + m * base[t]) / (n + m)).astype(np.float32)
+        """The smoothed prior at ``t`` [tokens, experts] (float32) of these token ids."""
+        return self._prior_table(t)[self._prior_codes(token_ids)]
+
+    def _prior_codes(self, token_ids: np.ndarray) -> np.ndarray:
+        """Each token id's row of :meth:`_prior_table`: its place in the training vocabulary, or
+        the vocabulary's size (the last row) when it is not there."""
+        vocab = self._priors[0]
+        pos = np.minimum(np.searchsorted(vocab, token_ids), len(vocab) - 1)
+        return np.where(vocab[pos] == token_ids, pos, len(vocab))
+
+    def _prior_table(self, t: int) -> np.ndarray:
+        """[vocabulary + 1, experts] float32: the smoothed prior at ``t`` of each training token
+        id, (its count of each expert + m x the training mean) / (its count + m), and in the last
+        row the training mean (an id never seen in training). Kept per ``t``."""
+        table = self._tables.get(t)
+        if table is None:
+            vocab, counts, sums, base = self._priors
+            m = self.prior_smoothing
+            table = np.empty((len(vocab) + 1, self._E), dtype=np.float32)
+            table[:-1] = (sums[:, t] + m * base[t]) / (counts[:, None] + m)
+            table[-1] = (0.0 + m * base[t]) / (0.0 + m)
+            self._tables[t] = table
+        return table
+
+    def _trace_codes(self, trace, tokens: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`_prior_codes` of the trace's tokens (every one, or ``tokens``), looked up once
+        per trace (when asked for a quarter of its tokens or more; a few tokens of another trace
+        are looked up on their own)."""
+        if self._codes is None or self._codes[0] is not trace:
+            if tokens is not None and 4 * len(tokens) < trace.num_tokens:
+                return self._prior_codes(trace.token_id[tokens])
+            self._codes = (trace, self._prior_codes(trace.token_id))
+        return self._codes[1] if tokens is None else self._codes[1][tokens]
 
     # --- training ------------------------------------------------------------------------
     def pairs(self, num_layers: int) -> list[tuple[int, int]]:
@@ -258,7 +294,7 @@ class RoutePredictor:
             raise PolicyError("cannot train a route predictor on an empty trace")
         self._E, self._L = trace.num_experts, trace.num_layers
         self._priors = None
-        self._layouts, self._one, self._coef = {}, None, {}
+        self._layouts, self._one, self._coef, self._codes, self._tables = {}, None, {}, None, {}
         if trace.token_id is not None:
             vocab, inverse = np.unique(trace.token_id, return_inverse=True)
             counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
@@ -279,20 +315,54 @@ class RoutePredictor:
         return self
 
     def _fit_pairs(self, trace, tokens) -> None:
+        if self.model == "ridge":
+            self._fit_ridge_pairs(trace)
+            return
         for s, t in self.pairs(self._L):
             X = self.features(trace, tokens, s, t)
             Y = _onehot(trace.experts[:, t], self._E)
-            constant = Y.min(axis=0) == Y.max(axis=0)
-            if self.model == "logistic" and constant.any():
+            if (Y.min(axis=0) == Y.max(axis=0)).any():
                 # an expert never (or always) chosen in training: a fixed score, no classifier
                 self.models[(s, t)] = ("constant", Y.mean(axis=0))
                 continue
             model = self._new_model()
-            if self.model == "ridge":
-                _fit_ridge(model, X, Y)
-            else:
-                model.fit(X, Y)
+            model.fit(X, Y)
             self.models[(s, t)] = model
+
+    def _fit_ridge_pairs(self, trace) -> None:
+        """Every pair's ridge model from its X^T X and X^T Y (:mod:`~expertsim.policies.ridge`:
+        the same sums as from :meth:`features`, assembled from counts the pairs share, without
+        building the features)."""
+        pairs = self.pairs(self._L)
+        if not pairs:
+            return
+        E, L = self._E, self._L
+        experts = np.ascontiguousarray(trace.experts, dtype=np.int64)
+        idx = self._trace_index(trace)
+        cols = idx.columns(experts, E)
+        counts = route_counts(cols, idx.prev, idx.prev_known, L * E)
+        empty = (np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros(0))
+        no_prior = np.zeros((trace.num_tokens, 0), dtype=np.float32)
+        for t in sorted({t for _, t in pairs}):
+            mine = [(s, tt) for s, tt in pairs if tt == t]
+            layouts = {s: self._layout(trace, s, t) for s, _ in mine}
+            use_prior = layouts[mine[0][0]][6]
+            if use_prior:
+                prior = self._prior_table(t)[self._trace_codes(trace)]
+                flagged = np.zeros(L, dtype=np.bool_)
+                for lay in layouts.values():
+                    flagged[lay[2]] = True
+                sums = prior_sums(cols, idx.prev, idx.prev_known, prior, t + 1, flagged, L * E)
+            else:
+                prior, sums = no_prior, empty
+            for s, _ in mine:
+                first, pair_at, prev_layers, prev_at, known_at, width, _ = layouts[s]
+                sx, sy, G, B = pair_gram(cols, experts, idx.prev, idx.prev_known, prior, first, s, t, pair_at,
+                                         np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, width,
+                                         counts, sums)
+                model = self._new_model()
+                set_ridge(model, trace.num_tokens, sx, sy, G, B)
+                self.models[(s, t)] = model
 
     # --- inference -----------------------------------------------------------------------
     def scores(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
@@ -339,14 +409,18 @@ class RoutePredictor:
         first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
         idx = self._trace_index(trace)
         cached = self._coef.get((s, t))
-        if cached is None:  # coef [width, E] float64, rows contiguous; intercept [E]
-            cached = self._coef[(s, t)] = (np.ascontiguousarray(np.asarray(model.coef_, dtype=np.float64).T),
-                                           np.asarray(model.intercept_, dtype=np.float64).ravel())
+        if cached is None:  # coef [width, E padded] float64, rows contiguous; intercept [E padded]
+            cached = self._coef[(s, t)] = padded_coef(np.asarray(model.coef_, dtype=np.float64).T,
+                                                      np.asarray(model.intercept_, dtype=np.float64).ravel())
         coef, intercept = cached
-        prior = self._token_prior(trace.token_id[tokens], t) if use_prior else \
-            np.zeros((len(tokens), 0), dtype=np.float32)
-        return _ridge_top(tokens, np.asarray(trace.experts), idx.prev, idx.prev_known, first, s, pair_at,
-                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, prior, coef, intercept, E, k)
+        if use_prior:
+            table, codes = self._prior_table(t), self._trace_codes(trace, tokens)
+        else:
+            table, codes = np.zeros((1, 0), dtype=np.float32), np.zeros(len(tokens), dtype=np.int64)
+        experts = np.asarray(trace.experts)
+        return _ridge_top(tokens, experts, idx.columns(experts, E), idx.prev, idx.prev_known, first, s, pair_at,
+                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, table, codes, coef, intercept,
+                          E, k)
 
     def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
         """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
@@ -385,196 +459,3 @@ class RoutePredictor:
             "recall_thresholded": tp / (tp + fn) if tp + fn else float("nan"),
             "threshold": threshold, "per_layer_precision_at_k": per_layer, "fit_s": self.fit_s,
         }
-
-
-SOLVE_IN_ORDER_MAX = 2048  # active features up to which the ridge solve runs in a fixed order (numba)
-
-
-def _fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
-    """Fit scikit-learn's ``Ridge(alpha)`` (with an intercept) by its closed form and set the
-    estimator's fitted attributes (``coef_``, ``intercept_``, ``n_features_in_``), so it predicts
-    as fitted: W = (Xc^T Xc + alpha I)^-1 Xc^T Yc on the centred data, the objective and the
-    Cholesky solve scikit-learn's ``fit`` uses, in float64. A feature never set in training has
-    W = 0 (its block of the system is alpha I), so the solve runs on the others.
-
-    Why not ``model.fit``: on this machine it did not give the same bits for the same data (30 of
-    90 Mixtral layer pairs differed in the last bits between two fits in one process; LAPACK's
-    Cholesky and the BLAS products vary with their buffers), enough to flip a near tie between
-    two experts and move a learned-prefetch run by a hit. Here every sum runs in a fixed order
-    (:func:`_gram`, :func:`_solve_spd`) up to ``SOLVE_IN_ORDER_MAX`` active features (Mixtral's
-    largest is ~350); beyond, the solve is LAPACK's (fast, not bit-reproducible)."""
-    n = X.shape[0]
-    sx, sy, G, B = _gram(np.ascontiguousarray(X), np.ascontiguousarray(Y))
-    x_mean, y_mean = sx / n, sy / n
-    active = np.flatnonzero(np.diag(G) != 0)
-    A = G[np.ix_(active, active)] - n * np.outer(x_mean[active], x_mean[active])  # Xc^T Xc
-    A[np.diag_indices_from(A)] += model.alpha
-    rhs = B[active] - n * np.outer(x_mean[active], y_mean)  # Xc^T Yc
-    if len(active) <= SOLVE_IN_ORDER_MAX:
-        w = _solve_spd(np.ascontiguousarray(A), np.ascontiguousarray(rhs))
-    else:
-        import scipy.linalg
-
-        w = scipy.linalg.solve(A, rhs, assume_a="pos")
-    coef = np.zeros((Y.shape[1], X.shape[1]))  # [targets, features]
-    coef[:, active] = w.T
-    model.coef_ = coef
-    model.intercept_ = _intercept(coef, x_mean, y_mean)  # not a BLAS product: its bits vary
-    model.n_features_in_ = X.shape[1]
-
-
-@_njit
-def _solve_spd(A, B):
-    """A^-1 B for a symmetric positive definite A: Cholesky (A = L L^T), then the two
-    triangular solves, every sum in index order."""
-    w = A.shape[0]
-    L = np.zeros((w, w))
-    for j in range(w):
-        d = A[j, j]
-        for k in range(j):
-            d -= L[j, k] * L[j, k]
-        d = np.sqrt(d)
-        L[j, j] = d
-        for i in range(j + 1, w):
-            v = A[i, j]
-            for k in range(j):
-                v -= L[i, k] * L[j, k]
-            L[i, j] = v / d
-    e = B.shape[1]
-    Z = np.zeros((w, e))
-    for i in range(w):  # L Z = B
-        for c in range(e):
-            v = B[i, c]
-            for k in range(i):
-                v -= L[i, k] * Z[k, c]
-            Z[i, c] = v / L[i, i]
-    W = np.zeros((w, e))
-    for i in range(w - 1, -1, -1):  # L^T W = Z
-        for c in range(e):
-            v = Z[i, c]
-            for k in range(i + 1, w):
-                v -= L[k, i] * W[k, c]
-            W[i, c] = v / L[i, i]
-    return W
-
-
-@_njit
-def _intercept(coef, x_mean, y_mean):
-    """y_mean - coef @ x_mean, each sum in feature order."""
-    out = np.zeros(coef.shape[0])
-    for e in range(coef.shape[0]):
-        acc = 0.0
-        for j in range(coef.shape[1]):
-            acc += coef[e, j] * x_mean[j]
-        out[e] = y_mean[e] - acc
-    return out
-
-
-@_njit
-def _gram(X, Y):
-    """Column sums of X and Y, X^T X and X^T Y, in float64, row by row in order over each row's
-    nonzero columns only (the features are mostly one-hot)."""
-    n, w = X.shape
-    e = Y.shape[1]
-    sx = np.zeros(w)
-    sy = np.zeros(e)
-    G = np.zeros((w, w))
-    B = np.zeros((w, e))
-    nz = np.zeros(w, dtype=np.int64)
-    ny = np.zeros(e, dtype=np.int64)
-    for r in range(n):
-        m = 0
-        for c in range(w):
-            if X[r, c] != 0:
-                nz[m] = c
-                m += 1
-        my = 0
-        for c in range(e):
-            if Y[r, c] != 0:
-                ny[my] = c
-                my += 1
-        for a in range(m):
-            i = nz[a]
-            xi = np.float64(X[r, i])
-            sx[i] += xi
-            for b in range(a, m):
-                G[i, nz[b]] += xi * np.float64(X[r, nz[b]])
-            for b in range(my):
-                B[i, ny[b]] += xi * np.float64(Y[r, ny[b]])
-        for b in range(my):
-            sy[ny[b]] += np.float64(Y[r, ny[b]])
-    for i in range(w):
-        for j in range(i + 1, w):
-            G[j, i] = G[i, j]
-    return sx, sy, G, B
-
-
-@_njit
-def _ridge_top(tokens, experts, prev, prev_known, first, s, pair_at, prev_layers, prev_at, known_at, prior, coef,
-               intercept, num_experts, k):
-    """RoutePredictor.predict_top for a ridge model: each token's scores, intercept plus the
-    coefficient rows of its one-hot features (its routing at layers first..s, its expert pair
-    at s, its previous token's routing at ``prev_layers`` and the known flag) plus its prior
-    row times the prior's rows, summed in that order in float64; then the k highest (ties:
-    lowest id)."""
-    n = tokens.shape[0]
-    kk = experts.shape[2]
-    out = np.zeros((n, k), dtype=np.int64)
-    sc = np.zeros(num_experts, dtype=np.float64)
-    taken = np.zeros(num_experts, dtype=np.bool_)
-    for i in range(n):
-        tok = tokens[i]
-        for c in range(num_experts):
-            sc[c] = intercept[c]
-        for layer in range(first, s + 1):
-            for j in range(kk):
-                e = experts[tok, layer, j]
-                dup = False
-                for jj in range(j):  # a one-hot column is 1 once
-                    if experts[tok, layer, jj] == e:
-                        dup = True
-                if not dup:
-                    row = (layer - first) * num_experts + e
-                    for c in range(num_experts):
-                        sc[c] += coef[row, c]
-        if pair_at >= 0:  # the two lowest ids at s (np.sort's first two)
-            a = num_experts
-            b = num_experts
-            for j in range(kk):
-                e = experts[tok, s, j]
-                if e < a:
-                    b = a
-                    a = e
-                elif e < b:
-                    b = e
-            row = pair_at + a * num_experts + b
-            for c in range(num_experts):
-                sc[c] += coef[row, c]
-        if prev_known[tok]:
-            p = prev[tok]
-            for bl in range(prev_layers.shape[0]):
-                for j in range(kk):
-                    e = experts[p, prev_layers[bl], j]
-                    dup = False
-                    for jj in range(j):
-                        if experts[p, prev_layers[bl], jj] == e:
-                            dup = True
-                    if not dup:
-                        row = prev_at + bl * num_experts + e
-                        for c in range(num_experts):
-                            sc[c] += coef[row, c]
-            for c in range(num_experts):
-                sc[c] += coef[known_at, c]
-        for j in range(prior.shape[1]):
-            v = np.float64(prior[i, j])
-            for c in range(num_experts):
-                sc[c] += v * coef[known_at + 1 + j, c]
-        taken[:] = False
-        for r in range(k):  # the highest score, lowest id first among equals
-            best = -1
-            for e in range(num_experts):
-                if not taken[e] and (best < 0 or sc[e] > sc[best]):
-                    best = e
-            taken[best] = True
-            out[i, r] = best
-    return out

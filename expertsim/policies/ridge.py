@@ -1,0 +1,479 @@
+"""The ridge regressions of :class:`~expertsim.policies.predictors.RoutePredictor`: the closed
+form fitted in a fixed order of sums (bit-reproducible, unlike a BLAS/LAPACK fit), the sums of
+every (source, target) layer pair from a few shared count matrices, and the compiled top-k scorer.
+
+The features of a pair (see the predictors module) are one-hot blocks (the token's routing at
+layers ``first..s``, its expert pair at ``s``, the previous token's routing at two layers, the
+known flag) and one dense block (the token-id prior at ``t``). A pair's X^T X and X^T Y are
+assembled from blocks that many pairs share (:func:`route_counts`: co-occurrence counts of the
+one-hot columns over every layer, exact integers; :func:`prior_sums`: the prior's sums per target
+layer, row by row in order) and a pass over the rows for the pair's own expert-pair column
+(:func:`pair_gram`). Every entry is the sum :func:`_gram` computes from the pair's dense
+features, with the same terms in the same order, so the two give the same bits (tested).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from expertsim.jit import _njit
+
+SOLVE_IN_ORDER_MAX = 2048  # active features up to which the ridge solve runs in a fixed order (numba)
+
+
+def fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
+    """Fit scikit-learn's ``Ridge(alpha)`` (with an intercept) on features ``X`` and targets
+    ``Y`` by its closed form (:func:`set_ridge`), the sums of :func:`_gram`."""
+    sx, sy, G, B = _gram(np.ascontiguousarray(X), np.ascontiguousarray(Y))
+    set_ridge(model, X.shape[0], sx, sy, G, B)
+
+
+def set_ridge(model, n: int, sx, sy, G, B) -> None:
+    """Set a scikit-learn ``Ridge(alpha)``'s fitted attributes (``coef_``, ``intercept_``,
+    ``n_features_in_``) from the sums of ``n`` rows (column sums ``sx`` of X and ``sy`` of Y,
+    ``G`` = X^T X, ``B`` = X^T Y, float64), so it predicts as fitted: W = (Xc^T Xc + alpha I)^-1
+    Xc^T Yc on the centred data, the objective and the Cholesky solve scikit-learn's ``fit``
+    uses, in float64. A feature never set in training has W = 0 (its block of the system is
+    alpha I), so the solve runs on the others.
+
+    Why not ``model.fit``: on this machine it did not give the same bits for the same data (30 of
+    90 Mixtral layer pairs differed in the last bits between two fits in one process; LAPACK's
+    Cholesky and the BLAS products vary with their buffers), enough to flip a near tie between
+    two experts and move a learned-prefetch run by a hit. Here every sum runs in a fixed order
+    (:func:`_gram` or :func:`pair_gram`, :func:`_solve_spd`) up to ``SOLVE_IN_ORDER_MAX`` active
+    features (Mixtral's largest is ~350); beyond, the solve is LAPACK's (fast, not
+    bit-reproducible)."""
+    x_mean, y_mean = sx / n, sy / n
+    active = np.flatnonzero(np.diag(G) != 0)
+    A = G[np.ix_(active, active)] - n * np.outer(x_mean[active], x_mean[active])  # Xc^T Xc
+    A[np.diag_indices_from(A)] += model.alpha
+    rhs = B[active] - n * np.outer(x_mean[active], y_mean)  # Xc^T Yc
+    if len(active) <= SOLVE_IN_ORDER_MAX:
+        w = _solve_spd(np.ascontiguousarray(A), np.ascontiguousarray(rhs))
+    else:
+        import scipy.linalg
+
+        w = scipy.linalg.solve(A, rhs, assume_a="pos")
+    coef = np.zeros((B.shape[1], G.shape[0]))  # [targets, features]
+    coef[:, active] = w.T
+    model.coef_ = coef
+    model.intercept_ = _intercept(coef, x_mean, y_mean)  # not a BLAS product: its bits vary
+    model.n_features_in_ = G.shape[0]
+
+
+@_njit
+def _solve_spd(A, B):
+    """A^-1 B for a symmetric positive definite A: Cholesky (A = L L^T), then the two
+    triangular solves, every sum in index order."""
+    w = A.shape[0]
+    L = np.zeros((w, w))
+    for j in range(w):
+        d = A[j, j]
+        for k in range(j):
+            d -= L[j, k] * L[j, k]
+        d = np.sqrt(d)
+        L[j, j] = d
+        for i in range(j + 1, w):
+            v = A[i, j]
+            for k in range(j):
+                v -= L[i, k] * L[j, k]
+            L[i, j] = v / d
+    e = B.shape[1]
+    Z = np.zeros((w, e))
+    for i in range(w):  # L Z = B
+        for c in range(e):
+            v = B[i, c]
+            for k in range(i):
+                v -= L[i, k] * Z[k, c]
+            Z[i, c] = v / L[i, i]
+    W = np.zeros((w, e))
+    for i in range(w - 1, -1, -1):  # L^T W = Z
+        for c in range(e):
+            v = Z[i, c]
+            for k in range(i + 1, w):
+                v -= L[k, i] * W[k, c]
+            W[i, c] = v / L[i, i]
+    return W
+
+
+@_njit
+def _intercept(coef, x_mean, y_mean):
+    """y_mean - coef @ x_mean, each sum in feature order."""
+    out = np.zeros(coef.shape[0])
+    for e in range(coef.shape[0]):
+        acc = 0.0
+        for j in range(coef.shape[1]):
+            acc += coef[e, j] * x_mean[j]
+        out[e] = y_mean[e] - acc
+    return out
+
+
+@_njit
+def _gram(X, Y):
+    """Column sums of X and Y, X^T X and X^T Y, in float64, row by row in order over each row's
+    nonzero columns only (the features are mostly one-hot)."""
+    n, w = X.shape
+    e = Y.shape[1]
+    sx = np.zeros(w)
+    sy = np.zeros(e)
+    G = np.zeros((w, w))
+    B = np.zeros((w, e))
+    nz = np.zeros(w, dtype=np.int64)
+    ny = np.zeros(e, dtype=np.int64)
+    for r in range(n):
+        m = 0
+        for c in range(w):
+            if X[r, c] != 0:
+                nz[m] = c
+                m += 1
+        my = 0
+        for c in range(e):
+            if Y[r, c] != 0:
+                ny[my] = c
+                my += 1
+        for a in range(m):
+            i = nz[a]
+            xi = np.float64(X[r, i])
+            sx[i] += xi
+            for b in range(a, m):
+                G[i, nz[b]] += xi * np.float64(X[r, nz[b]])
+            for b in range(my):
+                B[i, ny[b]] += xi * np.float64(Y[r, ny[b]])
+        for b in range(my):
+            sy[ny[b]] += np.float64(Y[r, ny[b]])
+    for i in range(w):
+        for j in range(i + 1, w):
+            G[j, i] = G[i, j]
+    return sx, sy, G, B
+
+
+LANES = 8  # experts scored together in registers by _ridge_top (coef's columns padded to a multiple)
+
+
+def padded_coef(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ridge model's coefficients [features, experts] and intercept as float64 with the experts'
+    axis padded with zeros to a multiple of ``LANES`` (what :func:`_ridge_top` reads)."""
+    width, E = coef.shape
+    padded = -(-E // LANES) * LANES
+    c = np.zeros((width, padded))
+    c[:, :E] = coef
+    i = np.zeros(padded)
+    i[:E] = intercept
+    return c, i
+
+
+@_njit
+def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_layers, prev_at, known_at,
+               prior_table, prior_code, coef, intercept, num_experts, k):
+    """RoutePredictor.predict_top for a ridge model: each token's scores, intercept plus the
+    coefficient rows of its one-hot features (its routing at layers first..s, ``cols`` of
+    :func:`own_columns`; its expert pair at s; its previous token's routing at ``prev_layers``
+    and the known flag) plus its prior row (``prior_table`` row ``prior_code[i]``; a table of
+    no columns: no prior) times the prior's rows, summed in that order in float64 (``LANES``
+    experts at a time, in registers; ``coef`` and ``intercept`` from :func:`padded_coef`); then
+    the k highest (ties: lowest id)."""
+    n = tokens.shape[0]
+    kk = experts.shape[2]
+    n_prior = prior_table.shape[1]
+    out = np.zeros((n, k), dtype=np.int64)
+    sc = np.zeros(coef.shape[1], dtype=np.float64)
+    taken = np.zeros(num_experts, dtype=np.bool_)
+    rows = np.zeros((s + 1 - first + prev_layers.shape[0]) * kk + 2, dtype=np.int64)
+    base = first * num_experts
+    for i in range(n):
+        tok = tokens[i]
+        m = 0  # the rows of the token's one-hot features, in the order they are summed
+        for layer in range(first, s + 1):
+            for j in range(kk):
+                row = cols[tok, layer, j] - base
+                if row >= 0:  # a repeated expert (-1) is one column, counted once
+                    rows[m] = row
+                    m += 1
+        if pair_at >= 0:  # the two lowest ids at s (np.sort's first two)
+            a = num_experts
+            b = num_experts
+            for j in range(kk):
+                e = experts[tok, s, j]
+                if e < a:
+                    b = a
+                    a = e
+                elif e < b:
+                    b = e
+            rows[m] = pair_at + a * num_experts + b
+            m += 1
+        if prev_known[tok]:
+            p = prev[tok]
+            for bl in range(prev_layers.shape[0]):
+                shift = prev_at + bl * num_experts - prev_layers[bl] * num_experts
+                for j in range(kk):
+                    col = cols[p, prev_layers[bl], j]
+                    if col >= 0:
+                        rows[m] = shift + col
+                        m += 1
+            rows[m] = known_at
+            m += 1
+        code = prior_code[i] if n_prior > 0 else 0
+        for c in range(0, coef.shape[1], LANES):
+            a0 = intercept[c]
+            a1 = intercept[c + 1]
+            a2 = intercept[c + 2]
+            a3 = intercept[c + 3]
+            a4 = intercept[c + 4]
+            a5 = intercept[c + 5]
+            a6 = intercept[c + 6]
+            a7 = intercept[c + 7]
+            for q in range(m):
+                r = rows[q]
+                a0 += coef[r, c]
+                a1 += coef[r, c + 1]
+                a2 += coef[r, c + 2]
+                a3 += coef[r, c + 3]
+                a4 += coef[r, c + 4]
+                a5 += coef[r, c + 5]
+                a6 += coef[r, c + 6]
+                a7 += coef[r, c + 7]
+            for j in range(n_prior):
+                v = np.float64(prior_table[code, j])
+                r = known_at + 1 + j
+                a0 += v * coef[r, c]
+                a1 += v * coef[r, c + 1]
+                a2 += v * coef[r, c + 2]
+                a3 += v * coef[r, c + 3]
+                a4 += v * coef[r, c + 4]
+                a5 += v * coef[r, c + 5]
+                a6 += v * coef[r, c + 6]
+                a7 += v * coef[r, c + 7]
+            sc[c] = a0
+            sc[c + 1] = a1
+            sc[c + 2] = a2
+            sc[c + 3] = a3
+            sc[c + 4] = a4
+            sc[c + 5] = a5
+            sc[c + 6] = a6
+            sc[c + 7] = a7
+        taken[:] = False
+        for r in range(k):  # the highest score, lowest id first among equals
+            best = -1
+            for e in range(num_experts):
+                if not taken[e] and (best < 0 or sc[e] > sc[best]):
+                    best = e
+            taken[best] = True
+            out[i, r] = best
+    return out
+
+
+@_njit
+def own_columns(experts, num_experts):
+    """[tokens, layers, k]: the one-hot column (layer * experts + expert) of each routed
+    expert, -1 for an expert repeated within its layer (its column is 1 once)."""
+    n, num_layers, k = experts.shape
+    out = np.empty((n, num_layers, k), dtype=np.int64)
+    for r in range(n):
+        for layer in range(num_layers):
+            for j in range(k):
+                e = experts[r, layer, j]
+                c = layer * num_experts + e
+                for jj in range(j):
+                    if experts[r, layer, jj] == e:
+                        c = -1
+                out[r, layer, j] = c
+    return out
+
+
+@_njit
+def route_counts(cols, prev, known, width):
+    """Co-occurrence counts of the one-hot routing columns (``width`` = layers x experts) over
+    the rows: ``oo`` [width, width], own x own over every row; over the rows whose previous
+    token is known, ``vo`` [width, width] the previous token's columns x own, ``vv`` previous x
+    previous, ``ko`` own and ``kv`` previous column counts, ``nk`` the rows; ``own`` the own
+    column counts over every row. Exact integers (int64)."""
+    n, num_layers, k = cols.shape
+    oo = np.zeros((width, width), dtype=np.int64)
+    vo = np.zeros((width, width), dtype=np.int64)
+    vv = np.zeros((width, width), dtype=np.int64)
+    ko = np.zeros(width, dtype=np.int64)
+    kv = np.zeros(width, dtype=np.int64)
+    own = np.zeros(width, dtype=np.int64)
+    m = num_layers * k
+    mine = np.empty(m, dtype=np.int64)
+    theirs = np.empty(m, dtype=np.int64)
+    nk = 0
+    for r in range(n):
+        a = 0
+        for layer in range(num_layers):
+            for j in range(k):
+                c = cols[r, layer, j]
+                if c >= 0:
+                    mine[a] = c
+                    a += 1
+        for i in range(a):
+            ci = mine[i]
+            own[ci] += 1
+            for j in range(a):
+                oo[ci, mine[j]] += 1
+        if known[r]:
+            nk += 1
+            p = prev[r]
+            b = 0
+            for layer in range(num_layers):
+                for j in range(k):
+                    c = cols[p, layer, j]
+                    if c >= 0:
+                        theirs[b] = c
+                        b += 1
+            for i in range(a):
+                ko[mine[i]] += 1
+            for i in range(b):
+                vi = theirs[i]
+                kv[vi] += 1
+                for j in range(a):
+                    vo[vi, mine[j]] += 1
+                for j in range(b):
+                    vv[vi, theirs[j]] += 1
+    return oo, vo, vv, ko, kv, nk, own
+
+
+@_njit
+def prior_sums(cols, prev, known, prior, own_layers, prev_layer, width):
+    """Sums of the prior's columns (``prior`` [rows, experts] float32, taken as float64), row by
+    row in order: per own column at layers ``0..own_layers-1`` (``ro`` [width, experts]), per
+    previous token's column at the layers where ``prev_layer`` is set (``rv``, over the known
+    rows), over the known rows (``rk``), the products of two prior columns (``rr``) and the
+    columns (``rs``)."""
+    n, num_layers, k = cols.shape
+    E = prior.shape[1]
+    ro = np.zeros((width, E))
+    rv = np.zeros((width, E))
+    rk = np.zeros(E)
+    rr = np.zeros((E, E))
+    rs = np.zeros(E)
+    p64 = np.zeros(E)
+    for r in range(n):
+        for j in range(E):
+            p64[j] = np.float64(prior[r, j])
+        for j in range(E):
+            rs[j] += p64[j]
+            for jj in range(j, E):
+                rr[j, jj] += p64[j] * p64[jj]
+        for layer in range(own_layers):
+            for j in range(k):
+                c = cols[r, layer, j]
+                if c >= 0:
+                    for jj in range(E):
+                        ro[c, jj] += p64[jj]
+        if known[r]:
+            for jj in range(E):
+                rk[jj] += p64[jj]
+            p = prev[r]
+            for layer in range(num_layers):
+                if prev_layer[layer]:
+                    for j in range(k):
+                        c = cols[p, layer, j]
+                        if c >= 0:
+                            for jj in range(E):
+                                rv[c, jj] += p64[jj]
+    for j in range(E):
+        for jj in range(j):
+            rr[j, jj] = rr[jj, j]
+    return ro, rv, rk, rr, rs
+
+
+@_njit
+def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_layers, prev_at, known_at, width,
+              counts, sums):
+    """X^T X (``G``), X^T Y (``B``) and the column sums of X and Y of one (s, t) pair's features
+    (the layout of ``RoutePredictor.features``; Y: the one-hot routing at ``t``), in float64,
+    from the shared ``counts`` (:func:`route_counts`) and ``sums`` (:func:`prior_sums` at ``t``;
+    empty arrays without a prior), and one pass over the rows for the expert-pair column at
+    ``s`` (``pair_at`` >= 0)."""
+    oo, vo, vv, ko, kv, nk, own = counts
+    ro, rv, rk, rr, rs = sums
+    n, num_layers, k = cols.shape
+    E = oo.shape[0] // num_layers
+    G = np.zeros((width, width))
+    B = np.zeros((width, E))
+    sx = np.zeros(width)
+    sy = np.zeros(E)
+    n_own = (s + 1 - first) * E
+    base = first * E
+    for e in range(E):
+        sy[e] = own[t * E + e]
+    for i in range(n_own):
+        gi = base + i
+        sx[i] = own[gi]
+        for j in range(n_own):
+            G[i, j] = oo[gi, base + j]
+        for e in range(E):
+            B[i, e] = oo[gi, t * E + e]
+        G[i, known_at] = G[known_at, i] = ko[gi]
+    nv = prev_layers.shape[0]
+    for b in range(nv):
+        for e in range(E):
+            i = prev_at + b * E + e
+            gi = prev_layers[b] * E + e
+            sx[i] = kv[gi]
+            for j in range(n_own):
+                G[i, j] = G[j, i] = vo[gi, base + j]
+            for b2 in range(nv):
+                for e2 in range(E):
+                    G[i, prev_at + b2 * E + e2] = vv[gi, prev_layers[b2] * E + e2]
+            G[i, known_at] = G[known_at, i] = kv[gi]
+            for e2 in range(E):
+                B[i, e2] = vo[gi, t * E + e2]
+    sx[known_at] = nk
+    G[known_at, known_at] = nk
+    for e in range(E):
+        B[known_at, e] = ko[t * E + e]
+    n_prior = rs.shape[0]
+    for jj in range(n_prior):
+        i = known_at + 1 + jj
+        sx[i] = rs[jj]
+        for j in range(n_own):
+            G[i, j] = G[j, i] = ro[base + j, jj]
+        for b in range(nv):
+            for e in range(E):
+                v = prev_at + b * E + e
+                G[i, v] = G[v, i] = rv[prev_layers[b] * E + e, jj]
+        G[i, known_at] = G[known_at, i] = rk[jj]
+        for j2 in range(n_prior):
+            G[i, known_at + 1 + j2] = rr[jj, j2]
+        for e in range(E):
+            B[i, e] = ro[t * E + e, jj]
+    if pair_at >= 0:
+        for r in range(n):
+            a = E
+            b2 = E
+            for j in range(k):  # the two lowest ids at s (np.sort's first two)
+                e = experts[r, s, j]
+                if e < a:
+                    b2 = a
+                    a = e
+                elif e < b2:
+                    b2 = e
+            pc = pair_at + a * E + b2
+            sx[pc] += 1.0
+            G[pc, pc] += 1.0
+            for layer in range(first, s + 1):
+                for j in range(k):
+                    c = cols[r, layer, j]
+                    if c >= 0:
+                        G[pc, c - base] += 1.0
+            if known[r]:
+                p = prev[r]
+                for b in range(nv):
+                    for j in range(k):
+                        c = cols[p, prev_layers[b], j]
+                        if c >= 0:
+                            G[pc, prev_at + b * E + c - prev_layers[b] * E] += 1.0
+                G[pc, known_at] += 1.0
+            for jj in range(n_prior):
+                G[pc, known_at + 1 + jj] += np.float64(prior[r, jj])
+            for j in range(k):
+                c = cols[r, t, j]
+                if c >= 0:
+                    B[pc, c - t * E] += 1.0
+        for pc in range(pair_at, pair_at + E * E):
+            if G[pc, pc] != 0:
+                for j in range(width):
+                    if j < pair_at or j >= pair_at + E * E:
+                        G[j, pc] = G[pc, j]
+    return sx, sy, G, B

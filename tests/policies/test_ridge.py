@@ -1,0 +1,73 @@
+"""The ridge predictors' sums assembled from shared counts equal the sums over each pair's dense
+features bit for bit, and the compiled scorer ranks as the dense scores do."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertsim.policies.predictors import RoutePredictor, _onehot
+from expertsim.policies.ridge import _gram, fit_ridge
+from expertsim.traces.trace import RoutingTrace
+
+
+@st.composite
+def traces(draw):
+    """Small traces: 1-3 requests of prefill and decode passes, top-1..3 of 2..9 experts (an
+    expert may repeat within a layer), with or without token ids."""
+    layers = draw(st.integers(1, 5))
+    E = draw(st.integers(2, 9))
+    k = draw(st.integers(1, min(3, E)))
+    request, step, phase = [], [], []
+    for r in range(draw(st.integers(1, 3))):
+        prompt = draw(st.integers(1, 6))
+        decode = draw(st.integers(0, 8))
+        request += [r] * (prompt + decode)
+        step += [0] * prompt + list(range(1, decode + 1))
+        phase += [0] * prompt + [1] * decode
+    n = len(request)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    experts = rng.integers(0, E, (n, layers, k))
+    position = np.concatenate([np.arange((np.asarray(request) == r).sum()) for r in sorted(set(request))])
+    token_id = rng.integers(0, 12, n) if draw(st.booleans()) else None
+    return RoutingTrace(experts=experts, request=np.asarray(request), step=np.asarray(step), position=position,
+                        phase=np.asarray(phase), num_experts=E, token_id=token_id)
+
+
+@settings(max_examples=150, deadline=None)
+@given(trace=traces(), distances=st.sets(st.integers(1, 3), max_size=3), path=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 3)))
+def test_pair_sums_are_the_dense_features_sums(trace, distances, path, window):
+    pred = RoutePredictor(distances=tuple(sorted(distances)), path=path, window=window).fit(trace)
+    tokens = np.arange(trace.num_tokens)
+    assert set(pred.models) == set(pred.pairs(trace.num_layers))
+    for (s, t), model in pred.models.items():
+        X = pred.features(trace, tokens, s, t)
+        Y = _onehot(trace.experts[:, t], trace.num_experts)
+        ref = type(model)(alpha=model.alpha)
+        fit_ridge(ref, X, Y)  # from the dense sums of _gram
+        assert np.array_equal(model.coef_, ref.coef_), (s, t)
+        assert np.array_equal(model.intercept_, ref.intercept_), (s, t)
+        # the scorer: the dense scores' top-k (ties: lowest id) wherever the top-k is not a near tie
+        k = min(2, trace.num_experts)
+        top = pred.predict_top(trace, tokens, s, t, k)
+        dense = X.astype(np.float64) @ model.coef_.T + model.intercept_
+        order = np.argsort(-dense, axis=1, kind="stable")
+        for i in range(len(tokens)):
+            sc = np.sort(dense[i])[::-1]
+            if k < trace.num_experts and sc[k - 1] - sc[k] < 1e-9:
+                continue
+            assert set(top[i]) == set(order[i, :k]), (s, t, i)
+
+
+def test_dense_sums_are_the_features_products():
+    """_gram itself: X^T X, X^T Y and the column sums of a small dense matrix."""
+    rng = np.random.default_rng(3)
+    X = (rng.random((40, 7)) < 0.3).astype(np.float32)
+    X[:, 6] = rng.random(40).astype(np.float32)
+    Y = (rng.random((40, 3)) < 0.4).astype(np.float32)
+    sx, sy, G, B = _gram(X, Y)
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    assert np.allclose(G, X64.T @ X64) and np.allclose(B, X64.T @ Y64)
+    assert np.allclose(sx, X64.sum(axis=0)) and np.allclose(sy, Y64.sum(axis=0))
