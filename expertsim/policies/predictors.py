@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from expertsim.errors import PolicyError
+from expertsim.jit import map_threads
 from expertsim.policies.ridge import (
     _ridge_top, own_columns, padded_coef, pair_gram, prior_sums, route_counts, set_ridge,
 )
@@ -343,11 +344,13 @@ class RoutePredictor:
         counts = route_counts(cols, idx.prev, idx.prev_known, L * E)
         empty = (np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros(0))
         no_prior = np.zeros((trace.num_tokens, 0), dtype=np.float32)
-        for t in sorted({t for _, t in pairs}):
-            mine = [(s, tt) for s, tt in pairs if tt == t]
-            layouts = {s: self._layout(trace, s, t) for s, _ in mine}
-            use_prior = layouts[mine[0][0]][6]
-            if use_prior:
+        if self._priors is not None and trace.token_id is not None:
+            self._trace_codes(trace)  # looked up once, before the threads
+
+        def fit_target(t: int) -> list:  # the pairs into layer t (mostly kernel calls: threads)
+            mine = [s for s, tt in pairs if tt == t]
+            layouts = {s: self._layout(trace, s, t) for s in mine}
+            if layouts[mine[0]][6]:  # with the token-id prior
                 prior = self._prior_table(t)[self._trace_codes(trace)]
                 flagged = np.zeros(L, dtype=np.bool_)
                 for lay in layouts.values():
@@ -355,14 +358,19 @@ class RoutePredictor:
                 sums = prior_sums(cols, idx.prev, idx.prev_known, prior, t + 1, flagged, L * E)
             else:
                 prior, sums = no_prior, empty
-            for s, _ in mine:
+            out = []
+            for s in mine:
                 first, pair_at, prev_layers, prev_at, known_at, width, _ = layouts[s]
                 sx, sy, G, B = pair_gram(cols, experts, idx.prev, idx.prev_known, prior, first, s, t, pair_at,
                                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, width,
                                          counts, sums)
                 model = self._new_model()
                 set_ridge(model, trace.num_tokens, sx, sy, G, B)
-                self.models[(s, t)] = model
+                out.append(((s, t), model))
+            return out
+
+        fitted = dict(pair for part in map_threads(fit_target, sorted({t for _, t in pairs})) for pair in part)
+        self.models = {pair: fitted[pair] for pair in pairs}
 
     # --- inference -----------------------------------------------------------------------
     def scores(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:

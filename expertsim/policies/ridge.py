@@ -179,15 +179,19 @@ def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_
     taken = np.zeros(num_experts, dtype=np.bool_)
     rows = np.zeros((s + 1 - first + prev_layers.shape[0]) * kk + 2, dtype=np.int64)
     base = first * num_experts
+    flat = cols.reshape(cols.shape[0], cols.shape[1] * kk)  # a token's columns, layer by layer
+    lo, hi = first * kk, (s + 1) * kk
+    shift = np.zeros(prev_layers.shape[0], dtype=np.int64)  # a previous token's column -> its row
+    for bl in range(prev_layers.shape[0]):
+        shift[bl] = prev_at + bl * num_experts - prev_layers[bl] * num_experts
     for i in range(n):
         tok = tokens[i]
         m = 0  # the rows of the token's one-hot features, in the order they are summed
-        for layer in range(first, s + 1):
-            for j in range(kk):
-                row = cols[tok, layer, j] - base
-                if row >= 0:  # a repeated expert (-1) is one column, counted once
-                    rows[m] = row
-                    m += 1
+        for q in range(lo, hi):
+            col = flat[tok, q]
+            if col >= 0:  # a repeated expert (-1) is one column, counted once
+                rows[m] = col - base
+                m += 1
         if pair_at >= 0:  # the two lowest ids at s (np.sort's first two)
             a = num_experts
             b = num_experts
@@ -203,11 +207,11 @@ def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_
         if prev_known[tok]:
             p = prev[tok]
             for bl in range(prev_layers.shape[0]):
-                shift = prev_at + bl * num_experts - prev_layers[bl] * num_experts
+                at = prev_layers[bl] * kk
                 for j in range(kk):
-                    col = cols[p, prev_layers[bl], j]
+                    col = flat[p, at + j]
                     if col >= 0:
-                        rows[m] = shift + col
+                        rows[m] = shift[bl] + col
                         m += 1
             rows[m] = known_at
             m += 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.sim.fast.jit import _njit
+from expertsim.sim.fast.jit import _njit, map_threads
 
 
 def ring_requests(groups, num_moe, num_experts, depth):
@@ -220,16 +220,21 @@ def learned_requests(groups, sched, trace, num_moe, prefetcher):
     k, E = prefetcher._k, trace.num_experts
     parts_group, parts_layer, parts_expert, parts_prio = [], [], [], []
     counts = np.zeros(len(groups.layer), dtype=np.int64)
-    for layer in range(num_moe):
+    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]
+
+    def unions(pair):  # kernel calls (nogil): the pairs run on threads
+        top = prefetcher.predictor.predict_top(trace, tokens, pair[0], pair[1], k)
+        return _pass_unions(pstart, pstop, np.ascontiguousarray(top, dtype=np.int64), E)
+
+    found = [unions(pairs[0])] if pairs else []  # the predictor's per-trace tables, made once
+    found += map_threads(unions, pairs[1:])
+    for (layer, t), (per_pass, experts) in zip(pairs, found):
         mine = np.arange(n_pass, dtype=np.int64) * num_moe + layer  # the group of (pass, layer)
-        for t in prefetcher.targets(layer):
-            top = prefetcher.predictor.predict_top(trace, tokens, layer, t, k)
-            per_pass, experts = _pass_unions(pstart, pstop, np.ascontiguousarray(top, dtype=np.int64), E)
-            parts_group.append(np.repeat(mine, per_pass))
-            parts_layer.append(np.full(len(experts), t, dtype=np.int64))
-            parts_expert.append(experts)
-            parts_prio.append(np.full(len(experts), t - layer, dtype=np.int64))
-            counts[mine] += per_pass
+        parts_group.append(np.repeat(mine, per_pass))
+        parts_layer.append(np.full(len(experts), t, dtype=np.int64))
+        parts_expert.append(experts)
+        parts_prio.append(np.full(len(experts), t - layer, dtype=np.int64))
+        counts[mine] += per_pass
     if not parts_group:
         return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(np.concatenate(parts_group), kind="stable")  # per group: targets ascending
