@@ -63,35 +63,43 @@ def set_ridge(model, n: int, sx, sy, G, B) -> None:
 @_njit
 def _solve_spd(A, B):
     """A^-1 B for a symmetric positive definite A: Cholesky (A = L L^T), then the two
-    triangular solves, every sum in index order."""
+    triangular solves. Every entry is the left-looking textbook sum in index order,
+    L[i, j] = (A[i, j] - L[i, 0] L[j, 0] - L[i, 1] L[j, 1] - ...) / L[j, j], computed here as
+    rank-one updates of the trailing matrix (the same subtractions of the same products in the
+    same order, so the same bits, tested), whose inner loops run along contiguous rows."""
     w = A.shape[0]
-    L = np.zeros((w, w))
+    S = A.copy()  # the trailing matrix, its lower triangle updated in place
+    Lt = np.zeros((w, w))  # Lt[j, i] = L[i, j]: L's columns as contiguous rows
     for j in range(w):
-        d = A[j, j]
-        for k in range(j):
-            d -= L[j, k] * L[j, k]
-        d = np.sqrt(d)
-        L[j, j] = d
+        d = np.sqrt(S[j, j])
+        Lt[j, j] = d
         for i in range(j + 1, w):
-            v = A[i, j]
-            for k in range(j):
-                v -= L[i, k] * L[j, k]
-            L[i, j] = v / d
+            Lt[j, i] = S[i, j] / d
+        for i in range(j + 1, w):  # S[i, m] -= L[i, j] L[m, j] for j < m <= i
+            lij = Lt[j, i]
+            for m in range(j + 1, i + 1):
+                S[i, m] -= lij * Lt[j, m]
     e = B.shape[1]
     Z = np.zeros((w, e))
     for i in range(w):  # L Z = B
         for c in range(e):
-            v = B[i, c]
-            for k in range(i):
-                v -= L[i, k] * Z[k, c]
-            Z[i, c] = v / L[i, i]
+            Z[i, c] = B[i, c]
+        for k in range(i):
+            lik = Lt[k, i]
+            for c in range(e):
+                Z[i, c] -= lik * Z[k, c]
+        for c in range(e):
+            Z[i, c] = Z[i, c] / Lt[i, i]
     W = np.zeros((w, e))
     for i in range(w - 1, -1, -1):  # L^T W = Z
         for c in range(e):
-            v = Z[i, c]
-            for k in range(i + 1, w):
-                v -= L[k, i] * W[k, c]
-            W[i, c] = v / L[i, i]
+            W[i, c] = Z[i, c]
+        for k in range(i + 1, w):
+            lki = Lt[i, k]
+            for c in range(e):
+                W[i, c] -= lki * W[k, c]
+        for c in range(e):
+            W[i, c] = W[i, c] / Lt[i, i]
     return W
 
 
