@@ -152,15 +152,17 @@ class Simulation(RunSetup):
 def _fast_path_of(sim: "Simulation", opts):
     """Which fast path reproduces ``sim`` under ``opts``: a run function, "stepped", or None."""
     from expertsim.sim.fast import general as fast_general
-    from expertsim.sim.fast import hybrid, plans, stepped
+    from expertsim.sim.fast import hybrid, plans, stepped, support
 
     m, hw, system, cfg = sim.model, sim.hardware, sim.system, sim.cache_config
-    if fast_general.supports_simulation(system, cfg, opts, model=m, hardware=hw):
+    if support.supports_simulation(system, cfg, opts, model=m, hardware=hw):  # the LRU/FIFO cache kernels
         return fast_general.simulate
     if hybrid.supports_simulation(system, cfg, opts, model=m, hardware=hw):
         return hybrid.simulate
-    if plans.supports_simulation(system, cfg, opts, model=m, hardware=hw):
-        return plans.simulate
+    if plans.supports_simulation(system, cfg, opts, model=m, hardware=hw):  # a plain System's static hot set,
+        return plans.simulate  # activation priority or sequence activation too
+    if fast_general.supports_simulation(system, cfg, opts, model=m, hardware=hw):  # any other eviction policy
+        return fast_general.simulate
     if stepped.supports_run(opts, hw, m) and (opts.engine == "fast" or _builtin(system)):
         return "stepped"
     return None

@@ -68,6 +68,7 @@ def system_kind(system) -> str | None:
     from expertsim.policies.systems import ComposedSystem, Fiddler, _DaopPlacement
     from expertsim.sim.fast.support import SYSTEM_HOOKS
 
+    system = as_composed(system)
     if not isinstance(system, ComposedSystem) or getattr(system, "cpu_per_layer", False):
         return None
     for hook in SYSTEM_HOOKS:
@@ -87,6 +88,19 @@ def system_kind(system) -> str | None:
             SequenceActivation: "sequence"}.get(type(system.eviction))
 
 
+def as_composed(system):
+    """The system the kernel runs: a plain :class:`~expertsim.policies.base.System` (an eviction
+    policy, every miss copied) as the ComposedSystem it acts as at every hook (no prefetch, copy
+    on miss, first-come first-served, hits first), over the same eviction policy object; any
+    other system itself."""
+    from expertsim.policies.base import System
+    from expertsim.policies.systems import ComposedSystem
+
+    if type(system) is System and system.eviction is not None:
+        return ComposedSystem(eviction=system.eviction)
+    return system
+
+
 def supports_simulation(system, cache_config, options, *, model=None, hardware=None) -> bool:
     """True when :func:`simulate` reproduces the DES: a system :func:`system_kind` accepts, under
     the fast engine's run conditions (batch 1, closed or offline arrivals, one copy engine,
@@ -98,7 +112,7 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
 
     if system_kind(system) is None or options.scope != "global":
         return False
-    if system.allocator is not None and runtime_for(system, options.runtime).writeback:
+    if as_composed(system).allocator is not None and runtime_for(system, options.runtime).writeback:
         return False  # the write-backs of the allocator's evictions are not in the kernel
     return support.run_supported(system, cache_config, options, model=model, hardware=hardware, writeback=True)
 
@@ -359,6 +373,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     setup, memory, cache, sched, groups, wall0 = (start.setup, start.memory, start.cache, start.sched, start.groups,
                                                   start.wall0)
     m, opts, cost = model, options, setup.cost
+    plain, system = system, as_composed(system)
     # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     pf_start, pf_key, pf_prio, adapt = _plans(system, trace, sched, groups, cache)
@@ -415,7 +430,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
         extra = _bounds_metrics(cost, m, misses_belady, dense_total_ns=totals.dense_compute_ns,
                                 expert_total_ns=int(expert_ns[groups.tokens].sum()),
                                 copy_chunk_bytes=opts.copy_chunk_bytes)
-    return batch1_result(model=m, hardware=hardware, system=system, cache_config=setup.cache_config, trace=trace,
+    return batch1_result(model=m, hardware=hardware, system=plain, cache_config=setup.cache_config, trace=trace,
                          options=opts, cost=cost, sched=sched, begin=begin, end=end, hits=hits, misses=misses,
                          stall=stall, experts=experts, totals=totals, memory=memory,
                          peak_bytes=int(tot[k.T_PEAK]), extra=extra, wall0=wall0)

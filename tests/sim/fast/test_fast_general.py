@@ -129,3 +129,21 @@ def test_shared_trace_mixtral_a40(mixtral_trace, policy, cfg):
     got = run(model, hardware, lambda: make_policy(policy), cfg, sub, options, "auto")
     assert got.config["engine"] == "fast"
     assert_same_run(des, got)
+
+
+def test_plain_systems_take_the_compiled_kernels_where_they_apply():
+    """A plain System over a static hot set, activation priority or sequence activation runs on
+    the prefetching kernel (as the ComposedSystem it acts as); LRU and FIFO on the cache kernels;
+    any other eviction policy on the general pass; with request scope (which the kernel does not
+    keep) those three fall back to the general pass."""
+    from expertsim.sim.engine import _fast_path_of
+    from expertsim.sim.fast import plans
+
+    model, hardware = tiny_model(2, 4, 2), tiny_hardware()
+    for name, want in [("static", plans.simulate), ("eam-priority", plans.simulate),
+                       ("sequence-activation", plans.simulate), ("lru", fast_general.simulate),
+                       ("fifo", fast_general.simulate), ("lfu", fast_general.simulate)]:
+        sim = Simulation(model, hardware, make_policy(name), CacheConfig(per_layer=2), options=SimOptions())
+        assert _fast_path_of(sim, sim.options) is want, name
+        assert plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), SimOptions(scope="request"),
+                                         model=model, hardware=hardware) is False
