@@ -115,4 +115,7 @@ def test_solve_is_the_textbook_sums_bit_for_bit(w, e, seed):
     X = rng.random((w + 3, w))
     A = X.T @ X + 0.5 * np.eye(w)
     B = rng.random((w, e))
-    assert np.array_equal(_solve_spd(A, B), _textbook_solve(A, B))
+    A0, B0 = A.copy(), B.copy()
+    got = _solve_spd(A, B)
+    assert np.array_equal(A, A0) and np.array_equal(B, B0)  # the inputs are left as they were
+    assert np.array_equal(got, _textbook_solve(A, B))
