@@ -26,7 +26,7 @@ import numpy as np
 from expertsim.errors import PolicyError
 from expertsim.jit import map_threads
 from expertsim.policies.ridge import (
-    _ridge_top, own_columns, padded_coef, pair_gram, prior_sums, route_counts, set_ridge,
+    _ridge_top, active_columns, own_columns, padded_coef, pair_gram, prior_sums, route_counts, set_ridge,
 )
 
 
@@ -361,11 +361,13 @@ class RoutePredictor:
             out = []
             for s in mine:
                 first, pair_at, prev_layers, prev_at, known_at, width, _ = layouts[s]
+                prev_layers = np.asarray(prev_layers, dtype=np.int64)
+                index = active_columns(cols, experts, idx.prev, idx.prev_known, first, s, pair_at, prev_layers,
+                                       prev_at, known_at, width, counts, sums)
                 sx, sy, G, B = pair_gram(cols, experts, idx.prev, idx.prev_known, prior, first, s, t, pair_at,
-                                         np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, width,
-                                         counts, sums)
+                                         prev_layers, prev_at, known_at, index, counts, sums)
                 model = self._new_model()
-                set_ridge(model, trace.num_tokens, sx, sy, G, B)
+                set_ridge(model, trace.num_tokens, sx, sy, G, B, index)
                 out.append(((s, t), model))
             return out
 

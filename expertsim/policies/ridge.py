@@ -27,13 +27,14 @@ def fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
     set_ridge(model, X.shape[0], sx, sy, G, B)
 
 
-def set_ridge(model, n: int, sx, sy, G, B) -> None:
+def set_ridge(model, n: int, sx, sy, G, B, index=None) -> None:
     """Set a scikit-learn ``Ridge(alpha)``'s fitted attributes (``coef_``, ``intercept_``,
     ``n_features_in_``) from the sums of ``n`` rows (column sums ``sx`` of X and ``sy`` of Y,
     ``G`` = X^T X, ``B`` = X^T Y, float64), so it predicts as fitted: W = (Xc^T Xc + alpha I)^-1
     Xc^T Yc on the centred data, the objective and the Cholesky solve scikit-learn's ``fit``
     uses, in float64. A feature never set in training has W = 0 (its block of the system is
-    alpha I), so the solve runs on the others.
+    alpha I), so the solve runs on the others. ``index``: the sums cover only the feature
+    columns with ``index >= 0``, at those places (:func:`active_columns`); the others are 0.
 
     Why not ``model.fit``: on this machine it did not give the same bits for the same data (30 of
     90 Mixtral layer pairs differed in the last bits between two fits in one process; LAPACK's
@@ -53,11 +54,15 @@ def set_ridge(model, n: int, sx, sy, G, B) -> None:
         import scipy.linalg
 
         w = scipy.linalg.solve(A, rhs, assume_a="pos")
-    coef = np.zeros((B.shape[1], G.shape[0]))  # [targets, features]
-    coef[:, active] = w.T
+    width = G.shape[0] if index is None else index.shape[0]
+    placed = np.arange(width) if index is None else np.flatnonzero(index >= 0)  # the columns of G's places
+    mean = np.zeros(width)
+    mean[placed] = x_mean
+    coef = np.zeros((B.shape[1], width))  # [targets, features]
+    coef[:, placed[active]] = w.T
     model.coef_ = coef
-    model.intercept_ = _intercept(coef, x_mean, y_mean)  # not a BLAS product: its bits vary
-    model.n_features_in_ = G.shape[0]
+    model.intercept_ = _intercept(coef, mean, y_mean)  # not a BLAS product: its bits vary
+    model.n_features_in_ = width
 
 
 PANEL = 32  # columns of L factored together before their update of the trailing matrix
@@ -310,11 +315,12 @@ def route_counts(cols, prev, known, width):
     the rows: ``oo`` [width, width], own x own over every row; over the rows whose previous
     token is known, ``vo`` [width, width] the previous token's columns x own, ``vv`` previous x
     previous, ``ko`` own and ``kv`` previous column counts, ``nk`` the rows; ``own`` the own
-    column counts over every row. Exact integers (int64)."""
+    column counts over every row. Exact integers (the matrices int32: a count is at most the
+    rows; half the memory traffic of int64)."""
     n, num_layers, k = cols.shape
-    oo = np.zeros((width, width), dtype=np.int64)
-    vo = np.zeros((width, width), dtype=np.int64)
-    vv = np.zeros((width, width), dtype=np.int64)
+    oo = np.zeros((width, width), dtype=np.int32)
+    vo = np.zeros((width, width), dtype=np.int32)
+    vv = np.zeros((width, width), dtype=np.int32)
     ko = np.zeros(width, dtype=np.int64)
     kv = np.zeros(width, dtype=np.int64)
     own = np.zeros(width, dtype=np.int64)
@@ -403,67 +409,104 @@ def prior_sums(cols, prev, known, prior, own_layers, prev_layer, width):
 
 
 @_njit
-def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_layers, prev_at, known_at, width,
+def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_layers, prev_at, known_at, index,
               counts, sums):
     """X^T X (``G``), X^T Y (``B``) and the column sums of X and Y of one (s, t) pair's features
     (the layout of ``RoutePredictor.features``; Y: the one-hot routing at ``t``), in float64,
-    from the shared ``counts`` (:func:`route_counts`) and ``sums`` (:func:`prior_sums` at ``t``;
-    empty arrays without a prior), and one pass over the rows for the expert-pair column at
-    ``s`` (``pair_at`` >= 0)."""
+    over the columns a row sets (``index``: each feature column's place among them, -1 for one
+    no row sets; see :func:`active_columns`), from the shared ``counts``
+    (:func:`route_counts`) and ``sums`` (:func:`prior_sums` at ``t``; empty arrays without a
+    prior), and one pass over the rows for the expert-pair column at ``s`` (``pair_at`` >= 0)."""
     oo, vo, vv, ko, kv, nk, own = counts
     ro, rv, rk, rr, rs = sums
     n, num_layers, k = cols.shape
     E = oo.shape[0] // num_layers
-    G = np.zeros((width, width))
-    B = np.zeros((width, E))
-    sx = np.zeros(width)
+    na = 0
+    for i in range(index.shape[0]):
+        if index[i] >= 0:
+            na += 1
+    G = np.zeros((na, na))
+    B = np.zeros((na, E))
+    sx = np.zeros(na)
     sy = np.zeros(E)
     n_own = (s + 1 - first) * E
     base = first * E
+    kk_ = index[known_at]
     for e in range(E):
         sy[e] = own[t * E + e]
     for i in range(n_own):
+        pi = index[i]
+        if pi < 0:
+            continue
         gi = base + i
-        sx[i] = own[gi]
+        sx[pi] = own[gi]
         for j in range(n_own):
-            G[i, j] = oo[gi, base + j]
+            pj = index[j]
+            if pj >= 0:
+                G[pi, pj] = oo[gi, base + j]
         for e in range(E):
-            B[i, e] = oo[gi, t * E + e]
-        G[i, known_at] = G[known_at, i] = ko[gi]
+            B[pi, e] = oo[gi, t * E + e]
+        if kk_ >= 0:
+            G[pi, kk_] = G[kk_, pi] = ko[gi]
     nv = prev_layers.shape[0]
     for b in range(nv):
         for e in range(E):
-            i = prev_at + b * E + e
+            pi = index[prev_at + b * E + e]
+            if pi < 0:
+                continue
             gi = prev_layers[b] * E + e
-            sx[i] = kv[gi]
+            sx[pi] = kv[gi]
             for j in range(n_own):
-                G[i, j] = G[j, i] = vo[gi, base + j]
+                pj = index[j]
+                if pj >= 0:
+                    G[pi, pj] = G[pj, pi] = vo[gi, base + j]
             for b2 in range(nv):
                 for e2 in range(E):
-                    G[i, prev_at + b2 * E + e2] = vv[gi, prev_layers[b2] * E + e2]
-            G[i, known_at] = G[known_at, i] = kv[gi]
+                    pj = index[prev_at + b2 * E + e2]
+                    if pj >= 0:
+                        G[pi, pj] = vv[gi, prev_layers[b2] * E + e2]
+            if kk_ >= 0:
+                G[pi, kk_] = G[kk_, pi] = kv[gi]
             for e2 in range(E):
-                B[i, e2] = vo[gi, t * E + e2]
-    sx[known_at] = nk
-    G[known_at, known_at] = nk
-    for e in range(E):
-        B[known_at, e] = ko[t * E + e]
+                B[pi, e2] = vo[gi, t * E + e2]
+    if kk_ >= 0:
+        sx[kk_] = nk
+        G[kk_, kk_] = nk
+        for e in range(E):
+            B[kk_, e] = ko[t * E + e]
     n_prior = rs.shape[0]
     for jj in range(n_prior):
-        i = known_at + 1 + jj
-        sx[i] = rs[jj]
+        pi = index[known_at + 1 + jj]
+        if pi < 0:
+            continue
+        sx[pi] = rs[jj]
         for j in range(n_own):
-            G[i, j] = G[j, i] = ro[base + j, jj]
+            pj = index[j]
+            if pj >= 0:
+                G[pi, pj] = G[pj, pi] = ro[base + j, jj]
         for b in range(nv):
             for e in range(E):
-                v = prev_at + b * E + e
-                G[i, v] = G[v, i] = rv[prev_layers[b] * E + e, jj]
-        G[i, known_at] = G[known_at, i] = rk[jj]
+                pj = index[prev_at + b * E + e]
+                if pj >= 0:
+                    G[pi, pj] = G[pj, pi] = rv[prev_layers[b] * E + e, jj]
+        if kk_ >= 0:
+            G[pi, kk_] = G[kk_, pi] = rk[jj]
         for j2 in range(n_prior):
-            G[i, known_at + 1 + j2] = rr[jj, j2]
+            pj = index[known_at + 1 + j2]
+            if pj >= 0:
+                G[pi, pj] = rr[jj, j2]
         for e in range(E):
-            B[i, e] = ro[t * E + e, jj]
+            B[pi, e] = ro[t * E + e, jj]
     if pair_at >= 0:
+        lo = index[pair_at]  # the pair columns' places: from the first set one on, in order
+        for c in range(pair_at, pair_at + E * E):
+            if index[c] >= 0:
+                lo = index[c]
+                break
+        hi = lo
+        for c in range(pair_at, pair_at + E * E):
+            if index[c] >= 0:
+                hi = index[c] + 1
         for r in range(n):
             a = E
             b2 = E
@@ -474,31 +517,54 @@ def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_laye
                     a = e
                 elif e < b2:
                     b2 = e
-            pc = pair_at + a * E + b2
+            pc = index[pair_at + a * E + b2]
             sx[pc] += 1.0
             G[pc, pc] += 1.0
             for layer in range(first, s + 1):
                 for j in range(k):
                     c = cols[r, layer, j]
                     if c >= 0:
-                        G[pc, c - base] += 1.0
+                        G[pc, index[c - base]] += 1.0
             if known[r]:
                 p = prev[r]
                 for b in range(nv):
                     for j in range(k):
                         c = cols[p, prev_layers[b], j]
                         if c >= 0:
-                            G[pc, prev_at + b * E + c - prev_layers[b] * E] += 1.0
-                G[pc, known_at] += 1.0
+                            G[pc, index[prev_at + b * E + c - prev_layers[b] * E]] += 1.0
+                G[pc, kk_] += 1.0
             for jj in range(n_prior):
-                G[pc, known_at + 1 + jj] += np.float64(prior[r, jj])
+                G[pc, index[known_at + 1 + jj]] += np.float64(prior[r, jj])
             for j in range(k):
                 c = cols[r, t, j]
                 if c >= 0:
                     B[pc, c - t * E] += 1.0
-        for pc in range(pair_at, pair_at + E * E):
-            if G[pc, pc] != 0:
-                for j in range(width):
-                    if j < pair_at or j >= pair_at + E * E:
-                        G[j, pc] = G[pc, j]
+        for pc in range(lo, hi):
+            for j in range(na):
+                if j < lo or j >= hi:
+                    G[j, pc] = G[pc, j]
     return sx, sy, G, B
+
+
+def active_columns(cols, experts, prev, known, first, s, pair_at, prev_layers, prev_at, known_at, width, counts,
+                   sums) -> np.ndarray:
+    """Each feature column's place among the columns some row sets (-1: none does), in column
+    order: the own and previous-token columns with a count, the expert pairs present at ``s``,
+    the known flag when a row has it, the prior's columns that are not all zero."""
+    oo, vo, vv, ko, kv, nk, own = counts
+    E = oo.shape[0] // cols.shape[1]
+    on = np.zeros(width, dtype=np.bool_)
+    n_own = (s + 1 - first) * E
+    on[:n_own] = own[first * E:first * E + n_own] > 0
+    if pair_at >= 0:
+        low2 = np.sort(np.asarray(experts[:, s]), axis=1)[:, :2].astype(np.int64)
+        on[pair_at + np.unique(low2[:, 0] * E + low2[:, 1])] = True
+    for b, layer in enumerate(prev_layers):
+        on[prev_at + b * E:prev_at + (b + 1) * E] = kv[layer * E:(layer + 1) * E] > 0
+    on[known_at] = nk > 0
+    rr = sums[3]
+    if rr.shape[0]:
+        on[known_at + 1:known_at + 1 + rr.shape[0]] = np.diag(rr) != 0
+    index = np.full(width, -1, dtype=np.int64)
+    index[on] = np.arange(int(on.sum()))
+    return index
