@@ -119,3 +119,30 @@ def test_solve_is_the_textbook_sums_bit_for_bit(w, e, seed):
     got = _solve_spd(A, B)
     assert np.array_equal(A, A0) and np.array_equal(B, B0)  # the inputs are left as they were
     assert np.array_equal(got, _textbook_solve(A, B))
+
+
+def test_a_fit_and_a_plan_on_threads_equal_them_on_one(monkeypatch):
+    """The layer pairs fitted and predicted side by side (map_threads) give what one thread gives."""
+    import expertsim.jit as jit
+    from expertsim.policies.predictors import training_requests
+
+    rng = np.random.default_rng(5)
+    n, L, E = 300, 5, 8
+    experts = np.stack([rng.choice(E, 2, replace=False) for _ in range(n * L)]).reshape(n, L, 2)
+    request = np.repeat(np.arange(6), n // 6)
+    step = np.concatenate([np.arange(n // 6)] * 6)
+    trace = RoutingTrace(experts=experts, request=request, step=step, position=step.copy(),
+                         phase=(step > 0).astype(np.int64), num_experts=E, token_id=rng.integers(0, 40, n))
+    tokens = np.arange(n)
+
+    def fit_and_predict():
+        pred = RoutePredictor(distances=(1, 2, 3)).fit(training_requests(trace, 0.5))
+        models = {p: (m.coef_.tobytes(), m.intercept_.tobytes()) for p, m in pred.models.items()}
+        tops = jit.map_threads(lambda p: pred.predict_top(trace, tokens, p[0], p[1], 2).tobytes(), list(pred.models))
+        return models, tops
+
+    monkeypatch.setattr(jit, "_cpus", lambda: 1)
+    one = fit_and_predict()
+    monkeypatch.setattr(jit, "_cpus", lambda: 4)
+    assert fit_and_predict() == one
+    assert jit.map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
