@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.sim.fast.cache_kernels import (
-    _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes,
+    _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes, _victim,
 )
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit_gil
@@ -298,7 +298,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 nbytes_of[i] = nb
                 nev0 = nev
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
-                    v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
+                    v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) if ev_kind == 0 else \
+                        _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
                                      prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                     # room: the first victim alone frees enough (whole experts), or all candidates do
                     if v >= 0 and (cap[part] - used[part] + ebytes[v] >= nb or cap[part] - used[part] + _unpinned_bytes(
@@ -310,8 +311,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             nev += 1
                             if cap[part] - used[part] >= nb:
                                 break
-                            v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
-                                             prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                            v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) \
+                                if ev_kind == 0 else _pick_victim(
+                                    ev_kind, pins, score, slot_key, part, next_slot[part], key, counts, prefetched, m,
+                                    eam, eam_sum, freq, freq_total, num_moe, num_experts)
                         break
                     while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
@@ -381,7 +384,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 pp = key // num_experts if per_layer else 0
                 if cap[pp] - used[pp] < expert_bytes:
-                    v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                    v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
+                        _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
                                      prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                     if v < 0 or (cap[pp] - used[pp] + ebytes[v] < expert_bytes and cap[pp] - used[pp] + _unpinned_bytes(
                             pins, ebytes, slot_key, pp, next_slot[pp], key) < expert_bytes):
@@ -393,7 +397,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                         nev += 1
                         if cap[pp] - used[pp] >= expert_bytes:
                             break
-                        v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
+                        v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
+                            _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
                                          prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
                 tick += 1
                 cstate[key] = LOADING
