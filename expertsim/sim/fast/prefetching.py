@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.sim.fast.cache_kernels import (
-    _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes, _victim,
+    _cache_aware, _evict, _reallocate, _serve_order, _take_slot, _unpinned_bytes, _victim, _victim_priority,
+    _victim_sequence,
 )
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit_gil
@@ -87,9 +88,8 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     for d in range(pf_start.shape[0]):
         max_pf = max(max_pf, _widest_group(pf_start[d]) + widest)
     kept = np.zeros(max_pf + 1, dtype=np.int64)  # the fitted requests of a layer
-    # the link state (one array, see link_kernels): the copy table drops ended copies, then grows
-    # (doubling); the engine's queue grows too (with the FIFO link nothing leaves it early); the
-    # pending starts and the stream hold at most a layer's issues and the next one's
+    # the link state (see link_kernels): the copy table drops ended copies, then grows (doubling); the queue grows
+    # (with the FIFO link nothing leaves it early); the pending starts and the stream hold two layers' issues
     max_copies = max(1, min(n_acc + pf_key.shape[0] + 1, copy_rows))
     lk = _link_state(num_keys, num_parts, max_slots + 1, 2 * (widest + max_pf) + 1, widest, 1024, max_copies)
     oc = lk[O_CI]  # the copy table's offset (it moves when the link state grows)
@@ -299,8 +299,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 nev0 = nev
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
                     v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) if ev_kind == 0 else \
-                        _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
-                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                        _victim_priority(pins, score, slot_key, part, next_slot[part], key, prefetched, m, eam, eam_sum,
+                                         freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                        _victim_sequence(pins, score, slot_key, part, next_slot[part], key, eam, num_experts)
                     # room: the first victim alone frees enough (whole experts), or all candidates do
                     if v >= 0 and (cap[part] - used[part] + ebytes[v] >= nb or cap[part] - used[part] + _unpinned_bytes(
                             pins, ebytes, slot_key, part, next_slot[part], key) >= nb):
@@ -312,9 +313,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             if cap[part] - used[part] >= nb:
                                 break
                             v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) \
-                                if ev_kind == 0 else _pick_victim(
-                                    ev_kind, pins, score, slot_key, part, next_slot[part], key, counts, prefetched, m,
-                                    eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                                if ev_kind == 0 else _victim_priority(
+                                    pins, score, slot_key, part, next_slot[part], key, prefetched, m, eam, eam_sum,
+                                    freq, freq_total, num_moe, num_experts) if ev_kind == 1 else _victim_sequence(
+                                    pins, score, slot_key, part, next_slot[part], key, eam, num_experts)
                         break
                     while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
@@ -385,8 +387,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 pp = key // num_experts if per_layer else 0
                 if cap[pp] - used[pp] < expert_bytes:
                     v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
-                        _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
-                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                        _victim_priority(pins, score, slot_key, pp, next_slot[pp], key, prefetched, m, eam, eam_sum,
+                                         freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                        _victim_sequence(pins, score, slot_key, pp, next_slot[pp], key, eam, num_experts)
                     if v < 0 or (cap[pp] - used[pp] + ebytes[v] < expert_bytes and cap[pp] - used[pp] + _unpinned_bytes(
                             pins, ebytes, slot_key, pp, next_slot[pp], key) < expert_bytes):
                         continue  # no unpinned room
@@ -398,8 +401,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                         if cap[pp] - used[pp] >= expert_bytes:
                             break
                         v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
-                            _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
-                                         prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                            _victim_priority(pins, score, slot_key, pp, next_slot[pp], key, prefetched, m, eam, eam_sum,
+                                             freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                            _victim_sequence(pins, score, slot_key, pp, next_slot[pp], key, eam, num_experts)
                 tick += 1
                 cstate[key] = LOADING
                 used[pp] += expert_bytes
