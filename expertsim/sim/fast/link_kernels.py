@@ -11,8 +11,10 @@ fixed offsets the totals (``lk[TOT + T_*]``) and each key's latest copy (``lk[CU
 none), then, at the offsets the header holds, each slot's latest copy (``O_SLOT``: partition-major,
 ``SLOT_W`` slots a partition), the pending starts (``O_PEND``), the copies on the compute stream
 (``O_STREAM``), the compute-done signals (``O_SIGF``: fired, ``O_SIGW``: the copy waiting), the
-engine's queue (``O_Q``: ``Q_ROWS`` rows of (priority, copy)) and the copy table (``O_CI``:
-``CI_ROWS`` rows of ``NCF`` fields; copy ``c``'s field ``F`` is ``lk[lk[O_CI] + c * NCF + F]``).
+engine's queue (``O_Q``: ``Q_ROWS`` rows of (priority, copy), ``NQ`` of them from row ``QH``: the
+head leaves by a step of ``QH``, and the queue moves back to row 0 when a request finds no row
+after its tail) and the copy table (``O_CI``: ``CI_ROWS`` rows of ``NCF`` fields; copy ``c``'s
+field ``F`` is ``lk[lk[O_CI] + c * NCF + F]``).
 The queue and the table come last: they grow (:func:`_link_grown`), the rest keeps its offsets.
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ KEY, PRIO, PREFETCH, AFTER, PREV, NEXT, CANCELLED, QUEUED, DONE, WAITPREV, ISSUE
 NCF = 14
 # the header of ``lk``: the engine's state, the counts, then the offsets and sizes of the regions
 (BUSY, RUNNING, RUN_END, SEQ, NCOPY, NPEND, NQ, NSTREAM, O_SLOT, SLOT_W, O_PEND, O_STREAM, O_SIGF, O_SIGW, O_Q, Q_ROWS,
- O_CI, CI_ROWS) = range(18)
-NHEAD = 18
+ O_CI, CI_ROWS, QH) = range(19)
+NHEAD = 19
 # totals (``lk[TOT + T_*]``)
 (T_H2D, T_COPIES, T_PF_COPIES, T_CANCELLED, T_PF_ADMITTED, T_PF_HITS, T_STALL, T_EXPERT, T_DENSE, T_PEAK, T_CPU_NS,
  T_CPU_EXPERTS, T_D2H) = range(13)
@@ -93,7 +95,9 @@ def _request(lk, c, t):
         # queued by (priority, time, order of requests): SimPy's PriorityResource
         lk[SEQ] += 1
         nq = lk[NQ]
-        q0 = lk[O_Q]
+        if lk[QH] + nq == lk[Q_ROWS]:  # no row after the tail
+            _queue_front(lk)
+        q0 = lk[O_Q] + 2 * lk[QH]
         pos = nq
         prio = lk[b + PRIO]
         while pos > 0 and lk[q0 + 2 * (pos - 1)] > prio:  # equal keys keep their order (time and seq only grow)
@@ -108,17 +112,13 @@ def _request(lk, c, t):
 
 
 @_njit
-def _dequeue(lk, c):
-    """Copy ``c`` leaves the engine's queue."""
-    nq = lk[NQ]
+def _queue_front(lk):
+    """The engine's queue moved back to the start of its rows."""
     q0 = lk[O_Q]
-    for j in range(nq):
-        if lk[q0 + 2 * j + 1] == c:
-            for i in range(q0 + 2 * j, q0 + 2 * nq - 2):
-                lk[i] = lk[i + 2]
-            lk[NQ] = nq - 1
-            lk[lk[O_CI] + c * NCF + QUEUED] = 0
-            return
+    h = 2 * lk[QH]
+    for i in range(q0, q0 + 2 * lk[NQ]):
+        lk[i] = lk[i + h]
+    lk[QH] = 0
 
 
 @_njit
@@ -145,9 +145,11 @@ def _finish(lk, cstate):
     lk[TOT + T_COPIES] += 1
     if lk[b + PREFETCH] == 1:
         lk[TOT + T_PF_COPIES] += 1
-    if lk[NQ] > 0:
-        head = lk[lk[O_Q] + 1]
-        _dequeue(lk, head)
+    if lk[NQ] > 0:  # the head leaves the queue
+        head = lk[lk[O_Q] + 2 * lk[QH] + 1]
+        lk[QH] += 1
+        lk[NQ] -= 1
+        lk[ci0 + head * NCF + QUEUED] = 0
         lk[BUSY] = 1
         lk[RUNNING] = head
         lk[RUN_END] = t + lk[ci0 + head * NCF + DUR]
@@ -244,11 +246,22 @@ def _issue(lk, key, part, sl, prio, prefetch, after, now, dur, nbytes, wb, seria
 def _promote(lk, promoted, npro, dropped, ndrop, now, waiting):
     """LinkQueue.promote: the evicted queued prefetches leave the queue and end, the promoted ones
     ask again at priority 0, then the copies waiting for the dropped ones' slots."""
-    for i in range(ndrop):
-        _dequeue(lk, dropped[i])
-    for i in range(npro):
-        _dequeue(lk, promoted[i])
     ci0 = lk[O_CI]
+    for i in range(ndrop):  # (all queued) marked, then out of the queue in one pass
+        lk[ci0 + dropped[i] * NCF + QUEUED] = 2
+    for i in range(npro):
+        lk[ci0 + promoted[i] * NCF + QUEUED] = 2
+    q0 = lk[O_Q] + 2 * lk[QH]
+    m = 0
+    for j in range(lk[NQ]):
+        c = lk[q0 + 2 * j + 1]
+        if lk[ci0 + c * NCF + QUEUED] == 2:
+            lk[ci0 + c * NCF + QUEUED] = 0
+        else:
+            lk[q0 + 2 * m] = lk[q0 + 2 * j]
+            lk[q0 + 2 * m + 1] = c
+            m += 1
+    lk[NQ] = m
     nw = 0
     for i in range(ndrop):
         b = ci0 + dropped[i] * NCF
@@ -291,7 +304,7 @@ def _compact(lk):
     for i in range(CUR, lk[O_PEND]):  # the keys' and the slots' latest copies
         if lk[i] >= 0:
             lk[i] = new_id[lk[i]]
-    q0 = lk[O_Q]
+    q0 = lk[O_Q] + 2 * lk[QH]
     for j in range(lk[NQ]):
         lk[q0 + 2 * j + 1] = new_id[lk[q0 + 2 * j + 1]]
     if lk[RUNNING] >= 0:
