@@ -190,7 +190,9 @@ def _victim_sequence(pins, last, slot_key, p, used_slots, exclude, count, num_ex
 def _pick_victim(ev_kind, pins, last, slot_key, p, used_slots, exclude, counts, prefetched, current, eam, row_sum,
                  freq, total, num_moe, num_experts):
     """The eviction policy's victim: the keyed policies' (:func:`_victim`), ActivationPriority's
-    (1) or SequenceActivation's (2, ``eam`` holding the request's counts)."""
+    (1) or SequenceActivation's (2, ``eam`` holding the request's counts), for :func:`_reallocate`.
+    The kernel calls the three itself: inlined, this takes a reference to each of its arrays at
+    every call."""
     if ev_kind == 1:
         return _victim_priority(pins, last, slot_key, p, used_slots, exclude, prefetched, current, eam, row_sum, freq,
                                 total, num_moe, num_experts)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from expertsim.sim.fast.cache_kernels import (
-    _cache_aware, _evict, _pick_victim, _reallocate, _serve_order, _take_slot, _unpinned_bytes,
+    _cache_aware, _evict, _reallocate, _serve_order, _take_slot, _unpinned_bytes, _victim, _victim_priority,
+    _victim_sequence,
 )
 from expertsim.sim.fast.groups import _widest_group
 from expertsim.sim.fast.jit import _njit_gil
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
-    ABSENT, AFTER, BUSY, CANCELLED, DONE, LOADING, NCF, NCOPY, NEXT, NPEND, NQ, PREV, PRIO, QUEUED, RESIDENT,
-    NTOT, RUN_END, RUNNING, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_D2H, T_DENSE, T_EXPERT, T_H2D, T_PEAK,
-    T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, _advance, _after_met, _compact, _finish, _grown, _issue, _promote,
-    _start_pending, _wait,
+    ABSENT, BUSY, CANCELLED, CI_ROWS, CUR, DONE, LOADING, NCF, NCOPY, NPEND, NQ, NSTREAM, O_CI, O_SIGF, O_SIGW,
+    O_STREAM, PRIO, Q_ROWS, QUEUED, RESIDENT, NTOT, RUN_END, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_D2H,
+    T_DENSE, T_EXPERT, T_H2D, T_PEAK, T_PF_ADMITTED, T_PF_COPIES, T_PF_HITS, T_STALL, TOT, _advance, _after_met,
+    _compact, _finish, _issue, _link_grown, _link_state, _promote, _start_pending, _wait,
 )
 
 
@@ -87,15 +88,12 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     for d in range(pf_start.shape[0]):
         max_pf = max(max_pf, _widest_group(pf_start[d]) + widest)
     kept = np.zeros(max_pf + 1, dtype=np.int64)  # the fitted requests of a layer
-    # the copy table drops ended copies, then grows (doubling); the engine's queue grows too;
-    # the pending starts and the stream hold at most a layer's issues and the next one's
+    # the link state (see link_kernels): the copy table drops ended copies, then grows (doubling); the queue grows
+    # (with the FIFO link nothing leaves it early); the pending starts and the stream hold two layers' issues
     max_copies = max(1, min(n_acc + pf_key.shape[0] + 1, copy_rows))
-    ci = np.zeros((max_copies, NCF), dtype=np.int64)
-    ls = np.zeros(7, dtype=np.int64)
-    ls[RUNNING] = -1
-    q = np.zeros((1024, 2), dtype=np.int64)  # grows with the queue (with the FIFO link nothing leaves it early)
-    pend = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
-    tot = np.zeros(NTOT, dtype=np.int64)
+    lk = _link_state(num_keys, num_parts, max_slots + 1, 2 * (widest + max_pf) + 1, widest, 1024, max_copies)
+    oc = lk[O_CI]  # the copy table's offset (it moves when the link state grows)
+    o_stream, o_sigf, o_sigw = lk[O_STREAM], lk[O_SIGF], lk[O_SIGW]  # these do not
     cstate = np.zeros(num_keys, dtype=np.int8)
     pins = np.zeros(num_keys, dtype=np.int64)
     score = np.zeros(num_keys, dtype=np.int64)
@@ -109,17 +107,11 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     lowp = np.zeros(num_keys, dtype=np.bool_)  # ExpertCache.entry_low_precision
     it_low = np.zeros(widest, dtype=np.bool_)  # computed from a low-precision copy
     nbytes_of = np.zeros(widest, dtype=np.int64)  # a miss's copy bytes
-    cur = np.full(num_keys, -1, dtype=np.int64)
     used = np.zeros(num_parts, dtype=np.int64)
     free = np.zeros((num_parts, max_slots + 1), dtype=np.int64)
     nfree = np.zeros(num_parts, dtype=np.int64)
     next_slot = np.zeros(num_parts, dtype=np.int64)
-    slot_copy = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)
     slot_key = np.full((num_parts, max_slots + 1), -1, dtype=np.int64)  # the key in each slot
-    stream = np.zeros(2 * (widest + max_pf) + 1, dtype=np.int64)
-    nstream = np.zeros(1, dtype=np.int64)
-    sig_fired = np.zeros(widest, dtype=np.int64)
-    sig_waiter = np.full(widest, -1, dtype=np.int64)
     has_sig = np.zeros(widest, dtype=np.bool_)
     it_key = np.zeros(widest, dtype=np.int64)
     it_hit = np.zeros(widest, dtype=np.bool_)
@@ -186,35 +178,36 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
         for layer in range(num_layers):
             if serial:
                 host = min(host_layer_ns, t_dense)
-                if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                if lk[NPEND] > 0:
+                    _start_pending(lk)
                 now += host
-                for s in range(nstream[0]):  # drain the stream
-                    end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
+                for s in range(lk[NSTREAM]):  # drain the stream
+                    end = _wait(lk, cstate, lk[o_stream + s])
                     if end > now:
                         stall_it += end - now
-                        tot[T_STALL] += end - now
+                        lk[TOT + T_STALL] += end - now
                         now = end
-                nstream[0] = 0
-                if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                lk[NSTREAM] = 0
+                if lk[NPEND] > 0:
+                    _start_pending(lk)
                 now += t_dense - host
             else:
-                if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                if lk[NPEND] > 0:
+                    _start_pending(lk)
                 now += t_dense
             m = moe_of_layer[layer]
             if m < 0:
                 continue
             g += 1
-            if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
-            if ls[NCOPY] + widest + max_pf + 1 > ci.shape[0]:  # room for this layer's copies
-                _compact(ci, ls, q, cur, slot_copy)  # the copies that ended leave the table
-                if 2 * (ls[NCOPY] + widest + max_pf + 1) > ci.shape[0]:
-                    ci = _grown(ci, 2 * ci.shape[0] + widest + max_pf)
-            if ls[NQ] + widest + max_pf + 1 > q.shape[0]:
-                q = _grown(q, 2 * q.shape[0] + widest + max_pf)
+            if lk[NPEND] > 0 or (lk[BUSY] == 1 and lk[RUN_END] <= now):  # else nothing is due
+                _advance(lk, cstate, now, True)
+            if lk[NCOPY] + widest + max_pf + 1 > lk[CI_ROWS]:  # room for this layer's copies
+                _compact(lk)  # the copies that ended leave the table
+                if 2 * (lk[NCOPY] + widest + max_pf + 1) > lk[CI_ROWS]:
+                    lk = _link_grown(lk, lk[Q_ROWS], 2 * lk[CI_ROWS] + widest + max_pf)
+            if lk[NQ] + widest + max_pf + 1 > lk[Q_ROWS]:
+                lk = _link_grown(lk, 2 * lk[Q_ROWS] + widest + max_pf, lk[CI_ROWS])
+            oc = lk[O_CI]
             a = gstart[g]
             n = gstart[g + 1] - a
             part = m if per_layer else 0
@@ -227,7 +220,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 hit = s != ABSENT
                 if hit and prefetched[key]:
                     prefetched[key] = False
-                    tot[T_PF_HITS] += 1
+                    lk[TOT + T_PF_HITS] += 1
                 if refresh:
                     score[key] = tick
                 if hit:
@@ -305,8 +298,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 nbytes_of[i] = nb
                 nev0 = nev
                 while cap[part] - used[part] < nb:  # ExpertCache.admit (optional) in the release loop
-                    v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
-                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                    v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) if ev_kind == 0 else \
+                        _victim_priority(pins, score, slot_key, part, next_slot[part], key, prefetched, m, eam, eam_sum,
+                                         freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                        _victim_sequence(pins, score, slot_key, part, next_slot[part], key, eam, num_experts)
                     # room: the first victim alone frees enough (whole experts), or all candidates do
                     if v >= 0 and (cap[part] - used[part] + ebytes[v] >= nb or cap[part] - used[part] + _unpinned_bytes(
                             pins, ebytes, slot_key, part, next_slot[part], key) >= nb):
@@ -317,8 +312,11 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                             nev += 1
                             if cap[part] - used[part] >= nb:
                                 break
-                            v = _pick_victim(ev_kind, pins, score, slot_key, part, next_slot[part], key, counts,
-                                             prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                            v = _victim(pins, score, slot_key, part, next_slot[part], key, counts) \
+                                if ev_kind == 0 else _victim_priority(
+                                    pins, score, slot_key, part, next_slot[part], key, prefetched, m, eam, eam_sum,
+                                    freq, freq_total, num_moe, num_experts) if ev_kind == 1 else _victim_sequence(
+                                    pins, score, slot_key, part, next_slot[part], key, eam, num_experts)
                         break
                     while rel_ptr < i and (it_rel[rel_ptr] or it_skip[rel_ptr]):
                         rel_ptr += 1
@@ -388,8 +386,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     continue
                 pp = key // num_experts if per_layer else 0
                 if cap[pp] - used[pp] < expert_bytes:
-                    v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
-                                     prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                    v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
+                        _victim_priority(pins, score, slot_key, pp, next_slot[pp], key, prefetched, m, eam, eam_sum,
+                                         freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                        _victim_sequence(pins, score, slot_key, pp, next_slot[pp], key, eam, num_experts)
                     if v < 0 or (cap[pp] - used[pp] + ebytes[v] < expert_bytes and cap[pp] - used[pp] + _unpinned_bytes(
                             pins, ebytes, slot_key, pp, next_slot[pp], key) < expert_bytes):
                         continue  # no unpinned room
@@ -400,8 +400,10 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                         nev += 1
                         if cap[pp] - used[pp] >= expert_bytes:
                             break
-                        v = _pick_victim(ev_kind, pins, score, slot_key, pp, next_slot[pp], key, counts,
-                                         prefetched, m, eam, eam_sum, freq, freq_total, num_moe, num_experts)
+                        v = _victim(pins, score, slot_key, pp, next_slot[pp], key, counts) if ev_kind == 0 else \
+                            _victim_priority(pins, score, slot_key, pp, next_slot[pp], key, prefetched, m, eam, eam_sum,
+                                             freq, freq_total, num_moe, num_experts) if ev_kind == 1 else \
+                            _victim_sequence(pins, score, slot_key, pp, next_slot[pp], key, eam, num_experts)
                 tick += 1
                 cstate[key] = LOADING
                 used[pp] += expert_bytes
@@ -409,7 +411,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 _take_slot(pp, key, slot, slot_key, free, nfree, next_slot)
                 pfi_slot[npf] = slot[key]
                 prefetched[key] = True
-                tot[T_PF_ADMITTED] += 1
+                lk[TOT + T_PF_ADMITTED] += 1
                 score[key] = tick
                 entries += expert_bytes
                 if entries > peak:
@@ -420,19 +422,19 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             # --- timing (SteppedRun._moe_layer) ---
             npro = 0
             for i in range(nh):
-                c = cur[it_key[i]]
+                c = lk[CUR + it_key[i]]
                 it_hc[i] = c
-                if it_load[i] and c >= 0 and ci[c, DONE] < 0 and ci[c, PRIO] > 0:
-                    ci[c, PRIO] = 0
-                    if ci[c, QUEUED] == 1 and ci[c, CANCELLED] == 0:
+                if it_load[i] and c >= 0 and lk[oc + c * NCF + DONE] < 0 and lk[oc + c * NCF + PRIO] > 0:
+                    lk[oc + c * NCF + PRIO] = 0
+                    if lk[oc + c * NCF + QUEUED] == 1 and lk[oc + c * NCF + CANCELLED] == 0:
                         promoted[npro] = c
                         npro += 1
             nwb = 0  # the write-backs: the evicted entries not being copied (before their cancels)
             if wb_ns > 0:
                 nwb = nev
                 for e in range(nev):
-                    c = cur[evicted[e]]
-                    if c >= 0 and ci[c, DONE] < 0:
+                    c = lk[CUR + evicted[e]]
+                    if c >= 0 and lk[oc + c * NCF + DONE] < 0:
                         nwb -= 1
             nissued = 0
             ndrop = 0
@@ -443,21 +445,21 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if it_key[i] == key:
                         own = True
                 if not own:
-                    c = cur[key]
-                    if c >= 0 and ci[c, DONE] < 0 and not fifo_link:
-                        ci[c, CANCELLED] = 1
-                        if ci[c, QUEUED] == 1:
+                    c = lk[CUR + key]
+                    if c >= 0 and lk[oc + c * NCF + DONE] < 0 and not fifo_link:
+                        lk[oc + c * NCF + CANCELLED] = 1
+                        if lk[oc + c * NCF + QUEUED] == 1:
                             dropped[ndrop] = c
                             ndrop += 1
-                cur[key] = -1
+                lk[CUR + key] = -1
             for i in range(n):
-                sig_fired[i] = 0
-                sig_waiter[i] = -1
+                lk[o_sigf + i] = 0
+                lk[o_sigw + i] = -1
             if not serial:
                 for i in range(nh, n):
                     if it_copy[i]:
                         key = it_key[i]
-                        _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
+                        _issue(lk, key,
                                part, it_slot[i], demand, no_prefetch, it_wait[i], now,
                                (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
                                expert_bytes if nissued < nwb else 0, serial, fifo_link)
@@ -465,14 +467,14 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
-                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
+                    _issue(lk, key, pp,
                            pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now,
                            copy_ns + (wb_ns if nissued < nwb else 0), expert_bytes,
                            expert_bytes if nissued < nwb else 0, serial, fifo_link)
                     nissued += 1
             if npro > 0 or ndrop > 0:
-                _start_pending(ci, ls, q, pend, cstate, cur, tot)
-                _promote(ci, ls, q, cstate, cur, tot, promoted, npro, dropped, ndrop, now, waiting)
+                _start_pending(lk)
+                _promote(lk, promoted, npro, dropped, ndrop, now, waiting)
             stall = 0
             computed = 0
             host_ns = host_expert_ns if serial else 0
@@ -481,20 +483,20 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
             for i in range(n):
                 key = it_key[i]
                 if it_cpu[i]:  # a host CPU job, first come first served
-                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
+                    if lk[NPEND] > 0 or (lk[BUSY] == 1 and lk[RUN_END] <= now):  # else nothing is due
+                        _advance(lk, cstate, now, True)
                     d = cpu_ns[it_tok[i]]
                     cpu_free = max(now, cpu_free) + d
                     cpu_end[njobs] = cpu_free
                     njobs += 1
-                    tot[T_CPU_NS] += d
+                    lk[TOT + T_CPU_NS] += d
                     continue
                 if it_skip[i]:
                     continue
                 if serial and it_copy[i]:
-                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
-                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key,
+                    if lk[NPEND] > 0 or (lk[BUSY] == 1 and lk[RUN_END] <= now):  # else nothing is due
+                        _advance(lk, cstate, now, True)
+                    _issue(lk, key,
                            part, it_slot[i], demand, no_prefetch, it_wait[i], now,
                            (copy_ns_low if it_low[i] else copy_ns) + (wb_ns if nissued < nwb else 0), nbytes_of[i],
                            expert_bytes if nissued < nwb else 0, serial, fifo_link)
@@ -502,49 +504,49 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 t = expert_ns_low[it_tok[i]] if it_low[i] else expert_ns[it_tok[i]]
                 host = min(host_ns, t)
                 if host > 0:
-                    if ls[NPEND] > 0:
-                        _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                    if lk[NPEND] > 0:
+                        _start_pending(lk)
                     now += host
-                    for s in range(nstream[0]):
-                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
+                    for s in range(lk[NSTREAM]):
+                        end = _wait(lk, cstate, lk[o_stream + s])
                         if end > now:
                             stall += end - now
                             now = end
-                    nstream[0] = 0
-                c = it_hc[i] if it_hit[i] else cur[key]
+                    lk[NSTREAM] = 0
+                c = it_hc[i] if it_hit[i] else lk[CUR + key]
                 if c >= 0:
-                    end = ci[c, DONE] if ls[NPEND] == 0 and ci[c, DONE] >= 0 else \
-                        _wait(ci, ls, q, pend, cstate, cur, tot, c)
+                    end = lk[oc + c * NCF + DONE] if lk[NPEND] == 0 and lk[oc + c * NCF + DONE] >= 0 else \
+                        _wait(lk, cstate, c)
                     if end > now:
                         stall += end - now
                         now = end
                 if serial:
-                    for s in range(nstream[0]):
-                        end = _wait(ci, ls, q, pend, cstate, cur, tot, stream[s])
+                    for s in range(lk[NSTREAM]):
+                        end = _wait(lk, cstate, lk[o_stream + s])
                         if end > now:
                             stall += end - now
                             now = end
-                    nstream[0] = 0
-                if ls[NPEND] > 0:
-                    _start_pending(ci, ls, q, pend, cstate, cur, tot)
+                    lk[NSTREAM] = 0
+                if lk[NPEND] > 0:
+                    _start_pending(lk)
                 now += t - host
                 computed += t
                 if has_sig[i]:
-                    if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                        _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
-                    sig_fired[i] = 1
-                    w = sig_waiter[i]
+                    if lk[NPEND] > 0 or (lk[BUSY] == 1 and lk[RUN_END] <= now):  # else nothing is due
+                        _advance(lk, cstate, now, True)
+                    lk[o_sigf + i] = 1
+                    w = lk[o_sigw + i]
                     if w >= 0:
-                        sig_waiter[i] = -1
-                        _after_met(ci, ls, q, cstate, cur, tot, w, now)
-            tot[T_EXPERT] += computed
+                        lk[o_sigw + i] = -1
+                        _after_met(lk, w, now)
+            lk[TOT + T_EXPERT] += computed
             if serial and npf > 0:
-                if ls[NPEND] > 0 or (ls[BUSY] == 1 and ls[RUN_END] <= now):  # else nothing is due
-                    _advance(ci, ls, q, pend, cstate, cur, tot, now, True)
+                if lk[NPEND] > 0 or (lk[BUSY] == 1 and lk[RUN_END] <= now):  # else nothing is due
+                    _advance(lk, cstate, now, True)
                 for r in range(npf):
                     key = pfi_key[r]
                     pp = key // num_experts if per_layer else 0
-                    _issue(ci, ls, pend, cur, slot_copy, stream, nstream, sig_fired, sig_waiter, key, pp,
+                    _issue(lk, key, pp,
                            pfi_slot[r], pfi_prio[r], is_prefetch, no_signal, now,
                            copy_ns + (wb_ns if nissued < nwb else 0), expert_bytes,
                            expert_bytes if nissued < nwb else 0, serial, fifo_link)
@@ -553,12 +555,12 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                 if cpu_end[j] > now:
                     stall += cpu_end[j] - now
                     now = cpu_end[j]
-            tot[T_CPU_EXPERTS] += ncpu
+            lk[TOT + T_CPU_EXPERTS] += ncpu
             out_hits[pi] += nh
             out_misses[pi] += n - nh
             stall_it += stall
             out_experts[pi] += n
-            tot[T_STALL] += stall
+            lk[TOT + T_STALL] += stall
             for i in range(n):  # LayerServer.finish: the layer's pins go
                 if pins[it_key[i]] > 0:
                     pins[it_key[i]] -= 1
@@ -583,12 +585,13 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                                                num_experts)
         if err >= 0:
             break
-        tot[T_DENSE] += t_dense * num_layers
+        lk[TOT + T_DENSE] += t_dense * num_layers
         out_start[pi] = start_iter
         out_end[pi] = now
         out_stall[pi] = stall_it
-    _start_pending(ci, ls, q, pend, cstate, cur, tot)
-    while ls[BUSY] == 1:
-        _finish(ci, ls, q, cstate, cur, tot)
-    tot[T_PEAK] = peak
+    _start_pending(lk)
+    while lk[BUSY] == 1:
+        _finish(lk, cstate)
+    lk[TOT + T_PEAK] = peak
+    tot = lk[TOT:TOT + NTOT].copy()
     return out_start, out_end, out_hits, out_misses, out_stall, out_experts, tot, err, dropped_mass, degraded_mass
