@@ -143,9 +143,9 @@ def test_which_systems_it_takes():
     takes = {name for name in ("mixtral-offloading", "pregated-moe", "se-moe", "promoe", "expertflow", "hobbit",
                                "moe-infinity", "cache-moe", "fiddler", "skip-misses", "lru", "daop", "expertflow")
              if plans.supports_simulation(make_policy(name), CacheConfig(per_layer=2), options)}
-    # plain LRU has its own kernel
+    # plain LRU too (as the ComposedSystem it acts as), though the dispatch gives it its own cache kernel
     assert takes == {"mixtral-offloading", "pregated-moe", "se-moe", "skip-misses", "promoe", "cache-moe", "fiddler",
-                     "hobbit", "moe-infinity", "daop", "expertflow"}
+                     "hobbit", "moe-infinity", "daop", "expertflow", "lru"}
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(scope="request"))
     assert not plans.supports_simulation(make_policy("se-moe"), CacheConfig(per_layer=2), SimOptions(batch=2))
 
