@@ -296,7 +296,8 @@ def eam_requests(groups, sched, trace, num_moe, prefetcher):
         else:
             hist, norms, rows = np.zeros((0, L, E)), np.zeros((L, 0)), np.zeros((0, L, E))
         current = np.zeros((L, E))
-        parts.append(_eam_kernel(pstart[first:last], pstop[first:last], experts, hist, norms, rows, current,
+        hist_t = np.ascontiguousarray(hist.transpose(1, 2, 0))  # [layers, experts, history]: contiguous over h
+        parts.append(_eam_kernel(pstart[first:last], pstop[first:last], experts, hist_t, norms, rows, current,
                                  int(prefetcher.depth), int(width)))
         first = last
     counts = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -305,9 +306,12 @@ def eam_requests(groups, sched, trace, num_moe, prefetcher):
 
 
 @_njit
-def _eam_kernel(pstart, pstop, experts, hist, norms, rows, current, depth, width):
+def _eam_kernel(pstart, pstop, experts, hist_t, norms, rows, current, depth, width):
+    """One request's passes (see :func:`eam_requests`); ``hist_t`` [layers, experts, history]: the
+    past matrices with the history innermost, so a token's dot products and a layer's
+    similarities run along contiguous rows (each sum still in the DES's order)."""
     n_pass = pstart.shape[0]
-    H, L, E = hist.shape[0], current.shape[0], current.shape[1]
+    H, L, E = hist_t.shape[2], current.shape[0], current.shape[1]
     counts = np.zeros(n_pass * L, dtype=np.int64)
     cap = n_pass * L * depth * min(width, E)
     layer_out = np.zeros(cap, dtype=np.int64)
@@ -316,6 +320,7 @@ def _eam_kernel(pstart, pstop, experts, hist, norms, rows, current, depth, width
     squares = np.zeros(L, dtype=np.int64)
     dots = np.zeros((L, H))
     prefix = np.zeros((L, H))
+    sims = np.zeros(H)
     score = np.zeros(E)
     taken = np.zeros(E, dtype=np.bool_)
     n = 0
@@ -330,7 +335,7 @@ def _eam_kernel(pstart, pstop, experts, hist, norms, rows, current, depth, width
                     sq += 2 * c + 1
                     current[layer, e] = c + 1.0
                     for h in range(H):
-                        dots[layer, h] += hist[h, layer, e]
+                        dots[layer, h] += hist_t[layer, e, h]
             squares[layer] += sq
             index = -1
             if H > 0:
@@ -342,12 +347,13 @@ def _eam_kernel(pstart, pstop, experts, hist, norms, rows, current, depth, width
                 norm = np.sqrt(np.float64(total_sq))
                 if norm == 0.0:
                     norm = 1.0
+                for h in range(H):  # the similarities (one division each, as numpy's), then np.argmax
+                    sims[h] = prefix[layer, h] / (norms[layer, h] * norm + 1e-12)
                 best_sim = 0.0
                 for h in range(H):  # np.argmax: the first largest
-                    sim = prefix[layer, h] / (norms[layer, h] * norm + 1e-12)
-                    if index < 0 or sim > best_sim:
+                    if index < 0 or sims[h] > best_sim:
                         index = h
-                        best_sim = sim
+                        best_sim = sims[h]
             for d in range(1, depth + 1):
                 t = layer + d
                 if t >= L:
