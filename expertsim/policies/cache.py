@@ -106,6 +106,9 @@ class ExpertCache:
         self._capacity: list[int] = [int(cap)] * self.num_partitions
         self._used: list[int] = [0] * self.num_partitions
         self.state = np.zeros(n, dtype=np.int8)
+        # The same states as a bytearray (read per lookup: a Python int, without numpy's per-element
+        # cost); every change of state goes to both (admit, mark_resident, _remove).
+        self.state_bytes = bytearray(n)
         self.entry_bytes = np.zeros(n, dtype=np.int64)
         self.entry_low_precision = np.zeros(n, dtype=bool)
         self._pins: dict[int, int] = {}  # key -> pin count, for the pinned keys only (see pins)
@@ -207,7 +210,7 @@ class ExpertCache:
         :meth:`pin` per expert, in one call. Returns ``(hit, loading, ticks)``: per expert
         whether it hit, whether its copy was still in flight, and the tick of its lookup."""
         base = int(layer) * self.num_experts
-        state, prefetched, pins, on_access = self.state, self.prefetched, self._pins, self.eviction.on_access
+        state, prefetched, pins, on_access = self.state_bytes, self.prefetched, self._pins, self.eviction.on_access
         hits, loading, ticks = [], [], []
         for i, expert in enumerate(experts):
             key = base + expert
@@ -219,11 +222,11 @@ class ExpertCache:
                 prefetched[key] = False
                 self.prefetch_hits += 1
             on_access(key, self.tick, hit, position + i)
-            hits.append(bool(hit))
+            hits.append(hit)
             ticks.append(self.tick)
             if hit:
                 pins[key] = pins.get(key, 0) + 1
-        return hits, [bool(x) for x in loading], ticks
+        return hits, loading, ticks
 
     def unpin_layer(self, layer: int, experts) -> None:
         """Release the pins still held on ``experts`` of ``layer`` (the end of a layer)."""
@@ -274,8 +277,7 @@ class ExpertCache:
         admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
         layer = int(layer)
         key = layer * self.num_experts + int(expert)
-        state = self.state
-        if state[key]:  # != ABSENT
+        if self.state_bytes[key]:  # != ABSENT
             return True, []
         nbytes = self.expert_bytes if nbytes is None else int(nbytes)
         p = layer if self.num_partitions > 1 else 0
@@ -298,7 +300,7 @@ class ExpertCache:
         if tick is None:
             self.tick += 1
             tick = self.tick
-        state[key] = LOADING
+        self.state[key] = self.state_bytes[key] = LOADING
         self.entry_bytes[key] = nbytes
         if low_precision:  # an absent entry's flag is False (see _remove)
             self.entry_low_precision[key] = True
@@ -317,9 +319,8 @@ class ExpertCache:
 
     def mark_resident(self, layer: int, expert: int) -> None:
         key = int(layer) * self.num_experts + int(expert)
-        state = self.state
-        if state[key] == LOADING:
-            state[key] = RESIDENT
+        if self.state_bytes[key] == LOADING:
+            self.state[key] = self.state_bytes[key] = RESIDENT
 
     def evict(self, key: int) -> None:
         if key in self._pins:
@@ -397,7 +398,7 @@ class ExpertCache:
         self._used_sum -= nbytes
         self._free_slots[p].append(int(self.slot[key]))
         self._members[p].discard(key)
-        self.state[key] = ABSENT
+        self.state[key] = self.state_bytes[key] = ABSENT
         self.entry_bytes[key] = 0
         self.entry_low_precision[key] = False
         self.prefetched[key] = False  # a prefetch that leaves unused was wasted

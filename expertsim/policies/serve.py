@@ -96,26 +96,29 @@ class LayerServer:
                 count = [0] * len(ids)
                 for e in flat:
                     count[where[e]] += 1
-            needed = np.array(ids, dtype=np.int64)
-            counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
             if weights is not None:  # np.bincount's sums: 0.0 plus each weight in input order
                 where = where or {e: i for i, e in enumerate(ids)}
                 sums = [0.0] * len(ids)
                 for e, w in zip(flat, weights.ravel().astype(np.float64).tolist()):
                     sums[where[e]] += w
-                mass = np.array(sums, dtype=np.float64)
-            state, base = self.cache.state, layer * self.cache.num_experts
-            resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
+            else:  # counts / k, as numpy divides them (IEEE division of the same doubles)
+                k = experts.shape[1]
+                sums = [c / k for c in count]
+            state, base = self.cache.state_bytes, layer * self.cache.num_experts
+            resident = [state[base + e] != 0 for e in ids]
+            # The numpy arrays (needed, tokens_per_expert, gate_mass, resident) are built only if
+            # the system reads them (LayerObservation.from_lists).
+            return LayerObservation.from_lists(now_ns, iteration, layer, tokens, experts, weights, ids, count, sums,
+                                               resident, phase, self.cache, trace, self.position)
+        needed, inverse = np.unique(experts, return_inverse=True)
+        inverse = inverse.ravel()
+        needed = needed.astype(np.int64)
+        counts = np.bincount(inverse, minlength=len(needed))
+        if weights is not None:
+            mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
         else:
-            needed, inverse = np.unique(experts, return_inverse=True)
-            inverse = inverse.ravel()
-            needed = needed.astype(np.int64)
-            counts = np.bincount(inverse, minlength=len(needed))
-            if weights is not None:
-                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
-            resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
-        if weights is None:
             mass = counts / experts.shape[1]
+        resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
         # LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed,
         # tokens_per_expert, gate_mass, resident, phase, cache, trace, position)
         return LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed, counts, mass,
@@ -127,7 +130,7 @@ class LayerServer:
         # 1. Lookups in ascending id order (the eviction policy sees every access). Python
         # lists and ints here: a layer needs a handful of experts, where numpy's per-call cost
         # dominates.
-        needed = obs.needed.tolist()
+        needed, tokens_per_expert, gate_mass = obs.needed_lists()
         hit, loading, ticks = cache.lookup_layer(layer, needed, position0)  # pins the hits
         self.position += len(needed)
         # 2. The system decides (it sees which experts hit through obs.resident).
@@ -148,7 +151,6 @@ class LayerServer:
         released = 0  # how many earliest-served items have been unpinned for room
         hits = sum(hit)
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
-        tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
         for i in order:
@@ -207,7 +209,7 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
-        num_layers, num_experts, state, slot_of = cache.num_layers, cache.num_experts, cache.state, cache.slot
+        num_layers, num_experts, state_bytes, slot_of = cache.num_layers, cache.num_experts, cache.state_bytes, cache.slot
         for req in decision.prefetch:
             if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
@@ -215,7 +217,7 @@ class LayerServer:
                     f"{req.expert}), outside {num_layers} layers x {num_experts} experts"
                 )
             key = int(req.layer) * num_experts + int(req.expert)
-            if state[key]:  # resident or loading (cache.contains)
+            if state_bytes[key]:  # resident or loading (cache.contains)
                 continue
             nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
             ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,

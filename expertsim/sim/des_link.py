@@ -57,9 +57,79 @@ def _request_key(request):
 
 
 class SortedPriorityResource(simpy.PriorityResource):
-    """SimPy's PriorityResource with :class:`_SortedQueue`."""
+    """SimPy's PriorityResource with :class:`_SortedQueue` (the plain DES's link resources)."""
 
     PutQueue = _SortedQueue
+
+    def cancel(self, request) -> None:
+        request.cancel()
+
+
+class LinkResource:
+    """What the copies use of SimPy's PriorityResource (:class:`SortedPriorityResource`), without
+    its layered Put/Get event classes; the same events at the same points, so the same order:
+
+    - ``request(priority)`` returns a plain event, queued by ``(priority, time of the request)``
+      (equal keys in arrival order); the head of the queue is granted at once when a unit is free
+      (SimPy's ``_trigger_put``, which looks at the head only). A granted request is an event
+      that succeeds; SimPy's own callback on it (``_trigger_get``) has nothing to do here, as no
+      release is ever pending;
+    - ``release(request)`` frees the unit at once and fires a release event whose processing
+      grants the head of the queue (SimPy's ``Release``). With ``elide`` and one unit, when the
+      queue is empty at the release that event is left out: it could grant nothing. A request
+      arriving before it would have been processed takes the free unit at once, and any later
+      one waits behind it (the holder cannot release before its grant, which comes after the
+      release event), so at its processing the unit is taken or nobody waits;
+    - ``cancel(request)``: a request not granted leaves the queue.
+    """
+
+    def __init__(self, env: simpy.Environment, capacity: int = 1, elide: bool = True):
+        self.env, self.capacity = env, capacity
+        self.users = 0
+        self.queue: list[simpy.Event] = []  # waiting requests, by key
+        self.elide = elide and capacity == 1
+
+    def request(self, priority: int = 0) -> simpy.Event:
+        req = simpy.Event(self.env)
+        req.key = (priority, self.env.now)
+        if self.queue:
+            bisect.insort_right(self.queue, req, key=_request_key)
+            self._grant()
+        elif self.users < self.capacity:  # the queue's head is this request
+            self.users += 1
+            req.succeed()
+        else:
+            self.queue.append(req)
+        return req
+
+    def _grant(self, _event=None) -> None:
+        if self.queue and self.users < self.capacity:
+            self.users += 1
+            self.queue.pop(0).succeed()
+
+    def release(self, request: simpy.Event) -> None:
+        self.users -= 1
+        if self.elide and not self.queue:
+            return
+        event = simpy.Event(self.env)
+        event.callbacks.append(self._grant)
+        event.succeed()
+
+    def cancel(self, request: simpy.Event) -> None:
+        if not request.triggered:
+            self.queue.remove(request)
+
+
+def fire(event: simpy.Event, elide: bool) -> None:
+    """``event.succeed()``; with ``elide``, an event nobody waits for yet is marked processed
+    instead of being scheduled. Every waiter of the DES's copy, compute, CPU and promotion events
+    checks ``triggered`` before it waits, so nobody will wait for it later either: its
+    processing would do nothing (its only effect would be on the compute stream's clock, which
+    may not skip past a pending event; see engine._DesRun._compute)."""
+    if elide and not event.callbacks:
+        event._ok, event._value, event.callbacks = True, None, None  # as Environment.step leaves it
+    else:
+        event.succeed()
 
 
 class LinkProcesses:
@@ -101,7 +171,7 @@ class LinkProcesses:
             yield req | copy.promote
             if req.triggered:
                 return req
-            req.cancel()
+            resource.cancel(req)
         if copy.cancelled:
             return None
         req = resource.request(priority=0)
@@ -165,7 +235,7 @@ class LinkProcesses:
                 self.totals.prefetch_copies += 1
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
-        copy.done.succeed()
+        fire(copy.done, self.SKIP_COMPUTES)
         yield from self._park()
 
     def _park(self):
@@ -192,7 +262,7 @@ class LinkProcesses:
             if copy is not None and not copy.done.triggered and not self.fifo_link:
                 copy.cancelled = True  # not started: dropped; started: stops after its current chunk
                 if not copy.started and not copy.promote.triggered:
-                    copy.promote.succeed()  # wake it so it leaves the link queue at once
+                    fire(copy.promote, self.SKIP_COMPUTES)  # wake it so it leaves the link queue at once
             if copy is not None:
                 del self.copies[key]
 
@@ -205,7 +275,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
-        done.succeed()
+        fire(done, self.SKIP_COMPUTES)
         yield from self._park()
 
     def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
@@ -216,7 +286,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
-        done.succeed()
+        fire(done, self.SKIP_COMPUTES)
         yield from self._park()
 
     def _stream(self, it, layer, nbytes, done: simpy.Event):
@@ -228,5 +298,5 @@ class LinkProcesses:
         self.totals.h2d_bytes += nbytes
         self.totals.copies += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
-        done.succeed()
+        fire(done, self.SKIP_COMPUTES)
         yield from self._park()

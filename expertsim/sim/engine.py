@@ -30,7 +30,7 @@ from expertsim.policies.records import RunTotals
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.compute_stream import ComputeStreamBook
-from expertsim.sim.des_link import LinkProcesses, SortedPriorityResource
+from expertsim.sim.des_link import LinkProcesses, LinkResource, SortedPriorityResource, fire
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
@@ -199,10 +199,12 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
         link = sim.hardware.link
-        self.engines = SortedPriorityResource(self.env, capacity=link.copy_engines)
+        # SimPy's own resource in the plain DES (the tests compare the two)
+        resource = LinkResource if self.SKIP_COMPUTES else SortedPriorityResource
+        self.engines = resource(self.env, capacity=link.copy_engines)
         # The link's bytes are serial: one wire shared by the engines (with a single engine, the
         # engine already serialises them and no wire resource is needed).
-        self.wire = SortedPriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
+        self.wire = resource(self.env, capacity=1) if link.copy_engines > 1 else None
         self.fifo_link = sim.options.link_queue == "fifo"  # issue order, no prefetch dropped
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
@@ -406,7 +408,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 if copy is not None:  # needed now: a queued or in-flight prefetch becomes a demand copy
                     copy.priority = 0
                     if not copy.promote.triggered:
-                        copy.promote.succeed()
+                        fire(copy.promote, self.SKIP_COMPUTES)
                 if item.copy_bytes and not serial:
                     after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                     self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after,
@@ -444,7 +446,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     cpu_done.append(env.event())
                     env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
                 if done is not None:
-                    done.succeed()
+                    fire(done, self.SKIP_COMPUTES)
                 continue
             if item.low_precision:
                 t = expert_time(item.tokens, low_precision_dtype=self.lowp)
@@ -475,7 +477,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 self._row("gpu", "expert", it, layer, item.expert, t0, end)
             if done is not None:
                 yield from self._sync()
-                done.succeed()
+                fire(done, self.SKIP_COMPUTES)
         self.totals.expert_compute_ns += computed
         if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
             yield from self._sync()
