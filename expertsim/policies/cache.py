@@ -253,7 +253,9 @@ class ExpertCache:
         return hit
 
     def pin(self, layer: int, expert: int) -> None:
-        key = self.key(layer, expert)
+        self.pin_key(self.key(layer, expert))
+
+    def pin_key(self, key: int) -> None:
         self._pins[key] = self._pins.get(key, 0) + 1
 
     def unpin(self, layer: int, expert: int) -> None:

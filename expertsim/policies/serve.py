@@ -136,7 +136,7 @@ class LayerServer:
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
         if decision.order is None:
-            order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
+            order = [i for i, h in enumerate(hit) if h] + [i for i, h in enumerate(hit) if not h]
         else:
             index = {e: i for i, e in enumerate(needed)}
             order = [index[int(e)] for e in decision.order]
@@ -153,21 +153,23 @@ class LayerServer:
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
+        entry_low_precision, slot_of = cache.entry_low_precision, cache.slot
         for i in order:
             e = needed[i]
             key = base + e
             # ServeItem(expert, tokens, gate_mass, hit, action, low_precision, copy_bytes, slot,
-            # wait_compute, loading_at_lookup), positional: this runs per expert per layer
-            item = ServeItem(e, int(tokens_per_expert[i]), float(gate_mass[i]), hit[i], None,
-                             bool(cache.entry_low_precision[key]) if hit[i] else False, 0,
-                             int(cache.slot[key]), -1, loading[i])
+            # wait_compute, loading_at_lookup), positional: this runs per expert per layer. The
+            # lists hold Python numbers already; an absent entry's slot is -1.
             if hit[i]:
+                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], True, None, bool(entry_low_precision[key]),
+                                 0, int(slot_of[key]), -1, loading[i])
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
             else:
-                action = miss_actions.get(e, MissAction.COPY)
+                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], False, None, False, 0, -1, -1, loading[i])
+                action = miss_actions.get(e, MissAction.COPY) if miss_actions else MissAction.COPY
                 item.action = action
-                if action in (MissAction.COPY, MissAction.LOW_PRECISION):
+                if action is MissAction.COPY or action is MissAction.LOW_PRECISION:
                     low = action is MissAction.LOW_PRECISION
                     nbytes = self.low_precision_bytes if low else self.expert_bytes
                     while True:
@@ -193,9 +195,9 @@ class LayerServer:
                             if other.released and base + other.expert in out:
                                 item.wait_compute = max(item.wait_compute, j)
                     evicted.extend(out)
-                    cache.pin(layer, e)
+                    cache.pin_key(key)
                     item.copy_bytes = nbytes
-                    item.slot = int(cache.slot[key])
+                    item.slot = int(slot_of[key])
                     item.low_precision = low
                 elif action is MissAction.CPU:
                     plan.cpu_experts += 1

@@ -29,11 +29,52 @@ class _Copy:
 
     key: int
     done: simpy.Event
-    promote: simpy.Event  # fired when a queued prefetch is needed now, or dropped
     prefetch: bool
     priority: int
     started: bool = False
     cancelled: bool = False
+    landed: bool = False  # done has fired (copy.done.triggered, without the property's call)
+    # Fired when a queued prefetch is needed now, or dropped. Made when first needed: most copies
+    # are never woken, and only a prefetch waiting in the link queue waits for it (_acquire).
+    promote: simpy.Event | None = None
+
+    def woken(self) -> bool:
+        return self.promote is not None and self.promote.triggered
+
+    def wake_event(self, env: simpy.Environment) -> simpy.Event:
+        if self.promote is None:
+            self.promote = env.event()
+        return self.promote
+
+
+class _Task:
+    """A generator run on SimPy's events as a SimPy Process runs it, without the Process: it
+    starts at an event scheduled as SimPy's ``Initialize`` (now, urgent), is resumed by each event
+    it yields (at once when that event was processed already) with the event's value, and ends
+    without an end-of-process event (nobody waits for the DES's copy, CPU and stream processes,
+    or for the main one; that event would only hold back the compute stream's clock, see
+    engine._DesRun._compute). The same events in the same order, less SimPy's per-resume work.
+    The generators never fail an event, nor read ``env.active_process``."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, env: simpy.Environment, gen):
+        self.gen = gen
+        start = simpy.Event(env)
+        start._ok, start._value = True, None  # as simpy.events.Initialize
+        start.callbacks.append(self._resume)
+        env.schedule(start, simpy.events.URGENT)
+
+    def _resume(self, event: simpy.Event) -> None:
+        send = self.gen.send
+        while True:
+            try:
+                event = send(event._value)
+            except StopIteration:
+                return
+            if event.callbacks is not None:  # not processed yet: wait for it
+                event.callbacks.append(self._resume)
+                return
 
 
 class _SortedQueue(list):
@@ -153,22 +194,21 @@ class LinkProcesses:
         first, on the same engine (a swap, runtime ``writeback``)."""
         layer = int(layer)
         key = layer * self.num_experts + int(expert)  # cache.key(layer, expert)
-        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
-                     priority=0 if self.fifo_link else priority)
+        copy = _Copy(key, self.env.event(), priority > 0, 0 if self.fifo_link else priority)
         self.copies[key] = copy
         if self.serial:
             self.stream_copies.append(copy)
         slot_id = (layer if self.per_layer_partitions else 0, slot)
         previous = self.slot_copy.get(slot_id)
         self.slot_copy[slot_id] = copy
-        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
+        self._spawn(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
 
     def _acquire(self, resource: SortedPriorityResource, copy: _Copy):
         """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
         re-queues as demand. Returns the granted request, or None when the copy was dropped."""
-        if copy.priority > 0 and not copy.promote.triggered:
+        if copy.priority > 0 and not copy.woken():
             req = resource.request(priority=copy.priority)
-            yield req | copy.promote
+            yield req | copy.wake_event(self.env)
             if req.triggered:
                 return req
             resource.cancel(req)
@@ -182,7 +222,7 @@ class LinkProcesses:
         env, cost = self.env, self.cost
         if after is not None and not after.triggered:
             yield after
-        if previous is not None and not previous.done.triggered:
+        if previous is not None and not previous.landed:
             yield previous.done  # the slot's previous copy must land before this one overwrites it
         if self.any_on_storage and not copy.cancelled and self.on_storage[copy.key]:
             with self.storage.request() as req:  # NVMe -> host bounce buffer first
@@ -196,7 +236,7 @@ class LinkProcesses:
         for chunk in (cost.chunk_sizes(nbytes, self.chunk_bytes) if self.chunk_bytes else (nbytes,)):
             if copy.cancelled:
                 engine = None
-            elif copy.priority > 0 and not copy.promote.triggered:
+            elif copy.priority > 0 and not copy.woken():
                 engine = yield from self._acquire(self.engines, copy)
             else:  # as _acquire does for a demand copy
                 engine = self.engines.request(priority=0)
@@ -235,21 +275,20 @@ class LinkProcesses:
                 self.totals.prefetch_copies += 1
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
+        copy.landed = True
         fire(copy.done, self.SKIP_COMPUTES)
-        yield from self._park()
 
-    def _park(self):
-        """End a process without SimPy's end-of-process event. Nobody waits for these processes,
-        so that event would change nothing but hold back the compute stream's clock (a compute
-        cannot be skipped past a pending event). The process waits instead for an event that
-        never fires and is garbage once the run drops it. With ``SKIP_COMPUTES`` off (the plain
-        DES the tests compare with) the process just ends."""
+    def _spawn(self, gen) -> None:
+        """Run the process ``gen``: as a :class:`_Task`, or in the plain DES (``SKIP_COMPUTES``
+        off, which the tests compare with) as a SimPy Process, with SimPy's end of process."""
         if self.SKIP_COMPUTES:
-            yield self.env.event()
+            _Task(self.env, gen)
+        else:
+            self.env.process(gen)
 
     def _in_flight(self, key: int) -> bool:
         copy = self.copies.get(key)
-        return copy is not None and not copy.done.triggered
+        return copy is not None and not copy.landed
 
     def _take(self, resource, priority: int = 0):
         req = resource.request(priority=priority)
@@ -259,10 +298,10 @@ class LinkProcesses:
     def _cancel_evicted(self, keys: list[int]) -> None:
         for key in keys:
             copy = self.copies.get(key)
-            if copy is not None and not copy.done.triggered and not self.fifo_link:
+            if copy is not None and not copy.landed and not self.fifo_link:
                 copy.cancelled = True  # not started: dropped; started: stops after its current chunk
-                if not copy.started and not copy.promote.triggered:
-                    fire(copy.promote, self.SKIP_COMPUTES)  # wake it so it leaves the link queue at once
+                if not copy.started and not copy.woken():
+                    fire(copy.wake_event(self.env), self.SKIP_COMPUTES)  # wake it so it leaves the link queue at once
             if copy is not None:
                 del self.copies[key]
 
@@ -276,7 +315,6 @@ class LinkProcesses:
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
         fire(done, self.SKIP_COMPUTES)
-        yield from self._park()
 
     def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
         with self.cpu.request() as req:
@@ -287,7 +325,6 @@ class LinkProcesses:
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
         fire(done, self.SKIP_COMPUTES)
-        yield from self._park()
 
     def _stream(self, it, layer, nbytes, done: simpy.Event):
         """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
@@ -299,4 +336,3 @@ class LinkProcesses:
         self.totals.copies += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
         fire(done, self.SKIP_COMPUTES)
-        yield from self._park()

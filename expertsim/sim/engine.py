@@ -186,8 +186,10 @@ def _always_yield() -> int:
 class _DesRun(ComputeStreamBook, LinkProcesses):
     """The SimPy processes of one run."""
 
-    # False: the plain DES, one SimPy timeout per compute (see _compute) and SimPy's own end of
-    # every process (LinkProcesses._park); the same results, more events (the tests compare them).
+    # False: the plain DES, one SimPy timeout per compute (see _compute), SimPy's processes with
+    # their end events (LinkProcesses._spawn), SimPy's resources for the link, and every event
+    # scheduled even when nobody waits for it (des_link.fire, LinkResource); the same results,
+    # more events and more work per event (the tests compare the two).
     SKIP_COMPUTES = True
 
     def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
@@ -241,7 +243,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.stop_after: int | None = None  # end after this many iterations (a timeline window)
 
     def execute(self) -> None:
-        self.env.process(self._main())
+        self._spawn(self._main())
         self.env.run()
 
     def _drain_stream(self, it, layer):
@@ -249,7 +251,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         cannot start before they end). Returns the wait in ns (stall)."""
         waited = 0
         for copy in self.stream_copies:
-            if not copy.done.triggered:
+            if not copy.landed:
                 yield from self._sync()
                 t0 = self.env.now
                 yield copy.done
@@ -358,21 +360,24 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         layer_start = self.now
         base = layer * self.num_experts  # cache.key(layer, e) == base + e
         serial = self.serial  # copies queued on the compute stream, in serve order
-        # One pass over the items: the copies of the hits (a hit released mid-layer to make room
-        # can be evicted by this very layer; its copy, a prefetch still in flight, must land
-        # before its compute all the same: keep it), the hits whose queued or in-flight prefetch
-        # is needed now (promoted to a demand copy), the items that copy.
-        hit_copies, promote, copy_items = {}, {}, []
+        # One pass over the items: the hits whose queued or in-flight prefetch is needed now
+        # (promoted to a demand copy), the items that copy.
+        promote, copy_items = {}, []
         for idx, item in enumerate(items):
             if item.hit:
-                copy = hit_copies[item.expert] = copies.get(base + item.expert)
-                if (item.loading_at_lookup and copy is not None and not copy.done.triggered
-                        and copy.priority > 0):
-                    promote[idx] = copy
+                if item.loading_at_lookup:
+                    copy = copies.get(base + item.expert)
+                    if copy is not None and not copy.landed and copy.priority > 0:
+                        promote[idx] = copy
             elif item.copy_bytes:
                 copy_items.append(idx)
-        cancel = []
+        # The copies of the hits, when this layer evicts: a hit released mid-layer to make room can
+        # be evicted by this very layer; its copy, a prefetch still in flight, must land before its
+        # compute all the same: keep it. (With no eviction, a hit's entry stays and so does its
+        # latest copy: it is looked up at its compute.)
+        hit_copies, cancel = None, []
         if evicted:
+            hit_copies = {item.expert: copies.get(base + item.expert) for item in items if item.hit}
             own = {base + e for e in hit_copies}
             cancel = [key for key in evicted if key not in own]
         writebacks = 0
@@ -390,7 +395,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 or (not serial and (prefetches or copy_items)) or any(map(self._in_flight, cancel))):
             # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
             # processes see it, so it happens at SimPy's time
-            yield from self._sync()
+            if self.now > env.now:  # self._sync(), inline (this and the copy wait below run per miss)
+                yield env.timeout(self.now - env.now)
         if evicted:
             self._cancel_evicted(cancel)
             for key in evicted:
@@ -407,8 +413,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 copy = promote.get(idx)
                 if copy is not None:  # needed now: a queued or in-flight prefetch becomes a demand copy
                     copy.priority = 0
-                    if not copy.promote.triggered:
-                        fire(copy.promote, self.SKIP_COMPUTES)
+                    if not copy.woken():
+                        fire(copy.wake_event(env), self.SKIP_COMPUTES)
                 if item.copy_bytes and not serial:
                     after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                     self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after,
@@ -424,13 +430,14 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         if cpu_per_layer and plan.cpu_experts:
             cpu_done.append(env.event())
             cpu_tokens = [item.tokens for item in items if item.action is MissAction.CPU]
-            env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
+            self._spawn(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
         stream_done = None
         if plan.streamed_experts:
             stream_done = env.event()
-            env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
+            self._spawn(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
         expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
+        peek, SKIP, CPU, STREAM = self._peek, MissAction.SKIP, MissAction.CPU, MissAction.STREAM
         computed = 0
         for idx, item in enumerate(items):
             done = compute_done.get(idx) if compute_done else None
@@ -439,12 +446,12 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 yield from self._sync()
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
-            if action is MissAction.SKIP or action is MissAction.CPU:
-                if done is not None or (action is MissAction.CPU and not cpu_per_layer):
+            if action is SKIP or action is CPU:
+                if done is not None or (action is CPU and not cpu_per_layer):
                     yield from self._sync()
-                if action is MissAction.CPU and not cpu_per_layer:
+                if action is CPU and not cpu_per_layer:
                     cpu_done.append(env.event())
-                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
+                    self._spawn(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
                 if done is not None:
                     fire(done, self.SKIP_COMPUTES)
                 continue
@@ -454,22 +461,30 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 t = expert_ns.get(item.tokens)
                 if t is None:
                     t = expert_ns[item.tokens] = expert_time(item.tokens)
-            host = min(host_ns, t)
+            host = min(host_ns, t) if host_ns else 0
             if host:  # the expert call's host work overlaps the copies in flight on the stream
                 t0 = self.now
                 yield from self._compute(host)
                 self._row("gpu", "expert", it, layer, item.expert, t0, self.now)  # its host part
                 stall += yield from self._drain_stream(it, layer)
-            if action is MissAction.STREAM and not stream_done.triggered:
+            if action is STREAM and not stream_done.triggered:
                 stall += yield from self._wait(stream_done, it, layer, item.expert)
-            copy = hit_copies.get(item.expert) if item.hit else copies.get(base + item.expert)
-            if copy is not None and not copy.done.triggered:
-                stall += yield from self._wait(copy.done, it, layer, item.expert)
+            copy = hit_copies[item.expert] if item.hit and hit_copies is not None \
+                else copies.get(base + item.expert)
+            if copy is not None and not copy.landed:  # self._wait(copy.done, ...), inline
+                if self.now > env.now:
+                    yield env.timeout(self.now - env.now)
+                t0 = env.now
+                yield copy.done
+                self.now = env.now
+                stall += self.now - t0
+                if timeline:
+                    self._row("gpu", "stall", it, layer, item.expert, t0, self.now)
             if serial:
                 stall += yield from self._drain_stream(it, layer)
             t0 = self.now
             end = t0 + t - host
-            if self._peek() <= end:  # self._compute(t - host), inline
+            if peek() <= end:  # self._compute(t - host), inline
                 yield env.timeout(end - env.now)
             self.now = end
             computed += t
