@@ -76,10 +76,10 @@ class LayerObservation:
         given as lists; each becomes its numpy array (the dtypes of :meth:`LayerServer.observe`'s
         numpy path) when first read."""
         obs = cls.__new__(cls)
-        obs.__dict__.update(now_ns=now_ns, iteration=iteration, layer=layer, tokens=tokens, experts=experts,
-                            weights=weights, phase=phase, cache=cache, trace=trace, position=position,
-                            _lists={"needed": needed, "tokens_per_expert": tokens_per_expert,
-                                    "gate_mass": gate_mass, "resident": resident})
+        obs.__dict__ = {"now_ns": now_ns, "iteration": iteration, "layer": layer, "tokens": tokens,
+                        "experts": experts, "weights": weights, "phase": phase, "cache": cache, "trace": trace,
+                        "position": position, "_lists": {"needed": needed, "tokens_per_expert": tokens_per_expert,
+                                                         "gate_mass": gate_mass, "resident": resident}}
         return obs
 
     def __getattr__(self, name):  # only called for an attribute not set: a lazy array not read yet

@@ -135,8 +135,12 @@ class LayerServer:
         self.position += len(needed)
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
+        hits = sum(hit)
         if decision.order is None:
-            order = [i for i, h in enumerate(hit) if h] + [i for i, h in enumerate(hit) if not h]
+            if hits == len(hit) or hits == 0:  # all hits or all misses: ascending ids
+                order = range(len(hit))
+            else:
+                order = [i for i, h in enumerate(hit) if h] + [i for i, h in enumerate(hit) if not h]
         else:
             index = {e: i for i, e in enumerate(needed)}
             order = [index[int(e)] for e in decision.order]
@@ -149,7 +153,6 @@ class LayerServer:
         items: list[ServeItem] = []
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
-        hits = sum(hit)
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions

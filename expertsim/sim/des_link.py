@@ -49,32 +49,43 @@ class _Copy:
 
 class _Task:
     """A generator run on SimPy's events as a SimPy Process runs it, without the Process: it
-    starts at an event scheduled as SimPy's ``Initialize`` (now, urgent), is resumed by each event
-    it yields (at once when that event was processed already) with the event's value, and ends
-    without an end-of-process event (nobody waits for the DES's copy, CPU and stream processes,
-    or for the main one; that event would only hold back the compute stream's clock, see
+    starts at an event scheduled as SimPy's ``Initialize`` (now, urgent), or is started by the
+    main process (see :meth:`LinkProcesses._spawn`); it is resumed by each event it yields (at
+    once when that event was processed already) with the event's value, and ends without an
+    end-of-process event (nobody waits for the DES's copy, CPU and stream processes, or for the
+    main one; that event would only hold back the compute stream's clock, see
     engine._DesRun._compute). The same events in the same order, less SimPy's per-resume work.
-    The generators never fail an event, nor read ``env.active_process``."""
+    The generators never fail an event, nor read ``env.active_process``. ``on_suspend``: called
+    each time the task gives control back to SimPy (it waits, or it ended)."""
 
-    __slots__ = ("gen",)
+    __slots__ = ("gen", "on_suspend")
 
-    def __init__(self, env: simpy.Environment, gen):
-        self.gen = gen
-        start = simpy.Event(env)
-        start._ok, start._value = True, None  # as simpy.events.Initialize
-        start.callbacks.append(self._resume)
-        env.schedule(start, simpy.events.URGENT)
+    def __init__(self, env: simpy.Environment, gen, on_suspend=None, start: bool = True):
+        self.gen, self.on_suspend = gen, on_suspend
+        if start:
+            event = simpy.Event(env)
+            event._ok, event._value = True, None  # as simpy.events.Initialize
+            event.callbacks.append(self._resume)
+            env.schedule(event, simpy.events.URGENT)
 
-    def _resume(self, event: simpy.Event) -> None:
+    def _resume(self, event) -> None:
         send = self.gen.send
         while True:
             try:
                 event = send(event._value)
             except StopIteration:
-                return
+                break
             if event.callbacks is not None:  # not processed yet: wait for it
                 event.callbacks.append(self._resume)
-                return
+                break
+        if self.on_suspend is not None:
+            self.on_suspend()
+
+
+class _Started:
+    """What a task started by the main process is resumed with (a processed event's value)."""
+
+    _value = None
 
 
 class _SortedQueue(list):
@@ -178,7 +189,7 @@ class LinkProcesses:
     whose ``__init__`` sets what they use: ``env``, ``cost``, ``cache``, ``totals``, ``timeline``,
     ``engines``, ``wire``, ``storage``, ``cpu``, ``copies``, ``slot_copy``, ``stream_copies``,
     ``serial``, ``fifo_link``, ``chunk_bytes``, ``on_storage``, ``any_on_storage``,
-    ``num_experts``, ``per_layer_partitions``, ``_copy_ns`` and ``SKIP_COMPUTES``."""
+    ``num_experts``, ``per_layer_partitions``, ``_copy_ns``, ``_spawned`` and ``SKIP_COMPUTES``."""
 
     # --- timeline -------------------------------------------------------------------------
     def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
@@ -279,12 +290,30 @@ class LinkProcesses:
         fire(copy.done, self.SKIP_COMPUTES)
 
     def _spawn(self, gen) -> None:
-        """Run the process ``gen``: as a :class:`_Task`, or in the plain DES (``SKIP_COMPUTES``
-        off, which the tests compare with) as a SimPy Process, with SimPy's end of process."""
+        """Start the process ``gen`` (a copy, a CPU job, a stream; the main process starts them).
+
+        In the plain DES (``SKIP_COMPUTES`` off, which the tests compare with) it is a SimPy
+        Process: SimPy schedules its start (now, urgent) and it runs to its first wait once the
+        main process waits. With ``SKIP_COMPUTES`` it is a :class:`_Task` that the main process
+        runs itself to its first wait at that same point, the moment it gives control back to
+        SimPy (:meth:`_start_spawned`), in the order started: the urgent start events would be
+        the first events SimPy processes then (no other urgent event is ever due: only the main
+        process starts processes, and it runs on normal events), nothing runs in between, so
+        everything happens in the same order, one event fewer per process. Until then the
+        compute stream counts them as events due now: a compute is not skipped past them
+        (engine._DesRun._compute)."""
         if self.SKIP_COMPUTES:
-            _Task(self.env, gen)
+            self._spawned.append(_Task(self.env, gen, start=False))
         else:
             self.env.process(gen)
+
+    def _start_spawned(self) -> None:
+        """Run the processes :meth:`_spawn` started to their first wait (the main process's
+        ``on_suspend``)."""
+        if self._spawned:
+            tasks, self._spawned = self._spawned, []
+            for task in tasks:
+                task._resume(_Started)
 
     def _in_flight(self, key: int) -> bool:
         copy = self.copies.get(key)

@@ -30,7 +30,7 @@ from expertsim.policies.records import RunTotals
 from expertsim.policies.serve import LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.compute_stream import ComputeStreamBook
-from expertsim.sim.des_link import LinkProcesses, LinkResource, SortedPriorityResource, fire
+from expertsim.sim.des_link import LinkProcesses, LinkResource, SortedPriorityResource, _Task, fire
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
@@ -233,6 +233,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self._record_iteration = True
         self.now = 0  # the compute stream's clock: ahead of env.now while nothing else can run (_compute)
         self._peek = self.env.peek if self.SKIP_COMPUTES else _always_yield
+        self._spawned: list = []  # processes started, to run when the main process waits (_spawn)
         self.num_experts = m.num_experts
         self.writeback = sim.runtime.writeback
         self.wb_bytes = m.expert_bytes()  # a full-precision expert (a write-back, a streamed expert)
@@ -243,7 +244,10 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.stop_after: int | None = None  # end after this many iterations (a timeline window)
 
     def execute(self) -> None:
-        self._spawn(self._main())
+        if self.SKIP_COMPUTES:  # the main process starts the others when it waits (LinkProcesses._spawn)
+            _Task(self.env, self._main(), on_suspend=self._start_spawned)
+        else:
+            self.env.process(self._main())
         self.env.run()
 
     def _drain_stream(self, it, layer):
@@ -303,7 +307,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     yield from self._compute(t_dense - host)
                 else:  # self._compute(t_dense), inline
                     end = t0 + t_dense
-                    if self._peek() <= end:
+                    if self._spawned or self._peek() <= end:
                         yield env.timeout(end - env.now)
                     self.now = end
                 if timeline:
@@ -339,7 +343,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
     def _compute(self, d: int):
         """Advance the compute stream by ``d`` ns (see above)."""
         end = self.now + d
-        if self._peek() <= end:
+        if self._spawned or self._peek() <= end:
             yield self.env.timeout(end - self.env.now)
         self.now = end
 
@@ -484,7 +488,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 stall += yield from self._drain_stream(it, layer)
             t0 = self.now
             end = t0 + t - host
-            if peek() <= end:  # self._compute(t - host), inline
+            if self._spawned or peek() <= end:  # self._compute(t - host), inline
                 yield env.timeout(end - env.now)
             self.now = end
             computed += t
