@@ -30,6 +30,11 @@ from expertsim.policies.base import (
 )
 from expertsim.policies.cache import ExpertCache
 
+# The miss actions as module constants: reading an Enum member off its class costs a descriptor
+# call (some 0.25 us), and serve reads them per miss.
+COPY, CPU, LOW_PRECISION, SKIP, STREAM = (MissAction.COPY, MissAction.CPU, MissAction.LOW_PRECISION, MissAction.SKIP,
+                                          MissAction.STREAM)
+
 
 @dataclass(slots=True)
 class ServeItem:
@@ -101,6 +106,8 @@ class LayerServer:
                 sums = [0.0] * len(ids)
                 for e, w in zip(flat, weights.ravel().astype(np.float64).tolist()):
                     sums[where[e]] += w
+            elif where is None:  # one token: each count is 1, and its mass 1 / k
+                sums = [1 / experts.shape[1]] * len(ids)
             else:  # counts / k, as numpy divides them (IEEE division of the same doubles)
                 k = experts.shape[1]
                 sums = [c / k for c in count]
@@ -170,10 +177,10 @@ class LayerServer:
                     self.totals["prefetch_used"] += 1
             else:
                 item = ServeItem(e, tokens_per_expert[i], gate_mass[i], False, None, False, 0, -1, -1, loading[i])
-                action = miss_actions.get(e, MissAction.COPY) if miss_actions else MissAction.COPY
+                action = miss_actions.get(e, COPY) if miss_actions else COPY
                 item.action = action
-                if action is MissAction.COPY or action is MissAction.LOW_PRECISION:
-                    low = action is MissAction.LOW_PRECISION
+                if action is COPY or action is LOW_PRECISION:
+                    low = action is LOW_PRECISION
                     nbytes = self.low_precision_bytes if low else self.expert_bytes
                     while True:
                         ok, out = cache.admit(layer, e, nbytes, low_precision=low,
@@ -202,11 +209,11 @@ class LayerServer:
                     item.copy_bytes = nbytes
                     item.slot = int(slot_of[key])
                     item.low_precision = low
-                elif action is MissAction.CPU:
+                elif action is CPU:
                     plan.cpu_experts += 1
-                elif action is MissAction.SKIP:
+                elif action is SKIP:
                     plan.dropped_gate_mass += item.gate_mass
-                elif action is MissAction.STREAM:
+                elif action is STREAM:
                     plan.streamed_experts += 1
                 else:  # pragma: no cover - enum is closed
                     raise ConfigError(f"unknown miss action {action!r}")

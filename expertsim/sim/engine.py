@@ -25,9 +25,9 @@ import numpy as np
 import simpy
 
 from expertsim.errors import ConfigError
-from expertsim.policies import ExpertCache, MissAction, RunContext, System
+from expertsim.policies import ExpertCache, RunContext, System
 from expertsim.policies.records import RunTotals
-from expertsim.policies.serve import LayerServer
+from expertsim.policies.serve import CPU, SKIP, STREAM, LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.compute_stream import ComputeStreamBook
 from expertsim.sim.des_link import LinkProcesses, LinkResource, SortedPriorityResource, _Task, fire
@@ -408,7 +408,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     copies.pop(key, None)
         # Compute-done events only for the items a copy waits for (room they release).
         compute_done = {items[idx].wait_compute: env.event() for idx in copy_items
-                        if items[idx].wait_compute >= 0}
+                        if items[idx].wait_compute >= 0} if copy_items else None
         # Demand copies, in serve order, then prefetches (with copies on the compute stream: each
         # demand copy just before its kernel, the prefetches after the layer's kernels).
         if promote or (copy_items and not serial):
@@ -433,7 +433,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         # streamed experts arrive in one copy (the layer's tensor) before any of them computes.
         if cpu_per_layer and plan.cpu_experts:
             cpu_done.append(env.event())
-            cpu_tokens = [item.tokens for item in items if item.action is MissAction.CPU]
+            cpu_tokens = [item.tokens for item in items if item.action is CPU]
             self._spawn(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
         stream_done = None
         if plan.streamed_experts:
@@ -441,7 +441,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             self._spawn(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
         expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
-        peek, SKIP, CPU, STREAM = self._peek, MissAction.SKIP, MissAction.CPU, MissAction.STREAM
+        peek = self._peek
         computed = 0
         for idx, item in enumerate(items):
             done = compute_done.get(idx) if compute_done else None
