@@ -179,10 +179,6 @@ def _longest_request_context(trace: RoutingTrace) -> int:
     return int(trace.position.max()) + 1 if trace.num_tokens else 1
 
 
-def _always_yield() -> int:
-    return -1  # as env.peek() when an event is due before any compute ends
-
-
 class _DesRun(ComputeStreamBook, LinkProcesses):
     """The SimPy processes of one run."""
 
@@ -232,7 +228,10 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.stream_copies: list[_Copy] = []
         self._record_iteration = True
         self.now = 0  # the compute stream's clock: ahead of env.now while nothing else can run (_compute)
-        self._peek = self.env.peek if self.SKIP_COMPUTES else _always_yield
+        # SimPy's event queue, a heap of (time, priority, id, event): ``queue and queue[0][0] <= end``
+        # is ``env.peek() <= end`` without the call (per compute). The plain DES reads a queue whose
+        # first event is always due: it never skips a compute.
+        self._queue = self.env._queue if self.SKIP_COMPUTES else [(-1,)]
         self._spawned: list = []  # processes started, to run when the main process waits (_spawn)
         self.num_experts = m.num_experts
         self.writeback = sim.runtime.writeback
@@ -241,6 +240,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.lowp = sim.system.low_precision_dtype
         self.wants_outcome = server.wants_outcome
         self._expert_ns: dict[int, int] = {}  # tokens -> full-precision expert time (cost.expert_time_ns)
+        self._decodes_before = None  # decode rows before each trace row (_decode_tokens)
         self.stop_after: int | None = None  # end after this many iterations (a timeline window)
 
     def execute(self) -> None:
@@ -268,7 +268,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
     # --- memory ---------------------------------------------------------------------------
     # --- main process: the GPU compute stream ---------------------------------------------
     def _main(self):
-        env, m, batcher = self.env, self.sim.model, self.batcher
+        env, m, batcher, queue = self.env, self.sim.model, self.batcher, self._queue
         opts = self.sim.options
         system = self.sim.system
         while not batcher.done:
@@ -307,7 +307,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     yield from self._compute(t_dense - host)
                 else:  # self._compute(t_dense), inline
                     end = t0 + t_dense
-                    if self._spawned or self._peek() <= end:
+                    if self._spawned or (queue and queue[0][0] <= end):  # env.peek() <= end
                         yield env.timeout(end - env.now)
                     self.now = end
                 if timeline:
@@ -319,7 +319,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
-                "decode_tokens": int((self.trace.phase[it.rows] == 1).sum()),
+                "decode_tokens": self._decode_tokens(it),
                 "start_ns": start_iter, "end_ns": self.now,
                 **stats,
             })
@@ -330,6 +330,16 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 self._record_iteration = False  # as the next iteration, outside the window, would
                 break
         yield from self._sync()
+
+    def _decode_tokens(self, it: Iteration) -> int:
+        """How many of the iteration's tokens decode: from a running count for a run of
+        consecutive rows (batch 1), else counted."""
+        if it.token_index is None:
+            before = self._decodes_before
+            if before is None:
+                before = self._decodes_before = np.concatenate(([0], np.cumsum(self.trace.phase == 1)))
+            return int(before[it.stop] - before[it.start])
+        return int((self.trace.phase[it.rows] == 1).sum())
 
     # --- the compute stream's clock -------------------------------------------------------
     # The main process keeps its own clock, ``self.now``, which may run ahead of SimPy's while
@@ -343,7 +353,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
     def _compute(self, d: int):
         """Advance the compute stream by ``d`` ns (see above)."""
         end = self.now + d
-        if self._spawned or self._peek() <= end:
+        queue = self._queue
+        if self._spawned or (queue and queue[0][0] <= end):  # env.peek() <= end
             yield self.env.timeout(end - self.env.now)
         self.now = end
 
@@ -441,7 +452,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             self._spawn(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
         expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
-        peek = self._peek
+        queue = self._queue
         computed = 0
         for idx, item in enumerate(items):
             done = compute_done.get(idx) if compute_done else None
@@ -488,7 +499,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 stall += yield from self._drain_stream(it, layer)
             t0 = self.now
             end = t0 + t - host
-            if self._spawned or peek() <= end:  # self._compute(t - host), inline
+            if self._spawned or (queue and queue[0][0] <= end):  # self._compute(t - host), inline
                 yield env.timeout(end - env.now)
             self.now = end
             computed += t
