@@ -163,7 +163,7 @@ class LayerServer:
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
-        entry_low_precision, slot_of = cache.entry_low_precision, cache.slot
+        entry_low_precision, slot_of = cache.low_by_key, cache.slot_by_key
         for i in order:
             e = needed[i]
             key = base + e
@@ -171,8 +171,8 @@ class LayerServer:
             # wait_compute, loading_at_lookup), positional: this runs per expert per layer. The
             # lists hold Python numbers already; an absent entry's slot is -1.
             if hit[i]:
-                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], True, None, bool(entry_low_precision[key]),
-                                 0, int(slot_of[key]), -1, loading[i])
+                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], True, None, entry_low_precision[key],
+                                 0, slot_of[key], -1, loading[i])
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
             else:
@@ -207,7 +207,7 @@ class LayerServer:
                     evicted.extend(out)
                     cache.pin_key(key)
                     item.copy_bytes = nbytes
-                    item.slot = int(slot_of[key])
+                    item.slot = slot_of[key]
                     item.low_precision = low
                 elif action is CPU:
                     plan.cpu_experts += 1
@@ -221,7 +221,7 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
-        num_layers, num_experts, state_bytes, slot_of = cache.num_layers, cache.num_experts, cache.state_bytes, cache.slot
+        num_layers, num_experts, state_bytes, slot_of = cache.num_layers, cache.num_experts, cache.state_bytes, cache.slot_by_key
         for req in decision.prefetch:
             if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
