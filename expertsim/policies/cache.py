@@ -365,7 +365,7 @@ class ExpertCache:
         members = self._members[p]
         if len(members) <= 64:  # a handful of entries: Python ints beat numpy's per-call cost
             pins = self._pins
-            return sorted([key for key in members if key != exclude and key not in pins])
+            return sorted(members.difference(pins, (exclude,)))  # members not pinned, less exclude
         lo = 0 if self.num_partitions == 1 else p * self.num_experts
         hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
         mask = self.state[lo:hi] != ABSENT

@@ -75,6 +75,7 @@ class LayerPlan:
     cpu_experts: int = 0
     streamed_experts: int = 0  # MissAction.STREAM: copied for this pass only (the engine times them)
     prefetch_issued: int = 0
+    needed: list | None = None  # the layer's needed experts (the items' experts) in id order
 
 
 @dataclass
@@ -161,6 +162,7 @@ class LayerServer:
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
+        plan.needed = needed
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
         entry_low_precision, slot_of = cache.low_by_key, cache.slot_by_key
@@ -252,7 +254,7 @@ class LayerServer:
 
     def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome | None) -> None:
         """Release the layer's pins and give the system its feedback."""
-        self.cache.unpin_layer(obs.layer, [item.expert for item in plan.items])
+        self.cache.unpin_layer(obs.layer, plan.needed)  # the items' experts, in id order
         if outcome is not None:  # None: the system does not read it (wants_outcome)
             self.system.on_layer_end(obs, outcome)
 

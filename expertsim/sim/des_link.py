@@ -250,7 +250,7 @@ class LinkProcesses:
             elif copy.priority > 0 and not copy.woken():
                 engine = yield from self._acquire(self.engines, copy)
             else:  # as _acquire does for a demand copy
-                engine = self.engines.request(priority=0)
+                engine = self.engines.request(0)
                 yield engine
             if engine is not None and copy.cancelled:
                 self.engines.release(engine)
@@ -278,7 +278,8 @@ class LinkProcesses:
                 self.wire.release(wire)
             self.engines.release(engine)
             copied += chunk
-            self._row("link", kind, it, layer, expert, start, env.now, chunk)
+            if self.timeline is not None:
+                self._row("link", kind, it, layer, expert, start, env.now, chunk)
         if copied:
             self.totals.h2d_bytes += copied
             self.totals.copies += 1

@@ -292,7 +292,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             start_iter = self.now
             timeline = self.timeline is not None
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
-            tokens = it.tokens
+            tokens, rows = it.tokens, it.rows
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
                 t0 = self.now
@@ -314,7 +314,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     self._row("gpu", "dense", it, layer, -1, t0, self.now)
                 moe = self._moe_index.get(layer)
                 if moe is not None:
-                    yield from self._moe_layer(it, moe, tokens, stats)
+                    yield from self._moe_layer(it, moe, tokens, rows, stats)
             self.totals.dense_compute_ns += t_dense * m.num_layers
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
@@ -360,12 +360,23 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
 
     def _sync(self):
         """Bring SimPy's clock up to the compute stream's (see :meth:`_compute`)."""
-        if self.now > self.env.now:
+        if self.now > self.env.now and not self._jump():
             yield self.env.timeout(self.now - self.env.now)
 
-    def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
+    def _jump(self) -> bool:
+        """:meth:`_sync` without a timeout when nothing is due by the compute stream's clock (no
+        event queued at or before it, no process started and not yet run): the timeout would be
+        the very next event SimPy processes, with nothing run in between, so SimPy's clock is
+        moved there at once (its ``_now``, as its ``step`` would set it) and everything else keeps
+        its order, one event fewer. False otherwise (always in the plain DES: see ``_queue``)."""
+        queue = self._queue
+        if self._spawned or (queue and queue[0][0] <= self.now):
+            return False
+        self.env._now = self.now
+        return True
+
+    def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, rows, stats: dict):
         env, trace, copies = self.env, self.trace, self.copies
-        rows = it.rows
         weights = None if trace.weights is None else trace.weights[rows, layer]
         obs = self.server.observe(now_ns=self.now, iteration=it.index, layer=layer, tokens=tokens,
                                   experts=trace.experts[rows, layer], weights=weights,
@@ -410,7 +421,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 or (not serial and (prefetches or copy_items)) or any(map(self._in_flight, cancel))):
             # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
             # processes see it, so it happens at SimPy's time
-            if self.now > env.now:  # self._sync(), inline (this and the copy wait below run per miss)
+            if self.now > env.now and not self._jump():  # self._sync(), inline (per miss)
                 yield env.timeout(self.now - env.now)
         if evicted:
             self._cancel_evicted(cancel)
@@ -450,7 +461,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         if plan.streamed_experts:
             stream_done = env.event()
             self._spawn(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
-        expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
+        expert_time, expert_ns = self.cost.expert_time_ns, self._expert_ns
+        host_ns = self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
         queue = self._queue
         computed = 0
@@ -487,7 +499,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             copy = hit_copies[item.expert] if item.hit and hit_copies is not None \
                 else copies.get(base + item.expert)
             if copy is not None and not copy.landed:  # self._wait(copy.done, ...), inline
-                if self.now > env.now:
+                if self.now > env.now and not self._jump():
                     yield env.timeout(self.now - env.now)
                 t0 = env.now
                 yield copy.done
