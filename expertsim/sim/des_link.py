@@ -189,7 +189,7 @@ class LinkProcesses:
     whose ``__init__`` sets what they use: ``env``, ``cost``, ``cache``, ``totals``, ``timeline``,
     ``engines``, ``wire``, ``storage``, ``cpu``, ``copies``, ``slot_copy``, ``stream_copies``,
     ``serial``, ``fifo_link``, ``chunk_bytes``, ``on_storage``, ``any_on_storage``,
-    ``num_experts``, ``per_layer_partitions``, ``_copy_ns``, ``_spawned`` and ``SKIP_COMPUTES``."""
+    ``num_experts``, ``per_layer_partitions``, ``_copy_ns``, ``_spawned``, ``_queue`` and ``SKIP_COMPUTES``."""
 
     # --- timeline -------------------------------------------------------------------------
     def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
@@ -288,7 +288,22 @@ class LinkProcesses:
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
         copy.landed = True
-        fire(copy.done, self.SKIP_COMPUTES)
+        self._fire_last(copy.done)
+
+    def _fire_last(self, event: simpy.Event) -> None:
+        """:func:`fire`, as the last act of a copy, CPU or stream process: when no other event is
+        due now (none queued at this time, no started process waiting to run), the event would be
+        the very next one SimPy processes, right after this process's step, so its waiters are
+        resumed at once, as ``Environment.step`` would (this process does nothing after it)."""
+        if self.SKIP_COMPUTES and event.callbacks:
+            queue = self._queue
+            if not self._spawned and not (queue and queue[0][0] <= self.env.now):
+                event._ok, event._value = True, None
+                callbacks, event.callbacks = event.callbacks, None
+                for callback in callbacks:
+                    callback(event)
+                return
+        fire(event, self.SKIP_COMPUTES)
 
     def _spawn(self, gen) -> None:
         """Start the process ``gen`` (a copy, a CPU job, a stream; the main process starts them).
@@ -344,7 +359,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
-        fire(done, self.SKIP_COMPUTES)
+        self._fire_last(done)
 
     def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
         with self.cpu.request() as req:
@@ -354,7 +369,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
-        fire(done, self.SKIP_COMPUTES)
+        self._fire_last(done)
 
     def _stream(self, it, layer, nbytes, done: simpy.Event):
         """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
@@ -365,4 +380,4 @@ class LinkProcesses:
         self.totals.h2d_bytes += nbytes
         self.totals.copies += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
-        fire(done, self.SKIP_COMPUTES)
+        self._fire_last(done)
