@@ -12,6 +12,16 @@ Resources (created by the engine):
   a prefetch evicted while in flight stops at the next chunk boundary (ProMoE);
 - the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
 - the host CPU (for experts computed there).
+
+How they run on SimPy (with the engine's ``SKIP_COMPUTES``; off, the plain DES uses SimPy's own
+Process, PriorityResource and every event, and the tests hold the two equal): each process is
+a :class:`_Task` (SimPy's resumes without a Process object or an end event), started when the
+main process next waits (:meth:`LinkProcesses._spawn`); the engines and the wire are a
+:class:`LinkResource`; an event nobody waits for is not scheduled (:func:`fire`), and a
+process's closing event resumes its waiters at once when nothing else is due
+(:meth:`LinkProcesses._fire_last`). Each of these leaves out only events whose processing could
+change nothing or that SimPy would process next with nothing in between, so every other event
+keeps its time and its order among equal times.
 """
 from __future__ import annotations
 
