@@ -63,6 +63,39 @@ class LayerObservation:
     trace: "RoutingTrace"
     position: int  # logical access position (for oracles), see AccessPlan
 
+    # An engine may build an observation from Python lists (:meth:`from_lists`): a plain policy
+    # never reads the four numpy arrays, and at a handful of experts per layer building them
+    # costs more than the rest of the observation. They are made on first read, from lists taken
+    # when the observation was built (so ``resident`` is the state at the layer's start, as ever).
+    _LAZY = {"needed": np.int64, "tokens_per_expert": np.intp, "gate_mass": np.float64, "resident": bool}
+
+    @classmethod
+    def from_lists(cls, now_ns, iteration, layer, tokens, experts, weights, needed: list, tokens_per_expert: list,
+                   gate_mass: list, resident: list, phase, cache, trace, position) -> "LayerObservation":
+        """The observation with ``needed``, ``tokens_per_expert``, ``gate_mass`` and ``resident``
+        given as lists; each becomes its numpy array (the dtypes of :meth:`LayerServer.observe`'s
+        numpy path) when first read."""
+        obs = cls.__new__(cls)
+        obs.__dict__ = {"now_ns": now_ns, "iteration": iteration, "layer": layer, "tokens": tokens,
+                        "experts": experts, "weights": weights, "phase": phase, "cache": cache, "trace": trace,
+                        "position": position, "_lists": {"needed": needed, "tokens_per_expert": tokens_per_expert,
+                                                         "gate_mass": gate_mass, "resident": resident}}
+        return obs
+
+    def __getattr__(self, name):  # only called for an attribute not set: a lazy array not read yet
+        lists = self.__dict__.get("_lists")
+        if lists is None or name not in lists:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = np.array(lists[name], dtype=self._LAZY[name])
+        return value
+
+    def needed_lists(self) -> tuple[list, list, list]:
+        """``needed``, ``tokens_per_expert`` and ``gate_mass`` as lists of Python numbers."""
+        lists = self.__dict__.get("_lists")
+        if lists is not None:
+            return lists["needed"], lists["tokens_per_expert"], lists["gate_mass"]
+        return self.needed.tolist(), self.tokens_per_expert.tolist(), self.gate_mass.tolist()
+
 
 @dataclass
 class LayerDecision:

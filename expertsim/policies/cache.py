@@ -106,10 +106,17 @@ class ExpertCache:
         self._capacity: list[int] = [int(cap)] * self.num_partitions
         self._used: list[int] = [0] * self.num_partitions
         self.state = np.zeros(n, dtype=np.int8)
-        self.entry_bytes = np.zeros(n, dtype=np.int64)
-        self.entry_low_precision = np.zeros(n, dtype=bool)
+        # The same states as a bytearray (read per lookup: a Python int, without numpy's per-element
+        # cost); every change of state goes to both (admit, mark_resident, _remove).
+        self.state_bytes = bytearray(n)
+        # Per key, as Python lists (read and written per admission and eviction, where numpy's
+        # per-element cost dominates; the numpy arrays are the properties of the same names):
+        # an entry's bytes, whether it is a low-precision copy, its slot (-1: absent), whether it
+        # was prefetched and not looked up since.
+        self.bytes_by_key: list[int] = [0] * n
+        self.low_by_key: list[bool] = [False] * n
         self._pins: dict[int, int] = {}  # key -> pin count, for the pinned keys only (see pins)
-        self.slot = np.full(n, -1, dtype=np.int64)
+        self.slot_by_key: list[int] = [-1] * n
         self._used_sum = 0  # sum(self._used), kept as entries come and go
         self._free_slots: list[list[int]] = [[] for _ in range(self.num_partitions)]
         # Each partition's entries (keys, resident or loading), kept as they come and go: the
@@ -122,7 +129,7 @@ class ExpertCache:
         self.tick = 0  # logical clock: one tick per lookup/admission
         self.preloaded = np.zeros(0, dtype=np.int64)  # keys resident without a copy (see preload)
         # Prefetch accounting: entries admitted ahead of need and not yet looked up.
-        self.prefetched = np.zeros(n, dtype=bool)
+        self.prefetched_by_key: list[bool] = [False] * n
         self.prefetch_admitted = 0
         self.prefetch_hits = 0
 
@@ -133,6 +140,26 @@ class ExpertCache:
         for key, count in self._pins.items():
             out[key] = count
         return out
+
+    @property
+    def entry_bytes(self) -> np.ndarray:
+        """Bytes per key (a copy: read-only)."""
+        return np.array(self.bytes_by_key, dtype=np.int64)
+
+    @property
+    def entry_low_precision(self) -> np.ndarray:
+        """Per key, whether the entry is a low-precision copy (a copy: read-only)."""
+        return np.array(self.low_by_key, dtype=bool)
+
+    @property
+    def slot(self) -> np.ndarray:
+        """Slot per key, -1 when absent (a copy: read-only)."""
+        return np.array(self.slot_by_key, dtype=np.int64)
+
+    @property
+    def prefetched(self) -> np.ndarray:
+        """Per key, admitted by a prefetch and not looked up since (a copy: read-only)."""
+        return np.array(self.prefetched_by_key, dtype=bool)
 
     @property
     def used(self) -> np.ndarray:
@@ -207,7 +234,7 @@ class ExpertCache:
         :meth:`pin` per expert, in one call. Returns ``(hit, loading, ticks)``: per expert
         whether it hit, whether its copy was still in flight, and the tick of its lookup."""
         base = int(layer) * self.num_experts
-        state, prefetched, pins, on_access = self.state, self.prefetched, self._pins, self.eviction.on_access
+        state, prefetched, pins, on_access = self.state_bytes, self.prefetched_by_key, self._pins, self.eviction.on_access
         hits, loading, ticks = [], [], []
         for i, expert in enumerate(experts):
             key = base + expert
@@ -219,11 +246,11 @@ class ExpertCache:
                 prefetched[key] = False
                 self.prefetch_hits += 1
             on_access(key, self.tick, hit, position + i)
-            hits.append(bool(hit))
+            hits.append(hit)
             ticks.append(self.tick)
             if hit:
                 pins[key] = pins.get(key, 0) + 1
-        return hits, [bool(x) for x in loading], ticks
+        return hits, loading, ticks
 
     def unpin_layer(self, layer: int, experts) -> None:
         """Release the pins still held on ``experts`` of ``layer`` (the end of a layer)."""
@@ -243,14 +270,16 @@ class ExpertCache:
         key = self.key(layer, expert)
         self.tick += 1
         hit = self.state[key] != ABSENT
-        if hit and self.prefetched[key]:
-            self.prefetched[key] = False
+        if hit and self.prefetched_by_key[key]:
+            self.prefetched_by_key[key] = False
             self.prefetch_hits += 1
         self.eviction.on_access(key, self.tick, hit, position)
         return hit
 
     def pin(self, layer: int, expert: int) -> None:
-        key = self.key(layer, expert)
+        self.pin_key(self.key(layer, expert))
+
+    def pin_key(self, key: int) -> None:
         self._pins[key] = self._pins.get(key, 0) + 1
 
     def unpin(self, layer: int, expert: int) -> None:
@@ -274,8 +303,7 @@ class ExpertCache:
         admitted ahead of need; counted as useful when a lookup hits it before it leaves."""
         layer = int(layer)
         key = layer * self.num_experts + int(expert)
-        state = self.state
-        if state[key]:  # != ABSENT
+        if self.state_bytes[key]:  # != ABSENT
             return True, []
         nbytes = self.expert_bytes if nbytes is None else int(nbytes)
         p = layer if self.num_partitions > 1 else 0
@@ -298,17 +326,17 @@ class ExpertCache:
         if tick is None:
             self.tick += 1
             tick = self.tick
-        state[key] = LOADING
-        self.entry_bytes[key] = nbytes
+        self.state[key] = self.state_bytes[key] = LOADING
+        self.bytes_by_key[key] = nbytes
         if low_precision:  # an absent entry's flag is False (see _remove)
-            self.entry_low_precision[key] = True
+            self.low_by_key[key] = True
         used[p] += nbytes
         self._used_sum += nbytes
         free_slots = self._free_slots[p]
-        self.slot[key] = free_slots.pop() if free_slots else self._take_slot(p)
+        self.slot_by_key[key] = free_slots.pop() if free_slots else self._take_slot(p)
         self._members[p].add(key)
         if prefetch:
-            self.prefetched[key] = True
+            self.prefetched_by_key[key] = True
             self.prefetch_admitted += 1
         if self._used_sum > self.peak_used_bytes:
             self.peak_used_bytes = self._used_sum
@@ -317,9 +345,8 @@ class ExpertCache:
 
     def mark_resident(self, layer: int, expert: int) -> None:
         key = int(layer) * self.num_experts + int(expert)
-        state = self.state
-        if state[key] == LOADING:
-            state[key] = RESIDENT
+        if self.state_bytes[key] == LOADING:
+            self.state[key] = self.state_bytes[key] = RESIDENT
 
     def evict(self, key: int) -> None:
         if key in self._pins:
@@ -338,7 +365,7 @@ class ExpertCache:
         members = self._members[p]
         if len(members) <= 64:  # a handful of entries: Python ints beat numpy's per-call cost
             pins = self._pins
-            return sorted([key for key in members if key != exclude and key not in pins])
+            return sorted(members.difference(pins, (exclude,)))  # members not pinned, less exclude
         lo = 0 if self.num_partitions == 1 else p * self.num_experts
         hi = len(self.state) if self.num_partitions == 1 else lo + self.num_experts
         mask = self.state[lo:hi] != ABSENT
@@ -351,9 +378,9 @@ class ExpertCache:
 
     def _frees(self, candidates: list[int], need: int) -> bool:
         """Whether evicting every candidate frees at least ``need`` bytes."""
-        entry_bytes, total = self.entry_bytes, 0
+        entry_bytes, total = self.bytes_by_key, 0
         for key in candidates:
-            total += int(entry_bytes[key])
+            total += entry_bytes[key]
             if total >= need:
                 return True
         return need <= 0
@@ -392,13 +419,13 @@ class ExpertCache:
 
     def _remove(self, key: int) -> None:
         p = key // self.num_experts if self.num_partitions > 1 else 0
-        nbytes = int(self.entry_bytes[key])
+        nbytes = self.bytes_by_key[key]
         self._used[p] -= nbytes
         self._used_sum -= nbytes
-        self._free_slots[p].append(int(self.slot[key]))
+        self._free_slots[p].append(self.slot_by_key[key])
         self._members[p].discard(key)
-        self.state[key] = ABSENT
-        self.entry_bytes[key] = 0
-        self.entry_low_precision[key] = False
-        self.prefetched[key] = False  # a prefetch that leaves unused was wasted
-        self.slot[key] = -1
+        self.state[key] = self.state_bytes[key] = ABSENT
+        self.bytes_by_key[key] = 0
+        self.low_by_key[key] = False
+        self.prefetched_by_key[key] = False  # a prefetch that leaves unused was wasted
+        self.slot_by_key[key] = -1

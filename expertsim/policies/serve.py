@@ -30,6 +30,11 @@ from expertsim.policies.base import (
 )
 from expertsim.policies.cache import ExpertCache
 
+# The miss actions as module constants: reading an Enum member off its class costs a descriptor
+# call (some 0.25 us), and serve reads them per miss.
+COPY, CPU, LOW_PRECISION, SKIP, STREAM = (MissAction.COPY, MissAction.CPU, MissAction.LOW_PRECISION, MissAction.SKIP,
+                                          MissAction.STREAM)
+
 
 @dataclass(slots=True)
 class ServeItem:
@@ -70,6 +75,7 @@ class LayerPlan:
     cpu_experts: int = 0
     streamed_experts: int = 0  # MissAction.STREAM: copied for this pass only (the engine times them)
     prefetch_issued: int = 0
+    needed: list | None = None  # the layer's needed experts (the items' experts) in id order
 
 
 @dataclass
@@ -96,26 +102,31 @@ class LayerServer:
                 count = [0] * len(ids)
                 for e in flat:
                     count[where[e]] += 1
-            needed = np.array(ids, dtype=np.int64)
-            counts = np.array(count, dtype=np.intp)  # as np.bincount gives them
             if weights is not None:  # np.bincount's sums: 0.0 plus each weight in input order
                 where = where or {e: i for i, e in enumerate(ids)}
                 sums = [0.0] * len(ids)
                 for e, w in zip(flat, weights.ravel().astype(np.float64).tolist()):
                     sums[where[e]] += w
-                mass = np.array(sums, dtype=np.float64)
-            state, base = self.cache.state, layer * self.cache.num_experts
-            resident = np.array([state[base + e] != 0 for e in ids], dtype=bool)
+            elif where is None:  # one token: each count is 1, and its mass 1 / k
+                sums = [1 / experts.shape[1]] * len(ids)
+            else:  # counts / k, as numpy divides them (IEEE division of the same doubles)
+                k = experts.shape[1]
+                sums = [c / k for c in count]
+            state, base = self.cache.state_bytes, layer * self.cache.num_experts
+            resident = [state[base + e] != 0 for e in ids]
+            # The numpy arrays (needed, tokens_per_expert, gate_mass, resident) are built only if
+            # the system reads them (LayerObservation.from_lists).
+            return LayerObservation.from_lists(now_ns, iteration, layer, tokens, experts, weights, ids, count, sums,
+                                               resident, phase, self.cache, trace, self.position)
+        needed, inverse = np.unique(experts, return_inverse=True)
+        inverse = inverse.ravel()
+        needed = needed.astype(np.int64)
+        counts = np.bincount(inverse, minlength=len(needed))
+        if weights is not None:
+            mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
         else:
-            needed, inverse = np.unique(experts, return_inverse=True)
-            inverse = inverse.ravel()
-            needed = needed.astype(np.int64)
-            counts = np.bincount(inverse, minlength=len(needed))
-            if weights is not None:
-                mass = np.bincount(inverse, weights=weights.ravel().astype(np.float64), minlength=len(needed))
-            resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
-        if weights is None:
             mass = counts / experts.shape[1]
+        resident = np.array([self.cache.contains(layer, e) for e in needed], dtype=bool)
         # LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed,
         # tokens_per_expert, gate_mass, resident, phase, cache, trace, position)
         return LayerObservation(now_ns, iteration, layer, tokens, experts, weights, needed, counts, mass,
@@ -127,13 +138,17 @@ class LayerServer:
         # 1. Lookups in ascending id order (the eviction policy sees every access). Python
         # lists and ints here: a layer needs a handful of experts, where numpy's per-call cost
         # dominates.
-        needed = obs.needed.tolist()
+        needed, tokens_per_expert, gate_mass = obs.needed_lists()
         hit, loading, ticks = cache.lookup_layer(layer, needed, position0)  # pins the hits
         self.position += len(needed)
         # 2. The system decides (it sees which experts hit through obs.resident).
         decision = self.system.on_layer(obs)
+        hits = sum(hit)
         if decision.order is None:
-            order = [i for i in range(len(hit)) if hit[i]] + [i for i in range(len(hit)) if not hit[i]]
+            if hits == len(hit) or hits == 0:  # all hits or all misses: ascending ids
+                order = range(len(hit))
+            else:
+                order = [i for i, h in enumerate(hit) if h] + [i for i, h in enumerate(hit) if not h]
         else:
             index = {e: i for i, e in enumerate(needed)}
             order = [index[int(e)] for e in decision.order]
@@ -146,27 +161,28 @@ class LayerServer:
         items: list[ServeItem] = []
         evicted: list[int] = []
         released = 0  # how many earliest-served items have been unpinned for room
-        hits = sum(hit)
         plan = LayerPlan(layer, items, [], evicted, hits, len(hit) - hits, position0)
-        tokens_per_expert, gate_mass = obs.tokens_per_expert.tolist(), obs.gate_mass.tolist()
+        plan.needed = needed
         base = layer * cache.num_experts
         miss_actions = decision.miss_actions
+        entry_low_precision, slot_of = cache.low_by_key, cache.slot_by_key
         for i in order:
             e = needed[i]
             key = base + e
             # ServeItem(expert, tokens, gate_mass, hit, action, low_precision, copy_bytes, slot,
-            # wait_compute, loading_at_lookup), positional: this runs per expert per layer
-            item = ServeItem(e, int(tokens_per_expert[i]), float(gate_mass[i]), hit[i], None,
-                             bool(cache.entry_low_precision[key]) if hit[i] else False, 0,
-                             int(cache.slot[key]), -1, loading[i])
+            # wait_compute, loading_at_lookup), positional: this runs per expert per layer. The
+            # lists hold Python numbers already; an absent entry's slot is -1.
             if hit[i]:
+                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], True, None, entry_low_precision[key],
+                                 0, slot_of[key], -1, loading[i])
                 if loading[i]:
                     self.totals["prefetch_used"] += 1
             else:
-                action = miss_actions.get(e, MissAction.COPY)
+                item = ServeItem(e, tokens_per_expert[i], gate_mass[i], False, None, False, 0, -1, -1, loading[i])
+                action = miss_actions.get(e, COPY) if miss_actions else COPY
                 item.action = action
-                if action in (MissAction.COPY, MissAction.LOW_PRECISION):
-                    low = action is MissAction.LOW_PRECISION
+                if action is COPY or action is LOW_PRECISION:
+                    low = action is LOW_PRECISION
                     nbytes = self.low_precision_bytes if low else self.expert_bytes
                     while True:
                         ok, out = cache.admit(layer, e, nbytes, low_precision=low,
@@ -191,15 +207,15 @@ class LayerServer:
                             if other.released and base + other.expert in out:
                                 item.wait_compute = max(item.wait_compute, j)
                     evicted.extend(out)
-                    cache.pin(layer, e)
+                    cache.pin_key(key)
                     item.copy_bytes = nbytes
-                    item.slot = int(cache.slot[key])
+                    item.slot = slot_of[key]
                     item.low_precision = low
-                elif action is MissAction.CPU:
+                elif action is CPU:
                     plan.cpu_experts += 1
-                elif action is MissAction.SKIP:
+                elif action is SKIP:
                     plan.dropped_gate_mass += item.gate_mass
-                elif action is MissAction.STREAM:
+                elif action is STREAM:
                     plan.streamed_experts += 1
                 else:  # pragma: no cover - enum is closed
                     raise ConfigError(f"unknown miss action {action!r}")
@@ -207,7 +223,7 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
-        num_layers, num_experts, state, slot_of = cache.num_layers, cache.num_experts, cache.state, cache.slot
+        num_layers, num_experts, state_bytes, slot_of = cache.num_layers, cache.num_experts, cache.state_bytes, cache.slot_by_key
         for req in decision.prefetch:
             if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
@@ -215,7 +231,7 @@ class LayerServer:
                     f"{req.expert}), outside {num_layers} layers x {num_experts} experts"
                 )
             key = int(req.layer) * num_experts + int(req.expert)
-            if state[key]:  # resident or loading (cache.contains)
+            if state_bytes[key]:  # resident or loading (cache.contains)
                 continue
             nbytes = self.low_precision_bytes if req.low_precision else self.expert_bytes
             ok, out = cache.admit(req.layer, req.expert, nbytes, low_precision=req.low_precision,
@@ -238,7 +254,7 @@ class LayerServer:
 
     def finish(self, obs: LayerObservation, plan: LayerPlan, outcome: LayerOutcome | None) -> None:
         """Release the layer's pins and give the system its feedback."""
-        self.cache.unpin_layer(obs.layer, [item.expert for item in plan.items])
+        self.cache.unpin_layer(obs.layer, plan.needed)  # the items' experts, in id order
         if outcome is not None:  # None: the system does not read it (wants_outcome)
             self.system.on_layer_end(obs, outcome)
 

@@ -199,7 +199,7 @@ class Replayer:
         measured passes (preloading is free in the simulator: it is the deployment's state)."""
         for key in cache.preloaded:
             layer = int(key) // self.spec.num_experts
-            pool.data[self._row(cache, layer, int(cache.slot[key]))].copy_(self.store.row(int(key)))
+            pool.data[self._row(cache, layer, cache.slot_by_key[int(key)])].copy_(self.store.row(int(key)))
 
     def _warm_up(self, dense: DenseStandIn, pool: SlotPool, scratch: int, inputs: torch.Tensor) -> None:
         """Run every kind of operation once (kernels, allocator, copy path) before the clock."""

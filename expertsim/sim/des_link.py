@@ -12,6 +12,16 @@ Resources (created by the engine):
   a prefetch evicted while in flight stops at the next chunk boundary (ProMoE);
 - the storage tier (NVMe -> host, one reader) for experts that do not fit in host memory;
 - the host CPU (for experts computed there).
+
+How they run on SimPy (with the engine's ``SKIP_COMPUTES``; off, the plain DES uses SimPy's own
+Process, PriorityResource and every event, and the tests hold the two equal): each process is
+a :class:`_Task` (SimPy's resumes without a Process object or an end event), started when the
+main process next waits (:meth:`LinkProcesses._spawn`); the engines and the wire are a
+:class:`LinkResource`; an event nobody waits for is not scheduled (:func:`fire`), and a
+process's closing event resumes its waiters at once when nothing else is due
+(:meth:`LinkProcesses._fire_last`). Each of these leaves out only events whose processing could
+change nothing or that SimPy would process next with nothing in between, so every other event
+keeps its time and its order among equal times.
 """
 from __future__ import annotations
 
@@ -29,11 +39,63 @@ class _Copy:
 
     key: int
     done: simpy.Event
-    promote: simpy.Event  # fired when a queued prefetch is needed now, or dropped
     prefetch: bool
     priority: int
     started: bool = False
     cancelled: bool = False
+    landed: bool = False  # done has fired (copy.done.triggered, without the property's call)
+    # Fired when a queued prefetch is needed now, or dropped. Made when first needed: most copies
+    # are never woken, and only a prefetch waiting in the link queue waits for it (_acquire).
+    promote: simpy.Event | None = None
+
+    def woken(self) -> bool:
+        return self.promote is not None and self.promote.triggered
+
+    def wake_event(self, env: simpy.Environment) -> simpy.Event:
+        if self.promote is None:
+            self.promote = env.event()
+        return self.promote
+
+
+class _Task:
+    """A generator run on SimPy's events as a SimPy Process runs it, without the Process: it
+    starts at an event scheduled as SimPy's ``Initialize`` (now, urgent), or is started by the
+    main process (see :meth:`LinkProcesses._spawn`); it is resumed by each event it yields (at
+    once when that event was processed already) with the event's value, and ends without an
+    end-of-process event (nobody waits for the DES's copy, CPU and stream processes, or for the
+    main one; that event would only hold back the compute stream's clock, see
+    engine._DesRun._compute). The same events in the same order, less SimPy's per-resume work.
+    The generators never fail an event, nor read ``env.active_process``. ``on_suspend``: called
+    each time the task gives control back to SimPy (it waits, or it ended)."""
+
+    __slots__ = ("gen", "on_suspend")
+
+    def __init__(self, env: simpy.Environment, gen, on_suspend=None, start: bool = True):
+        self.gen, self.on_suspend = gen, on_suspend
+        if start:
+            event = simpy.Event(env)
+            event._ok, event._value = True, None  # as simpy.events.Initialize
+            event.callbacks.append(self._resume)
+            env.schedule(event, simpy.events.URGENT)
+
+    def _resume(self, event) -> None:
+        send = self.gen.send
+        while True:
+            try:
+                event = send(event._value)
+            except StopIteration:
+                break
+            if event.callbacks is not None:  # not processed yet: wait for it
+                event.callbacks.append(self._resume)
+                break
+        if self.on_suspend is not None:
+            self.on_suspend()
+
+
+class _Started:
+    """What a task started by the main process is resumed with (a processed event's value)."""
+
+    _value = None
 
 
 class _SortedQueue(list):
@@ -57,9 +119,79 @@ def _request_key(request):
 
 
 class SortedPriorityResource(simpy.PriorityResource):
-    """SimPy's PriorityResource with :class:`_SortedQueue`."""
+    """SimPy's PriorityResource with :class:`_SortedQueue` (the plain DES's link resources)."""
 
     PutQueue = _SortedQueue
+
+    def cancel(self, request) -> None:
+        request.cancel()
+
+
+class LinkResource:
+    """What the copies use of SimPy's PriorityResource (:class:`SortedPriorityResource`), without
+    its layered Put/Get event classes; the same events at the same points, so the same order:
+
+    - ``request(priority)`` returns a plain event, queued by ``(priority, time of the request)``
+      (equal keys in arrival order); the head of the queue is granted at once when a unit is free
+      (SimPy's ``_trigger_put``, which looks at the head only). A granted request is an event
+      that succeeds; SimPy's own callback on it (``_trigger_get``) has nothing to do here, as no
+      release is ever pending;
+    - ``release(request)`` frees the unit at once and fires a release event whose processing
+      grants the head of the queue (SimPy's ``Release``). With ``elide`` and one unit, when the
+      queue is empty at the release that event is left out: it could grant nothing. A request
+      arriving before it would have been processed takes the free unit at once, and any later
+      one waits behind it (the holder cannot release before its grant, which comes after the
+      release event), so at its processing the unit is taken or nobody waits;
+    - ``cancel(request)``: a request not granted leaves the queue.
+    """
+
+    def __init__(self, env: simpy.Environment, capacity: int = 1, elide: bool = True):
+        self.env, self.capacity = env, capacity
+        self.users = 0
+        self.queue: list[simpy.Event] = []  # waiting requests, by key
+        self.elide = elide and capacity == 1
+
+    def request(self, priority: int = 0) -> simpy.Event:
+        req = simpy.Event(self.env)
+        req.key = (priority, self.env.now)
+        if self.queue:
+            bisect.insort_right(self.queue, req, key=_request_key)
+            self._grant()
+        elif self.users < self.capacity:  # the queue's head is this request
+            self.users += 1
+            req.succeed()
+        else:
+            self.queue.append(req)
+        return req
+
+    def _grant(self, _event=None) -> None:
+        if self.queue and self.users < self.capacity:
+            self.users += 1
+            self.queue.pop(0).succeed()
+
+    def release(self, request: simpy.Event) -> None:
+        self.users -= 1
+        if self.elide and not self.queue:
+            return
+        event = simpy.Event(self.env)
+        event.callbacks.append(self._grant)
+        event.succeed()
+
+    def cancel(self, request: simpy.Event) -> None:
+        if not request.triggered:
+            self.queue.remove(request)
+
+
+def fire(event: simpy.Event, elide: bool) -> None:
+    """``event.succeed()``; with ``elide``, an event nobody waits for yet is marked processed
+    instead of being scheduled. Every waiter of the DES's copy, compute, CPU and promotion events
+    checks ``triggered`` before it waits, so nobody will wait for it later either: its
+    processing would do nothing (its only effect would be on the compute stream's clock, which
+    may not skip past a pending event; see engine._DesRun._compute)."""
+    if elide and not event.callbacks:
+        event._ok, event._value, event.callbacks = True, None, None  # as Environment.step leaves it
+    else:
+        event.succeed()
 
 
 class LinkProcesses:
@@ -67,7 +199,7 @@ class LinkProcesses:
     whose ``__init__`` sets what they use: ``env``, ``cost``, ``cache``, ``totals``, ``timeline``,
     ``engines``, ``wire``, ``storage``, ``cpu``, ``copies``, ``slot_copy``, ``stream_copies``,
     ``serial``, ``fifo_link``, ``chunk_bytes``, ``on_storage``, ``any_on_storage``,
-    ``num_experts``, ``per_layer_partitions``, ``_copy_ns`` and ``SKIP_COMPUTES``."""
+    ``num_experts``, ``per_layer_partitions``, ``_copy_ns``, ``_spawned``, ``_queue`` and ``SKIP_COMPUTES``."""
 
     # --- timeline -------------------------------------------------------------------------
     def _row(self, resource, kind, it, layer, expert, start, end, nbytes=0):
@@ -83,25 +215,24 @@ class LinkProcesses:
         first, on the same engine (a swap, runtime ``writeback``)."""
         layer = int(layer)
         key = layer * self.num_experts + int(expert)  # cache.key(layer, expert)
-        copy = _Copy(key=key, done=self.env.event(), promote=self.env.event(), prefetch=priority > 0,
-                     priority=0 if self.fifo_link else priority)
+        copy = _Copy(key, self.env.event(), priority > 0, 0 if self.fifo_link else priority)
         self.copies[key] = copy
         if self.serial:
             self.stream_copies.append(copy)
         slot_id = (layer if self.per_layer_partitions else 0, slot)
         previous = self.slot_copy.get(slot_id)
         self.slot_copy[slot_id] = copy
-        self.env.process(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
+        self._spawn(self._copy(copy, it, layer, expert, nbytes, after, previous, writeback_bytes))
 
     def _acquire(self, resource: SortedPriorityResource, copy: _Copy):
         """Queue on ``resource`` at the copy's priority; a queued prefetch that is promoted
         re-queues as demand. Returns the granted request, or None when the copy was dropped."""
-        if copy.priority > 0 and not copy.promote.triggered:
+        if copy.priority > 0 and not copy.woken():
             req = resource.request(priority=copy.priority)
-            yield req | copy.promote
+            yield req | copy.wake_event(self.env)
             if req.triggered:
                 return req
-            req.cancel()
+            resource.cancel(req)
         if copy.cancelled:
             return None
         req = resource.request(priority=0)
@@ -112,7 +243,7 @@ class LinkProcesses:
         env, cost = self.env, self.cost
         if after is not None and not after.triggered:
             yield after
-        if previous is not None and not previous.done.triggered:
+        if previous is not None and not previous.landed:
             yield previous.done  # the slot's previous copy must land before this one overwrites it
         if self.any_on_storage and not copy.cancelled and self.on_storage[copy.key]:
             with self.storage.request() as req:  # NVMe -> host bounce buffer first
@@ -126,10 +257,10 @@ class LinkProcesses:
         for chunk in (cost.chunk_sizes(nbytes, self.chunk_bytes) if self.chunk_bytes else (nbytes,)):
             if copy.cancelled:
                 engine = None
-            elif copy.priority > 0 and not copy.promote.triggered:
+            elif copy.priority > 0 and not copy.woken():
                 engine = yield from self._acquire(self.engines, copy)
             else:  # as _acquire does for a demand copy
-                engine = self.engines.request(priority=0)
+                engine = self.engines.request(0)
                 yield engine
             if engine is not None and copy.cancelled:
                 self.engines.release(engine)
@@ -157,7 +288,8 @@ class LinkProcesses:
                 self.wire.release(wire)
             self.engines.release(engine)
             copied += chunk
-            self._row("link", kind, it, layer, expert, start, env.now, chunk)
+            if self.timeline is not None:
+                self._row("link", kind, it, layer, expert, start, env.now, chunk)
         if copied:
             self.totals.h2d_bytes += copied
             self.totals.copies += 1
@@ -165,21 +297,53 @@ class LinkProcesses:
                 self.totals.prefetch_copies += 1
         if copied == nbytes and self.copies.get(copy.key) is copy:
             self.cache.mark_resident(layer, expert)
-        copy.done.succeed()
-        yield from self._park()
+        copy.landed = True
+        self._fire_last(copy.done)
 
-    def _park(self):
-        """End a process without SimPy's end-of-process event. Nobody waits for these processes,
-        so that event would change nothing but hold back the compute stream's clock (a compute
-        cannot be skipped past a pending event). The process waits instead for an event that
-        never fires and is garbage once the run drops it. With ``SKIP_COMPUTES`` off (the plain
-        DES the tests compare with) the process just ends."""
+    def _fire_last(self, event: simpy.Event) -> None:
+        """:func:`fire`, as the last act of a copy, CPU or stream process: when no other event is
+        due now (none queued at this time, no started process waiting to run), the event would be
+        the very next one SimPy processes, right after this process's step, so its waiters are
+        resumed at once, as ``Environment.step`` would (this process does nothing after it)."""
+        if self.SKIP_COMPUTES and event.callbacks:
+            queue = self._queue
+            if not self._spawned and not (queue and queue[0][0] <= self.env.now):
+                event._ok, event._value = True, None
+                callbacks, event.callbacks = event.callbacks, None
+                for callback in callbacks:
+                    callback(event)
+                return
+        fire(event, self.SKIP_COMPUTES)
+
+    def _spawn(self, gen) -> None:
+        """Start the process ``gen`` (a copy, a CPU job, a stream; the main process starts them).
+
+        In the plain DES (``SKIP_COMPUTES`` off, which the tests compare with) it is a SimPy
+        Process: SimPy schedules its start (now, urgent) and it runs to its first wait once the
+        main process waits. With ``SKIP_COMPUTES`` it is a :class:`_Task` that the main process
+        runs itself to its first wait at that same point, the moment it gives control back to
+        SimPy (:meth:`_start_spawned`), in the order started: the urgent start events would be
+        the first events SimPy processes then (no other urgent event is ever due: only the main
+        process starts processes, and it runs on normal events), nothing runs in between, so
+        everything happens in the same order, one event fewer per process. Until then the
+        compute stream counts them as events due now: a compute is not skipped past them
+        (engine._DesRun._compute)."""
         if self.SKIP_COMPUTES:
-            yield self.env.event()
+            self._spawned.append(_Task(self.env, gen, start=False))
+        else:
+            self.env.process(gen)
+
+    def _start_spawned(self) -> None:
+        """Run the processes :meth:`_spawn` started to their first wait (the main process's
+        ``on_suspend``)."""
+        if self._spawned:
+            tasks, self._spawned = self._spawned, []
+            for task in tasks:
+                task._resume(_Started)
 
     def _in_flight(self, key: int) -> bool:
         copy = self.copies.get(key)
-        return copy is not None and not copy.done.triggered
+        return copy is not None and not copy.landed
 
     def _take(self, resource, priority: int = 0):
         req = resource.request(priority=priority)
@@ -189,10 +353,10 @@ class LinkProcesses:
     def _cancel_evicted(self, keys: list[int]) -> None:
         for key in keys:
             copy = self.copies.get(key)
-            if copy is not None and not copy.done.triggered and not self.fifo_link:
+            if copy is not None and not copy.landed and not self.fifo_link:
                 copy.cancelled = True  # not started: dropped; started: stops after its current chunk
-                if not copy.started and not copy.promote.triggered:
-                    copy.promote.succeed()  # wake it so it leaves the link queue at once
+                if not copy.started and not copy.woken():
+                    fire(copy.wake_event(self.env), self.SKIP_COMPUTES)  # wake it so it leaves the link queue at once
             if copy is not None:
                 del self.copies[key]
 
@@ -205,8 +369,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_expert", it, layer, expert, start, self.env.now)
-        done.succeed()
-        yield from self._park()
+        self._fire_last(done)
 
     def _cpu_layer(self, it, layer, expert_tokens, layer_tokens, done: simpy.Event):
         with self.cpu.request() as req:
@@ -216,8 +379,7 @@ class LinkProcesses:
             yield self.env.timeout(t)
             self.totals.cpu_ns += t
             self._row("cpu", "cpu_experts", it, layer, -1, start, self.env.now)
-        done.succeed()
-        yield from self._park()
+        self._fire_last(done)
 
     def _stream(self, it, layer, nbytes, done: simpy.Event):
         """One demand copy of a layer's streamed experts into a staging buffer (no cache entry)."""
@@ -228,5 +390,4 @@ class LinkProcesses:
         self.totals.h2d_bytes += nbytes
         self.totals.copies += 1
         self._row("link", "stream", it, layer, -1, start, self.env.now, nbytes)
-        done.succeed()
-        yield from self._park()
+        self._fire_last(done)

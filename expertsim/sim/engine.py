@@ -25,12 +25,12 @@ import numpy as np
 import simpy
 
 from expertsim.errors import ConfigError
-from expertsim.policies import ExpertCache, MissAction, RunContext, System
+from expertsim.policies import ExpertCache, RunContext, System
 from expertsim.policies.records import RunTotals
-from expertsim.policies.serve import LayerServer
+from expertsim.policies.serve import CPU, SKIP, STREAM, LayerServer
 from expertsim.sim import bounds
 from expertsim.sim.compute_stream import ComputeStreamBook
-from expertsim.sim.des_link import LinkProcesses, SortedPriorityResource
+from expertsim.sim.des_link import LinkProcesses, LinkResource, SortedPriorityResource, _Task, fire
 from expertsim.sim.memory import storage_resident_keys
 from expertsim.sim.metrics import RunResult, Timeline, columns_from_records, summarise
 from expertsim.sim.batching import ContinuousBatcher, arrival_times_ns, plan_iterations
@@ -181,15 +181,13 @@ def _longest_request_context(trace: RoutingTrace) -> int:
     return int(trace.position.max()) + 1 if trace.num_tokens else 1
 
 
-def _always_yield() -> int:
-    return -1  # as env.peek() when an event is due before any compute ends
-
-
 class _DesRun(ComputeStreamBook, LinkProcesses):
     """The SimPy processes of one run."""
 
-    # False: the plain DES, one SimPy timeout per compute (see _compute) and SimPy's own end of
-    # every process (LinkProcesses._park); the same results, more events (the tests compare them).
+    # False: the plain DES, one SimPy timeout per compute (see _compute), SimPy's processes with
+    # their end events (LinkProcesses._spawn), SimPy's resources for the link, and every event
+    # scheduled even when nobody waits for it (des_link.fire, LinkResource); the same results,
+    # more events and more work per event (the tests compare the two).
     SKIP_COMPUTES = True
 
     def __init__(self, sim: Simulation, trace: RoutingTrace, batcher: ContinuousBatcher,
@@ -201,10 +199,12 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
         link = sim.hardware.link
-        self.engines = SortedPriorityResource(self.env, capacity=link.copy_engines)
+        # SimPy's own resource in the plain DES (the tests compare the two)
+        resource = LinkResource if self.SKIP_COMPUTES else SortedPriorityResource
+        self.engines = resource(self.env, capacity=link.copy_engines)
         # The link's bytes are serial: one wire shared by the engines (with a single engine, the
         # engine already serialises them and no wire resource is needed).
-        self.wire = SortedPriorityResource(self.env, capacity=1) if link.copy_engines > 1 else None
+        self.wire = resource(self.env, capacity=1) if link.copy_engines > 1 else None
         self.fifo_link = sim.options.link_queue == "fifo"  # issue order, no prefetch dropped
         self.storage = simpy.Resource(self.env, capacity=1)
         self.cpu = simpy.Resource(self.env, capacity=1)
@@ -230,7 +230,11 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.stream_copies: list[_Copy] = []
         self._record_iteration = True
         self.now = 0  # the compute stream's clock: ahead of env.now while nothing else can run (_compute)
-        self._peek = self.env.peek if self.SKIP_COMPUTES else _always_yield
+        # SimPy's event queue, a heap of (time, priority, id, event): ``queue and queue[0][0] <= end``
+        # is ``env.peek() <= end`` without the call (per compute). The plain DES reads a queue whose
+        # first event is always due: it never skips a compute.
+        self._queue = self.env._queue if self.SKIP_COMPUTES else [(-1,)]
+        self._spawned: list = []  # processes started, to run when the main process waits (_spawn)
         self.num_experts = m.num_experts
         self.writeback = sim.runtime.writeback
         self.wb_bytes = m.expert_bytes()  # a full-precision expert (a write-back, a streamed expert)
@@ -238,10 +242,14 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self.lowp = sim.system.low_precision_dtype
         self.wants_outcome = server.wants_outcome
         self._expert_ns: dict[int, int] = {}  # tokens -> full-precision expert time (cost.expert_time_ns)
+        self._decodes_before = None  # decode rows before each trace row (_decode_tokens)
         self.stop_after: int | None = None  # end after this many iterations (a timeline window)
 
     def execute(self) -> None:
-        self.env.process(self._main())
+        if self.SKIP_COMPUTES:  # the main process starts the others when it waits (LinkProcesses._spawn)
+            _Task(self.env, self._main(), on_suspend=self._start_spawned)
+        else:
+            self.env.process(self._main())
         self.env.run()
 
     def _drain_stream(self, it, layer):
@@ -249,7 +257,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         cannot start before they end). Returns the wait in ns (stall)."""
         waited = 0
         for copy in self.stream_copies:
-            if not copy.done.triggered:
+            if not copy.landed:
                 yield from self._sync()
                 t0 = self.env.now
                 yield copy.done
@@ -262,7 +270,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
     # --- memory ---------------------------------------------------------------------------
     # --- main process: the GPU compute stream ---------------------------------------------
     def _main(self):
-        env, m, batcher = self.env, self.sim.model, self.batcher
+        env, m, batcher, queue = self.env, self.sim.model, self.batcher, self._queue
         opts = self.sim.options
         system = self.sim.system
         while not batcher.done:
@@ -286,7 +294,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
             start_iter = self.now
             timeline = self.timeline is not None
             stats = {"hits": 0, "misses": 0, "stall_ns": 0, "experts": 0}
-            tokens = it.tokens
+            tokens, rows = it.tokens, it.rows
             t_dense = self.cost.dense_layer_time_ns(it.num_tokens, it.context_tokens, it.attention_pairs)
             for layer in range(m.num_layers):
                 t0 = self.now
@@ -301,19 +309,19 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     yield from self._compute(t_dense - host)
                 else:  # self._compute(t_dense), inline
                     end = t0 + t_dense
-                    if self._peek() <= end:
+                    if self._spawned or (queue and queue[0][0] <= end):  # env.peek() <= end
                         yield env.timeout(end - env.now)
                     self.now = end
                 if timeline:
                     self._row("gpu", "dense", it, layer, -1, t0, self.now)
                 moe = self._moe_index.get(layer)
                 if moe is not None:
-                    yield from self._moe_layer(it, moe, tokens, stats)
+                    yield from self._moe_layer(it, moe, tokens, rows, stats)
             self.totals.dense_compute_ns += t_dense * m.num_layers
             self.records.append({
                 "iteration": it.index, "request": it.request, "requests": it.num_requests,
                 "phase": it.phase, "tokens": it.num_tokens,
-                "decode_tokens": int((self.trace.phase[it.rows] == 1).sum()),
+                "decode_tokens": self._decode_tokens(it),
                 "start_ns": start_iter, "end_ns": self.now,
                 **stats,
             })
@@ -324,6 +332,16 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 self._record_iteration = False  # as the next iteration, outside the window, would
                 break
         yield from self._sync()
+
+    def _decode_tokens(self, it: Iteration) -> int:
+        """How many of the iteration's tokens decode: from a running count for a run of
+        consecutive rows (batch 1), else counted."""
+        if it.token_index is None:
+            before = self._decodes_before
+            if before is None:
+                before = self._decodes_before = np.concatenate(([0], np.cumsum(self.trace.phase == 1)))
+            return int(before[it.stop] - before[it.start])
+        return int((self.trace.phase[it.rows] == 1).sum())
 
     # --- the compute stream's clock -------------------------------------------------------
     # The main process keeps its own clock, ``self.now``, which may run ahead of SimPy's while
@@ -337,18 +355,30 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
     def _compute(self, d: int):
         """Advance the compute stream by ``d`` ns (see above)."""
         end = self.now + d
-        if self._peek() <= end:
+        queue = self._queue
+        if self._spawned or (queue and queue[0][0] <= end):  # env.peek() <= end
             yield self.env.timeout(end - self.env.now)
         self.now = end
 
     def _sync(self):
         """Bring SimPy's clock up to the compute stream's (see :meth:`_compute`)."""
-        if self.now > self.env.now:
+        if self.now > self.env.now and not self._jump():
             yield self.env.timeout(self.now - self.env.now)
 
-    def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, stats: dict):
+    def _jump(self) -> bool:
+        """:meth:`_sync` without a timeout when nothing is due by the compute stream's clock (no
+        event queued at or before it, no process started and not yet run): the timeout would be
+        the very next event SimPy processes, with nothing run in between, so SimPy's clock is
+        moved there at once (its ``_now``, as its ``step`` would set it) and everything else keeps
+        its order, one event fewer. False otherwise (always in the plain DES: see ``_queue``)."""
+        queue = self._queue
+        if self._spawned or (queue and queue[0][0] <= self.now):
+            return False
+        self.env._now = self.now
+        return True
+
+    def _moe_layer(self, it: Iteration, layer: int, tokens: np.ndarray, rows, stats: dict):
         env, trace, copies = self.env, self.trace, self.copies
-        rows = it.rows
         weights = None if trace.weights is None else trace.weights[rows, layer]
         obs = self.server.observe(now_ns=self.now, iteration=it.index, layer=layer, tokens=tokens,
                                   experts=trace.experts[rows, layer], weights=weights,
@@ -358,21 +388,24 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         layer_start = self.now
         base = layer * self.num_experts  # cache.key(layer, e) == base + e
         serial = self.serial  # copies queued on the compute stream, in serve order
-        # One pass over the items: the copies of the hits (a hit released mid-layer to make room
-        # can be evicted by this very layer; its copy, a prefetch still in flight, must land
-        # before its compute all the same: keep it), the hits whose queued or in-flight prefetch
-        # is needed now (promoted to a demand copy), the items that copy.
-        hit_copies, promote, copy_items = {}, {}, []
+        # One pass over the items: the hits whose queued or in-flight prefetch is needed now
+        # (promoted to a demand copy), the items that copy.
+        promote, copy_items = {}, []
         for idx, item in enumerate(items):
             if item.hit:
-                copy = hit_copies[item.expert] = copies.get(base + item.expert)
-                if (item.loading_at_lookup and copy is not None and not copy.done.triggered
-                        and copy.priority > 0):
-                    promote[idx] = copy
+                if item.loading_at_lookup:
+                    copy = copies.get(base + item.expert)
+                    if copy is not None and not copy.landed and copy.priority > 0:
+                        promote[idx] = copy
             elif item.copy_bytes:
                 copy_items.append(idx)
-        cancel = []
+        # The copies of the hits, when this layer evicts: a hit released mid-layer to make room can
+        # be evicted by this very layer; its copy, a prefetch still in flight, must land before its
+        # compute all the same: keep it. (With no eviction, a hit's entry stays and so does its
+        # latest copy: it is looked up at its compute.)
+        hit_copies, cancel = None, []
         if evicted:
+            hit_copies = {item.expert: copies.get(base + item.expert) for item in items if item.hit}
             own = {base + e for e in hit_copies}
             cancel = [key for key in evicted if key not in own]
         writebacks = 0
@@ -390,7 +423,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 or (not serial and (prefetches or copy_items)) or any(map(self._in_flight, cancel))):
             # a copy or a CPU job starts, or a copy in flight is dropped or promoted: other
             # processes see it, so it happens at SimPy's time
-            yield from self._sync()
+            if self.now > env.now and not self._jump():  # self._sync(), inline (per miss)
+                yield env.timeout(self.now - env.now)
         if evicted:
             self._cancel_evicted(cancel)
             for key in evicted:
@@ -398,7 +432,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                     copies.pop(key, None)
         # Compute-done events only for the items a copy waits for (room they release).
         compute_done = {items[idx].wait_compute: env.event() for idx in copy_items
-                        if items[idx].wait_compute >= 0}
+                        if items[idx].wait_compute >= 0} if copy_items else None
         # Demand copies, in serve order, then prefetches (with copies on the compute stream: each
         # demand copy just before its kernel, the prefetches after the layer's kernels).
         if promote or (copy_items and not serial):
@@ -407,8 +441,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 copy = promote.get(idx)
                 if copy is not None:  # needed now: a queued or in-flight prefetch becomes a demand copy
                     copy.priority = 0
-                    if not copy.promote.triggered:
-                        copy.promote.succeed()
+                    if not copy.woken():
+                        fire(copy.wake_event(env), self.SKIP_COMPUTES)
                 if item.copy_bytes and not serial:
                     after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                     self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after,
@@ -423,14 +457,16 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         # streamed experts arrive in one copy (the layer's tensor) before any of them computes.
         if cpu_per_layer and plan.cpu_experts:
             cpu_done.append(env.event())
-            cpu_tokens = [item.tokens for item in items if item.action is MissAction.CPU]
-            env.process(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
+            cpu_tokens = [item.tokens for item in items if item.action is CPU]
+            self._spawn(self._cpu_layer(it, layer, cpu_tokens, it.num_tokens, cpu_done[-1]))
         stream_done = None
         if plan.streamed_experts:
             stream_done = env.event()
-            env.process(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
-        expert_time, expert_ns, host_ns = self.cost.expert_time_ns, self._expert_ns, self.cost.host_expert_ns if serial else 0
+            self._spawn(self._stream(it, layer, plan.streamed_experts * self.wb_bytes, stream_done))
+        expert_time, expert_ns = self.cost.expert_time_ns, self._expert_ns
+        host_ns = self.cost.host_expert_ns if serial else 0
         timeline = self.timeline is not None
+        queue = self._queue
         computed = 0
         for idx, item in enumerate(items):
             done = compute_done.get(idx) if compute_done else None
@@ -439,14 +475,14 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 yield from self._sync()
                 after = compute_done[item.wait_compute] if item.wait_compute >= 0 else None
                 self._start_copy(it, layer, item.expert, item.slot, item.copy_bytes, 0, after, deferred[idx])
-            if action is MissAction.SKIP or action is MissAction.CPU:
-                if done is not None or (action is MissAction.CPU and not cpu_per_layer):
+            if action is SKIP or action is CPU:
+                if done is not None or (action is CPU and not cpu_per_layer):
                     yield from self._sync()
-                if action is MissAction.CPU and not cpu_per_layer:
+                if action is CPU and not cpu_per_layer:
                     cpu_done.append(env.event())
-                    env.process(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
+                    self._spawn(self._cpu_expert(it, layer, item.expert, item.tokens, cpu_done[-1]))
                 if done is not None:
-                    done.succeed()
+                    fire(done, self.SKIP_COMPUTES)
                 continue
             if item.low_precision:
                 t = expert_time(item.tokens, low_precision_dtype=self.lowp)
@@ -454,22 +490,30 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 t = expert_ns.get(item.tokens)
                 if t is None:
                     t = expert_ns[item.tokens] = expert_time(item.tokens)
-            host = min(host_ns, t)
+            host = min(host_ns, t) if host_ns else 0
             if host:  # the expert call's host work overlaps the copies in flight on the stream
                 t0 = self.now
                 yield from self._compute(host)
                 self._row("gpu", "expert", it, layer, item.expert, t0, self.now)  # its host part
                 stall += yield from self._drain_stream(it, layer)
-            if action is MissAction.STREAM and not stream_done.triggered:
+            if action is STREAM and not stream_done.triggered:
                 stall += yield from self._wait(stream_done, it, layer, item.expert)
-            copy = hit_copies.get(item.expert) if item.hit else copies.get(base + item.expert)
-            if copy is not None and not copy.done.triggered:
-                stall += yield from self._wait(copy.done, it, layer, item.expert)
+            copy = hit_copies[item.expert] if item.hit and hit_copies is not None \
+                else copies.get(base + item.expert)
+            if copy is not None and not copy.landed:  # self._wait(copy.done, ...), inline
+                if self.now > env.now and not self._jump():
+                    yield env.timeout(self.now - env.now)
+                t0 = env.now
+                yield copy.done
+                self.now = env.now
+                stall += self.now - t0
+                if timeline:
+                    self._row("gpu", "stall", it, layer, item.expert, t0, self.now)
             if serial:
                 stall += yield from self._drain_stream(it, layer)
             t0 = self.now
             end = t0 + t - host
-            if self._peek() <= end:  # self._compute(t - host), inline
+            if self._spawned or (queue and queue[0][0] <= end):  # self._compute(t - host), inline
                 yield env.timeout(end - env.now)
             self.now = end
             computed += t
@@ -477,7 +521,7 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
                 self._row("gpu", "expert", it, layer, item.expert, t0, end)
             if done is not None:
                 yield from self._sync()
-                done.succeed()
+                fire(done, self.SKIP_COMPUTES)
         self.totals.expert_compute_ns += computed
         if serial and prefetches:  # on the compute stream, after this layer's kernels: they overlap the next host work
             yield from self._sync()
