@@ -299,10 +299,11 @@ class RoutePredictor:
         if trace.token_id is not None:
             vocab, inverse = np.unique(trace.token_id, return_inverse=True)
             counts = np.bincount(inverse, minlength=len(vocab)).astype(np.float64)
-            sums = np.zeros((len(vocab), self._L, self._E), dtype=np.float64)
-            for layer in range(self._L):
-                for j in range(trace.top_k):
-                    np.add.at(sums, (inverse, layer, trace.experts[:, layer, j].astype(np.int64)), 1.0)
+            # each (token id, layer, expert)'s count: exact integers, in any order
+            cells = (inverse.astype(np.int64)[:, None, None] * self._L
+                     + np.arange(self._L)[None, :, None]) * self._E + trace.experts.astype(np.int64)
+            sums = np.bincount(cells.ravel(), minlength=len(vocab) * self._L * self._E).astype(np.float64)
+            sums = sums.reshape(len(vocab), self._L, self._E)
             base = sums.sum(axis=0) / trace.num_tokens
             self._priors = (vocab, counts, sums, base)
         tokens = np.arange(trace.num_tokens)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.jit import _njit
+from expertsim.jit import _njit, map_threads
 
 SOLVE_IN_ORDER_MAX = 8192  # active features up to which the ridge solve runs in a fixed order (numba)
 
@@ -309,14 +309,42 @@ def own_columns(experts, num_experts):
     return out
 
 
-@_njit
 def route_counts(cols, prev, known, width):
     """Co-occurrence counts of the one-hot routing columns (``width`` = layers x experts) over
     the rows: ``oo`` [width, width], own x own over every row; over the rows whose previous
     token is known, ``vo`` [width, width] the previous token's columns x own, ``vv`` previous x
     previous, ``ko`` own and ``kv`` previous column counts, ``nk`` the rows; ``own`` the own
     column counts over every row. Exact integers (the matrices int32: a count is at most the
-    rows; half the memory traffic of int64)."""
+    rows; half the memory traffic of int64), so the rows are counted in halves on two threads
+    (:func:`~expertsim.jit.map_threads`) and added."""
+    n = cols.shape[0]
+    cuts = [(0, n // 2), (n // 2, n)] if n >= 2048 else [(0, n)]
+    parts = map_threads(lambda cut: _route_counts(cols, prev, known, width, cut[0], cut[1]), cuts)
+    out = list(parts[0])
+    for part in parts[1:]:
+        out = [x + y for x, y in zip(out, part)]
+    oo, vo, vv, ko, kv, nk, own = out
+    return _mirrored(oo), vo, _mirrored(vv), ko, kv, int(nk), own
+
+
+@_njit
+def _mirrored(half):
+    """A symmetric count matrix from one where each unordered pair was counted once, at either
+    of its two places: x != y gets half[x, y] + half[y, x] at both."""
+    w = half.shape[0]
+    out = half.copy()
+    for x in range(w):
+        for y in range(x + 1, w):
+            v = half[x, y] + half[y, x]
+            out[x, y] = v
+            out[y, x] = v
+    return out
+
+
+@_njit
+def _route_counts(cols, prev, known, width, lo, hi):
+    """:func:`route_counts` over rows ``lo..hi-1``, ``oo`` and ``vv`` with each unordered pair of
+    a row's columns counted once (see :func:`_mirrored`)."""
     n, num_layers, k = cols.shape
     oo = np.zeros((width, width), dtype=np.int32)
     vo = np.zeros((width, width), dtype=np.int32)
@@ -328,7 +356,7 @@ def route_counts(cols, prev, known, width):
     mine = np.empty(m, dtype=np.int64)
     theirs = np.empty(m, dtype=np.int64)
     nk = 0
-    for r in range(n):
+    for r in range(lo, hi):
         a = 0
         for layer in range(num_layers):
             for j in range(k):
@@ -339,7 +367,7 @@ def route_counts(cols, prev, known, width):
         for i in range(a):
             ci = mine[i]
             own[ci] += 1
-            for j in range(a):
+            for j in range(i, a):
                 oo[ci, mine[j]] += 1
         if known[r]:
             nk += 1
@@ -358,7 +386,7 @@ def route_counts(cols, prev, known, width):
                 kv[vi] += 1
                 for j in range(a):
                     vo[vi, mine[j]] += 1
-                for j in range(b):
+                for j in range(i, b):
                     vv[vi, theirs[j]] += 1
     return oo, vo, vv, ko, kv, nk, own
 

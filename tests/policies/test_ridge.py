@@ -146,3 +146,25 @@ def test_a_fit_and_a_plan_on_threads_equal_them_on_one(monkeypatch):
     monkeypatch.setattr(jit, "_cpus", lambda: 4)
     assert fit_and_predict() == one
     assert jit.map_threads(lambda x: x * x, range(7)) == [x * x for x in range(7)]
+
+
+def test_counts_in_halves_equal_the_counts_of_every_row():
+    """route_counts adds two halves' counts (threads) and mirrors the pairs counted once: the
+    same matrices as counting every ordered pair of every row."""
+    from expertsim.policies.ridge import own_columns, route_counts
+
+    rng = np.random.default_rng(11)
+    n, L, E, k = 2500, 3, 6, 2
+    experts = rng.integers(0, E, (n, L, k))
+    cols = own_columns(experts, E)
+    prev = np.maximum(np.arange(n) - 1, 0)
+    known = rng.random(n) < 0.8
+    oo, vo, vv, ko, kv, nk, own = route_counts(cols, prev, known, L * E)
+    hot = np.zeros((n, L * E), dtype=np.int64)  # each row's one-hot columns
+    for r in range(n):
+        hot[r, cols[r][cols[r] >= 0]] = 1
+    them = hot[prev] * known[:, None]
+    assert np.array_equal(oo, hot.T @ hot) and np.array_equal(own, hot.sum(axis=0))
+    assert np.array_equal(vo, them.T @ hot) and np.array_equal(vv, them.T @ them)
+    assert np.array_equal(ko, hot[known].sum(axis=0)) and np.array_equal(kv, them.sum(axis=0))
+    assert nk == known.sum()

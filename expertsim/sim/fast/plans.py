@@ -163,8 +163,10 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False, pre
             f"{num_moe} layers x {num_experts} experts")
     # ComposedSystem.fit_prefetches, per group: by priority (stable), at most each partition's room
     group = np.repeat(np.arange(n_groups), counts)
-    order = np.lexsort((prio, group))
-    layer, expert, prio, group = layer[order], expert[order], prio[order], group[order]
+    step = np.diff(group)
+    if not ((step > 0) | ((step == 0) & (np.diff(prio) >= 0))).all():  # already in order: the sort changes nothing
+        order = np.lexsort((prio, group))
+        layer, expert, prio, group = layer[order], expert[order], prio[order], group[order]
     slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
     needed = np.diff(groups.start).astype(np.int64)
     keep = _fit(group, layer, slots, needed, groups.layer.astype(np.int64), cache.num_partitions > 1) if trim else \
