@@ -213,7 +213,7 @@ def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_
     for i in range(n):
         tok = tokens[i]
         m = 0  # the rows of the token's one-hot features, in the order they are summed
-        for q in range(lo, hi):
+        for q in range(np.uint64(lo), np.uint64(hi)):
             col = flat[tok, q]
             if col >= 0:  # a repeated expert (-1) is one column, counted once
                 rows[m] = col - base

@@ -218,28 +218,52 @@ def learned_requests(groups, sched, trace, num_moe, prefetcher):
     pstop = np.asarray(sched.stop, dtype=np.int64)
     tokens = np.arange(trace.num_tokens, dtype=np.int64)
     k, E = prefetcher._k, trace.num_experts
-    parts_group, parts_layer, parts_expert, parts_prio = [], [], [], []
-    counts = np.zeros(len(groups.layer), dtype=np.int64)
-    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]
+    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]  # by layer, then t
 
     def unions(pair):  # kernel calls (nogil): the pairs run on threads
         top = prefetcher.predictor.predict_top(trace, tokens, pair[0], pair[1], k)
         return _pass_unions(pstart, pstop, np.ascontiguousarray(top, dtype=np.int64), E)
 
-    found = [unions(pairs[0])] if pairs else []  # the predictor's per-trace tables, made once
+    if not pairs:
+        return np.zeros(len(groups.layer), dtype=np.int64), *(np.zeros(0, np.int64),) * 3
+    found = [unions(pairs[0])]  # the predictor's per-trace tables, made once
     found += map_threads(unions, pairs[1:])
-    for (layer, t), (per_pass, experts) in zip(pairs, found):
-        mine = np.arange(n_pass, dtype=np.int64) * num_moe + layer  # the group of (pass, layer)
-        parts_group.append(np.repeat(mine, per_pass))
-        parts_layer.append(np.full(len(experts), t, dtype=np.int64))
-        parts_expert.append(experts)
-        parts_prio.append(np.full(len(experts), t - layer, dtype=np.int64))
-        counts[mine] += per_pass
-    if not parts_group:
-        return counts, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.argsort(np.concatenate(parts_group), kind="stable")  # per group: targets ascending
-    return (counts, np.concatenate(parts_layer)[order], np.concatenate(parts_expert)[order],
-            np.concatenate(parts_prio)[order])
+    per_pass = np.stack([f[0] for f in found], axis=1)  # [passes, pairs]
+    sizes = np.array([len(f[1]) for f in found], dtype=np.int64)
+    begin = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    layers = np.array([p[0] for p in pairs], dtype=np.int64)
+    targets = np.array([p[1] for p in pairs], dtype=np.int64)
+    return _by_group(n_pass, num_moe, layers, targets, per_pass, np.concatenate([f[1] for f in found]), begin)
+
+
+@_njit
+def _by_group(n_pass, num_moe, layers, targets, per_pass, experts, begin):
+    """The pairs' pass unions in group order ((pass, layer), then the pairs of that layer in
+    their order, t ascending): the requests' counts per group, target layers, experts and
+    priorities t - layer."""
+    n_pairs = layers.shape[0]
+    total = experts.shape[0]
+    counts = np.zeros(n_pass * num_moe, dtype=np.int64)
+    out_layer = np.zeros(total, dtype=np.int64)
+    out_expert = np.zeros(total, dtype=np.int64)
+    out_prio = np.zeros(total, dtype=np.int64)
+    at = begin.copy()  # each pair's next pass's unions
+    n = 0
+    for p in range(n_pass):
+        i = 0
+        for layer in range(num_moe):
+            g = p * num_moe + layer
+            while i < n_pairs and layers[i] == layer:
+                c = per_pass[p, i]
+                for j in range(c):
+                    out_layer[n] = targets[i]
+                    out_expert[n] = experts[at[i] + j]
+                    out_prio[n] = targets[i] - layer
+                    n += 1
+                at[i] += c
+                counts[g] += c
+                i += 1
+    return counts, out_layer, out_expert, out_prio
 
 
 @_njit
