@@ -1,10 +1,11 @@
 """DES vs fast engine per eviction policy (issue 16, first slice): every built-in eviction policy
 as a plain copy-on-miss system, Mixtral-8x7B on an A40, 3 slots per layer, the first 3,000
 tokens of the shared Mixtral trace (cut at a pass boundary), batch 1, closed loop, cache kept
-across requests, bounds on (the default). LRU and FIFO take the compiled cache kernels; every
-other policy the general pass (expertsim.sim.fast.general: the system's own ExpertCache and
-LayerServer once, then the compiled timing kernels). Checks that both engines give the same
-metrics and iteration records.
+across requests, bounds on (the default). LRU and FIFO take the compiled cache kernels; static,
+eam-priority and sequence-activation the prefetching kernel (as the ComposedSystem a plain system
+acts as); every other policy the general pass (expertsim.sim.fast.general: the system's own
+ExpertCache and LayerServer once, then the compiled timing kernels). Checks that both engines give
+the same metrics and iteration records.
 
     python benchmarks/bench_eviction_engines.py                        # results/eviction_engines.json
     python benchmarks/bench_eviction_engines.py --policies lfu,belady --tokens 1000
@@ -18,6 +19,19 @@ import time
 
 from bench_engines import compare
 from common import machine, save, shared_trace
+
+
+def _path(model, hardware, system, cfg) -> str:
+    """Which fast path the dispatch gives this run, in words."""
+    from expertsim.sim import SimOptions, Simulation
+    from expertsim.sim.engine import _fast_path_of
+    from expertsim.sim.fast import plans, support
+
+    sim = Simulation(model, hardware, system, cfg, options=SimOptions(engine="fast"))
+    path = _fast_path_of(sim, sim.options)
+    if support.supports_simulation(system, cfg, sim.options, model=model, hardware=hardware):
+        return "compiled cache kernel"
+    return "compiled prefetching kernel" if path is plans.simulate else "general pass"
 
 
 def main() -> None:
@@ -54,7 +68,7 @@ def main() -> None:
         if des.iterations != fast.iterations:
             bad.append("iteration records differ")
         simulated = des.metrics["total_s"]
-        row = {"policy": name, "path": "compiled cache kernel" if name in ("lru", "fifo") else "general pass",
+        row = {"policy": name, "path": _path(model, hardware, make_policy(name), cfg),
                "tokens": des.metrics["tokens"], "simulated_s": simulated, "hit_rate": des.metrics["hit_rate"],
                "des_wall_s": des_wall, "fast_wall_s": fast_wall, "des_realtime_factor": simulated / des_wall,
                "fast_realtime_factor": simulated / fast_wall, "speedup": des_wall / fast_wall,
