@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.jit import _njit, map_threads
+from expertsim.jit import _njit, _njit_inline, map_threads
 
 SOLVE_IN_ORDER_MAX = 8192  # active features up to which the ridge solve runs in a fixed order (numba)
 
@@ -218,17 +218,8 @@ def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_
             if col >= 0:  # a repeated expert (-1) is one column, counted once
                 rows[m] = col - base
                 m += 1
-        if pair_at >= 0:  # the two lowest ids at s (np.sort's first two)
-            a = num_experts
-            b = num_experts
-            for j in range(kk):
-                e = experts[tok, s, j]
-                if e < a:
-                    b = a
-                    a = e
-                elif e < b:
-                    b = e
-            rows[m] = pair_at + a * num_experts + b
+        if pair_at >= 0:
+            rows[m] = pair_at + _pair_code(experts, tok, s, num_experts)
             m += 1
         if prev_known[tok]:
             p = prev[tok]
@@ -341,6 +332,35 @@ def _mirrored(half):
     return out
 
 
+@_njit_inline
+def _pair_code(experts, r, s, num_experts):
+    """The expert-pair column of row ``r`` at layer ``s``: its two lowest expert ids a <= b
+    (np.sort's first two), a * experts + b."""
+    a = num_experts
+    b = num_experts
+    for j in range(experts.shape[2]):
+        e = experts[r, s, j]
+        if e < a:
+            b = a
+            a = e
+        elif e < b:
+            b = e
+    return a * num_experts + b
+
+
+@_njit_inline
+def _row_columns(cols, r, out):
+    """Row ``r``'s one-hot columns (repeats left out) into ``out``; how many."""
+    a = 0
+    for layer in range(cols.shape[1]):
+        for j in range(cols.shape[2]):
+            c = cols[r, layer, j]
+            if c >= 0:
+                out[a] = c
+                a += 1
+    return a
+
+
 @_njit
 def _route_counts(cols, prev, known, width, lo, hi):
     """:func:`route_counts` over rows ``lo..hi-1``, ``oo`` and ``vv`` with each unordered pair of
@@ -357,13 +377,7 @@ def _route_counts(cols, prev, known, width, lo, hi):
     theirs = np.empty(m, dtype=np.int64)
     nk = 0
     for r in range(lo, hi):
-        a = 0
-        for layer in range(num_layers):
-            for j in range(k):
-                c = cols[r, layer, j]
-                if c >= 0:
-                    mine[a] = c
-                    a += 1
+        a = _row_columns(cols, r, mine)
         for i in range(a):
             ci = mine[i]
             own[ci] += 1
@@ -371,14 +385,7 @@ def _route_counts(cols, prev, known, width, lo, hi):
                 oo[ci, mine[j]] += 1
         if known[r]:
             nk += 1
-            p = prev[r]
-            b = 0
-            for layer in range(num_layers):
-                for j in range(k):
-                    c = cols[p, layer, j]
-                    if c >= 0:
-                        theirs[b] = c
-                        b += 1
+            b = _row_columns(cols, prev[r], theirs)
             for i in range(a):
                 ko[mine[i]] += 1
             for i in range(b):
@@ -536,16 +543,7 @@ def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_laye
             if index[c] >= 0:
                 hi = index[c] + 1
         for r in range(n):
-            a = E
-            b2 = E
-            for j in range(k):  # the two lowest ids at s (np.sort's first two)
-                e = experts[r, s, j]
-                if e < a:
-                    b2 = a
-                    a = e
-                elif e < b2:
-                    b2 = e
-            pc = index[pair_at + a * E + b2]
+            pc = index[pair_at + _pair_code(experts, r, s, E)]
             sx[pc] += 1.0
             G[pc, pc] += 1.0
             for layer in range(first, s + 1):
