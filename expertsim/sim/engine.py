@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -181,6 +182,18 @@ def _longest_request_context(trace: RoutingTrace) -> int:
     return int(trace.position.max()) + 1 if trace.num_tokens else 1
 
 
+@functools.lru_cache(maxsize=1)
+def simpy_internals_ok() -> bool:
+    """Whether this SimPy has the internals the DES's shortcuts read and write (SimPy 4: the
+    environment's ``_queue`` heap and ``_now``, a triggered event's ``_ok`` and ``_value``), tried
+    on an environment of its own; without them a run takes the plain DES, SimPy's public
+    interface only (the same results, slower)."""
+    env = simpy.Environment()
+    event = env.event().succeed()
+    return (isinstance(getattr(env, "_queue", None), list) and getattr(env, "_now", None) == env.now
+            and getattr(event, "_ok", None) is True and hasattr(event, "_value"))
+
+
 class _DesRun(ComputeStreamBook, LinkProcesses):
     """The SimPy processes of one run."""
 
@@ -198,6 +211,8 @@ class _DesRun(ComputeStreamBook, LinkProcesses):
         self._wall0 = self._last_report = time.perf_counter()
         self.cache, self.server, self.cost = cache, server, sim.cost
         self.env = simpy.Environment()
+        if self.SKIP_COMPUTES and not simpy_internals_ok():
+            self.SKIP_COMPUTES = False  # a SimPy without the internals the shortcuts use: the plain DES
         link = sim.hardware.link
         # SimPy's own resource in the plain DES (the tests compare the two)
         resource = LinkResource if self.SKIP_COMPUTES else SortedPriorityResource

@@ -104,3 +104,11 @@ def test_hits_between_copies_are_skipped_and_copies_are_not(monkeypatch):
     assert events < events_ref
 
 
+
+
+def test_simpy_has_the_internals_the_shortcuts_use():
+    """The DES's shortcuts read SimPy 4's private queue, clock and event fields; a SimPy without
+    them would make runs take the plain DES (engine.simpy_internals_ok), so this fails first."""
+    from expertsim.sim.engine import simpy_internals_ok
+
+    assert simpy_internals_ok()
