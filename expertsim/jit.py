@@ -69,12 +69,25 @@ try:  # numba is optional: the `fast` extra
     import numba
 
     HAVE_NUMBA = True
-    _where = kernel_cache_dir()
-    if _where is not None:
-        numba.config.CACHE_DIR = str(_where)
-    _njit = numba.njit(cache=True, nogil=True)
+    _WHERE = kernel_cache_dir()
+
+    def _in_kernel_cache(decorator):
+        """``decorator`` applied with numba's cache directory set to :func:`kernel_cache_dir`
+        (numba reads it when a function is decorated), then put back: a user's own numba
+        functions in the same process keep theirs."""
+        def apply(func):
+            before = numba.config.CACHE_DIR
+            if _WHERE is not None:
+                numba.config.CACHE_DIR = str(_WHERE)
+            try:
+                return decorator(func)
+            finally:
+                numba.config.CACHE_DIR = before
+        return apply
+
+    _njit = _in_kernel_cache(numba.njit(cache=True, nogil=True))
     objmode = numba.objmode  # a block of a kernel that calls back into Python
-    _njit_gil = numba.njit(cache=True)  # for a kernel with an objmode block (it holds the GIL)
+    _njit_gil = _in_kernel_cache(numba.njit(cache=True))  # for a kernel with an objmode block (it holds the GIL)
 except ImportError:  # pragma: no cover - exercised where numba is absent
     HAVE_NUMBA = False
 
@@ -89,7 +102,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
         return contextlib.nullcontext()
 
 if HAVE_NUMBA:
-    _njit_inline = numba.njit(cache=True, nogil=True, inline="always")
+    _njit_inline = _in_kernel_cache(numba.njit(cache=True, nogil=True, inline="always"))
 else:  # pragma: no cover
     def _njit_inline(func):
         return func

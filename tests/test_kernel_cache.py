@@ -39,7 +39,13 @@ def test_stale_caches_are_removed_and_the_current_one_kept(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not jit.HAVE_NUMBA, reason="numba absent: no compiled kernels")
-def test_the_kernels_are_cached_under_it():
+def test_the_kernels_are_cached_under_it_and_numbas_setting_is_left_alone():
     import numba
+    import numpy as np
 
-    assert numba.config.CACHE_DIR == str(jit.kernel_cache_dir())
+    from expertsim.policies.ridge import own_columns
+
+    own_columns(np.zeros((2, 1, 1), dtype=np.int64), 3)
+    where = jit.kernel_cache_dir()
+    assert any(where.rglob("*own_columns*.nbi"))  # this kernel's index is in the kernels' cache
+    assert numba.config.CACHE_DIR == (os.environ.get("NUMBA_CACHE_DIR") or "")  # not changed for others
