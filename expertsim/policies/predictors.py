@@ -138,21 +138,14 @@ class RoutePredictor:
         n = len(tokens)
         if n == 1:  # a decode token: the same matrix from Python ints (numpy's per-call cost dominates)
             return self._features_one(trace, int(tokens[0]), s, t)
-        first = 0 if self.window is None else max(0, s - self.window + 1)
+        first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
         own = s + 1 - first  # one-hot blocks of the token's own routing
-        use_pair = s >= 0 and E * E <= 4096 and trace.top_k > 1
-        prev_layers = sorted({t, s} if s >= 0 else {t, max(t - 1, 0)})
-        use_prior = self._priors is not None and trace.token_id is not None
-        pair_at = own * E
-        prev_at = pair_at + (E * E if use_pair else 0)
-        known_at = prev_at + len(prev_layers) * E
-        width = known_at + 1 + (E if use_prior else 0)
         X = np.zeros((n, width), dtype=np.float32)
         rows = np.arange(n)[:, None]
         if own > 0:
             routes = trace.experts[tokens, first:s + 1].astype(np.int64)  # [n, own, k]
             X[rows, (routes + (np.arange(own) * E)[None, :, None]).reshape(n, -1)] = 1.0
-        if use_pair:
+        if pair_at >= 0:
             ex = np.sort(trace.experts[tokens, s].astype(np.int64), axis=1)
             X[np.arange(n), pair_at + ex[:, 0] * E + ex[:, 1]] = 1.0
         idx = self._trace_index(trace)
@@ -188,9 +181,9 @@ class RoutePredictor:
 
     def _token_rows(self, trace, token: int) -> tuple:
         """One token's routing as Python lists (its layers' experts; its previous token's, or
-        None when unknown; its one-hot columns over every layer) and its token-id prior at every
-        layer (None without one), kept for the token last asked about (a pass asks at every
-        layer)."""
+        None when unknown; its one-hot columns over every layer) and its row of the prior tables
+        (:meth:`_prior_codes`; None without a prior), kept for the token last asked about (a pass
+        asks at every layer)."""
         one = self._one
         if one is not None and one[0] is trace and one[1] == token:
             return one[2]
@@ -200,25 +193,17 @@ class RoutePredictor:
         E = self._E
         own = np.zeros(len(rows) * E, dtype=np.float32)  # one-hot over every layer (window None: a prefix)
         own[[b * E + e for b, layer in enumerate(rows) for e in layer]] = 1.0
-        prior = None
+        code = None
         if self._priors is not None and trace.token_id is not None:
-            vocab, counts, sums, base = self._priors
-            tid = trace.token_id[token]
-            p = min(int(np.searchsorted(vocab, tid)), len(vocab) - 1)
-            m = self.prior_smoothing
-            # every layer's row of _token_prior at once (element by element the same arithmetic)
-            if vocab[p] == tid:
-                prior = ((sums[p] + m * base) / (counts[p] + m)).astype(np.float32)
-            else:
-                prior = ((0.0 + m * base) / (0.0 + m)).astype(np.float32)
-        self._one = (trace, token, (rows, prev, own, prior))
+            code = int(self._prior_codes(trace.token_id[token:token + 1])[0])
+        self._one = (trace, token, (rows, prev, own, code))
         return self._one[2]
 
     def _features_one(self, trace, token: int, s: int, t: int) -> np.ndarray:
         """:meth:`features` of one token (the same [1, width] float32 matrix, tested equal)."""
         E = self._E
         first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
-        rows, prev, own, prior = self._token_rows(trace, token)
+        rows, prev, own, code = self._token_rows(trace, token)
         X = np.zeros((1, width), dtype=np.float32)
         row = X[0]
         if first == 0:
@@ -234,7 +219,7 @@ class RoutePredictor:
                     row[prev_at + b * E + e] = 1.0
             row[known_at] = 1.0
         if use_prior:
-            row[known_at + 1:] = prior[t]
+            row[known_at + 1:] = self._prior_table(t)[code]
         return X
 
     def _token_prior(self, token_ids: np.ndarray, t: int) -> np.ndarray:
