@@ -8,8 +8,9 @@ known flag) and one dense block (the token-id prior at ``t``). A pair's X^T X an
 assembled from blocks that many pairs share (:func:`route_counts`: co-occurrence counts of the
 one-hot columns over every layer, exact integers; :func:`prior_sums`: the prior's sums per target
 layer, row by row in order) and a pass over the rows for the pair's own expert-pair column
-(:func:`pair_gram`). Every entry is the sum :func:`_gram` computes from the pair's dense
-features, with the same terms in the same order, so the two give the same bits (tested).
+(:func:`pair_gram`). Every entry is the sum over the pair's dense features (what
+``RoutePredictor.features`` builds), with the same terms in the same order, so the two give the
+same bits (tests/policies/test_ridge.py holds them equal).
 """
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ import numpy as np
 from expertsim.jit import _njit, _njit_inline, map_threads
 
 SOLVE_IN_ORDER_MAX = 8192  # active features up to which the ridge solve runs in a fixed order (numba)
-
-
-def fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
-    """Fit scikit-learn's ``Ridge(alpha)`` (with an intercept) on features ``X`` and targets
-    ``Y`` by its closed form (:func:`set_ridge`), the sums of :func:`_gram`."""
-    sx, sy, G, B = _gram(np.ascontiguousarray(X), np.ascontiguousarray(Y))
-    set_ridge(model, X.shape[0], sx, sy, G, B)
 
 
 def set_ridge(model, n: int, sx, sy, G, B, index=None) -> None:
@@ -40,7 +34,7 @@ def set_ridge(model, n: int, sx, sy, G, B, index=None) -> None:
     90 Mixtral layer pairs differed in the last bits between two fits in one process; LAPACK's
     Cholesky and the BLAS products vary with their buffers), enough to flip a near tie between
     two experts and move a learned-prefetch run by a hit. Here every sum runs in a fixed order
-    (:func:`_gram` or :func:`pair_gram`, :func:`_solve_spd`) up to ``SOLVE_IN_ORDER_MAX`` active
+    (:func:`pair_gram`, :func:`_solve_spd`) up to ``SOLVE_IN_ORDER_MAX`` active
     features (Mixtral's largest is ~350, DeepSeek-V2-Lite's ~2,300: 0.3 s on this machine);
     beyond, the solve is LAPACK's (not bit-reproducible)."""
     x_mean, y_mean = sx / n, sy / n
@@ -131,45 +125,6 @@ def _intercept(coef, x_mean, y_mean):
             acc += coef[e, j] * x_mean[j]
         out[e] = y_mean[e] - acc
     return out
-
-
-@_njit
-def _gram(X, Y):
-    """Column sums of X and Y, X^T X and X^T Y, in float64, row by row in order over each row's
-    nonzero columns only (the features are mostly one-hot)."""
-    n, w = X.shape
-    e = Y.shape[1]
-    sx = np.zeros(w)
-    sy = np.zeros(e)
-    G = np.zeros((w, w))
-    B = np.zeros((w, e))
-    nz = np.zeros(w, dtype=np.int64)
-    ny = np.zeros(e, dtype=np.int64)
-    for r in range(n):
-        m = 0
-        for c in range(w):
-            if X[r, c] != 0:
-                nz[m] = c
-                m += 1
-        my = 0
-        for c in range(e):
-            if Y[r, c] != 0:
-                ny[my] = c
-                my += 1
-        for a in range(m):
-            i = nz[a]
-            xi = np.float64(X[r, i])
-            sx[i] += xi
-            for b in range(a, m):
-                G[i, nz[b]] += xi * np.float64(X[r, nz[b]])
-            for b in range(my):
-                B[i, ny[b]] += xi * np.float64(Y[r, ny[b]])
-        for b in range(my):
-            sy[ny[b]] += np.float64(Y[r, ny[b]])
-    for i in range(w):
-        for j in range(i + 1, w):
-            G[j, i] = G[i, j]
-    return sx, sy, G, B
 
 
 LANES = 8  # experts scored together in registers by _ridge_top (coef's columns padded to a multiple)
@@ -346,6 +301,15 @@ def _pair_code(experts, r, s, num_experts):
         elif e < b:
             b = e
     return a * num_experts + b
+
+
+@_njit
+def _pair_codes(experts, s, num_experts):
+    """:func:`_pair_code` of every row at layer ``s``."""
+    out = np.empty(experts.shape[0], dtype=np.int64)
+    for r in range(experts.shape[0]):
+        out[r] = _pair_code(experts, r, s, num_experts)
+    return out
 
 
 @_njit_inline
@@ -533,15 +497,14 @@ def pair_gram(cols, experts, prev, known, prior, first, s, t, pair_at, prev_laye
         for e in range(E):
             B[pi, e] = ro[t * E + e, jj]
     if pair_at >= 0:
-        lo = index[pair_at]  # the pair columns' places: from the first set one on, in order
-        for c in range(pair_at, pair_at + E * E):
+        lo = 0  # the pair columns' places are lo..hi-1: after every set column before them
+        for c in range(pair_at):
             if index[c] >= 0:
-                lo = index[c]
-                break
+                lo += 1
         hi = lo
         for c in range(pair_at, pair_at + E * E):
             if index[c] >= 0:
-                hi = index[c] + 1
+                hi += 1
         for r in range(n):
             pc = index[pair_at + _pair_code(experts, r, s, E)]
             sx[pc] += 1.0
@@ -583,8 +546,7 @@ def active_columns(cols, experts, prev, known, first, s, pair_at, prev_layers, p
     n_own = (s + 1 - first) * E
     on[:n_own] = own[first * E:first * E + n_own] > 0
     if pair_at >= 0:
-        low2 = np.sort(np.asarray(experts[:, s]), axis=1)[:, :2].astype(np.int64)
-        on[pair_at + np.unique(low2[:, 0] * E + low2[:, 1])] = True
+        on[pair_at + _pair_codes(experts, s, E)] = True
     for b, layer in enumerate(prev_layers):
         on[prev_at + b * E:prev_at + (b + 1) * E] = kv[layer * E:(layer + 1) * E] > 0
     on[known_at] = nk > 0

@@ -6,9 +6,56 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expertsim.jit import _njit
 from expertsim.policies.predictors import RoutePredictor, _onehot
-from expertsim.policies.ridge import _gram, fit_ridge
+from expertsim.policies.ridge import set_ridge
 from expertsim.traces.trace import RoutingTrace
+
+
+def fit_ridge(model, X: np.ndarray, Y: np.ndarray) -> None:
+    """The reference fit: scikit-learn's ``Ridge(alpha)`` on the dense features ``X`` and
+    targets ``Y`` by its closed form (set_ridge), from the dense sums of :func:`_gram`."""
+    sx, sy, G, B = _gram(np.ascontiguousarray(X), np.ascontiguousarray(Y))
+    set_ridge(model, X.shape[0], sx, sy, G, B)
+
+
+@_njit
+def _gram(X, Y):
+    """The dense reference sums: column sums of X and Y, X^T X and X^T Y, in float64, row by row
+    in order over each row's nonzero columns only (what pair_gram's assembled sums must equal)."""
+    n, w = X.shape
+    e = Y.shape[1]
+    sx = np.zeros(w)
+    sy = np.zeros(e)
+    G = np.zeros((w, w))
+    B = np.zeros((w, e))
+    nz = np.zeros(w, dtype=np.int64)
+    ny = np.zeros(e, dtype=np.int64)
+    for r in range(n):
+        m = 0
+        for c in range(w):
+            if X[r, c] != 0:
+                nz[m] = c
+                m += 1
+        my = 0
+        for c in range(e):
+            if Y[r, c] != 0:
+                ny[my] = c
+                my += 1
+        for a in range(m):
+            i = nz[a]
+            xi = np.float64(X[r, i])
+            sx[i] += xi
+            for b in range(a, m):
+                G[i, nz[b]] += xi * np.float64(X[r, nz[b]])
+            for b in range(my):
+                B[i, ny[b]] += xi * np.float64(Y[r, ny[b]])
+        for b in range(my):
+            sy[ny[b]] += np.float64(Y[r, ny[b]])
+    for i in range(w):
+        for j in range(i + 1, w):
+            G[j, i] = G[i, j]
+    return sx, sy, G, B
 
 
 @st.composite
@@ -62,7 +109,7 @@ def test_pair_sums_are_the_dense_features_sums(trace, distances, path, window):
 
 
 def test_dense_sums_are_the_features_products():
-    """_gram itself: X^T X, X^T Y and the column sums of a small dense matrix."""
+    """The reference _gram itself: X^T X, X^T Y and the column sums of a small dense matrix."""
     rng = np.random.default_rng(3)
     X = (rng.random((40, 7)) < 0.3).astype(np.float32)
     X[:, 6] = rng.random(40).astype(np.float32)
