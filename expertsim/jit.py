@@ -124,8 +124,6 @@ def map_threads(fn, items) -> list:
 
 
 def _cpus() -> int:
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
