@@ -112,7 +112,7 @@ def supports_simulation(system, cache_config, options, *, model=None, hardware=N
 
     if system_kind(system) is None or options.scope != "global":
         return False
-    if as_composed(system).allocator is not None and runtime_for(system, options.runtime).writeback:
+    if getattr(system, "allocator", None) is not None and runtime_for(system, options.runtime).writeback:
         return False  # the write-backs of the allocator's evictions are not in the kernel
     return support.run_supported(system, cache_config, options, model=model, hardware=hardware, writeback=True)
 
