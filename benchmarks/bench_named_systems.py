@@ -80,7 +80,7 @@ def main() -> None:
         fast, fast_wall, s = sim(name, "fast", trace)
         fit_s = _predictor_fit_s(s.system)
         for _ in range(args.repeat - 1 if fast_wall < 5 else 0):  # the machine is shared: best of a few short runs
-            again, wall, s2 = sim(name, "fast", trace)
+            _, wall, s2 = sim(name, "fast", trace)
             if wall < fast_wall:
                 fast_wall, fit_s = wall, _predictor_fit_s(s2.system)
         path = _fast_path_of(s, s.options)
