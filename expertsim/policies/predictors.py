@@ -25,9 +25,8 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.jit import map_threads
-from expertsim.policies.ridge import (
-    _ridge_top, active_columns, own_columns, padded_coef, pair_gram, prior_sums, route_counts, set_ridge,
-)
+from expertsim.policies.ridge import active_columns, own_columns, pair_gram, prior_sums, route_counts, set_ridge
+from expertsim.policies.ridge_scores import padded_coef, ridge_top, ridge_unions
 
 
 def training_requests(trace, fraction: float):
@@ -391,21 +390,48 @@ class RoutePredictor:
 
     def predict_top(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> np.ndarray:
         """[tokens, k] experts with the highest scores (ties: lowest id). A ridge model's scores
-        are summed over the token's nonzero features only (:func:`_ridge_top`: the same model,
-        each token on its own, in a fixed order, so a token's prediction does not depend on which
-        tokens are asked with it)."""
-        model = self.models.get((s, t))
-        if self.model == "ridge" and model is not None and not isinstance(model, tuple):
-            return self._ridge_top(trace, np.asarray(tokens, dtype=np.int64), s, t, k, model)
+        are summed over the token's nonzero features only (:mod:`~expertsim.policies.ridge_scores`:
+        the same model, each token on its own, in a fixed order, so a token's prediction does not
+        depend on which tokens are asked with it)."""
+        if self._scored(s, t):
+            return ridge_top(*self._ridge_args(trace, np.asarray(tokens, dtype=np.int64), s, t), k)
         sc = self.scores(trace, tokens, s, t)
         return np.argsort(-sc, axis=1, kind="stable")[:, :k]  # stable: equal scores keep id order
 
-    def _ridge_top(self, trace, tokens, s, t, k, model) -> np.ndarray:
+    def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
+        """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
+        if self._scored(s, t):
+            tokens = np.asarray(tokens, dtype=np.int64)
+            bounds = np.array([0, len(tokens)], dtype=np.int64)
+            return self.predict_unions(trace, tokens, bounds[:1], bounds[1:], s, t, k)[1].tolist()
+        return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
+
+    def predict_unions(self, trace, tokens: np.ndarray, start: np.ndarray, stop: np.ndarray, s: int, t: int,
+                       k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_union` of each pass ``tokens[start[p]:stop[p]]``, at once: (the count
+        per pass, the experts pass after pass), int64."""
+        if self._scored(s, t):
+            tokens = np.asarray(tokens, dtype=np.int64)
+            args = self._ridge_args(trace, tokens, s, t)
+            return ridge_unions(tokens, np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64),
+                                *args[1:], k)
+        parts = [self.predict_union(trace, tokens[a:b], s, t, k) for a, b in zip(start, stop)]
+        return (np.array([len(u) for u in parts], dtype=np.int64),
+                np.array([e for u in parts for e in u], dtype=np.int64))
+
+    def _scored(self, s: int, t: int) -> bool:
+        """Whether (s, t) has a ridge model the compiled scorer reads."""
+        model = self.models.get((s, t))
+        return self.model == "ridge" and model is not None and not isinstance(model, tuple)
+
+    def _ridge_args(self, trace, tokens, s, t) -> tuple:
+        """The scorer's arguments for these tokens at (s, t), but k."""
         E = self._E
         first, pair_at, prev_layers, prev_at, known_at, width, use_prior = self._layout(trace, s, t)
         idx = self._trace_index(trace)
         cached = self._coef.get((s, t))
         if cached is None:  # coef [width, E padded] float64, rows contiguous; intercept [E padded]
+            model = self.models[(s, t)]
             cached = self._coef[(s, t)] = padded_coef(np.asarray(model.coef_, dtype=np.float64).T,
                                                       np.asarray(model.intercept_, dtype=np.float64).ravel())
         coef, intercept = cached
@@ -414,13 +440,8 @@ class RoutePredictor:
         else:
             table, codes = np.zeros((1, 0), dtype=np.float32), np.zeros(len(tokens), dtype=np.int64)
         experts = np.asarray(trace.experts)
-        return _ridge_top(tokens, experts, idx.columns(experts, E), idx.prev, idx.prev_known, first, s, pair_at,
-                          np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, table, codes, coef, intercept,
-                          E, k)
-
-    def predict_union(self, trace, tokens: np.ndarray, s: int, t: int, k: int) -> list[int]:
-        """The experts of :meth:`predict_top` over all ``tokens`` (ascending, each once)."""
-        return np.unique(self.predict_top(trace, tokens, s, t, k)).tolist()
+        return (tokens, experts, idx.columns(experts, E), idx.prev, idx.prev_known, first, s, pair_at,
+                np.asarray(prev_layers, dtype=np.int64), prev_at, known_at, table, codes, coef, intercept, E)
 
     def evaluate(self, trace, *, distance: int = 1, phase: str = "decode", k: int | None = None,
                  threshold: float = 0.5) -> dict:

@@ -1,6 +1,7 @@
 """The ridge regressions of :class:`~expertsim.policies.predictors.RoutePredictor`: the closed
 form fitted in a fixed order of sums (bit-reproducible, unlike a BLAS/LAPACK fit), the sums of
-every (source, target) layer pair from a few shared count matrices, and the compiled top-k scorer.
+every (source, target) layer pair from a few shared count matrices (the compiled scorer of the
+fitted models: :mod:`~expertsim.policies.ridge_scores`).
 
 The features of a pair (see the predictors module) are one-hot blocks (the token's routing at
 layers ``first..s``, its expert pair at ``s``, the previous token's routing at two layers, the
@@ -124,116 +125,6 @@ def _intercept(coef, x_mean, y_mean):
         for j in range(coef.shape[1]):
             acc += coef[e, j] * x_mean[j]
         out[e] = y_mean[e] - acc
-    return out
-
-
-LANES = 8  # experts scored together in registers by _ridge_top (coef's columns padded to a multiple)
-
-
-def padded_coef(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A ridge model's coefficients [features, experts] and intercept as float64 with the experts'
-    axis padded with zeros to a multiple of ``LANES`` (what :func:`_ridge_top` reads)."""
-    width, E = coef.shape
-    padded = -(-E // LANES) * LANES
-    c = np.zeros((width, padded))
-    c[:, :E] = coef
-    i = np.zeros(padded)
-    i[:E] = intercept
-    return c, i
-
-
-@_njit
-def _ridge_top(tokens, experts, cols, prev, prev_known, first, s, pair_at, prev_layers, prev_at, known_at,
-               prior_table, prior_code, coef, intercept, num_experts, k):
-    """RoutePredictor.predict_top for a ridge model: each token's scores, intercept plus the
-    coefficient rows of its one-hot features (its routing at layers first..s, ``cols`` of
-    :func:`own_columns`; its expert pair at s; its previous token's routing at ``prev_layers``
-    and the known flag) plus its prior row (``prior_table`` row ``prior_code[i]``; a table of
-    no columns: no prior) times the prior's rows, summed in that order in float64 (``LANES``
-    experts at a time, in registers; ``coef`` and ``intercept`` from :func:`padded_coef`); then
-    the k highest (ties: lowest id)."""
-    n = tokens.shape[0]
-    kk = experts.shape[2]
-    n_prior = prior_table.shape[1]
-    out = np.zeros((n, k), dtype=np.int64)
-    sc = np.zeros(coef.shape[1], dtype=np.float64)
-    taken = np.zeros(num_experts, dtype=np.bool_)
-    rows = np.zeros((s + 1 - first + prev_layers.shape[0]) * kk + 2, dtype=np.int64)
-    base = first * num_experts
-    flat = cols.reshape(cols.shape[0], cols.shape[1] * kk)  # a token's columns, layer by layer
-    lo, hi = first * kk, (s + 1) * kk
-    shift = np.zeros(prev_layers.shape[0], dtype=np.int64)  # a previous token's column -> its row
-    for bl in range(prev_layers.shape[0]):
-        shift[bl] = prev_at + bl * num_experts - prev_layers[bl] * num_experts
-    for i in range(n):
-        tok = tokens[i]
-        m = 0  # the rows of the token's one-hot features, in the order they are summed
-        for q in range(np.uint64(lo), np.uint64(hi)):
-            col = flat[tok, q]
-            if col >= 0:  # a repeated expert (-1) is one column, counted once
-                rows[m] = col - base
-                m += 1
-        if pair_at >= 0:
-            rows[m] = pair_at + _pair_code(experts, tok, s, num_experts)
-            m += 1
-        if prev_known[tok]:
-            p = prev[tok]
-            for bl in range(prev_layers.shape[0]):
-                at = prev_layers[bl] * kk
-                for j in range(kk):
-                    col = flat[p, at + j]
-                    if col >= 0:
-                        rows[m] = shift[bl] + col
-                        m += 1
-            rows[m] = known_at
-            m += 1
-        code = prior_code[i] if n_prior > 0 else 0
-        for c in range(0, coef.shape[1], LANES):
-            a0 = intercept[c]
-            a1 = intercept[c + 1]
-            a2 = intercept[c + 2]
-            a3 = intercept[c + 3]
-            a4 = intercept[c + 4]
-            a5 = intercept[c + 5]
-            a6 = intercept[c + 6]
-            a7 = intercept[c + 7]
-            for q in range(m):
-                r = rows[q]
-                a0 += coef[r, c]
-                a1 += coef[r, c + 1]
-                a2 += coef[r, c + 2]
-                a3 += coef[r, c + 3]
-                a4 += coef[r, c + 4]
-                a5 += coef[r, c + 5]
-                a6 += coef[r, c + 6]
-                a7 += coef[r, c + 7]
-            for j in range(n_prior):
-                v = np.float64(prior_table[code, j])
-                r = known_at + 1 + j
-                a0 += v * coef[r, c]
-                a1 += v * coef[r, c + 1]
-                a2 += v * coef[r, c + 2]
-                a3 += v * coef[r, c + 3]
-                a4 += v * coef[r, c + 4]
-                a5 += v * coef[r, c + 5]
-                a6 += v * coef[r, c + 6]
-                a7 += v * coef[r, c + 7]
-            sc[c] = a0
-            sc[c + 1] = a1
-            sc[c + 2] = a2
-            sc[c + 3] = a3
-            sc[c + 4] = a4
-            sc[c + 5] = a5
-            sc[c + 6] = a6
-            sc[c + 7] = a7
-        taken[:] = False
-        for r in range(k):  # the highest score, lowest id first among equals
-            best = -1
-            for e in range(num_experts):
-                if not taken[e] and (best < 0 or sc[e] > sc[best]):
-                    best = e
-            taken[best] = True
-            out[i, r] = best
     return out
 
 

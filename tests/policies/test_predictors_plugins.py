@@ -253,6 +253,31 @@ def test_one_token_features_equal_the_batched_rows(kwargs):
                                                   kind="stable")[:2].tolist())
 
 
+@pytest.mark.parametrize("model", ["ridge", "logistic"])
+def test_pass_unions_are_the_unions_of_each_tokens_top_k(model):
+    """predict_unions (a pass stops scoring once its union holds every expert) must give, for
+    every pass, the set of its tokens' predict_top rows, whatever the passes' sizes (one token,
+    many: saturated) and the tokens' order."""
+    trace = structured_trace(tokens=320, experts=6)
+    pred = RoutePredictor(distances=(1, 2), model=model).fit(training_requests(trace, 0.5))
+    rng = np.random.default_rng(5)
+    tokens = rng.permutation(trace.num_tokens)
+    cuts = np.unique(np.concatenate([[0, len(tokens)], rng.integers(0, len(tokens), 60)]))
+    start, stop = cuts[:-1], cuts[1:]
+    saturated = 0
+    for s, t in pred.pairs(trace.num_layers):
+        for k in (1, 2):
+            counts, experts = pred.predict_unions(trace, tokens, start, stop, s, t, k)
+            assert counts.sum() == len(experts)
+            at = np.concatenate([[0], np.cumsum(counts)])
+            for p, (a, b) in enumerate(zip(start, stop)):
+                expected = np.unique(pred.predict_top(trace, tokens[a:b], s, t, k)).tolist()
+                assert experts[at[p]:at[p + 1]].tolist() == expected, (s, t, k, p)
+                assert pred.predict_union(trace, tokens[a:b], s, t, k) == expected
+                saturated += len(expected) == trace.num_experts
+    assert saturated > 0  # some passes stopped early
+
+
 def test_prefill_scores_are_the_one_thread_product():
     """A several-token product runs on one BLAS thread, so its float32 bits do not depend on
     the machine's thread count: it must equal the product computed under a one-thread limit."""

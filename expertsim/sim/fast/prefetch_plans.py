@@ -211,21 +211,25 @@ def learned_ok(prefetcher) -> bool:
 
 def learned_requests(groups, sched, trace, num_moe, prefetcher):
     """LearnedPrefetch: at group (pass, l), for each target layer t, the union of the pass's
-    tokens' predicted top-k at t (``RoutePredictor.predict_top`` from layer l, each token on its
-    own), priority t - l. One prediction per (l, t) for every token of the trace."""
+    tokens' predicted top-k at t (``RoutePredictor.predict_unions`` from layer l, each token on
+    its own), priority t - l. One prediction per (l, t) for every pass of the trace."""
+    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]  # by layer, then t
+    return learned_pairs_requests(sched, trace, num_moe, prefetcher, pairs)
+
+
+def learned_pairs_requests(sched, trace, num_moe, prefetcher, pairs):
+    """:func:`learned_requests` for the layer pairs ``pairs`` (by layer, then target)."""
     n_pass = len(sched.start)
     pstart = np.asarray(sched.start, dtype=np.int64)
     pstop = np.asarray(sched.stop, dtype=np.int64)
     tokens = np.arange(trace.num_tokens, dtype=np.int64)
-    k, E = prefetcher._k, trace.num_experts
-    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]  # by layer, then t
+    k = prefetcher._k
 
     def unions(pair):  # kernel calls (nogil): the pairs run on threads
-        top = prefetcher.predictor.predict_top(trace, tokens, pair[0], pair[1], k)
-        return _pass_unions(pstart, pstop, np.ascontiguousarray(top, dtype=np.int64), E)
+        return prefetcher.predictor.predict_unions(trace, tokens, pstart, pstop, pair[0], pair[1], k)
 
     if not pairs:
-        return np.zeros(len(groups.layer), dtype=np.int64), *(np.zeros(0, np.int64),) * 3
+        return np.zeros(n_pass * num_moe, dtype=np.int64), *(np.zeros(0, np.int64),) * 3
     found = [unions(pairs[0])]  # the predictor's per-trace tables, made once
     found += map_threads(unions, pairs[1:])
     per_pass = np.stack([f[0] for f in found], axis=1)  # [passes, pairs]
@@ -264,27 +268,6 @@ def _by_group(n_pass, num_moe, layers, targets, per_pass, experts, begin):
                 counts[g] += c
                 i += 1
     return counts, out_layer, out_expert, out_prio
-
-
-@_njit
-def _pass_unions(pstart, pstop, top, num_experts):
-    """Per pass, the distinct experts of its tokens' rows of ``top``, ascending (np.unique)."""
-    n_pass = pstart.shape[0]
-    per_pass = np.zeros(n_pass, dtype=np.int64)
-    out = np.zeros(min(top.shape[0] * top.shape[1], n_pass * num_experts), dtype=np.int64)
-    seen = np.zeros(num_experts, dtype=np.bool_)
-    n = 0
-    for p in range(n_pass):
-        for tok in range(pstart[p], pstop[p]):
-            for j in range(top.shape[1]):
-                seen[top[tok, j]] = True
-        for e in range(num_experts):
-            if seen[e]:
-                seen[e] = False
-                out[n] = e
-                n += 1
-                per_pass[p] += 1
-    return per_pass, out[:n]
 
 
 def eam_requests(groups, sched, trace, num_moe, prefetcher):
