@@ -294,19 +294,31 @@ def _plans(system, trace, sched, groups, cache):
     AdaptiveDistance's (initial, min, max distance, calm layers), zeros for a fixed one (its
     one plan, fitted here, unless a cross-layer allocator resizes the partitions during the run;
     the adaptive ones unfitted, one per distance; the kernel fits every plan with the slots of
-    the moment)."""
-    from expertsim.policies.prefetch import AdaptiveDistance
+    the moment), and None or a function giving every plan when some were left absent (starts
+    -1: over the learned predictor only the initial distance's is made first; on a link that
+    stalls at every layer the distance never moves, and two thirds of the predictions are not
+    needed)."""
+    from expertsim.policies.prefetch import AdaptiveDistance, LearnedPrefetch
+    from expertsim.sim.fast import prefetch_plans as pp
 
     adapt = np.zeros(4, dtype=np.int64)
     outer = system.prefetcher
     if type(outer) is not AdaptiveDistance:  # fitted here unless an allocator will move the slots
         moves = system.allocator is not None and system.allocator.active
         start, keys, prio = prefetch_plan(system, trace, sched, groups, cache, trim=not moves)
-        return start[None, :], keys, prio, adapt
+        return start[None, :], keys, prio, adapt, None
     inner, d0 = outer.inner, outer.inner.distance  # d0: set by prepare (initial_distance)
+    adapt[:] = d0, outer.min_distance, outer.max_distance, outer.calm_layers
+    distances = range(outer.min_distance, outer.max_distance + 1)
+    whole_passes = len(groups.layer) == len(sched.start) * cache.num_layers
+    if type(inner) is LearnedPrefetch and pp.learned_ok(inner) and whole_passes:  # each pair once
+        found: dict = {}  # the initial distance's plan first (the others when the kernel moves to them)
+        first = pp.learned_distance_plans(sched, trace, cache.num_layers, inner, distances, make={d0}, found=found)
+        return (*first, adapt, lambda: pp.learned_distance_plans(sched, trace, cache.num_layers, inner, distances,
+                                                                 found=found))
     starts, keys, prios, offset = [], [], [], 0
     try:
-        for d in range(outer.min_distance, outer.max_distance + 1):
+        for d in distances:
             inner.distance = d
             start, k, p = prefetch_plan(system, trace, sched, groups, cache, prefetcher=inner, trim=False)
             starts.append(start + offset)
@@ -315,8 +327,7 @@ def _plans(system, trace, sched, groups, cache):
             offset += len(k)
     finally:
         inner.distance = d0
-    adapt[:] = d0, outer.min_distance, outer.max_distance, outer.calm_layers
-    return np.stack(starts), np.concatenate(keys), np.concatenate(prios), adapt
+    return np.stack(starts), np.concatenate(keys), np.concatenate(prios), adapt, None
 
 
 def background_rank(system, trace, sched, groups, cache) -> np.ndarray:
@@ -378,7 +389,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     plain, system = system, as_composed(system)
     # no access plan: LRU, FIFO and the trace-only prefetchers never read it (Belady does)
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
-    pf_start, pf_key, pf_prio, adapt = _plans(system, trace, sched, groups, cache)
+    pf_start, pf_key, pf_prio, adapt, every_plan = _plans(system, trace, sched, groups, cache)
     alloc = np.zeros(2, dtype=np.int64)  # CrossLayerAllocator: interval, min slots (0: none)
     if system.allocator is not None and system.allocator.active:
         alloc[:] = system.allocator.interval, system.allocator._min
@@ -403,16 +414,23 @@ def simulate(model, hardware, system, cache_config, trace, options):
     request = np.asarray(sched.request)
     new_request = np.ones(len(request), dtype=np.bool_)  # the passes where on_request_start runs
     new_request[1:] = request[1:] != request[:-1]
-    begin, end, hits, misses, stall, experts, tot, err, dropped_mass, degraded_mass = k.simulate_kernel(
-        m.num_layers, moe_of_layer, dense, groups.start, groups.keys.astype(np.int64), groups.tokens.astype(np.int64),
-        pf_start, pf_key, pf_prio, per_layer, cap, kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
-        m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
-        opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
-        system.expert_order == "cache-aware", COPY_ROWS,
-        system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64),
-        initial, low_bytes, copy_ns_low, expert_ns_low, level, {"priority": 1, "sequence": 2}.get(kind, 0),
-        new_request, background_rank(system, trace, sched, groups, cache) if background else np.zeros(0, np.int64),
-        cost.transfer_time_ns(expert_bytes) if setup.runtime.writeback else 0, adapt, alloc)
+    g_keys, g_tokens = groups.keys.astype(np.int64), groups.tokens.astype(np.int64)
+    hot = system.eviction.counts.astype(np.float64) if kind == "static" else np.zeros(0, dtype=np.float64)
+    bg_rank = background_rank(system, trace, sched, groups, cache) if background else np.zeros(0, np.int64)
+
+    def run(pf_start, pf_key, pf_prio):  # a copy of the capacities each: the allocator moves them
+        return k.simulate_kernel(
+            m.num_layers, moe_of_layer, dense, groups.start, g_keys, g_tokens, pf_start, pf_key, pf_prio, per_layer,
+            cap.copy(), kind != "fifo", kind == "lru",  # recency; LRU.on_predicted
+            m.num_experts, expert_ns, copy_ns, cost.host_layer_ns, cost.host_expert_ns, setup.runtime.serialises_copies,
+            opts.link_queue == "fifo", expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background,
+            system.expert_order == "cache-aware", COPY_ROWS, hot, initial, low_bytes, copy_ns_low, expert_ns_low,
+            level, {"priority": 1, "sequence": 2}.get(kind, 0), new_request, bg_rank,
+            cost.transfer_time_ns(expert_bytes) if setup.runtime.writeback else 0, adapt, alloc)
+
+    begin, end, hits, misses, stall, experts, tot, err, dropped_mass, degraded_mass = run(pf_start, pf_key, pf_prio)
+    if err == -2:  # the distance moved to a plan not made: every plan, and the run again from the start
+        begin, end, hits, misses, stall, experts, tot, err, dropped_mass, degraded_mass = run(*every_plan())
     if err >= 0:
         layer = int(groups.layer[err])
         raise ConfigError(f"layer {layer}: cannot make room for an expert: the cache partition is smaller than one "

@@ -214,12 +214,57 @@ def learned_requests(groups, sched, trace, num_moe, prefetcher):
     tokens' predicted top-k at t (``RoutePredictor.predict_unions`` from layer l, each token on
     its own), priority t - l. One prediction per (l, t) for every pass of the trace."""
     pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]  # by layer, then t
-    return learned_pairs_requests(sched, trace, num_moe, prefetcher, pairs)
-
-
-def learned_pairs_requests(sched, trace, num_moe, prefetcher, pairs):
-    """:func:`learned_requests` for the layer pairs ``pairs`` (by layer, then target)."""
     n_pass = len(sched.start)
+    if not pairs:
+        return np.zeros(n_pass * num_moe, dtype=np.int64), *(np.zeros(0, np.int64),) * 3
+    found = _pair_unions(sched, trace, prefetcher, pairs)
+    per_pass = np.stack([f[0] for f in found], axis=1)  # [passes, pairs]
+    sizes = np.array([len(f[1]) for f in found], dtype=np.int64)
+    begin = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    layers = np.array([p[0] for p in pairs], dtype=np.int64)
+    targets = np.array([p[1] for p in pairs], dtype=np.int64)
+    return _by_group(n_pass, num_moe, layers, targets, per_pass, np.concatenate([f[1] for f in found]), begin)
+
+
+def learned_distance_plans(sched, trace, num_moe, prefetcher, distances, make=None, found=None):
+    """AdaptiveDistance over a LearnedPrefetch: the untrimmed plan of every distance in
+    ``distances`` (what :func:`~expertsim.sim.fast.plans.prefetch_plan` gives with ``trim=False``
+    at each), as the kernel reads them: starts [distances, groups + 1] into the keys (target layer
+    x experts + expert) and priorities of all of them, one after the other. Only the distances in
+    ``make`` (None: all) are made; the others' starts are -1 (absent). Each layer pair's pass
+    unions are predicted once, however many distances ask for it, and kept in ``found`` (a dict
+    (layer, target) -> unions, for a later call that makes more of them)."""
+    d0 = prefetcher.distance
+    wanted = []
+    try:
+        for d in distances:
+            prefetcher.distance = d
+            wanted.append([] if make is not None and d not in make else
+                          [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)])
+    finally:
+        prefetcher.distance = d0
+    found = {} if found is None else found
+    pairs = sorted({pair for w in wanted for pair in w})
+    new = [pair for pair in pairs if pair not in found]
+    found.update(zip(new, _pair_unions(sched, trace, prefetcher, new)))
+    index = {pair: i for i, pair in enumerate(pairs)}
+    sel = np.array([index[pair] for w in wanted for pair in w], dtype=np.int64)
+    sel_start = np.concatenate([[0], np.cumsum([len(w) for w in wanted])]).astype(np.int64)
+    n_pass = len(sched.start)
+    per_pass = np.stack([found[pair][0] for pair in pairs], axis=1) if pairs else np.zeros((n_pass, 0), np.int64)
+    sizes = np.array([len(found[pair][1]) for pair in pairs], dtype=np.int64)
+    begin = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    experts = np.concatenate([found[pair][1] for pair in pairs]) if pairs else np.zeros(0, np.int64)
+    layers = np.array([p[0] for p in pairs], dtype=np.int64)
+    targets = np.array([p[1] for p in pairs], dtype=np.int64)
+    absent = np.array([make is not None and d not in make for d in distances], dtype=np.bool_)
+    return _distance_plans(n_pass, num_moe, trace.num_experts, layers, targets, per_pass, experts, begin, sel,
+                           sel_start, absent)
+
+
+def _pair_unions(sched, trace, prefetcher, pairs) -> list:
+    """Every layer pair's pass unions (``RoutePredictor.predict_unions``, the pairs on threads):
+    per pair, (counts per pass, the experts pass after pass)."""
     pstart = np.asarray(sched.start, dtype=np.int64)
     pstop = np.asarray(sched.stop, dtype=np.int64)
     tokens = np.arange(trace.num_tokens, dtype=np.int64)
@@ -229,15 +274,49 @@ def learned_pairs_requests(sched, trace, num_moe, prefetcher, pairs):
         return prefetcher.predictor.predict_unions(trace, tokens, pstart, pstop, pair[0], pair[1], k)
 
     if not pairs:
-        return np.zeros(n_pass * num_moe, dtype=np.int64), *(np.zeros(0, np.int64),) * 3
-    found = [unions(pairs[0])]  # the predictor's per-trace tables, made once
-    found += map_threads(unions, pairs[1:])
-    per_pass = np.stack([f[0] for f in found], axis=1)  # [passes, pairs]
-    sizes = np.array([len(f[1]) for f in found], dtype=np.int64)
-    begin = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    layers = np.array([p[0] for p in pairs], dtype=np.int64)
-    targets = np.array([p[1] for p in pairs], dtype=np.int64)
-    return _by_group(n_pass, num_moe, layers, targets, per_pass, np.concatenate([f[1] for f in found]), begin)
+        return []
+    return [unions(pairs[0])] + map_threads(unions, pairs[1:])  # the first makes the predictor's tables
+
+
+@_njit
+def _distance_plans(n_pass, num_moe, num_experts, layers, targets, per_pass, experts, begin, sel, sel_start,
+                    absent):
+    """The plans of :func:`learned_distance_plans`: distance d asks at (pass, layer) for the
+    pairs ``sel[sel_start[d]:sel_start[d + 1]]`` of that layer (in that order, targets
+    ascending), each pair's pass union with priority target - layer; an ``absent`` one's starts
+    are -1."""
+    D = sel_start.shape[0] - 1
+    n_pairs = layers.shape[0]
+    n_groups = n_pass * num_moe
+    total = 0
+    for q in range(sel.shape[0]):
+        for p in range(n_pass):
+            total += per_pass[p, sel[q]]
+    starts = np.zeros((D, n_groups + 1), dtype=np.int64)
+    keys = np.zeros(total, dtype=np.int64)
+    prios = np.zeros(total, dtype=np.int64)
+    at = np.zeros(n_pairs, dtype=np.int64)
+    n = 0
+    for d in range(D):
+        if absent[d]:
+            starts[d, :] = -1
+            continue
+        at[:] = begin  # each pair's next pass's union
+        for p in range(n_pass):
+            q = sel_start[d]
+            for layer in range(num_moe):
+                starts[d, p * num_moe + layer] = n
+                while q < sel_start[d + 1] and layers[sel[q]] == layer:
+                    i = sel[q]
+                    for j in range(per_pass[p, i]):
+                        keys[n] = targets[i] * num_experts + experts[at[i] + j]
+                        prios[n] = targets[i] - layer
+                        n += 1
+                    q += 1
+            for i in range(n_pairs):
+                at[i] += per_pass[p, i]
+        starts[d, n_groups] = n
+    return starts, keys, prios
 
 
 @_njit

@@ -36,36 +36,31 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
                     copy_rows, counts, initial, low_bytes, copy_ns_low, expert_ns_low, level, ev_kind,
                     new_request, bg_rank, wb_ns, adapt, alloc):
-    """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses,
-    stall_ns, experts); ``tot``: the totals (T_* indices); ``err``: -1, or the group whose
-    admission found no room (the DES raises there); the dropped gate mass. ``miss_mode`` 0: every
-    miss is copied; 1: a miss where ``rule_ok`` (per access) is skipped (SkipMisses), dropping
-    its ``gate_mass``; 2: one where ``rule_ok`` is computed on the host CPU (CpuWhenCheaper; one
-    job at a time, ``cpu_ns`` by tokens), then copied in the background when ``background``;
-    3: by ``level`` (per access, HOBBIT's GateThresholdPrecision): 2 copied, 1 copied in low
-    precision (``low_bytes``, ``copy_ns_low``; computed in ``expert_ns_low`` by tokens, as are the
-    hits on it), 0 skipped. ``cap``: each partition's capacity in bytes (entries take their
-    copy's bytes; with whole experts only, a count of slots).
-    ``cache_aware``: the serve order of :func:`~expertsim.policies.scheduling.cache_aware_order`
-    (resident, then loading, then misses; more tokens first, then the lowest id). ``copy_rows``:
-    the copy table's first size (it drops the copies that ended, then grows, as needed).
-    ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
-    keys resident before the run (ExpertCache.preload, one tick each). ``ev_kind`` 1: the
-    victims of :class:`~expertsim.policies.eviction.ActivationPriority` (MoE-Infinity), from
-    the current request's and the run's activation counts (``new_request``: the passes that
-    start a request, where the request's counts restart); 2: of
-    :class:`~expertsim.policies.eviction.SequenceActivation` (DAOP: the request's count). The
-    CPU's experts copied in the background are the accesses with ``bg_rank`` >= 0, in its order.
-    ``wb_ns`` > 0 (a write-back runtime): as many of a layer's copies as it evicted entries not
-    being copied first write one expert back, taking ``wb_ns`` more. ``pf_start`` [distances,
-    groups + 1]: the prefetch plan of each distance (one row unless adaptive), trimmed here as
-    ComposedSystem.fit_prefetches with the partitions' current slots. ``adapt`` (initial, min,
-    max distance, calm layers; initial 0: fixed): AdaptiveDistance, one layer further after a
-    layer that stalled, one nearer after ``calm`` layers without. ``alloc`` (interval, min
-    slots; interval 0: none): CrossLayerAllocator, every ``interval`` passes each partition
-    resized by its working set (:func:`~expertsim.policies.allocation.proportional_slots`,
-    called back in Python), shrinking first, evicting the policy's victims. Returns also the
-    gate mass computed from low-precision copies."""
+    """One batch-1 run (see the module docstring). Per pass: (start_ns, end_ns, hits, misses, stall_ns, experts);
+    ``tot``: the totals (T_* indices); ``err``: -1, or the group whose admission found no room (the DES raises
+    there), or -2: the distance moved to an absent plan; the dropped gate mass. ``miss_mode`` 0: every miss is
+    copied; 1: a miss where ``rule_ok`` (per access) is skipped (SkipMisses), dropping its ``gate_mass``; 2: one
+    where ``rule_ok`` is computed on the host CPU (CpuWhenCheaper; one job at a time, ``cpu_ns`` by tokens), then
+    copied in the background when ``background``; 3: by ``level`` (per access, HOBBIT's GateThresholdPrecision): 2
+    copied, 1 copied in low precision (``low_bytes``, ``copy_ns_low``; computed in ``expert_ns_low`` by tokens, as
+    are the hits on it), 0 skipped. ``cap``: each partition's capacity in bytes (entries take their copy's bytes;
+    with whole experts only, a count of slots). ``cache_aware``: the serve order of
+    :func:`~expertsim.policies.scheduling.cache_aware_order` (resident, then loading, then misses; more tokens
+    first, then the lowest id). ``copy_rows``: the copy table's first size (it drops the copies that ended, then
+    grows, as needed). ``counts``: a static hot set's profile per key (its eviction order), else empty; ``initial``:
+    keys resident before the run (ExpertCache.preload, one tick each). ``ev_kind`` 1: the victims of
+    :class:`~expertsim.policies.eviction.ActivationPriority` (MoE-Infinity), from the current request's and the
+    run's activation counts (``new_request``: the passes that start a request, where the request's counts restart);
+    2: of :class:`~expertsim.policies.eviction.SequenceActivation` (DAOP: the request's count). The CPU's experts
+    copied in the background are the accesses with ``bg_rank`` >= 0, in its order. ``wb_ns`` > 0 (a write-back
+    runtime): as many of a layer's copies as it evicted entries not being copied first write one expert back, taking
+    ``wb_ns`` more. ``pf_start`` [distances, groups + 1]: the prefetch plan of each distance (one row unless
+    adaptive), trimmed here as ComposedSystem.fit_prefetches with the partitions' current slots. ``adapt`` (initial,
+    min, max distance, calm layers; initial 0: fixed): AdaptiveDistance, one layer further after a layer that
+    stalled, one nearer after ``calm`` layers without. ``alloc`` (interval, min slots; interval 0: none):
+    CrossLayerAllocator, every ``interval`` passes each partition resized by its working set
+    (:func:`~expertsim.policies.allocation.proportional_slots`, called back in Python), shrinking first, evicting
+    the policy's victims. Returns also the gate mass computed from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0
     for layer in range(num_layers):
@@ -573,6 +568,9 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                     if calm >= adapt[3]:
                         distance = max(distance - 1, adapt[1])
                         calm = 0
+                if pf_start[distance - adapt[1], 0] < 0:  # a plan not made: err -2 (plans.simulate makes it)
+                    err = -2
+                    break
             if alloc[0] > 0 and per_layer:  # CrossLayerAllocator.on_layer_end
                 for i in range(n):
                     worked[m, it_key[i] - m * num_experts] = True
@@ -583,7 +581,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
                                                slot_key, next_slot, counts, prefetched, m, eam, eam_sum, freq,
                                                freq_total, ev_kind, cstate, slot, free, nfree, ebytes, lowp, num_moe,
                                                num_experts)
-        if err >= 0:
+        if err != -1:
             break
         lk[TOT + T_DENSE] += t_dense * num_layers
         out_start[pi] = start_iter

@@ -199,3 +199,42 @@ def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_laye
     if per_layer and size >= 1 and L > 1 and prefetch != "eam":  # room elsewhere: something is asked
         # (eam asks only for experts the request or its history used: nothing on a first token)
         assert len(out[0][1]) > 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=small_traces(max_layers=5, max_experts=6), lo=st.integers(1, 2), hi=st.integers(2, 4))
+def test_adaptive_learned_plans_equal_the_asked_ones(trace, lo, hi):
+    """AdaptiveDistance over the learned predictor: the plans of all its distances, made with each
+    layer pair predicted once (the initial distance's first, alone), are the plans its
+    LearnedPrefetch gives asked at each distance."""
+    from expertsim.policies import ExpertCache, RunContext
+    from expertsim.sim.fast.groups import groups_from_passes
+    from expertsim.sim.fast.simulate import _batch1_schedule
+
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    model = tiny_model(L, E, k)
+    system = ComposedSystem(LRU(), prefetcher=AdaptiveDistance(
+        LearnedPrefetch(1, train_fraction=0.5, max_distance=hi), min_distance=lo, max_distance=hi))
+    cache = ExpertCache(L, E, model.expert_bytes(), CacheConfig(global_slots=k + 1), system.eviction, top_k=k)
+    system.prepare(RunContext(model=model, hardware=tiny_hardware(), cost=None, cache=cache, trace=trace))
+    sched = _batch1_schedule(trace, None)
+    groups = groups_from_passes(trace.experts, np.append(sched.start, trace.num_tokens), E)
+    first, first_keys, first_prios, adapt, every_plan = plans._plans(system, trace, sched, groups, cache)
+    d0 = int(adapt[0])  # made first, alone: the other distances' starts -1 (absent)
+    assert [bool((row == -1).all()) for row in first] == [d != d0 for d in range(lo, hi + 1)]
+    starts, keys, prios = every_plan()
+    inner, asked, offset = system.prefetcher.inner, [], 0
+    for d in range(lo, hi + 1):
+        inner.distance = d
+        start, key, prio = plans.prefetch_plan(system, trace, sched, groups, cache, ask=True, prefetcher=inner,
+                                               trim=False)
+        asked.append((start + offset, key, prio))
+        offset += len(key)
+    assert starts.tolist() == [a[0].tolist() for a in asked]
+    assert keys.tolist() == np.concatenate([a[1] for a in asked]).tolist()
+    assert prios.tolist() == np.concatenate([a[2] for a in asked]).tolist()
+    assert adapt[1:].tolist() == [lo, hi, 32]
+    row = d0 - lo  # the first plan is the whole one's row
+    a, b = int(starts[row, 0]), int(starts[row, -1])
+    assert first[row].tolist() == (starts[row] - a).tolist()
+    assert first_keys.tolist() == keys[a:b].tolist() and first_prios.tolist() == prios[a:b].tolist()
