@@ -86,20 +86,11 @@ try:  # numba is optional: the `fast` extra
         return apply
 
     _njit = _in_kernel_cache(numba.njit(cache=True, nogil=True))
-    objmode = numba.objmode  # a block of a kernel that calls back into Python
-    _njit_gil = _in_kernel_cache(numba.njit(cache=True))  # for a kernel with an objmode block (it holds the GIL)
 except ImportError:  # pragma: no cover - exercised where numba is absent
     HAVE_NUMBA = False
 
     def _njit(func):
         return func
-
-    _njit_gil = _njit
-
-    def objmode(**types):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 if HAVE_NUMBA:
     _njit_inline = _in_kernel_cache(numba.njit(cache=True, nogil=True, inline="always"))

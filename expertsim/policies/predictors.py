@@ -29,6 +29,10 @@ from expertsim.policies.ridge import active_columns, own_columns, pair_gram, pri
 from expertsim.policies.ridge_scores import padded_coef, ridge_top, ridge_unions
 
 
+LAZY_COLUMNS_MAX = 2048  # layers x experts up to which ridge pairs are fitted when first asked (their
+# shared counts, 3 int32 matrices of that width squared, at most 50 MB, kept until then); above, all at fit
+
+
 def training_requests(trace, fraction: float):
     """The first ``fraction`` of the trace's requests (at least one): the split a policy trains
     on when it is not given a predictor; results on these requests are in-sample."""
@@ -103,7 +107,9 @@ class RoutePredictor:
         self.alpha = float(alpha)
         self.prior_smoothing = float(prior_smoothing)
         self.seed = int(seed)
-        self.models: dict[tuple[int, int], object] = {}
+        self._models: dict[tuple[int, int], object] = {}  # see the models property
+        self._pending: set = set()  # ridge pairs trained on first use (fit_pairs)
+        self._train = None  # what their fits read, until none is pending
         self.fit_s = 0.0
         self._index: tuple[object, _TraceIndex] | None = None
         self._layouts: dict = {}  # (s, t, pair, prior) -> the features' column layout
@@ -290,53 +296,95 @@ class RoutePredictor:
             sums = sums.reshape(len(vocab), self._L, self._E)
             base = sums.sum(axis=0) / trace.num_tokens
             self._priors = (vocab, counts, sums, base)
-        tokens = np.arange(trace.num_tokens)
-        self.models = {}
-        from threadpoolctl import threadpool_limits
-
+        self._models, self._pending, self._train = {}, set(), None
         # Small dense solves: one BLAS thread is faster than many (and kinder to a shared machine).
-        with threadpool_limits(1):
-            self._fit_pairs(trace, tokens)
+        with _one_blas_thread():
+            if self.model == "ridge":
+                self._ridge_state(trace)
+            else:
+                self._fit_logistic(trace)
         self.fit_s = time.perf_counter() - t0
+        if self._L * self._E > LAZY_COLUMNS_MAX:  # large counts: every pair now, the counts freed
+            self.fit_pairs(self._pending)
         return self
 
-    def _fit_pairs(self, trace, tokens) -> None:
-        if self.model == "ridge":
-            self._fit_ridge_pairs(trace)
-            return
+    @property
+    def models(self) -> dict:
+        """(source, target) -> the pair's trained model; every pair (a ridge pair not yet asked
+        for is fitted now, see :meth:`fit_pairs`)."""
+        if self._pending:
+            self.fit_pairs(self._pending)
+        return self._models
+
+    def _model(self, s: int, t: int):
+        """The pair's model (fitted now when it has not been yet), or None when not trained."""
+        model = self._models.get((s, t))
+        if model is None and (s, t) in self._pending:
+            self.fit_pairs([(s, t)])
+            model = self._models[(s, t)]
+        return model
+
+    def _fit_logistic(self, trace) -> None:
+        tokens = np.arange(trace.num_tokens)
         for s, t in self.pairs(self._L):
             X = self.features(trace, tokens, s, t)
             Y = _onehot(trace.experts[:, t], self._E)
             if (Y.min(axis=0) == Y.max(axis=0)).any():
                 # an expert never (or always) chosen in training: a fixed score, no classifier
-                self.models[(s, t)] = ("constant", Y.mean(axis=0))
+                self._models[(s, t)] = ("constant", Y.mean(axis=0))
                 continue
             model = self._new_model()
             model.fit(X, Y)
-            self.models[(s, t)] = model
+            self._models[(s, t)] = model
 
-    def _fit_ridge_pairs(self, trace) -> None:
-        """Every pair's ridge model from its X^T X and X^T Y (:mod:`~expertsim.policies.ridge`:
-        the same sums as from :meth:`features`, assembled from counts the pairs share, without
-        building the features)."""
+    def _ridge_state(self, trace) -> None:
+        """What every pair's ridge fit reads (the training trace's columns and the counts they
+        share, :func:`~expertsim.policies.ridge.route_counts`), kept until every pair is fitted:
+        a pair is fitted when first asked for (:meth:`fit_pairs`; each pair's model is its own,
+        so which pairs are fitted together changes no bit), and a run that asks for a third of
+        them (ExpertFlow's adaptive distance when it never moves) trains a third."""
         pairs = self.pairs(self._L)
         if not pairs:
             return
         E, L = self._E, self._L
         experts = np.ascontiguousarray(trace.experts, dtype=np.int64)
-        idx = self._trace_index(trace)
+        idx = _TraceIndex(trace)
         cols = idx.columns(experts, E)
         counts = route_counts(cols, idx.prev, idx.prev_known, L * E)
+        codes = self._prior_codes(trace.token_id) if self._priors is not None and trace.token_id is not None \
+            else None
+        self._train = (trace, experts, idx, cols, counts, codes)
+        self._pending = set(pairs)
+
+    def fit_pairs(self, pairs) -> None:
+        """Fit the ridge pairs among ``pairs`` not fitted yet (from the counts :meth:`fit` kept;
+        the pairs into one target layer together, the targets on threads), then free the counts
+        when no pair is left."""
+        todo = sorted(set(pairs) & self._pending)
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        with _one_blas_thread():  # small dense solves: one BLAS thread is faster than many
+            self._fit_ridge_pairs(todo)
+        self._pending -= set(todo)
+        if not self._pending:
+            self._train = None
+        self.fit_s += time.perf_counter() - t0
+
+    def _fit_ridge_pairs(self, pairs) -> None:
+        """These pairs' ridge models from their X^T X and X^T Y (:mod:`~expertsim.policies.ridge`:
+        the same sums as from :meth:`features`, assembled from counts the pairs share, without
+        building the features)."""
+        trace, experts, idx, cols, counts, codes = self._train
+        E, L = self._E, self._L
         empty = (np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)), np.zeros(0))
         no_prior = np.zeros((trace.num_tokens, 0), dtype=np.float32)
-        if self._priors is not None and trace.token_id is not None:
-            self._trace_codes(trace)  # looked up once, before the threads
 
         def fit_target(t: int) -> list:  # the pairs into layer t (mostly kernel calls: threads)
             mine = [s for s, tt in pairs if tt == t]
             layouts = {s: self._layout(trace, s, t) for s in mine}
             if layouts[mine[0]][6]:  # with the token-id prior
-                prior = self._prior_table(t)[self._trace_codes(trace)]
+                prior = self._prior_table(t)[codes]
                 flagged = np.zeros(L, dtype=np.bool_)
                 for lay in layouts.values():
                     flagged[lay[2]] = True
@@ -356,17 +404,17 @@ class RoutePredictor:
                 out.append(((s, t), model))
             return out
 
-        fitted = dict(pair for part in map_threads(fit_target, sorted({t for _, t in pairs})) for pair in part)
-        self.models = {pair: fitted[pair] for pair in pairs}
+        for part in map_threads(fit_target, sorted({t for _, t in pairs})):
+            self._models.update(part)
 
     # --- inference -----------------------------------------------------------------------
     def scores(self, trace, tokens: np.ndarray, s: int, t: int) -> np.ndarray:
-        if (s, t) not in self.models:
+        model = self._model(s, t)
+        if model is None:
             raise PolicyError(
                 f"no predictor from layer {s} to layer {t}: trained distances {self.distances}, "
                 f"path={self.path}"
             )
-        model = self.models[(s, t)]
         tokens = np.asarray(tokens)
         if isinstance(model, tuple):
             return np.tile(model[1], (len(tokens), 1))
@@ -421,7 +469,7 @@ class RoutePredictor:
 
     def _scored(self, s: int, t: int) -> bool:
         """Whether (s, t) has a ridge model the compiled scorer reads."""
-        model = self.models.get((s, t))
+        model = self._model(s, t)
         return self.model == "ridge" and model is not None and not isinstance(model, tuple)
 
     def _ridge_args(self, trace, tokens, s, t) -> tuple:
@@ -431,7 +479,7 @@ class RoutePredictor:
         idx = self._trace_index(trace)
         cached = self._coef.get((s, t))
         if cached is None:  # coef [width, E padded] float64, rows contiguous; intercept [E padded]
-            model = self.models[(s, t)]
+            model = self._models[(s, t)]
             cached = self._coef[(s, t)] = padded_coef(np.asarray(model.coef_, dtype=np.float64).T,
                                                       np.asarray(model.intercept_, dtype=np.float64).ravel())
         coef, intercept = cached

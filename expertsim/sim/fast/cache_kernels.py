@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.jit import objmode
-from expertsim.sim.fast.jit import _njit, _njit_gil, _njit_inline
+from expertsim.policies.allocation import _proportional_slots
+from expertsim.sim.fast.jit import _njit, _njit_inline
 from expertsim.sim.fast.link_kernels import ABSENT
 
 
@@ -201,14 +201,7 @@ def _pick_victim(ev_kind, pins, last, slot_key, p, used_slots, exclude, counts, 
     return _victim(pins, last, slot_key, p, used_slots, exclude, counts)
 
 
-def _allocation(total, demand, minimum, maximum) -> np.ndarray:
-    """CrossLayerAllocator's split (Python, called back from :func:`_reallocate`)."""
-    from expertsim.policies.allocation import proportional_slots
-
-    return np.asarray(proportional_slots(int(total), np.asarray(demand), int(minimum), int(maximum)), dtype=np.int64)
-
-
-@_njit_gil
+@_njit
 def _reallocate(worked, slots, minimum, cap, used, expert_bytes, pins, last, slot_key, next_slot, counts, prefetched,
                 current, eam, row_sum, freq, total, ev_kind, cstate, slot, free, nfree, ebytes, lowp, num_moe,
                 num_experts):
@@ -223,8 +216,7 @@ def _reallocate(worked, slots, minimum, cap, used, expert_bytes, pins, last, slo
     n_slots = 0
     for layer in range(num_moe):
         n_slots += slots[layer]
-    with objmode(target="int64[:]"):
-        target = _allocation(n_slots, demand, minimum, num_experts)
+    target = _proportional_slots(n_slots, demand, minimum, num_experts)
     order = np.arange(num_moe)  # np.argsort(target - slots, kind="stable"), by insertion
     for i in range(1, num_moe):
         x = order[i]

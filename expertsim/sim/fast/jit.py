@@ -1,2 +1,2 @@
 """The fast engine's compiler switch (:mod:`expertsim.jit`, shared with the learned predictors)."""
-from expertsim.jit import HAVE_NUMBA, _njit, _njit_gil, _njit_inline, map_threads  # noqa: F401
+from expertsim.jit import HAVE_NUMBA, _njit, _njit_inline, map_threads  # noqa: F401

@@ -376,6 +376,7 @@ def _asks(prefetcher) -> bool:
 def simulate(model, hardware, system, cache_config, trace, options):
     """The fast engine's RunResult for a run :func:`supports_simulation` accepts."""
     from expertsim.policies import RunContext
+    from expertsim.policies.allocation import proportional_slots
     from expertsim.policies.records import RunTotals
     from expertsim.sim.fast import prefetching as k
     from expertsim.sim.fast.belady import _belady_misses
@@ -393,6 +394,9 @@ def simulate(model, hardware, system, cache_config, trace, options):
     alloc = np.zeros(2, dtype=np.int64)  # CrossLayerAllocator: interval, min slots (0: none)
     if system.allocator is not None and system.allocator.active:
         alloc[:] = system.allocator.interval, system.allocator._min
+        if len(sched.start) >= alloc[0]:  # its first split raises in the DES when the slots fall short
+            proportional_slots(int((cache.capacity // cache.expert_bytes).sum()), np.zeros(cache.num_layers),
+                               int(alloc[1]), cache.num_experts)
     cap, per_layer = np.asarray(cache.capacity, dtype=np.int64), cache.num_partitions > 1  # bytes
     expert_ns = expert_times(cost, groups.tokens)
     dense = dense_times(cost, sched)

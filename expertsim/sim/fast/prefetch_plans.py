@@ -275,6 +275,7 @@ def _pair_unions(sched, trace, prefetcher, pairs) -> list:
 
     if not pairs:
         return []
+    prefetcher.predictor.fit_pairs(pairs)  # the pairs not trained yet (RoutePredictor trains on first use)
     return [unions(pairs[0])] + map_threads(unions, pairs[1:])  # the first makes the predictor's tables
 
 

@@ -21,7 +21,7 @@ from expertsim.sim.fast.cache_kernels import (
     _victim_sequence,
 )
 from expertsim.sim.fast.groups import _widest_group
-from expertsim.sim.fast.jit import _njit_gil
+from expertsim.sim.fast.jit import _njit
 from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total indices re-exported)
     ABSENT, BUSY, CANCELLED, CI_ROWS, CUR, DONE, LOADING, NCF, NCOPY, NPEND, NQ, NSTREAM, O_CI, O_SIGF, O_SIGW,
     O_STREAM, PRIO, Q_ROWS, QUEUED, RESIDENT, NTOT, RUN_END, T_CANCELLED, T_COPIES, T_CPU_EXPERTS, T_CPU_NS, T_D2H,
@@ -30,7 +30,7 @@ from expertsim.sim.fast.link_kernels import (  # noqa: F401  (field and total in
 )
 
 
-@_njit_gil  # not nogil: it calls back into Python (CrossLayerAllocator's split, _reallocate)
+@_njit
 def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_start, pf_key, pf_prio,
                     per_layer, cap, refresh, protect, num_experts, expert_ns, copy_ns, host_layer_ns, host_expert_ns,
                     serial, fifo_link, expert_bytes, miss_mode, rule_ok, gate_mass, cpu_ns, background, cache_aware,
@@ -59,7 +59,7 @@ def simulate_kernel(num_layers, moe_of_layer, p_dense, gstart, keys, gtok, pf_st
     min, max distance, calm layers; initial 0: fixed): AdaptiveDistance, one layer further after a layer that
     stalled, one nearer after ``calm`` layers without. ``alloc`` (interval, min slots; interval 0: none):
     CrossLayerAllocator, every ``interval`` passes each partition resized by its working set
-    (:func:`~expertsim.policies.allocation.proportional_slots`, called back in Python), shrinking first, evicting
+    (:func:`~expertsim.policies.allocation.proportional_slots`, compiled), shrinking first, evicting
     the policy's victims. Returns also the gate mass computed from low-precision copies."""
     n_pass = p_dense.shape[0]
     num_moe = 0

@@ -238,3 +238,30 @@ def test_adaptive_learned_plans_equal_the_asked_ones(trace, lo, hi):
     a, b = int(starts[row, 0]), int(starts[row, -1])
     assert first[row].tolist() == (starts[row] - a).tolist()
     assert first_keys.tolist() == keys[a:b].tolist() and first_prios.tolist() == prios[a:b].tolist()
+
+
+@pytest.mark.parametrize("interval", [1, 1000])
+def test_an_allocator_short_of_slots_fails_as_in_the_des(interval):
+    """CrossLayerAllocator asked for more slots per layer than the partitions hold: the DES
+    raises at its first split (after ``interval`` passes), and so does the fast engine, with the
+    same message; a run shorter than the interval never splits, in either."""
+    from expertsim.errors import PolicyError
+    from fasthelpers import make_trace
+
+    trace = make_trace([[(0, 3), (1, 1), (1, 1)], [(0, 2), (1, 1)]], 3, 4, 1, seed=2)
+    model, hardware = tiny_model(3, 4, 1), tiny_hardware()
+
+    def make():
+        return ComposedSystem(LRU(), allocator=CrossLayerAllocator(interval, min_slots=2))
+
+    cfg, options = CacheConfig(per_layer=1), SimOptions()
+    assert plans.supports_simulation(make(), cfg, options, model=model, hardware=hardware)
+    if interval > 5:
+        assert_same_run(_run(model, hardware, make, cfg, trace, options, "des"),
+                        _run(model, hardware, make, cfg, trace, options, "fast"))
+        return
+    with pytest.raises(PolicyError) as des:
+        _run(model, hardware, make, cfg, trace, options, "des")
+    with pytest.raises(PolicyError) as fast:
+        _run(model, hardware, make, cfg, trace, options, "fast")
+    assert str(fast.value) == str(des.value) == "3 slots cannot give 3 layers 2 each"
