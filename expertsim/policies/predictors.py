@@ -503,6 +503,7 @@ class RoutePredictor:
         per_layer = []
         pairs = [(-1, t) for t in range(view.num_layers)] if distance == 0 else \
             [(s, s + distance) for s in range(view.num_layers - distance)]
+        self.fit_pairs(pairs)  # together (a pair asked alone is fitted alone)
         for s, t in pairs:
             sc = self.scores(view, tokens, s, t)
             truth = _onehot(view.experts[:, t], self._E).astype(bool)
