@@ -25,7 +25,9 @@ import numpy as np
 
 from expertsim.errors import PolicyError
 from expertsim.jit import map_threads
-from expertsim.policies.ridge import active_columns, own_columns, pair_gram, prior_sums, route_counts, set_ridge
+from expertsim.policies.ridge import (
+    RidgeFit, active_columns, own_columns, pair_gram, prior_sums, route_counts, set_ridge,
+)
 from expertsim.policies.ridge_scores import padded_coef, ridge_top, ridge_unions
 
 
@@ -108,6 +110,7 @@ class RoutePredictor:
         self.prior_smoothing = float(prior_smoothing)
         self.seed = int(seed)
         self._models: dict[tuple[int, int], object] = {}  # see the models property
+        self._sklearn: dict | None = None  # the models property's scikit-learn objects
         self._pending: set = set()  # ridge pairs trained on first use (fit_pairs)
         self._train = None  # what their fits read, until none is pending
         self.fit_s = 0.0
@@ -270,10 +273,8 @@ class RoutePredictor:
         return out if self.only is None else [p for p in out if p in self.only]
 
     def _new_model(self):
-        if self.model == "ridge":
-            from sklearn.linear_model import Ridge
-
-            return Ridge(alpha=self.alpha)
+        if self.model == "ridge":  # fitted by set_ridge; scikit-learn's Ridge on request (the models property)
+            return RidgeFit(alpha=self.alpha)
         from sklearn.linear_model import LogisticRegression
         from sklearn.multiclass import OneVsRestClassifier
 
@@ -296,7 +297,7 @@ class RoutePredictor:
             sums = sums.reshape(len(vocab), self._L, self._E)
             base = sums.sum(axis=0) / trace.num_tokens
             self._priors = (vocab, counts, sums, base)
-        self._models, self._pending, self._train = {}, set(), None
+        self._models, self._pending, self._train, self._sklearn = {}, set(), None, None
         # Small dense solves: one BLAS thread is faster than many (and kinder to a shared machine).
         with _one_blas_thread():
             if self.model == "ridge":
@@ -310,11 +311,14 @@ class RoutePredictor:
 
     @property
     def models(self) -> dict:
-        """(source, target) -> the pair's trained model; every pair (a ridge pair not yet asked
-        for is fitted now, see :meth:`fit_pairs`)."""
+        """(source, target) -> the pair's trained scikit-learn model, every pair (a ridge pair
+        not yet asked for is fitted now, see :meth:`fit_pairs`; the runs themselves score the
+        fitted coefficients without importing scikit-learn)."""
         if self._pending:
             self.fit_pairs(self._pending)
-        return self._models
+        if self._sklearn is None or len(self._sklearn) != len(self._models):
+            self._sklearn = {pair: m.to_sklearn() if isinstance(m, RidgeFit) else m for pair, m in self._models.items()}
+        return self._sklearn
 
     def _model(self, s: int, t: int):
         """The pair's model (fitted now when it has not been yet), or None when not trained."""
