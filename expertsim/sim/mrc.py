@@ -122,7 +122,7 @@ def stack_distances(trace, *, partition: str = "per_layer", phase: str = "decode
         groups = groups_from_passes(view.experts, np.arange(n + 1, dtype=np.int64), E)
     reset = _resets(view.request[groups.pass_index], scope)
     per_layer = partition == "per_layer"
-    gpart = groups.layer if per_layer else np.zeros(len(groups.layer), dtype=np.int64)
+    gpart = groups.layer if per_layer else np.zeros(groups.num_groups, dtype=np.int64)
     dist = _distance_kernel(groups.keys, groups.start, gpart, reset, L * E, L if per_layer else 1)
     return dist, groups.keys // E, groups
 

@@ -204,7 +204,7 @@ def _belady_misses(model, groups: AccessGroups, cache_config, initial) -> int:
         parts, slots = L, int(cache_config.per_layer)
     else:
         parts, slots = 1, int(cache_config.capacity_bytes(L, E, model.expert_bytes()) // model.expert_bytes())
-    gpart = groups.layer if parts > 1 else np.zeros(len(groups.layer), dtype=np.int64)
-    width = int(np.diff(groups.start).max()) if len(groups.layer) else 1
+    gpart = groups.layer if parts > 1 else np.zeros(groups.num_groups, dtype=np.int64)
+    width = int(np.diff(groups.start).max()) if groups.num_groups else 1
     kernel = _set_belady_small if slots + width <= SMALL_BELADY_ENTRIES else _set_belady_kernel
     return int(kernel(groups.keys, groups.start, gpart, parts, slots, L * E, np.asarray(initial, dtype=np.int64)))

@@ -120,6 +120,6 @@ def general_cache_pass(setup, trace, groups):
             hit[j] = item.hit
             release[j] = item.wait_compute
         g += 1
-    if g != len(groups.layer):  # pragma: no cover - the schedule and the batcher agree by construction
-        raise RuntimeError(f"general cache pass served {g} layers, the access groups have {len(groups.layer)}")
+    if g != groups.num_groups:  # pragma: no cover - the schedule and the batcher agree by construction
+        raise RuntimeError(f"general cache pass served {g} layers, the access groups have {groups.num_groups}")
     return hit, release, int(cache.peak_used_bytes)

@@ -8,24 +8,42 @@ without numba); every kernel of the fast engine replays them.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from expertsim.sim.fast.jit import HAVE_NUMBA, _njit
 
 
-@dataclasses.dataclass
 class AccessGroups:
     """The LayerServer's lookups, grouped: group g is one MoE layer of one pass; its needed keys
     (layer * num_experts + expert, ascending) are ``keys[start[g]:start[g+1]]``, ``tokens`` the
-    pass's tokens routed to each."""
+    pass's tokens routed to each. ``layer`` and ``pass_index`` (int64 per group) are given, or,
+    for groups of every layer of every pass (``num_layers``), made when first read (a run that
+    never reads them, all-on-gpu's, does not allocate them)."""
 
-    keys: np.ndarray  # integer [accesses]
-    tokens: np.ndarray  # integer [accesses]
-    start: np.ndarray  # int64 [groups + 1]
-    layer: np.ndarray  # int64 [groups]
-    pass_index: np.ndarray  # int64 [groups]
+    def __init__(self, keys: np.ndarray, tokens: np.ndarray, start: np.ndarray, layer: np.ndarray | None = None,
+                 pass_index: np.ndarray | None = None, *, num_layers: int | None = None):
+        if (layer is None or pass_index is None) and num_layers is None:
+            raise ValueError("AccessGroups needs layer and pass_index, or num_layers")
+        self.keys, self.tokens, self.start = keys, tokens, start  # integer [accesses]; int64 [groups + 1]
+        self._layer, self._pass_index, self._num_layers = layer, pass_index, num_layers
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.start) - 1
+
+    @property
+    def layer(self) -> np.ndarray:
+        if self._layer is None:
+            L = self._num_layers
+            self._layer = np.tile(np.arange(L, dtype=np.int64), self.num_groups // max(L, 1))
+        return self._layer
+
+    @property
+    def pass_index(self) -> np.ndarray:
+        if self._pass_index is None:
+            L = self._num_layers
+            self._pass_index = np.repeat(np.arange(self.num_groups // max(L, 1), dtype=np.int64), L)
+        return self._pass_index
 
 
 def _single_token_groups(experts: np.ndarray, num_experts: int):
@@ -135,29 +153,27 @@ def groups_from_passes(experts: np.ndarray, pass_starts: np.ndarray, num_experts
     With numba one compiled pass (:func:`_groups_kernel`); without it, numpy."""
     n, num_layers, k = experts.shape
     pass_starts = np.asarray(pass_starts, dtype=np.int64)
-    num_passes = len(pass_starts) - 1
-    layer = np.tile(np.arange(num_layers, dtype=np.int64), num_passes)
-    pass_index = np.repeat(np.arange(num_passes, dtype=np.int64), num_layers)
     if HAVE_NUMBA and n:
         keys, tokens, start = _groups_kernel(np.ascontiguousarray(experts), pass_starts, int(num_experts))
-        return AccessGroups(keys, tokens, start, layer, pass_index)
-    return _groups_numpy(experts, pass_starts, num_experts, layer, pass_index)
+        return AccessGroups(keys, tokens, start, num_layers=num_layers)
+    return _groups_numpy(experts, pass_starts, num_experts)
 
 
-def _groups_numpy(experts, pass_starts, num_experts, layer, pass_index) -> AccessGroups:
+def _groups_numpy(experts, pass_starts, num_experts) -> AccessGroups:
     """:func:`groups_from_passes` with numpy alone (no numba; also the kernel's reference in tests)."""
     n, num_layers, k = experts.shape
     num_passes = len(pass_starts) - 1
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return AccessGroups(empty, empty, np.zeros(1, dtype=np.int64), layer, pass_index)
+        return AccessGroups(empty, empty, np.zeros(num_passes * num_layers + 1, dtype=np.int64),
+                            num_layers=num_layers)
     lengths = np.diff(pass_starts)
     single = lengths == 1
     if single.all():
         keys, tokens, counts = _single_token_groups(experts, num_experts)
         start = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=start[1:])
-        return AccessGroups(keys, tokens, start, layer, pass_index)
+        return AccessGroups(keys, tokens, start, num_layers=num_layers)
     # One-token passes (decode) sorted per row; longer passes (prefill) by counting.
     parts = []
     single_passes = np.flatnonzero(single)
@@ -182,7 +198,7 @@ def _groups_numpy(experts, pass_starts, num_experts, layer, pass_index) -> Acces
         local = np.arange(len(k_part)) - np.repeat(np.cumsum(c) - c, c)
         keys[first + local] = k_part
         tokens[first + local] = t_part
-    return AccessGroups(keys, tokens, start, layer, pass_index)
+    return AccessGroups(keys, tokens, start, num_layers=num_layers)
 
 
 @_njit

@@ -49,7 +49,7 @@ def simulate(model, hardware, system, cache_config, trace, options):
     m, opts, cost = model, options, setup.cost
     system.prepare(RunContext(model=m, hardware=hardware, cost=cost, cache=cache, trace=trace, plan=None))
     initial = np.asarray(system.initial_residents(m), dtype=np.int64)
-    n_groups, n_pass = len(groups.layer), len(sched.start)
+    n_groups, n_pass = groups.num_groups, len(sched.start)
     resident = np.zeros(m.num_moe_layers * m.num_experts, dtype=bool)
     resident[initial] = True
     group_of = np.repeat(np.arange(n_groups), np.diff(groups.start))

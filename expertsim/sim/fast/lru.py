@@ -229,7 +229,7 @@ def _lru_stream_steps(keys, part, reset, clear_after, refresh, capacity, num_key
 
 
 def _partition_of(groups: AccessGroups, per_layer: bool) -> np.ndarray:
-    return groups.layer if per_layer else np.zeros(len(groups.layer), dtype=np.int64)
+    return groups.layer if per_layer else np.zeros(groups.num_groups, dtype=np.int64)
 
 
 def run_lru(groups: AccessGroups, *, capacity: np.ndarray, per_layer: bool, reset: np.ndarray,

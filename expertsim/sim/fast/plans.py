@@ -133,7 +133,7 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False, pre
     from expertsim.sim.fast import prefetch_plans as pp
 
     num_moe, num_experts = cache.num_layers, cache.num_experts
-    n_groups = len(groups.layer)
+    n_groups = groups.num_groups
     prefetcher = _inner(system.prefetcher) if prefetcher is None else prefetcher
     if not _asks(prefetcher):  # no prefetch at all
         return np.zeros(n_groups + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -310,7 +310,7 @@ def _plans(system, trace, sched, groups, cache):
     inner, d0 = outer.inner, outer.inner.distance  # d0: set by prepare (initial_distance)
     adapt[:] = d0, outer.min_distance, outer.max_distance, outer.calm_layers
     distances = range(outer.min_distance, outer.max_distance + 1)
-    whole_passes = len(groups.layer) == len(sched.start) * cache.num_layers
+    whole_passes = groups.num_groups == len(sched.start) * cache.num_layers
     if type(inner) is LearnedPrefetch and pp.learned_ok(inner) and whole_passes:  # each pair once
         found: dict = {}  # the initial distance's plan first (the others when the kernel moves to them)
         first = pp.learned_distance_plans(sched, trace, cache.num_layers, inner, distances, make={d0}, found=found)

@@ -30,13 +30,13 @@ def ring_requests(groups, num_moe, num_experts, depth):
     layer = np.repeat(target.ravel(), num_experts)
     prio = np.repeat(np.broadcast_to(d, target.shape).ravel(), num_experts)
     expert = np.tile(np.arange(num_experts), target.size)
-    return np.full(len(groups.layer), depth * num_experts), layer, expert, prio
+    return np.full(groups.num_groups, depth * num_experts), layer, expert, prio
 
 
 def pregated_requests(groups, num_moe, num_experts, prefetcher):
     """PregatedPrefetch at accuracy 1: the pass's true experts at each target layer (the access
     group of that layer), priority = target - layer."""
-    n_groups = len(groups.layer)
+    n_groups = groups.num_groups
     sizes = np.diff(groups.start)
     counts = np.zeros(n_groups, dtype=np.int64)
     parts_layer, parts_expert, parts_prio, parts_group = [], [], [], []

@@ -64,7 +64,7 @@ def replay_cache_fast(trace, system, cache_config, *, model=None, phase: str = "
         starts = np.arange(n + 1, dtype=np.int64) if per_token else view.pass_starts()
         groups = groups_from_passes(view.experts, starts, num_experts)
         keys = groups.keys
-        reset = np.zeros(len(groups.layer), dtype=bool)
+        reset = np.zeros(groups.num_groups, dtype=bool)
         reset[::L] = new_request[starts[:-1]]
         hit, _, _ = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
                             clear_after=kind == "no-cache", num_keys=num_keys, initial=initial,

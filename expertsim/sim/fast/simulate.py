@@ -17,7 +17,7 @@ from expertsim.sim.fast.groups import _capacity_slots, groups_from_passes
 from expertsim.sim.fast.jit import HAVE_NUMBA
 from expertsim.sim.fast.lru import run_lru
 from expertsim.sim.fast.support import _builtin_kind, supports_simulation
-from expertsim.sim.fast.timing import _bounds_metrics, _serial_timing, _timing_kernel
+from expertsim.sim.fast.timing import _bounds_metrics, _resident_timing, _serial_timing, _timing_kernel
 
 
 @dataclasses.dataclass
@@ -201,7 +201,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     kind = _builtin_kind(system)
     num_layers, num_experts, expert_bytes = m.num_moe_layers, m.num_experts, m.expert_bytes()
     capacity, per_layer = _capacity_slots(sim.cache_config, num_layers, num_experts, expert_bytes)
-    reset = np.zeros(len(groups.layer), dtype=bool)
+    reset = np.zeros(groups.num_groups, dtype=bool)
     if opts.scope == "request" and num_iters:
         first = np.ones(num_iters, dtype=bool)
         first[1:] = sched.request[1:] != sched.request[:-1]
@@ -215,7 +215,7 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     if cache_pass is not None:
         hit, release, peak_bytes = cache_pass(sim, trace, groups)
     elif kind == "all-on-gpu":  # every expert resident from the start: every lookup hits, nothing leaves
-        hit, release = np.ones(len(groups.keys), dtype=np.bool_), np.full(len(groups.keys), -1, dtype=np.int32)
+        hit, release = None, None
         peak_bytes = len(initial) * expert_bytes
     else:
         hit, release, peak = run_lru(groups, capacity=capacity, per_layer=per_layer, reset=reset,
@@ -225,7 +225,10 @@ def simulate_fast(model, hardware, system, cache_config, trace, options, *, cach
     # Timing: cost tables from the same CostModel, then the kernel.
     expert_ns = expert_times(cost, groups.tokens)
     copy_ns = cost.copy_overhead_ns(expert_bytes) + cost.copy_wire_ns(expert_bytes)
-    if sim.runtime.serialises_copies:  # copies on the compute stream (runtime copy_stream = "compute")
+    if hit is None:  # every lookup hits
+        layer_ns, stall_it, compute_it, hits_it, all_it = _resident_timing(groups.start, groups.tokens, expert_ns,
+                                                                           num_layers)
+    elif sim.runtime.serialises_copies:  # copies on the compute stream (runtime copy_stream = "compute")
         layer_ns, stall_it, compute_it, hits_it, all_it = _serial_timing(
             groups.start, hit, groups.tokens, expert_ns, copy_ns, cost.host_expert_ns, num_layers)
     else:

@@ -37,7 +37,7 @@ def test_groups_kernel_equals_numpy_and_definition(data, num_experts, layers, k,
     want_keys, want_tokens, want_start = reference(experts, pass_starts, num_experts)
     layer = np.tile(np.arange(layers, dtype=np.int64), len(lengths))
     pass_index = np.repeat(np.arange(len(lengths), dtype=np.int64), layers)
-    numpy_groups = groups._groups_numpy(experts, pass_starts, num_experts, layer, pass_index)
+    numpy_groups = groups._groups_numpy(experts, pass_starts, num_experts)
     kernels = [groups._groups_kernel.py_func] + ([groups._groups_kernel] if fast.HAVE_NUMBA else [])
     for kernel in kernels:
         keys, tokens, start = kernel(np.ascontiguousarray(experts), pass_starts, num_experts)
@@ -45,6 +45,7 @@ def test_groups_kernel_equals_numpy_and_definition(data, num_experts, layers, k,
     assert numpy_groups.keys.tolist() == want_keys
     assert numpy_groups.tokens.tolist() == want_tokens
     assert numpy_groups.start.tolist() == want_start
+    assert numpy_groups.layer.tolist() == layer.tolist() and numpy_groups.pass_index.tolist() == pass_index.tolist()
     got = fast.groups_from_passes(experts, pass_starts, num_experts)
     assert got.keys.tolist() == want_keys and got.layer.tolist() == layer.tolist()
     assert got.pass_index.tolist() == pass_index.tolist()
@@ -56,7 +57,7 @@ def test_shared_trace_groups_equal_numpy(mixtral_trace):
     E = mixtral_trace.num_experts
     L = mixtral_trace.num_layers
     got = fast.groups_from_passes(mixtral_trace.experts, starts, E)
-    want = groups._groups_numpy(mixtral_trace.experts, starts, E, got.layer, got.pass_index)
+    want = groups._groups_numpy(mixtral_trace.experts, starts, E)
     for name in ("keys", "tokens", "start"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
     assert len(got.start) == (len(starts) - 1) * L + 1
