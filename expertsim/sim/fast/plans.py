@@ -151,8 +151,13 @@ def prefetch_plan(system, trace, sched, groups, cache, *, ask: bool = False, pre
         counts, layer, expert, prio = pp.recorded_requests(groups, sched, trace, num_moe, num_experts, prefetcher)
     elif kind is ActivationMatrixPrefetch:
         counts, layer, expert, prio = pp.eam_requests(groups, sched, trace, num_moe, prefetcher)
-    elif kind is LearnedPrefetch and pp.learned_ok(prefetcher):
-        counts, layer, expert, prio = pp.learned_requests(groups, sched, trace, num_moe, prefetcher)
+    elif kind is LearnedPrefetch and pp.learned_ok(prefetcher):  # in group and priority order already
+        starts, keys, prio = pp.learned_distance_plans(sched, trace, num_moe, prefetcher, [prefetcher.distance])
+        if not trim:
+            return starts[0], keys, prio
+        slots = (cache.capacity // max(cache.expert_bytes, 1)).astype(np.int64)
+        return _fit_plan(starts[0], keys, prio, num_experts, num_moe, slots, np.diff(groups.start).astype(np.int64),
+                         cache.num_partitions > 1)
     else:
         counts, layer, expert, prio = _asked_requests(system, prefetcher, trace, sched, groups, cache)
     bad = (layer < 0) | (layer >= num_moe) | (expert < 0) | (expert >= num_experts)
@@ -195,6 +200,31 @@ def _fit(group, layer, slots, needed, group_layer, per_layer):
             keep[i] = True
             used[p] += 1
     return keep
+
+
+@_njit
+def _fit_plan(start, keys, prio, num_experts, num_moe, slots, needed, per_layer):
+    """:func:`_fit` on a plan of whole passes already in priority order per group (group g at
+    layer g % num_moe): the requests it keeps, as (start, keys, priorities)."""
+    n_groups = start.shape[0] - 1
+    out_start = np.zeros(n_groups + 1, dtype=np.int64)
+    out_keys = np.zeros(keys.shape[0], dtype=np.int64)
+    out_prio = np.zeros(keys.shape[0], dtype=np.int64)
+    used = np.zeros(slots.shape[0], dtype=np.int64)
+    n = 0
+    for g in range(n_groups):
+        out_start[g] = n
+        for i in range(start[g], start[g + 1]):
+            p = keys[i] // num_experts if per_layer else 0
+            if used[p] < slots[p] - (needed[g] if (not per_layer or p == g % num_moe) else 0):
+                used[p] += 1
+                out_keys[n] = keys[i]
+                out_prio[n] = prio[i]
+                n += 1
+        for i in range(start[g], start[g + 1]):  # the counts this group touched, reset
+            used[keys[i] // num_experts if per_layer else 0] = 0
+    out_start[n_groups] = n
+    return out_start, out_keys[:n], out_prio[:n]
 
 
 def _asked_requests(system, prefetcher, trace, sched, groups, cache):

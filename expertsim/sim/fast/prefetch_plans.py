@@ -11,7 +11,10 @@ expert, priority), per group in the order the prefetcher lists them.
   prefetcher's own seeded generator in the DES's order (numba's ``Generator`` methods draw the
   same numbers as numpy's from the same state, so the guesses are the same);
 - the recorded speculation (:class:`~expertsim.policies.prefetch.SpeculativePrefetch`): the
-  trace's ``spec_d{d}`` guesses of each pass's tokens, deduplicated, in one compiled loop.
+  trace's ``spec_d{d}`` guesses of each pass's tokens, deduplicated, in one compiled loop;
+- the learned predictor (:class:`~expertsim.policies.prefetch.LearnedPrefetch`, also under
+  ExpertFlow's adaptive distance): each layer pair's pass unions, then the plan of each distance
+  in the kernel's form (:func:`learned_distance_plans`).
 
 An access group is one (pass, MoE layer); groups run pass by pass, layers in order, so the same
 pass's group of layer ``t`` is ``g + t - layer[g]``.
@@ -202,28 +205,11 @@ def _recorded_kernel(pstart, pstop, spec, num_moe, num_experts, d):
 
 
 def learned_ok(prefetcher) -> bool:
-    """Whether :func:`learned_requests` asks the predictor as the prefetcher does: a
+    """Whether :func:`learned_distance_plans` asks the predictor as the prefetcher does: a
     :class:`~expertsim.policies.predictors.RoutePredictor` (its own type, any model)."""
     from expertsim.policies.predictors import RoutePredictor
 
     return type(prefetcher.predictor) is RoutePredictor
-
-
-def learned_requests(groups, sched, trace, num_moe, prefetcher):
-    """LearnedPrefetch: at group (pass, l), for each target layer t, the union of the pass's
-    tokens' predicted top-k at t (``RoutePredictor.predict_unions`` from layer l, each token on
-    its own), priority t - l. One prediction per (l, t) for every pass of the trace."""
-    pairs = [(layer, t) for layer in range(num_moe) for t in prefetcher.targets(layer)]  # by layer, then t
-    n_pass = len(sched.start)
-    if not pairs:
-        return np.zeros(n_pass * num_moe, dtype=np.int64), *(np.zeros(0, np.int64),) * 3
-    found = _pair_unions(sched, trace, prefetcher, pairs)
-    per_pass = np.stack([f[0] for f in found], axis=1)  # [passes, pairs]
-    sizes = np.array([len(f[1]) for f in found], dtype=np.int64)
-    begin = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    layers = np.array([p[0] for p in pairs], dtype=np.int64)
-    targets = np.array([p[1] for p in pairs], dtype=np.int64)
-    return _by_group(n_pass, num_moe, layers, targets, per_pass, np.concatenate([f[1] for f in found]), begin)
 
 
 def learned_distance_plans(sched, trace, num_moe, prefetcher, distances, make=None, found=None):
@@ -318,36 +304,6 @@ def _distance_plans(n_pass, num_moe, num_experts, layers, targets, per_pass, exp
                 at[i] += per_pass[p, i]
         starts[d, n_groups] = n
     return starts, keys, prios
-
-
-@_njit
-def _by_group(n_pass, num_moe, layers, targets, per_pass, experts, begin):
-    """The pairs' pass unions in group order ((pass, layer), then the pairs of that layer in
-    their order, t ascending): the requests' counts per group, target layers, experts and
-    priorities t - layer."""
-    n_pairs = layers.shape[0]
-    total = experts.shape[0]
-    counts = np.zeros(n_pass * num_moe, dtype=np.int64)
-    out_layer = np.zeros(total, dtype=np.int64)
-    out_expert = np.zeros(total, dtype=np.int64)
-    out_prio = np.zeros(total, dtype=np.int64)
-    at = begin.copy()  # each pair's next pass's unions
-    n = 0
-    for p in range(n_pass):
-        i = 0
-        for layer in range(num_moe):
-            g = p * num_moe + layer
-            while i < n_pairs and layers[i] == layer:
-                c = per_pass[p, i]
-                for j in range(c):
-                    out_layer[n] = targets[i]
-                    out_expert[n] = experts[at[i] + j]
-                    out_prio[n] = targets[i] - layer
-                    n += 1
-                at[i] += c
-                counts[g] += c
-                i += 1
-    return counts, out_layer, out_expert, out_prio
 
 
 def eam_requests(groups, sched, trace, num_moe, prefetcher):

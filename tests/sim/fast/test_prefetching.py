@@ -171,13 +171,13 @@ def test_shared_trace_named_systems(mixtral_trace, system):
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trace=small_traces(max_layers=4, max_experts=6),
-       prefetch=st.sampled_from(["pregated", "ring", "modelled", "speculative", "eam"]),
+       prefetch=st.sampled_from(["pregated", "ring", "modelled", "speculative", "eam", "learned"]),
        distance=st.integers(1, 3), per_layer=st.booleans(), size=st.integers(0, 4),
        accuracy=st.sampled_from([1.0, 0.0, 0.5, 0.9]), seed=st.integers(0, 3))
 def test_computed_plans_equal_the_asked_ones(trace, prefetch, distance, per_layer, size, accuracy, seed):
     """The ring's, the pre-gate's (any accuracy: the same seeded draws), the modelled and the
-    recorded speculation's requests, computed at once, are the ones the prefetcher gives when
-    asked layer by layer."""
+    recorded speculation's, MoE-Infinity's and the learned predictor's requests, computed at
+    once, are the ones the prefetcher gives when asked layer by layer."""
     from expertsim.policies import ExpertCache, RunContext
     from expertsim.sim.fast.groups import groups_from_passes
     from expertsim.sim.fast.simulate import _batch1_schedule
