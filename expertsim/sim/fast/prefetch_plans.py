@@ -213,9 +213,10 @@ def learned_ok(prefetcher) -> bool:
 
 
 def learned_distance_plans(sched, trace, num_moe, prefetcher, distances, make=None, found=None):
-    """AdaptiveDistance over a LearnedPrefetch: the untrimmed plan of every distance in
-    ``distances`` (what :func:`~expertsim.sim.fast.plans.prefetch_plan` gives with ``trim=False``
-    at each), as the kernel reads them: starts [distances, groups + 1] into the keys (target layer
+    """A LearnedPrefetch's untrimmed plan at every distance in ``distances`` (one for a fixed
+    distance, ProMoE's; every distance AdaptiveDistance may move to, ExpertFlow's), what
+    :func:`~expertsim.sim.fast.plans.prefetch_plan` gives with ``trim=False`` at each, as the
+    kernel reads them: starts [distances, groups + 1] into the keys (target layer
     x experts + expert) and priorities of all of them, one after the other. Only the distances in
     ``make`` (None: all) are made; the others' starts are -1 (absent). Each layer pair's pass
     unions are predicted once, however many distances ask for it, and kept in ``found`` (a dict
