@@ -315,7 +315,8 @@ def test_compiled_split_is_the_numpy_one():
     """proportional_slots (compiled, numpy's summation order) equals the numpy split on random
     demands (few layers to 200: past numpy's 128-element pairwise block), including ties and
     layers at their maximum; and numpy's sum itself on random float64 arrays."""
-    from expertsim.policies.allocation import _numpy_sum, proportional_slots
+    from expertsim.policies.allocation import proportional_slots
+    from expertsim.policies.allocation_kernels import _numpy_sum
 
     rng = np.random.default_rng(11)
     for _ in range(3000):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expertsim.policies.allocation import _proportional_slots
+from expertsim.policies.allocation_kernels import proportional_split
 from expertsim.sim.fast.jit import _njit, _njit_inline
 from expertsim.sim.fast.link_kernels import ABSENT
 
@@ -216,7 +216,7 @@ def _reallocate(worked, slots, minimum, cap, used, expert_bytes, pins, last, slo
     n_slots = 0
     for layer in range(num_moe):
         n_slots += slots[layer]
-    target = _proportional_slots(n_slots, demand, minimum, num_experts)
+    target = proportional_split(n_slots, demand, minimum, num_experts)
     order = np.arange(num_moe)  # np.argsort(target - slots, kind="stable"), by insertion
     for i in range(1, num_moe):
         x = order[i]
