@@ -234,7 +234,8 @@ class ExpertCache:
         :meth:`pin` per expert, in one call. Returns ``(hit, loading, ticks)``: per expert
         whether it hit, whether its copy was still in flight, and the tick of its lookup."""
         base = int(layer) * self.num_experts
-        state, prefetched, pins, on_access = self.state_bytes, self.prefetched_by_key, self._pins, self.eviction.on_access
+        state, prefetched, pins = self.state_bytes, self.prefetched_by_key, self._pins
+        on_access = self.eviction.on_access
         hits, loading, ticks = [], [], []
         for i, expert in enumerate(experts):
             key = base + expert

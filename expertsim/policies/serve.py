@@ -223,7 +223,7 @@ class LayerServer:
                 plan.degraded_gate_mass += item.gate_mass
             items.append(item)
         # 4. Prefetches (optional admissions: dropped when no unpinned room).
-        num_layers, num_experts, state_bytes, slot_of = cache.num_layers, cache.num_experts, cache.state_bytes, cache.slot_by_key
+        num_layers, num_experts, state_bytes = cache.num_layers, cache.num_experts, cache.state_bytes  # slot_of: above
         for req in decision.prefetch:
             if not 0 <= req.layer < num_layers or not 0 <= req.expert < num_experts:
                 raise ConfigError(
